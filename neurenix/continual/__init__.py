@@ -1,0 +1,34 @@
+"""Continual-learning methods: each a Lightning callback and a plain-PyTorch helper at once.
+
+Lightning::
+
+    trainer = L.Trainer(callbacks=[EWC(module, importance=1000.0)])
+
+Plain PyTorch (the API document)::
+
+    ewc = EWC(model, importance=1000.0)
+    ewc.train_step(optimizer, loss_fn, inputs, targets, task_id=1)
+"""
+
+from neurenix.continual.base import ContinualMethod
+from neurenix.continual.callback import ContinualCallback
+from neurenix.continual.distillation import KnowledgeDistillation
+from neurenix.continual.ewc import EWC
+from neurenix.continual.l2 import L2Regularization
+from neurenix.continual.memory import ReplayBatch, ReservoirMemory
+from neurenix.continual.mixin import ContinualLossMixin
+from neurenix.continual.replay import ExperienceReplay
+from neurenix.continual.synaptic_intelligence import SynapticIntelligence
+
+__all__ = [
+    "ContinualCallback",
+    "ContinualLossMixin",
+    "ContinualMethod",
+    "EWC",
+    "ExperienceReplay",
+    "KnowledgeDistillation",
+    "L2Regularization",
+    "ReplayBatch",
+    "ReservoirMemory",
+    "SynapticIntelligence",
+]

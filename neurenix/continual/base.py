@@ -1,0 +1,285 @@
+"""The framework-free core every method shares: task bookkeeping, the training step, state.
+
+Nothing here imports Lightning. :class:`ContinualMethod` is what the standalone API of the API
+document runs on; :mod:`neurenix.continual.callback` adapts the same object to Lightning's hooks.
+
+Task registration is order-tolerant (see SPEC): a task is *consolidated* (Fisher, anchors, SI's
+importance, the teacher) at the parameters it ended with, which is when
+
+- the next task starts (``register_task`` or ``train_step`` with a new ``task_id``, or the next
+  ``Trainer.fit`` of a sequence), or
+- ``register_task`` is called for a task that has already been trained (by ``train_step`` under
+  this object, or by any loop outside it: a change of the parameters since the object was made,
+  or since the last consolidation, shows that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from neurenix.continual._checks import check_batch, check_device, check_model, check_task_id
+
+__all__ = ["ContinualMethod", "evaluation_mode", "trainable_parameters"]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that training can change (``requires_grad``), by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then restore each one's own previous mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def _fingerprint(model: nn.Module) -> Tensor:
+    """Per-parameter sums and norms (float64, on the CPU): changes when training moves anything."""
+    params = [p.detach() for p in model.parameters()]
+    if not params:
+        return torch.zeros(0, dtype=torch.float64)
+    sums = torch.stack([p.sum(dtype=torch.float64) for p in params])
+    norms = torch.stack([p.double().norm() for p in params])
+    return torch.cat([sums, norms]).cpu()
+
+
+def _seed_from_torch() -> int:
+    """A seed drawn from PyTorch's global generator, so ``seed_everything`` makes runs repeatable."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class ContinualMethod:
+    """Task bookkeeping and the training step shared by every continual-learning method.
+
+    Subclasses implement the hooks they need:
+
+    - :meth:`_begin_task` / :meth:`_consolidate`: a task starts / ends (state at end-of-task
+      parameters);
+    - :meth:`extend_batch`: add samples to a training batch (replay);
+    - :meth:`transform_loss`: change the loss before ``backward`` (distillation);
+    - :meth:`observe_gradients`: read the gradient of the unregularized loss (SI);
+    - :meth:`add_penalty_gradients`: add a penalty's closed-form gradient (EWC, L2, SI).
+    """
+
+    def __init__(self, model: nn.Module, device: Union[None, str, torch.device] = None) -> None:
+        self.model = check_model(model)
+        self._requested_device = check_device(device)
+        self._check_model_device()
+        self.active_task: Optional[int] = None
+        self.finished_tasks: list[int] = []
+        self.steps_in_active_task = 0
+        self._task_data: Any = None
+        self._untouched_fingerprint = _fingerprint(model)
+
+    # ---------------------------------------------------------------------------- device
+    @property
+    def device(self) -> torch.device:
+        """Where the method keeps its state: the ``device`` given, else the model's."""
+        if self._requested_device is not None:
+            return self._requested_device
+        first = next(self.model.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def _check_model_device(self) -> None:
+        wanted = self._requested_device
+        if wanted is None:
+            return
+        for name, p in self.model.named_parameters():
+            if not _same_device(p.device, wanted):
+                raise ValueError(
+                    f"device={str(wanted)!r} was given but the model's parameter {name!r} is on "
+                    f"{str(p.device)!r}; move the model with model.to({str(wanted)!r}) or pass "
+                    "device=None to follow the model"
+                )
+
+    # ---------------------------------------------------------------------------- tasks
+    def register_task(self, task_id: int, dataloader: Any = None) -> None:
+        """Register a task: before training it, or after (then it is consolidated now).
+
+        Args:
+            task_id: an ``int`` naming the task; a task cannot be registered again once it has
+                been consolidated.
+            dataloader: the task's data, where the method needs it (EWC's Fisher); may be
+                ``None`` and supplied later.
+
+        Raises:
+            TypeError: ``task_id`` is not an ``int``.
+            ValueError: ``task_id`` names a task that was already consolidated.
+        """
+        task_id = self._check_new_or_active(task_id)
+        self._check_model_device()
+        if task_id == self.active_task:
+            if dataloader is not None:
+                self._task_data = dataloader
+            if self._active_task_was_trained():
+                self._finish_active_task()
+            return
+        if self.active_task is not None:
+            self._finish_active_task()
+        self._start_task(task_id, dataloader)
+        if self._trained_outside_view():
+            self._finish_active_task()
+
+    def enter_task(self, task_id: int, data: Any = None) -> None:
+        """Make ``task_id`` the task being trained, consolidating the previous one if it differs."""
+        task_id = self._check_new_or_active(task_id)
+        if task_id == self.active_task:
+            return
+        if self.active_task is not None:
+            self._finish_active_task()
+        self._start_task(task_id, data)
+
+    def finish_task(self, data: Any = None) -> None:
+        """Consolidate the task being trained now (a Lightning fit of a task has ended)."""
+        if self.active_task is None:
+            return
+        if data is not None and self._task_data is None:
+            self._task_data = data
+        self._finish_active_task()
+
+    def _check_new_or_active(self, task_id: object) -> int:
+        task_id = check_task_id(task_id)
+        if task_id in self.finished_tasks:
+            raise ValueError(
+                f"task_id={task_id} was already trained and consolidated (tasks so far: "
+                f"{self.finished_tasks}); a later task needs a new task_id"
+            )
+        return task_id
+
+    def _active_task_was_trained(self) -> bool:
+        return self.steps_in_active_task > 0 or self._trained_outside_view()
+
+    def _trained_outside_view(self) -> bool:
+        return not torch.equal(_fingerprint(self.model), self._untouched_fingerprint)
+
+    def _start_task(self, task_id: int, data: Any) -> None:
+        self.active_task = task_id
+        self.steps_in_active_task = 0
+        self._task_data = data
+        self._begin_task(task_id)
+
+    def _finish_active_task(self) -> None:
+        task_id, data = self.active_task, self._task_data
+        assert task_id is not None  # internal invariant: callers check
+        self._consolidate(task_id, data)
+        self.finished_tasks.append(task_id)
+        self.active_task = None
+        self.steps_in_active_task = 0
+        self._task_data = None
+        self._untouched_fingerprint = _fingerprint(self.model)
+
+    # ---------------------------------------------------------------------------- training step
+    def train_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        task_id: int,
+    ) -> Tensor:
+        """One optimization step on a batch of ``task_id`` with this method's protection.
+
+        Zeroes the gradients, runs the model (on the batch plus any replayed samples), applies
+        the method's loss and gradient terms, and steps the optimizer. The model's train/eval
+        mode is left as the caller set it.
+
+        Args:
+            optimizer: steps the model's parameters.
+            loss_fn: ``loss_fn(outputs, targets)`` returning a scalar.
+            inputs: the batch's inputs ``(N, ...)``; moved to the method's device.
+            targets: the batch's targets ``(N, ...)``; moved to the method's device.
+            task_id: the task this batch belongs to; a new id ends (consolidates) the previous
+                task first.
+
+        Returns:
+            The loss that was back-propagated (detached); penalties added in closed form
+            (EWC, L2, SI) are not part of it: read them with the method's ``get_*_loss()``.
+
+        Raises:
+            TypeError / ValueError: bad inputs, targets or task_id (nothing is changed then).
+        """
+        check_batch(inputs, targets)
+        task_id = self._check_new_or_active(task_id)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._check_model_device()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        self.prepare_for_device()
+        self.enter_task(task_id)
+
+        optimizer.zero_grad()
+        task_ids = None
+        inputs, targets, task_ids = self.extend_batch(inputs, targets, task_ids)
+        outputs = self.model(inputs)
+        loss = self.transform_loss(loss_fn(outputs, targets), inputs, outputs, targets)
+        loss.backward()
+        self.observe_gradients()
+        self.add_penalty_gradients()
+        optimizer.step()
+        self.steps_in_active_task += 1
+        return loss.detach()
+
+    # ---------------------------------------------------------------------------- hooks
+    def _begin_task(self, task_id: int) -> None:
+        """A task starts at the current parameters."""
+
+    def _consolidate(self, task_id: int, data: Any) -> None:
+        """A task ended at the current parameters: compute what protects it."""
+
+    def extend_batch(
+        self, inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Return the batch to train on (replay appends remembered samples)."""
+        return inputs, targets, task_ids
+
+    def transform_loss(self, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> Tensor:
+        """Return the loss to back-propagate (distillation mixes in the teacher's term)."""
+        return loss
+
+    def observe_gradients(self) -> None:
+        """Read the gradients of the unregularized loss, before any penalty is added."""
+
+    def add_penalty_gradients(self) -> None:
+        """Add the penalty's gradient to ``.grad`` (after unscaling, before clipping)."""
+
+    def prepare_for_device(self) -> None:
+        """Move the method's state to :attr:`device` if the model has moved."""
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as plain containers of tensors, ints and strings.
+
+        Loads with ``torch.load(..., weights_only=True)``; the model's own weights are not part
+        of it.
+        """
+        return {
+            "active_task": self.active_task,
+            "finished_tasks": list(self.finished_tasks),
+            "steps_in_active_task": self.steps_in_active_task,
+            "untouched_fingerprint": self._untouched_fingerprint.clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; keys that older versions lacked get defaults."""
+        self.active_task = state_dict.get("active_task")
+        self.finished_tasks = list(state_dict.get("finished_tasks", []))
+        self.steps_in_active_task = int(state_dict.get("steps_in_active_task", 0))
+        fingerprint = state_dict.get("untouched_fingerprint")
+        self._untouched_fingerprint = fingerprint.cpu() if fingerprint is not None else _fingerprint(self.model)
+        self._task_data = None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index

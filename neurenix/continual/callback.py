@@ -1,0 +1,160 @@
+"""Lightning's door into the methods: the same object as the standalone API, driven by hooks.
+
+Every method class derives from :class:`ContinualCallback`, so ``EWC(model)`` is at once the
+object of the API document (``register_task``, ``train_step``, ...) and a Lightning ``Callback``.
+Each ``Trainer.fit`` is one task:
+
+- ``on_train_start``: the task starts (its id: the datamodule's ``current_task`` if it has one,
+  else the task being resumed, else the next number from 0);
+- ``on_before_optimizer_step``: gradients are final there (accumulated, all-reduced under DDP,
+  unscaled under 16-bit AMP) and not yet clipped; SI reads the gradient of the unregularized
+  loss, then every quadratic penalty adds its closed-form gradient. No second ``backward`` and no
+  change to the loss that the LightningModule owns;
+- ``on_train_end``: the task is consolidated at the parameters it ended with.
+
+Replay and distillation change the batch and the loss, which only the LightningModule can do:
+they need :class:`neurenix.continual.ContinualLossMixin` on the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from neurenix.continual.base import ContinualMethod
+
+__all__ = ["ContinualCallback", "continual_methods", "split_batch", "join_batch"]
+
+
+def continual_methods(trainer: Optional["pl.Trainer"]) -> list["ContinualCallback"]:
+    """The neurenix methods among a trainer's callbacks, in callback order."""
+    if trainer is None:
+        return []
+    return [callback for callback in trainer.callbacks if isinstance(callback, ContinualCallback)]
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(inputs, targets[, task_ids])`` from a training batch (a tuple or list of tensors)."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and all(isinstance(b, Tensor) for b in batch):
+        task_ids = batch[2] if len(batch) == 3 else None
+        return batch[0], batch[1], task_ids
+    raise TypeError(
+        "neurenix reads training batches as (inputs, targets) or (inputs, targets, task_ids) "
+        f"tuples or lists of tensors, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def join_batch(like: Sequence[Any], inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]) -> Any:
+    """A batch of the same kind (tuple or list, 2 or 3 items) as ``like``."""
+    items = [inputs, targets] if len(like) == 2 else [inputs, targets, task_ids]
+    return type(like)(items)
+
+
+class ContinualCallback(ContinualMethod, Callback):
+    """A continual-learning method driven by a Lightning ``Trainer`` (one fit per task)."""
+
+    #: Whether the method changes batches or losses and so needs ContinualLossMixin.
+    needs_loss_mixin = False
+
+    def __init__(self, model: Any, device: Any = None) -> None:
+        super().__init__(model, device)
+        self._last_gradient_round: Optional[tuple[int, int]] = None
+
+    # ---------------------------------------------------------------------------- identity
+    def _state_key_fields(self) -> dict[str, Any]:
+        """Hyper-parameters that tell two instances of one method apart in a checkpoint."""
+        return {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._state_key_fields())
+
+    # ---------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        if not any(module is self.model for module in pl_module.modules()):
+            raise ValueError(
+                f"{type(self).__name__} was built for a model that is not part of the "
+                f"LightningModule being fit ({type(pl_module).__name__}): pass the LightningModule "
+                "itself, or a submodule of it, as `model`"
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            raise ValueError(
+                f"{type(self).__name__} supports single-device and DDP strategies, got "
+                f"{type(strategy).__name__}: strategies that shard parameters are not supported"
+            )
+        if self.needs_loss_mixin:
+            from neurenix.continual.mixin import ContinualLossMixin
+
+            if not isinstance(pl_module, ContinualLossMixin):
+                raise TypeError(
+                    f"{type(self).__name__} changes the training batch or loss, so the LightningModule "
+                    f"must inherit neurenix.continual.ContinualLossMixin: "
+                    f"`class {type(pl_module).__name__}(ContinualLossMixin, LightningModule)`"
+                )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._check_model_device()
+        self.prepare_for_device()
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.enter_task(self._task_of_this_fit(trainer))
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any
+    ) -> None:
+        # The first neurenix method to get this hook handles the step for all of them, so that
+        # SI reads the gradient before *any* penalty is added, whatever the callback order.
+        gradient_round = (trainer.global_step, id(optimizer))
+        if self._last_gradient_round == gradient_round:
+            return
+        methods = continual_methods(trainer)
+        for method in methods:
+            method._last_gradient_round = gradient_round
+            method.observe_gradients()
+        for method in methods:
+            method.add_penalty_gradients()
+            method.steps_in_active_task += 1
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.active_task is not None and self.steps_in_active_task == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: task {self.active_task} ended without a single optimizer step"
+            )
+        self.finish_task(data=trainer.train_dataloader)
+
+    def _task_of_this_fit(self, trainer: "pl.Trainer") -> int:
+        datamodule = getattr(trainer, "datamodule", None)
+        current = getattr(datamodule, "current_task", None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            return current
+        if self.active_task is not None:  # resumed in the middle of a task
+            return self.active_task
+        return max(self.finished_tasks) + 1 if self.finished_tasks else 0
+
+    # ---------------------------------------------------------------------------- mixin side
+    def extend_lightning_batch(self, batch: Any) -> Any:
+        """The training batch to use (replay appends remembered samples)."""
+        return batch
+
+    def before_training_forward(self) -> None:
+        """Called right before the LightningModule's ``training_step`` runs."""
+
+    def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
+        """The loss to back-propagate (distillation mixes in the teacher's term)."""
+        return loss

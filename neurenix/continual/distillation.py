@@ -1,0 +1,210 @@
+"""Knowledge distillation from the previous task's model (LwF-style: Li & Hoiem 2016; Hinton et al. 2015)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from neurenix.continual import functional as CF
+from neurenix.continual._checks import check_choice, check_model, check_real
+from neurenix.continual.callback import ContinualCallback, split_batch
+
+__all__ = ["KnowledgeDistillation"]
+
+
+class KnowledgeDistillation(ContinualCallback):
+    """Keep the model's outputs close to those of a frozen copy taken when the last task ended.
+
+    From the second task on, the loss is
+    ``(1 − alpha)·task_loss + alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` on the
+    current inputs, the teacher being a snapshot of the model (eval mode, no gradient) taken at
+    the end of the previous task. During the first task the loss is the task loss.
+
+    Args:
+        model: the network being trained; its outputs are read as class logits.
+        temperature: ``T > 0``.
+        alpha: weight of the distillation term, in ``[0, 1]``.
+        device: where the teacher lives; ``None`` follows the model.
+        units: ``"all"`` output units, or ``"seen"``: only the units of classes met in the
+            targets of earlier tasks (class-incremental runs, where later classes have no
+            teacher knowledge worth keeping).
+
+    Under a Trainer the LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`;
+    the student's outputs are those of the last forward of ``model`` inside ``training_step``.
+
+    Example::
+
+        distillation = KnowledgeDistillation(model, temperature=2.0, alpha=0.5)
+        ...train task 1...
+        distillation.register_task(task_id=1, dataloader=task1_loader)  # snapshot = teacher
+        for inputs, targets in task2_loader:
+            distillation.train_step(optimizer, loss_fn, inputs, targets, task_id=2)
+    """
+
+    needs_loss_mixin = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        device: Optional[torch.device] = None,
+        *,
+        units: str = "all",
+    ) -> None:
+        check_model(model)
+        self.temperature = check_real("temperature", temperature, minimum=0.0, strict_minimum=True)
+        self.alpha = check_real("alpha", alpha, minimum=0.0, maximum=1.0)
+        self.units = check_choice("units", units, ("all", "seen"))
+        super().__init__(model, device)
+        self.teacher: Optional[nn.Module] = None
+        self._seen_units: Optional[Tensor] = None
+        self._teacher_units: Optional[Tensor] = None
+        self._captured: Optional[tuple[Tensor, Tensor]] = None
+        self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "alpha": self.alpha}
+
+    # ---------------------------------------------------------------------------- API document
+    def register_task(self, task_id: int, dataloader: Any = None) -> None:
+        """Register a task; when it has been trained, the model is snapshotted as the teacher.
+
+        The teacher replaces stored outputs: it answers for any input, replayed ones included,
+        so ``dataloader`` is accepted for the API document's signature but not read.
+        """
+        super().register_task(task_id, dataloader)
+
+    def get_distillation_loss(self, inputs: Tensor, outputs: Tensor) -> Tensor:
+        """``T²·KL(softmax(teacher(inputs)/T) ‖ softmax(outputs/T))``, batch mean; 0 without a teacher.
+
+        Unweighted: ``train_step`` uses ``(1 − alpha)·task_loss + alpha·`` this.
+
+        Raises:
+            TypeError: ``inputs`` or ``outputs`` is not a tensor.
+        """
+        for name, value in (("inputs", inputs), ("outputs", outputs)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if self.teacher is None:
+            return torch.zeros((), device=outputs.device)
+        with torch.no_grad():
+            teacher_outputs = self.teacher(inputs.to(self.device))
+        units = self._teacher_units if self.units == "seen" else None
+        if units is not None and not bool(units.any()):
+            return torch.zeros((), device=outputs.device)
+        return CF.distillation_loss(outputs, teacher_outputs.to(outputs.device), self.temperature, units)
+
+    # ---------------------------------------------------------------------------- shared core
+    @override
+    def transform_loss(self, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> Tensor:
+        if self.units == "seen":
+            self._record_units(outputs, targets)
+        if self.teacher is None:
+            return loss
+        return (1.0 - self.alpha) * loss + self.alpha * self.get_distillation_loss(inputs, outputs)
+
+    def _record_units(self, outputs: Tensor, targets: Tensor) -> None:
+        if self._seen_units is None:
+            self._seen_units = torch.zeros(outputs.shape[-1], dtype=torch.bool, device=outputs.device)
+        self._seen_units[targets.to(self._seen_units.device)] = True
+
+    def _consolidate(self, task_id: int, data: Any) -> None:
+        with self._capture_paused():
+            teacher = copy.deepcopy(self.model)
+        self.teacher = _frozen(teacher.to(self.device))
+        if self._seen_units is not None:
+            self._teacher_units = self._seen_units.clone()
+
+    # ---------------------------------------------------------------------------- Lightning side
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        self._remove_hook()
+        self._hook = self.model.register_forward_hook(self._capture)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._remove_hook()
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._remove_hook()
+
+    @override
+    def before_training_forward(self) -> None:
+        self._captured = None
+
+    @override
+    def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
+        if self.teacher is None and self.units == "all":
+            return loss
+        if self._captured is None:
+            raise RuntimeError(
+                f"KnowledgeDistillation saw no forward of its model ({type(self.model).__name__}) in "
+                "training_step: the student's outputs must come from the model given to it"
+            )
+        inputs, outputs = self._captured
+        self._captured = None
+        return self.transform_loss(loss, inputs, outputs, split_batch(batch)[1])
+
+    def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if module is self.model and torch.is_grad_enabled() and args and isinstance(output, Tensor):
+            self._captured = (args[0], output)
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @contextlib.contextmanager
+    def _capture_paused(self) -> Iterator[None]:
+        """Copy the model without our hook (a deep copy would otherwise copy this object too)."""
+        hooked = self._hook is not None
+        self._remove_hook()
+        try:
+            yield
+        finally:
+            if hooked:
+                self._hook = self.model.register_forward_hook(self._capture)
+
+    @override
+    def prepare_for_device(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "teacher": None if self.teacher is None else {k: v.clone() for k, v in self.teacher.state_dict().items()},
+            "seen_units": self._seen_units,
+            "teacher_units": self._teacher_units,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        teacher_state = state_dict.get("teacher")
+        self.teacher = None
+        if teacher_state is not None:
+            with self._capture_paused():
+                teacher = copy.deepcopy(self.model)
+            teacher.load_state_dict(teacher_state)
+            self.teacher = _frozen(teacher.to(self.device))
+        device = self.device
+        seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
+        self._seen_units = None if seen is None else seen.to(device)
+        self._teacher_units = None if taught is None else taught.to(device)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module

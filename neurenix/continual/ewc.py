@@ -1,0 +1,279 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017); online EWC (Schwarz et al. 2018)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from neurenix.continual import functional as CF
+from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
+from neurenix.continual.base import _seed_from_torch, evaluation_mode, trainable_parameters
+from neurenix.continual.callback import split_batch
+from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
+
+__all__ = ["EWC"]
+
+#: Per-sample gradients of one chunk take ``chunk × parameters`` floats; this many elements
+#: (128 MiB in float32) bounds that memory whatever the model's size.
+FISHER_CHUNK_ELEMENTS = 2**25
+
+
+class EWC(QuadraticPenaltyMethod):
+    """Elastic Weight Consolidation: a quadratic pull weighted by each parameter's Fisher information.
+
+    After each task ``t`` the diagonal Fisher ``F_t`` is estimated at the task's final parameters
+    ``θ*_t`` from ``fisher_sample_size`` samples of the task, each with its own gradient
+    (``torch.func.vmap``). Training later tasks adds ``importance/2 · Σ_t Σ F_t·(θ − θ*_t)²``
+    (one penalty per task), or, with ``online=True``, ``importance/2 · Σ F·(θ − θ*)²`` with
+    ``F ← gamma·F + F_t`` and the single anchor of the last task.
+
+    Args:
+        model: the network whose parameters are protected (for a Lightning run: the
+            LightningModule or a submodule of it). Its outputs are read as class logits.
+        importance: ``λ`` in the penalty, ``>= 0``.
+        fisher_sample_size: samples per task for the Fisher, ``> 0`` (all of them if the task
+            has fewer); drawn at random (``seed``) from a map-style dataset.
+        device: where the state lives; ``None`` follows the model.
+        online: keep one running Fisher and one anchor instead of one penalty per task.
+        gamma: decay of the running Fisher in online mode, in ``[0, 1]``.
+        fisher: ``"empirical"`` (gradients at the dataset's labels) or ``"true"`` (at labels
+            drawn from the model's own predictive distribution).
+        seed: seeds the sampling of Fisher data and labels; ``None`` draws one from PyTorch's
+            global generator (so ``seed_everything`` makes runs repeatable).
+
+    Raises:
+        TypeError / ValueError: an argument outside its range (named in the message).
+
+    Example::
+
+        ewc = EWC(model, importance=1000.0)
+        ewc.register_task(task_id=1, dataloader=task1_loader)
+        for inputs, targets in task1_loader:
+            ewc.train_step(optimizer, loss_fn, inputs, targets, task_id=1)
+        ewc.register_task(task_id=2, dataloader=task2_loader)  # consolidates task 1
+    """
+
+    penalty_name = "EWC penalty"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        importance: float = 1000.0,
+        fisher_sample_size: int = 1000,
+        device: Optional[torch.device] = None,
+        *,
+        online: bool = False,
+        gamma: float = 1.0,
+        fisher: str = "empirical",
+        seed: Optional[int] = None,
+    ) -> None:
+        check_model(model)
+        self.importance = check_real("importance", importance, minimum=0.0)
+        self.fisher_sample_size = check_int("fisher_sample_size", fisher_sample_size, minimum=1)
+        if not isinstance(online, bool):
+            raise TypeError(f"online must be a bool, got {type(online).__name__}: {online!r}")
+        self.online = online
+        self.gamma = check_real("gamma", gamma, minimum=0.0, maximum=1.0)
+        self.fisher = check_choice("fisher", fisher, ("empirical", "true"))
+        seed = _seed_from_torch() if seed is None else check_int("seed", seed, minimum=0)
+        super().__init__(model, device)
+        self._generator = torch.Generator().manual_seed(seed)
+        #: task id -> {"fisher": {name: F}, "anchor": {name: θ*}, "samples": n}; in online mode
+        #: a single entry (the last task) holding the running Fisher.
+        self._tasks: dict[int, dict[str, Any]] = {}
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"importance": self.importance, "online": self.online}
+
+    def _penalty_scale(self) -> float:
+        return self.importance
+
+    # ---------------------------------------------------------------------------- API document
+    def get_ewc_loss(self) -> Tensor:
+        """``importance/2 · Σ_t Σ F_t·(θ − θ*_t)²``, differentiable in the model's parameters.
+
+        Zero before the first task is consolidated.
+
+        Raises:
+            FloatingPointError: the penalty is NaN or infinite (the message names the parameter).
+        """
+        return self.penalty()
+
+    def update_fisher(self, task_id: int, dataloader: Any) -> None:
+        """Estimate task ``task_id``'s Fisher from ``dataloader`` (replacing what it had).
+
+        For the task being trained, the data is kept and used when the task is consolidated.
+        For a consolidated task, the Fisher is computed at that task's own anchor ``θ*``
+        (not at the current parameters). In online mode only the last task, consolidated
+        without data, can get its Fisher later (older ones are folded into the running sum).
+
+        Raises:
+            ValueError: ``dataloader`` is ``None``, or ``task_id`` was never registered, or
+                (online mode) its Fisher can no longer be separated from the running sum.
+        """
+        task_id = check_task_id(task_id)
+        if dataloader is None:
+            raise ValueError(f"update_fisher needs data for task {task_id}, got dataloader=None")
+        if task_id == self.active_task:
+            self._task_data = dataloader
+            return
+        if task_id not in self._tasks:
+            if task_id in self.finished_tasks and self.online:
+                raise ValueError(
+                    f"online EWC folded task {task_id}'s Fisher into its running sum; only the last "
+                    f"task ({self.finished_tasks[-1]}) can get its Fisher later"
+                )
+            known = self.finished_tasks + ([self.active_task] if self.active_task is not None else [])
+            raise ValueError(f"update_fisher: task_id={task_id} was never registered (tasks: {known})")
+        self.prepare_for_device()
+        term = self._tasks[task_id]
+        fisher, samples = self._estimate_fisher(term["anchor"], dataloader)
+        if self.online:
+            if term["samples"] > 0:
+                raise ValueError(
+                    f"online EWC already holds task {task_id}'s Fisher inside its running sum; "
+                    "it can only be supplied later for a task consolidated without data"
+                )
+            fisher = {name: term["fisher"][name] + f for name, f in fisher.items()}
+        self._tasks[task_id] = {**term, "fisher": fisher, "samples": samples}
+        self._rebuild_penalty()
+
+    # ---------------------------------------------------------------------------- consolidation
+    def _consolidate(self, task_id: int, data: Any) -> None:
+        anchor = snapshot(trainable_parameters(self.model), self.device)
+        if data is None:
+            warnings.warn(
+                f"EWC consolidated task {task_id} without data: its penalty is zero until "
+                f"update_fisher({task_id}, dataloader) supplies it",
+                stacklevel=3,
+            )
+            fisher, samples = {name: torch.zeros_like(a) for name, a in anchor.items()}, 0
+        else:
+            fisher, samples = self._estimate_fisher(anchor, data)
+        if self.online and self._tasks:
+            (previous,) = self._tasks.values()
+            fisher = {name: f + self.gamma * previous["fisher"][name] for name, f in fisher.items()}
+            self._tasks = {}
+        self._tasks[task_id] = {"fisher": fisher, "anchor": anchor, "samples": samples}
+        self._rebuild_penalty()
+
+    def _rebuild_penalty(self) -> None:
+        """Fold ``Σ_t F_t·(θ − θ*_t)²`` into ``W·(θ − θ̄)² + 2c`` exactly.
+
+        ``W = Σ_t F_t``, ``θ̄ = Σ_t F_t θ*_t / W`` and ``2c = Σ_t F_t·(θ*_t − θ̄)²`` (the parallel-axis
+        identity). ``θ̄`` is computed as an offset from the last anchor so that one task gives
+        exactly ``θ̄ = θ*``.
+        """
+        terms = list(self._tasks.values())
+        if not terms:
+            self._set_penalty({}, None, 0.0)
+            return
+        last = terms[-1]["anchor"]
+        weight, anchor, constant = {}, {}, 0.0
+        for name, last_anchor in last.items():
+            fishers = [t["fisher"][name] for t in terms]
+            total = torch.stack(fishers).sum(0)
+            offset = sum(f * (t["anchor"][name] - last_anchor) for f, t in zip(fishers, terms))
+            mean = last_anchor + offset / total.clamp_min(torch.finfo(total.dtype).tiny)
+            weight[name], anchor[name] = total, mean
+            if len(terms) > 1:
+                constant += 0.5 * sum(float((f * (t["anchor"][name] - mean).square()).sum()) for f, t in zip(fishers, terms))
+        self._set_penalty(anchor, weight, constant)
+
+    def _estimate_fisher(self, at: dict[str, Tensor], data: Any) -> tuple[dict[str, Tensor], int]:
+        """Mean squared per-sample gradient at parameters ``at``, from up to ``fisher_sample_size`` samples."""
+        others = {n: p.detach() for n, p in self.model.named_parameters() if n not in at}
+        others.update(dict(self.model.named_buffers()))
+        sums = {name: torch.zeros_like(a) for name, a in at.items()}
+        numel = sum(a.numel() for a in at.values())
+        chunk = max(1, FISHER_CHUNK_ELEMENTS // max(numel, 1))
+        samples = 0
+        with evaluation_mode(self.model):
+            for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator):
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                for start in range(0, inputs.shape[0], chunk):
+                    x, y = inputs[start : start + chunk], targets[start : start + chunk]
+                    if self.fisher == "true":
+                        y = self._labels_from_model(at, others, x)
+                    batch_sums = CF.squared_gradient_sum(self.model, at, others, x, y)
+                    torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
+                samples += inputs.shape[0]
+        if samples == 0:
+            raise ValueError("EWC cannot estimate the Fisher: the task's data yielded no samples")
+        fisher = {name: s / samples for name, s in sums.items()}
+        self._check_finite_fisher(fisher)
+        return fisher, samples
+
+    def _labels_from_model(self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            logits = torch.func.functional_call(self.model, (at, others), (inputs,))
+        return CF.sample_model_labels(logits.cpu(), self._generator).to(inputs.device)
+
+    @staticmethod
+    def _check_finite_fisher(fisher: dict[str, Tensor]) -> None:
+        finite = torch.stack([torch.isfinite(f).all() for f in fisher.values()])
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(fisher, finite.tolist()) if not ok]
+            raise FloatingPointError(
+                f"EWC's Fisher holds NaN or infinite values for parameters {bad}: the model's outputs "
+                "or gradients on the task's data are not finite"
+            )
+
+    # ---------------------------------------------------------------------------- state
+    def _move_state(self, device: torch.device) -> None:
+        self._tasks = {
+            task: {**term, "fisher": _on(term["fisher"], device), "anchor": _on(term["anchor"], device)}
+            for task, term in self._tasks.items()
+        }
+        self._rebuild_penalty()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tasks": dict(self._tasks), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        device = self.device
+        self._tasks = {
+            int(task): {
+                "fisher": _on(term["fisher"], device),
+                "anchor": _on(term["anchor"], device),
+                "samples": int(term.get("samples", 0)),
+            }
+            for task, term in state_dict.get("tasks", {}).items()
+        }
+        if "generator" in state_dict:
+            self._generator.set_state(state_dict["generator"].cpu())
+        self._rebuild_penalty()
+
+
+def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {name: t.to(device) for name, t in tensors.items()}
+
+
+def _task_samples(data: Any, count: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    """Up to ``count`` ``(inputs, targets)`` samples of a task, in batches.
+
+    ``data`` may be a DataLoader over a map-style dataset (a uniform random subset, drawn with
+    ``generator`` and batched with the loader's ``collate_fn``), an ``(inputs, targets)`` pair of
+    tensors (a random subset likewise), or any iterable of batches (the first ``count`` samples).
+    """
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
+        inputs, targets = data
+        chosen = torch.randperm(inputs.shape[0], generator=generator)[:count]
+        yield inputs[chosen.to(inputs.device)], targets[chosen.to(targets.device)]
+        return
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and hasattr(data.dataset, "__len__"):
+        chosen = torch.randperm(len(data.dataset), generator=generator)[:count].tolist()
+        data = DataLoader(data.dataset, batch_size=data.batch_size or 256, sampler=chosen, collate_fn=data.collate_fn)
+    taken = 0
+    for batch in data:
+        inputs, targets, _ = split_batch(batch)
+        inputs, targets = inputs[: count - taken], targets[: count - taken]
+        taken += inputs.shape[0]
+        yield inputs, targets
+        if taken >= count:
+            return

@@ -1,0 +1,219 @@
+"""The maths of the continual-learning methods, once, as pure functions.
+
+The method classes (and so both the Lightning callbacks and the standalone ``train_step`` API)
+call these and nothing else for their formulas. Lists of tensors are processed with PyTorch's
+multi-tensor (``torch._foreach_*``) kernels: one fused launch per operation for all parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = [
+    "add_quadratic_penalty_grad_",
+    "distillation_loss",
+    "quadratic_penalty",
+    "reservoir_slots",
+    "sample_model_labels",
+    "si_accumulate_",
+    "si_importance",
+    "squared_gradient_sum",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# EWC: diagonal Fisher from per-sample gradients
+# --------------------------------------------------------------------------------------------
+
+
+def squared_gradient_sum(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    others: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> dict[str, Tensor]:
+    """``Σ_n (∂/∂θ log p(y_n | x_n; θ))²`` over the samples of a batch, per parameter.
+
+    Each sample's gradient is its own (``torch.func.vmap`` over ``grad``), so this is the diagonal
+    of the Fisher information times the batch size, not the square of a mini-batch mean.
+    ``log p`` is the log-softmax of the model's outputs (logits) at the label.
+
+    Args:
+        model: evaluated with ``functional_call``; its own tensors are not used for ``params``.
+        params: the tensors to differentiate, by name (the point θ at which the Fisher is taken).
+        others: every other parameter and buffer the forward needs, by name.
+        inputs: a batch of inputs, ``(N, ...)``.
+        targets: the labels ``(N,)`` (dataset labels: empirical Fisher; labels sampled from the
+            model: true Fisher).
+    """
+
+    def sample_nll(sample_params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(model, (sample_params, dict(others)), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_nll), in_dims=(None, 0, 0))(dict(params), inputs, targets)
+    return {name: g.square().sum(0) for name, g in per_sample.items()}
+
+
+def sample_model_labels(logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One label per row drawn from ``softmax(logits)`` (the model's predictive distribution)."""
+    probabilities = torch.softmax(logits.detach().float(), dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Quadratic penalties (EWC, L2, SI): scale/2 · Σ W · (θ − θ̄)²
+# --------------------------------------------------------------------------------------------
+
+
+def quadratic_penalty(
+    params: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    weights: Optional[Sequence[Tensor]],
+    scale: float,
+) -> Tensor:
+    """``scale/2 · Σ_i W_i · (θ_i − θ̄_i)²`` summed over all tensors; differentiable in ``params``.
+
+    ``weights=None`` means every ``W_i = 1`` (plain L2).
+    """
+    if not params:
+        raise ValueError("quadratic_penalty needs at least one parameter, got none")
+    diffs = torch._foreach_sub(list(params), list(anchors))
+    squares = torch._foreach_mul(diffs, diffs)
+    if weights is not None:
+        squares = torch._foreach_mul(squares, list(weights))
+    total = torch.stack([s.sum() for s in squares]).sum()
+    return total * (scale / 2)
+
+
+def add_quadratic_penalty_grad_(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    anchors: Sequence[Tensor],
+    weights: Optional[Sequence[Tensor]],
+    scale: float,
+    workspace: Sequence[Tensor],
+) -> None:
+    """``grads += scale · W · (θ − θ̄)``: the closed-form gradient of :func:`quadratic_penalty`.
+
+    Three fused multi-tensor kernels and no allocation: ``workspace`` (tensors shaped like
+    ``params``) holds ``θ − θ̄``. Subtracting the anchor first keeps the result exact where
+    ``θ ≈ θ̄`` (no cancellation between ``W·θ`` and ``W·θ̄``).
+    """
+    grads, workspace = list(grads), list(workspace)
+    torch._foreach_copy_(workspace, list(params))
+    torch._foreach_sub_(workspace, list(anchors))
+    if weights is None:
+        torch._foreach_add_(grads, workspace, alpha=scale)
+    else:
+        torch._foreach_addcmul_(grads, workspace, list(weights), value=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Synaptic Intelligence (Zenke, Poole & Ganguli 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def si_accumulate_(
+    omega: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    params_before: Sequence[Tensor],
+    params_after: Sequence[Tensor],
+) -> None:
+    """``ω += −g · (θ_after − θ_before)``: one step of SI's path integral, in place in ``omega``.
+
+    ``params_before`` is overwritten (it holds ``θ_before − θ_after`` afterwards), so the caller
+    needs no scratch memory.
+    """
+    params_before = list(params_before)
+    torch._foreach_sub_(params_before, list(params_after))
+    torch._foreach_addcmul_(list(omega), list(grads), params_before)
+
+
+def si_importance(omega: Tensor, delta: Tensor, xi: float) -> Tensor:
+    """``relu(ω / (Δ² + ξ))``: one task's contribution to SI's importance ``Ω``.
+
+    ``Δ = θ_end − θ_start`` is the parameter's total change over the task; the ReLU keeps
+    parameters whose path integral is negative (they went uphill) from being pulled away.
+    """
+    return torch.relu(omega / (delta.square() + xi))
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge distillation (Hinton et al. 2015; LwF, Li & Hoiem 2016)
+# --------------------------------------------------------------------------------------------
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    units: Optional[Tensor] = None,
+) -> Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over the batch.
+
+    Args:
+        student_logits: ``(N, C)`` outputs of the model being trained.
+        teacher_logits: ``(N, C)`` outputs of the frozen teacher on the same inputs.
+        temperature: ``T > 0``; the ``T²`` factor keeps gradient magnitudes comparable across
+            temperatures (Hinton et al. 2015).
+        units: optional boolean mask ``(C,)`` of the output units to distil (in a
+            class-incremental run, the classes the teacher has seen); ``None`` uses all.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if units is not None:
+        student_logits = student_logits[..., units]
+        teacher_logits = teacher_logits[..., units]
+    student_log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+# --------------------------------------------------------------------------------------------
+# Experience replay: reservoir sampling (Vitter 1985, Algorithm R), vectorized over a batch
+# --------------------------------------------------------------------------------------------
+
+
+def reservoir_slots(
+    num_seen: int,
+    batch_size: int,
+    memory_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> tuple[Tensor, Tensor]:
+    """Where the next ``batch_size`` stream items go in a reservoir of ``memory_size`` slots.
+
+    Item ``n`` of the stream (0-based, ``n = num_seen + k``) fills slot ``n`` while the memory is
+    not full; afterwards it replaces slot ``j``, ``j`` uniform in ``[0, n]``, if ``j <
+    memory_size``. Every item seen so far is then in memory with the same probability. When two
+    items of one batch pick the same slot the later one wins, exactly as inserting one by one.
+
+    Returns:
+        ``(positions, slots)``: batch positions of the items to store and the slot of each
+        (no slot repeated).
+    """
+    stream_index = torch.arange(num_seen, num_seen + batch_size, device=device, dtype=torch.float64)
+    uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+    draw = torch.floor(uniform * (stream_index + 1)).long()
+    slots = torch.where(stream_index < memory_size, stream_index.long(), draw)
+    accepted = slots < memory_size
+    positions = torch.nonzero(accepted).squeeze(1)
+    slots = slots[positions]
+    # Keep the last item per slot: sort by slot (stable, so batch order is kept within a slot)
+    # and take the final entry of each run of equal slots.
+    slots, order = torch.sort(slots, stable=True)
+    positions = positions[order]
+    last_of_run = torch.ones_like(slots, dtype=torch.bool)
+    last_of_run[:-1] = slots[1:] != slots[:-1]
+    return positions[last_of_run], slots[last_of_run]

@@ -1,0 +1,97 @@
+"""The one change a LightningModule needs for replay and distillation: a mixin.
+
+EWC, L2 and SI work on any LightningModule (their penalties enter the gradient in closed form
+from a callback hook). Replay adds samples to the training batch and distillation mixes a term
+into the loss; only the module's ``training_step`` sees both, so the mixin wraps it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from torch import Tensor
+
+from neurenix.continual.callback import continual_methods
+
+__all__ = ["ContinualLossMixin"]
+
+_INSIDE_STEP = "_neurenix_inside_training_step"
+
+
+class ContinualLossMixin:
+    """Mix into a ``LightningModule`` (before it) to let every neurenix method act on its steps.
+
+    The ``training_step`` you write stays as it is; the mixin wraps it so that, while a
+    ``Trainer`` with neurenix callbacks is fitting:
+
+    - the batch it receives already holds the replayed samples (``ExperienceReplay``), with the
+      same structure (``(inputs, targets)`` or ``(inputs, targets, task_ids)``);
+    - the loss it returns (a tensor, or a dict with ``"loss"``) gets the methods' terms
+      (``KnowledgeDistillation``: ``(1 − α)·loss + α·T²·KL``) before Lightning back-propagates it.
+
+    Without neurenix callbacks on the trainer, ``training_step`` runs untouched.
+
+    Example::
+
+        class Classifier(ContinualLossMixin, L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = torch.nn.Sequential(torch.nn.Linear(64, 10))
+
+            def forward(self, x):
+                return self.net(x)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return torch.nn.functional.cross_entropy(self(x), y)
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("training_step")
+        if step is not None:
+            cls.training_step = _with_continual_terms(step)  # type: ignore[attr-defined]
+
+
+def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(step)
+    def training_step(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        # A subclass's training_step calling super().training_step() is wrapped twice: only
+        # the outermost call applies the methods.
+        if self.__dict__.get(_INSIDE_STEP):
+            return step(self, batch, *args, **kwargs)
+        methods = continual_methods(getattr(self, "_trainer", None))
+        if not methods:
+            return step(self, batch, *args, **kwargs)
+        for method in methods:
+            batch = method.extend_lightning_batch(batch)
+        for method in methods:
+            method.before_training_forward()
+        self.__dict__[_INSIDE_STEP] = True
+        try:
+            output = step(self, batch, *args, **kwargs)
+        finally:
+            self.__dict__[_INSIDE_STEP] = False
+        return _map_loss(output, lambda loss: _apply_terms(methods, loss, batch))
+
+    return training_step
+
+
+def _apply_terms(methods: list, loss: Tensor, batch: Any) -> Tensor:
+    for method in methods:
+        loss = method.transform_lightning_loss(loss, batch)
+    return loss
+
+
+def _map_loss(output: Any, change: Callable[[Tensor], Tensor]) -> Any:
+    if output is None:  # Lightning skips the batch
+        return None
+    if isinstance(output, Tensor):
+        return change(output)
+    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
+        return {**output, "loss": change(output["loss"])}
+    raise TypeError(
+        "training_step must return a loss tensor, a dict with a 'loss' tensor, or None; "
+        f"got {type(output).__name__}"
+    )

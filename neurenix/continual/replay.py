@@ -1,0 +1,137 @@
+"""Experience replay with a reservoir memory (Chaudhry et al. 2019, "On Tiny Episodic Memories")."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from neurenix.continual._checks import check_batch, check_int, check_model, check_real, check_task_id
+from neurenix.continual.base import _seed_from_torch
+from neurenix.continual.callback import ContinualCallback, join_batch, split_batch
+from neurenix.continual.memory import ReplayBatch, ReservoirMemory
+
+__all__ = ["ExperienceReplay", "ReplayBatch"]
+
+
+class ExperienceReplay(ContinualCallback):
+    """Train on new samples together with samples remembered from the whole stream so far.
+
+    The memory keeps ``memory_size`` samples by reservoir sampling, so every sample offered
+    (``add_to_memory``, or every training batch under a Trainer) is in memory with the same
+    probability. Each training step appends ``round(replay_ratio · batch_size)`` distinct samples
+    drawn uniformly from memory to the new ones (fewer while the memory holds fewer).
+
+    Args:
+        model: the network being trained.
+        memory_size: samples kept, ``>= 0`` (0 turns replay off).
+        replay_ratio: replayed samples per new sample, ``>= 0``.
+        device: where the memory lives; ``None`` follows the model.
+        seed: seeds the memory's sampling; ``None`` draws one from PyTorch's global generator.
+
+    Under a Trainer the LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`:
+    its ``training_step`` then receives the extended batch, and each batch's new samples are
+    offered to the memory after the replayed ones are drawn.
+
+    Example::
+
+        replay = ExperienceReplay(model, memory_size=1000, replay_ratio=0.5)
+        for inputs, targets in task2_loader:
+            replay.train_step(optimizer, loss_fn, inputs, targets, task_id=2)
+            replay.add_to_memory(inputs, targets, task_id=2)
+    """
+
+    needs_loss_mixin = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        memory_size: int = 1000,
+        replay_ratio: float = 0.5,
+        device: Optional[torch.device] = None,
+        *,
+        seed: Optional[int] = None,
+    ) -> None:
+        check_model(model)
+        self.memory_size = check_int("memory_size", memory_size, minimum=0)
+        self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
+        seed = _seed_from_torch() if seed is None else check_int("seed", seed, minimum=0)
+        super().__init__(model, device)
+        self.memory = ReservoirMemory(self.memory_size, self.device, seed)
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio}
+
+    # ---------------------------------------------------------------------------- API document
+    def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
+        """Offer a batch of samples of task ``task_id`` to the memory.
+
+        Raises:
+            TypeError / ValueError: not tensors, different sample counts, a non-int task id, or
+                shapes/dtypes that differ from the samples the memory already holds.
+        """
+        check_batch(inputs, targets)
+        task_id = check_task_id(task_id)
+        self.memory.check_batch(inputs, targets)
+        self.prepare_for_device()
+        task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=self.memory.device)
+        self.memory.add(inputs.detach(), targets.detach(), task_ids)
+
+    def get_replay_batch(self, batch_size: int) -> ReplayBatch:
+        """``min(batch_size, len(memory))`` distinct remembered samples: ``(inputs, targets, task_ids)``.
+
+        Raises:
+            ValueError: ``batch_size < 1`` or the memory is empty.
+        """
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.prepare_for_device()
+        return self.memory.sample(batch_size)
+
+    def replay_count(self, batch_size: int) -> int:
+        """How many samples a step on ``batch_size`` new ones replays: ``round(replay_ratio · batch_size)``."""
+        return round(self.replay_ratio * batch_size)
+
+    # ---------------------------------------------------------------------------- shared core
+    @override
+    def extend_batch(
+        self, inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        count = self.replay_count(inputs.shape[0])
+        if count == 0 or len(self.memory) == 0:
+            return inputs, targets, task_ids
+        replayed = self.memory.sample(count)
+        inputs = torch.cat([inputs, replayed.inputs.to(inputs.device)])
+        targets = torch.cat([targets, replayed.targets.to(targets.device)])
+        if task_ids is not None:
+            task_ids = torch.cat([task_ids, replayed.task_ids.to(task_ids.device, task_ids.dtype)])
+        return inputs, targets, task_ids
+
+    @override
+    def extend_lightning_batch(self, batch: Any) -> Any:
+        inputs, targets, task_ids = split_batch(batch)
+        extended = self.extend_batch(inputs, targets, task_ids)
+        new_task_ids = task_ids
+        if new_task_ids is None:
+            new_task_ids = torch.full((inputs.shape[0],), self._task_in_training(), dtype=torch.long, device=inputs.device)
+        self.memory.add(inputs.detach(), targets.detach(), new_task_ids)
+        return join_batch(batch, *extended)
+
+    def _task_in_training(self) -> int:
+        if self.active_task is None:
+            raise RuntimeError("ExperienceReplay got a training batch outside a task (on_train_start did not run)")
+        return self.active_task
+
+    @override
+    def prepare_for_device(self) -> None:
+        self.memory.to(self.device)
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.memory.device = self.device
+        self.memory.load_state_dict(state_dict.get("memory", {}))
