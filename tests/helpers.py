@@ -28,3 +28,45 @@ def make_task(samples: int = 40, inputs: int = 6, classes: int = 3, *, seed: int
 
 def loader(dataset: TensorDataset, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def quiet_trainer(**kwargs):
+    """A Trainer that writes and prints nothing unless asked to."""
+    import lightning as L
+
+    options = dict(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def lit_classifier(net: nn.Module, lr: float = 0.1, *, mixin: bool = True):
+    """A LightningModule around ``net`` trained with SGD on cross-entropy."""
+    import lightning as L
+
+    from neurenix.continual import ContinualLossMixin
+
+    bases = (ContinualLossMixin, L.LightningModule) if mixin else (L.LightningModule,)
+
+    def __init__(self, net: nn.Module = net) -> None:
+        L.LightningModule.__init__(self)
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=lr)
+
+    namespace = dict(__init__=__init__, forward=forward, training_step=training_step, configure_optimizers=configure_optimizers)
+    return type("LitClassifier", bases, namespace)()

@@ -26,6 +26,10 @@ def _to(tensors: Optional[dict[str, Tensor]], device: torch.device) -> Optional[
     return {name: t.to(device) for name, t in tensors.items()}
 
 
+def _pick(items: list, indices: list[int]) -> list:
+    return [items[i] for i in indices]
+
+
 def snapshot(params: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """Detached copies of ``params`` on ``device``."""
     return {name: p.detach().to(device, copy=True) for name, p in params.items()}
@@ -94,23 +98,21 @@ class QuadraticPenaltyMethod(ContinualCallback):
     def add_penalty_gradients(self) -> None:
         if not self._anchor:
             return
-        grads = [p.grad for p in self._penalized]
-        if any(g is None for g in grads):
-            if all(g is None for g in grads):  # no backward this step: nothing to add to
+        params, anchors, workspace = self._penalized, list(self._anchor.values()), self._workspace
+        weights = list(self._weight.values()) if self._weight is not None else None
+        if any(p.grad is None for p in params):
+            if all(p.grad is None for p in params):  # no backward this step: nothing to add to
                 return
-            grads = [self._materialized_grad(p) for p in self._penalized]
-        weight = list(self._weight.values()) if self._weight is not None else None
-        CF.add_quadratic_penalty_grad_(
-            grads, self._penalized, list(self._anchor.values()), weight, self._penalty_scale(), self._workspace
-        )
-
-    @staticmethod
-    def _materialized_grad(p: torch.nn.Parameter) -> Tensor:
-        # A parameter this step's loss did not reach still feels the penalty, as it would if
-        # the penalty were part of the loss.
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        return p.grad
+            # Parameters this step's loss did not reach still feel the penalty, as they would if
+            # it were part of the loss; frozen ones (requires_grad=False) are left alone.
+            keep = [i for i, p in enumerate(params) if p.requires_grad]
+            params, anchors, workspace = _pick(params, keep), _pick(anchors, keep), _pick(workspace, keep)
+            weights = None if weights is None else _pick(weights, keep)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        CF.add_quadratic_penalty_grad_(grads, params, anchors, weights, self._penalty_scale(), workspace)
 
     # ---------------------------------------------------------------------------- device & state
     @override

@@ -1,0 +1,171 @@
+"""The Lightning door: penalties reach the gradient as if they were part of the loss, under
+accumulation, clipping and bf16; methods combine; the standalone path gives the same result."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from neurenix.continual import EWC, ExperienceReplay, L2Regularization, SynapticIntelligence
+from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer
+
+
+def _float_task(seed: int, samples: int = 48) -> TensorDataset:
+    x, y = make_task(samples=samples, seed=seed).tensors
+    return TensorDataset(x.float(), y)
+
+
+def _fit(module: L.LightningModule, callbacks: list, dataset: TensorDataset, **trainer_kwargs) -> L.Trainer:
+    trainer = quiet_trainer(callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, DataLoader(dataset, batch_size=8, shuffle=False))
+    return trainer
+
+
+class _PenaltyInLoss(L.Callback):
+    """Marks nothing; the reference module adds the penalty to its loss itself."""
+
+
+def _reference_module(net: nn.Module, penalty_of) -> L.LightningModule:
+    """A plain LightningModule whose training_step returns task loss + penalty (autograd)."""
+
+    class Reference(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y) + penalty_of(self.net)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Reference()
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [
+        {},
+        {"accumulate_grad_batches": 3},
+        {"gradient_clip_val": 0.05},
+        {"precision": "bf16-mixed"},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5, "precision": "bf16-mixed"},
+    ],
+    ids=["plain", "accumulate", "clip", "bf16", "all"],
+)
+@pytest.mark.parametrize("method_class", [EWC, L2Regularization])
+def test_closed_form_penalty_equals_penalty_in_the_loss(method_class, trainer_kwargs):
+    task_1, task_2 = _float_task(1), _float_task(2)
+    net = make_mlp(seed=3).float()
+    method = method_class(net, importance=5.0)
+    _fit(lit_classifier(net, lr=0.1), [method], task_1)  # task 0: consolidated at its end
+    assert method.finished_tasks == [0] and method.has_penalty
+
+    # Reference: the same consolidated penalty, but added to the loss and back-propagated.
+    reference_net = copy.deepcopy(net)
+    frozen = copy.deepcopy(method)
+    frozen.model = reference_net
+    frozen._bind_parameters()
+
+    def penalty_of(_net: nn.Module) -> torch.Tensor:
+        return frozen.penalty()
+
+    _fit(_reference_module(reference_net, penalty_of), [], task_2, max_epochs=2, **trainer_kwargs)
+    _fit(lit_classifier(net, lr=0.1), [method], task_2, max_epochs=2, **trainer_kwargs)
+
+    tolerance = 1e-3 if "precision" in trainer_kwargs else 1e-6
+    for (name, ours), theirs in zip(net.named_parameters(), reference_net.parameters()):
+        assert torch.allclose(ours, theirs, atol=tolerance, rtol=0), name
+    assert not torch.allclose(net[0].weight, frozen._anchor["0.weight"])  # training did move
+
+
+def test_ewc_and_replay_on_one_trainer_equal_the_standalone_path():
+    tasks = [_float_task(1), _float_task(2)]
+    net = make_mlp(seed=4).float()
+    standalone_net = copy.deepcopy(net)
+
+    ewc = EWC(net, importance=50.0, fisher_sample_size=20, seed=11)
+    replay = ExperienceReplay(net, memory_size=12, replay_ratio=0.5, seed=12)
+    for dataset in tasks:
+        _fit(lit_classifier(net, lr=0.1), [ewc, replay], dataset)
+
+    # The same run written against the API document's standalone methods.
+    s_ewc = EWC(standalone_net, importance=50.0, fisher_sample_size=20, seed=11)
+    s_replay = ExperienceReplay(standalone_net, memory_size=12, replay_ratio=0.5, seed=12)
+    optimizer = torch.optim.SGD(standalone_net.parameters(), lr=0.1)
+    for task_id, dataset in enumerate(tasks):
+        loader = DataLoader(dataset, batch_size=8, shuffle=False)
+        for x, y in loader:
+            optimizer.zero_grad()
+            if len(s_replay.memory):
+                replayed = s_replay.get_replay_batch(s_replay.replay_count(x.shape[0]))
+                x_all, y_all = torch.cat([x, replayed.inputs]), torch.cat([y, replayed.targets])
+            else:
+                x_all, y_all = x, y
+            loss = nn.functional.cross_entropy(standalone_net(x_all), y_all) + s_ewc.get_ewc_loss()
+            loss.backward()
+            optimizer.step()
+            s_replay.add_to_memory(x, y, task_id=task_id)
+        s_ewc.register_task(task_id, dataloader=loader)  # after training: consolidates now
+
+    for (name, ours), theirs in zip(net.named_parameters(), standalone_net.parameters()):
+        assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), name
+    assert torch.allclose(ewc.get_ewc_loss(), s_ewc.get_ewc_loss(), atol=1e-7)
+    assert torch.equal(replay.memory.state_dict()["inputs"], s_replay.memory.state_dict()["inputs"])
+    assert ewc.finished_tasks == s_ewc.finished_tasks == [0, 1]
+
+
+def test_task_ids_come_from_the_datamodule_when_it_has_them():
+    class Sequence(L.LightningDataModule):
+        def __init__(self, current_task: int) -> None:
+            super().__init__()
+            self.current_task = current_task
+
+        def train_dataloader(self):
+            return DataLoader(_float_task(self.current_task), batch_size=8)
+
+    net = make_mlp().float()
+    l2 = L2Regularization(net)
+    for task in (3, 7):
+        quiet_trainer(callbacks=[l2]).fit(lit_classifier(net), datamodule=Sequence(task))
+    assert l2.finished_tasks == [3, 7]
+
+
+def test_a_model_outside_the_lightning_module_is_rejected():
+    l2 = L2Regularization(make_mlp().float())
+    with pytest.raises(ValueError, match="not part of the LightningModule"):
+        _fit(lit_classifier(make_mlp().float()), [l2], _float_task(1))
+
+
+def test_penalty_skips_frozen_parameters_and_the_frozen_ones_stay_put():
+    net = make_mlp(seed=5).float()
+    ewc = EWC(net, importance=100.0)
+    _fit(lit_classifier(net), [ewc], _float_task(1))
+    net[0].requires_grad_(False)
+    frozen_before = net[0].weight.detach().clone()
+    _fit(lit_classifier(net), [ewc], _float_task(2))
+    assert torch.equal(net[0].weight, frozen_before)
+    assert net[0].weight.grad is None
+
+
+def test_si_reads_the_unregularized_gradient_whatever_the_callback_order():
+    """SI after EWC in the callback list must still see the task loss's gradient alone."""
+    results = []
+    for order in ("si_first", "ewc_first"):
+        net = make_mlp(seed=6).float()
+        si, ewc = SynapticIntelligence(net, importance=1.0), EWC(net, importance=1e3, seed=1)
+        callbacks = [si, ewc] if order == "si_first" else [ewc, si]
+        for seed in (1, 2):
+            _fit(lit_classifier(net), callbacks, _float_task(seed))
+        results.append((si.big_omega, [p.detach().clone() for p in net.parameters()]))
+    (omega_a, params_a), (omega_b, params_b) = results
+    for name in omega_a:
+        assert torch.allclose(omega_a[name], omega_b[name], atol=1e-7, rtol=1e-5), name
+    for a, b in zip(params_a, params_b):
+        assert torch.allclose(a, b, atol=1e-7)
