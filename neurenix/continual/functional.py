@@ -92,6 +92,7 @@ def quadratic_penalty(
     return total * (scale / 2)
 
 
+@torch.no_grad()
 def add_quadratic_penalty_grad_(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -120,6 +121,7 @@ def add_quadratic_penalty_grad_(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def si_accumulate_(
     omega: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -136,6 +138,7 @@ def si_accumulate_(
     torch._foreach_addcmul_(list(omega), list(grads), params_before)
 
 
+@torch.no_grad()
 def si_importance(omega: Tensor, delta: Tensor, xi: float) -> Tensor:
     """``relu(ω / (Δ² + ξ))``: one task's contribution to SI's importance ``Ω``.
 

@@ -161,13 +161,13 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
     # ---------------------------------------------------------------------------- device & state
     @property
     def omega(self) -> dict[str, Tensor]:
-        """The running path integral ``ω`` of the task being trained, by parameter name."""
-        return dict(self._state["omega"])
+        """A copy of the running path integral ``ω`` of the task being trained, by parameter name."""
+        return {name: t.clone() for name, t in self._state["omega"].items()}
 
     @property
     def big_omega(self) -> dict[str, Tensor]:
-        """The accumulated importance ``Ω`` of the finished tasks, by parameter name."""
-        return dict(self._big_omega)
+        """A copy of the accumulated importance ``Ω`` of the finished tasks, by parameter name."""
+        return {name: t.clone() for name, t in self._big_omega.items()}
 
     @override
     def prepare_for_device(self) -> None:

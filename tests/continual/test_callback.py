@@ -26,10 +26,6 @@ def _fit(module: L.LightningModule, callbacks: list, dataset: TensorDataset, **t
     return trainer
 
 
-class _PenaltyInLoss(L.Callback):
-    """Marks nothing; the reference module adds the penalty to its loss itself."""
-
-
 def _reference_module(net: nn.Module, penalty_of) -> L.LightningModule:
     """A plain LightningModule whose training_step returns task loss + penalty (autograd)."""
 

@@ -1,0 +1,108 @@
+"""Every method's state travels in Lightning checkpoints: a run stopped in the middle of task 2
+and resumed from its checkpoint by fresh objects ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence
+from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer
+
+
+def _task(seed: int) -> DataLoader:
+    x, y = make_task(samples=32, seed=seed).tensors
+    return DataLoader(TensorDataset(x.float(), y), batch_size=8, shuffle=False)
+
+
+def _methods(net: torch.nn.Module, seed: int) -> list:
+    # Seeds differ between the runs on purpose: the restored generators must win.
+    return [
+        EWC(net, importance=20.0, fisher_sample_size=16, seed=seed),
+        ExperienceReplay(net, memory_size=10, replay_ratio=0.5, seed=seed + 1),
+        SynapticIntelligence(net, importance=0.5),
+        L2Regularization(net, importance=0.1),
+        KnowledgeDistillation(net, temperature=2.0, alpha=0.3),
+    ]
+
+
+class _Probe(L.Callback):
+    """Records what the methods would do next, at the end of task 2's first epoch."""
+
+    def __init__(self, methods: list) -> None:
+        self.methods, self.seen = methods, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.methods[0].finished_tasks == [0] and trainer.current_epoch == 0:
+            self.seen = _next_moves(self.methods)
+
+
+def _next_moves(methods: list) -> dict:
+    ewc, replay, si, l2, distillation = methods
+    memory = copy.deepcopy(replay.memory)
+    probe_inputs = _task(9).dataset.tensors[0]
+    with torch.no_grad():
+        return {
+            "ewc": ewc.get_ewc_loss(),
+            "si": si.get_regularization_loss(),
+            "l2": l2.get_regularization_loss(),
+            "kd": distillation.get_distillation_loss(probe_inputs, ewc.model(probe_inputs)),
+            "replay": memory.sample(4),
+            "omega": si.omega,
+        }
+
+
+def test_resume_in_the_middle_of_task_2_matches_the_uninterrupted_run(tmp_path):
+    init = make_mlp(seed=7).float()
+
+    # Uninterrupted: task 0 for one epoch, task 1 for two.
+    net = copy.deepcopy(init)
+    methods = _methods(net, seed=100)
+    probe = _Probe(methods)
+    quiet_trainer(callbacks=[*methods, probe]).fit(lit_classifier(net), _task(1))
+    quiet_trainer(callbacks=[*methods, probe], max_epochs=2).fit(lit_classifier(net), _task(2))
+
+    # Interrupted: the same, but task 1 stops after its first epoch, leaving a checkpoint.
+    stopped = copy.deepcopy(init)
+    stopped_methods = _methods(stopped, seed=100)
+    quiet_trainer(callbacks=stopped_methods).fit(lit_classifier(stopped), _task(1))
+    saver = ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True, save_top_k=-1)
+    quiet_trainer(callbacks=[*stopped_methods, saver], enable_checkpointing=True).fit(lit_classifier(stopped), _task(2))
+    (checkpoint,) = tmp_path.glob("*.ckpt")
+
+    # The checkpoint is plain data: it loads without arbitrary unpickling.
+    saved = torch.load(checkpoint, weights_only=True)
+    restored_net = make_mlp(seed=99).float()  # different weights: Lightning restores them
+    restored = _methods(restored_net, seed=555)
+    restored_net.load_state_dict({k.removeprefix("net."): v for k, v in saved["state_dict"].items()})
+    for method in restored:
+        method.load_state_dict(saved["callbacks"][method.state_key])
+    assert restored[0].active_task == 1 and restored[0].finished_tasks == [0]
+    _assert_same(_next_moves(restored), probe.seen)
+
+    # Resume with fresh objects through Lightning's own ckpt_path.
+    resumed_net = make_mlp(seed=98).float()
+    resumed = _methods(resumed_net, seed=777)
+    quiet_trainer(callbacks=resumed, max_epochs=2).fit(lit_classifier(resumed_net), _task(2), ckpt_path=checkpoint)
+
+    for (name, a), b in zip(net.named_parameters(), resumed_net.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    for original, again in zip(methods, resumed):
+        assert original.finished_tasks == again.finished_tasks == [0, 1]
+    _assert_same(_next_moves(resumed), _next_moves(methods))
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, tuple):
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a, b)

@@ -1,0 +1,338 @@
+"""EWC: Fisher, penalty and its gradient, online mode, modes, errors and state, against references."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from neurenix.continual import EWC
+from tests.helpers import loader, make_mlp, make_task
+
+CLOSE = dict(rtol=1e-12, atol=1e-14)
+
+
+def trainable(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def per_sample_fisher(model, x, y):
+    """Mean over samples of (∂ CE(model(x_n), y_n)/∂θ)², one autograd.grad per sample, in eval mode."""
+    params = trainable(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            total[n] += g.square()
+    for m, mode in modes:
+        m.training = mode
+    return {n: s / x.shape[0] for n, s in total.items()}
+
+
+def snap(model):
+    return {n: p.detach().clone() for n, p in trainable(model).items()}
+
+
+def assert_dicts_close(got, want, **tol):
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **(tol or CLOSE))
+
+
+def train(ewc, data, task_id, steps=3, lr=0.1):
+    optimizer = torch.optim.SGD(ewc.model.parameters(), lr=lr)
+    batches = list(loader(data))
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        ewc.train_step(optimizer, F.cross_entropy, x, y, task_id)
+
+
+def hand_penalty(model, terms, importance):
+    """importance/2 · Σ_t Σ F_t·(θ − θ*_t)² over (fisher, anchor) pairs."""
+    total = 0.0
+    for fisher, anchor in terms:
+        for n, p in trainable(model).items():
+            total = total + importance / 2 * (fisher[n] * (p - anchor[n]).square()).sum()
+    return total
+
+
+def two_task_ewc(importance=10.0, **kwargs):
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+    ewc = EWC(model, importance=importance, fisher_sample_size=1000, seed=0, **kwargs)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1)
+    ewc.register_task(2, loader(task2))  # consolidates task 1
+    train(ewc, task2, 2)
+    return ewc, model, task1, task2
+
+
+# ------------------------------------------------------------------------- Fisher
+def test_empirical_fisher_equals_per_sample_reference_at_end_of_task_params():
+    model, task1 = make_mlp(), make_task(seed=1)
+    ewc = EWC(model, importance=1.0, fisher_sample_size=1000, seed=0)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1)
+    end_of_task = snap(model)
+    reference = per_sample_fisher(model, *task1.tensors)
+    ewc.register_task(2, loader(make_task(seed=2)))
+    term = ewc._tasks[1]
+    assert term["samples"] == 40
+    assert_dicts_close(term["anchor"], end_of_task, rtol=0, atol=0)
+    assert_dicts_close(term["fisher"], reference)
+
+
+def test_fisher_sample_size_smaller_than_dataset_uses_a_seeded_subset_of_that_size():
+    model, task1 = make_mlp(), make_task(seed=1)
+    ewc = EWC(model, fisher_sample_size=13, seed=4)
+    ewc.register_task(1, loader(task1, batch_size=8))
+    ewc.register_task(2)
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:13]
+    x, y = task1.tensors
+    assert ewc._tasks[1]["samples"] == 13
+    assert_dicts_close(ewc._tasks[1]["fisher"], per_sample_fisher(model, x[chosen], y[chosen]))
+
+
+def test_fisher_from_an_iterable_of_batches_takes_the_first_samples():
+    model, (x, y) = make_mlp(), make_task(seed=1).tensors
+    ewc = EWC(model, fisher_sample_size=13, seed=0)
+    ewc.register_task(1, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)])
+    ewc.register_task(2)
+    assert ewc._tasks[1]["samples"] == 13
+    assert_dicts_close(ewc._tasks[1]["fisher"], per_sample_fisher(model, x[:13], y[:13]))
+
+
+def test_true_fisher_reproduces_the_seeded_label_draws():
+    model, task1 = make_mlp(), make_task(seed=1)
+    ewc = EWC(model, fisher_sample_size=1000, fisher="true", seed=7)
+    ewc.register_task(1, loader(task1, batch_size=8))
+    train(ewc, task1, 1)
+    ewc.register_task(2)
+    gen = torch.Generator().manual_seed(7)
+    order = torch.randperm(40, generator=gen)
+    x, y = task1.tensors
+    model.eval()
+    labels = []
+    for i in range(0, 40, 8):
+        with torch.no_grad():
+            logits = model(x[order[i : i + 8]])
+        labels.append(torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen).squeeze(1))
+    model.train()
+    labels = torch.cat(labels)
+    assert not torch.equal(labels, y[order])  # sampled labels, not the dataset's
+    assert_dicts_close(ewc._tasks[1]["fisher"], per_sample_fisher(model, x[order], labels))
+
+
+def test_true_fisher_approaches_its_expectation_over_the_model_distribution():
+    model, (x, _) = make_mlp(), make_task(samples=4, seed=3).tensors
+    repeats = 2500
+    ewc = EWC(model, fisher_sample_size=4 * repeats, fisher="true", seed=1)
+    inputs = x.repeat(repeats, 1)
+    estimate, samples = ewc._estimate_fisher(snap(model), (inputs, torch.zeros(len(inputs), dtype=torch.long)))
+    assert samples == 4 * repeats
+    with torch.no_grad():
+        probabilities = torch.softmax(model(x), -1)
+    exact = {n: torch.zeros_like(p) for n, p in model.named_parameters()}  # mean_n Σ_c p(c|x_n) g_{n,c}²
+    for i in range(4):
+        for c in range(3):
+            g2 = per_sample_fisher(model, x[i : i + 1], torch.tensor([c]))
+            for n in exact:
+                exact[n] += probabilities[i, c] * g2[n] / 4
+    for n in exact:
+        error = (estimate[n] - exact[n]).norm() / exact[n].norm()
+        assert error < 0.05, (n, error.item())
+
+
+# ------------------------------------------------------------------------- penalty and gradient
+def test_get_ewc_loss_and_its_gradient_by_hand():
+    ewc, model, _, _ = two_task_ewc(importance=10.0)
+    fisher, anchor = ewc._tasks[1]["fisher"], ewc._tasks[1]["anchor"]
+    loss = ewc.get_ewc_loss()
+    expected = hand_penalty(model, [(fisher, anchor)], 10.0)
+    assert expected.item() > 1e-6
+    torch.testing.assert_close(loss, expected.detach(), **CLOSE)
+    params = trainable(model)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (n, p), g in zip(params.items(), grads):
+        torch.testing.assert_close(g, 10.0 * fisher[n] * (p.detach() - anchor[n]), **CLOSE)
+
+
+def test_add_penalty_gradients_equals_autograd_of_task_loss_plus_penalty():
+    ewc, model, _, task2 = two_task_ewc(importance=10.0)
+    x, y = task2.tensors
+    params = list(trainable(model).values())
+    reference = torch.autograd.grad(F.cross_entropy(model(x), y) + ewc.get_ewc_loss(), params)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    ewc.add_penalty_gradients()
+    for p, ref in zip(params, reference):
+        torch.testing.assert_close(p.grad, ref, **CLOSE)
+
+
+def test_train_step_descends_task_loss_plus_penalty():
+    ewc, model, _, task2 = two_task_ewc(importance=10.0)
+    x, y = task2.tensors[0][:8], task2.tensors[1][:8]
+    params = list(trainable(model).values())
+    before = [p.detach().clone() for p in params]
+    reference = torch.autograd.grad(F.cross_entropy(model(x), y) + ewc.get_ewc_loss(), params)
+    ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, 2)
+    for p, b, g in zip(params, before, reference):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g, **CLOSE)
+
+
+def test_separate_mode_sums_one_penalty_per_task():
+    model = make_mlp()
+    ewc = EWC(model, importance=5.0, fisher_sample_size=1000, seed=0)
+    terms = []
+    for task in (1, 2, 3):
+        data = make_task(seed=task)
+        ewc.register_task(task, loader(data))
+        train(ewc, data, task, steps=4, lr=0.3)
+        terms.append((per_sample_fisher(model, *data.tensors), snap(model)))
+    ewc.register_task(3, loader(make_task(seed=3)))  # after training: consolidates task 3
+    train(ewc, make_task(seed=4), 4, steps=3, lr=0.3)
+    assert sorted(ewc._tasks) == [1, 2, 3]
+    for task, (fisher, anchor) in zip((1, 2, 3), terms):
+        assert_dicts_close(ewc._tasks[task]["fisher"], fisher)
+        assert_dicts_close(ewc._tasks[task]["anchor"], anchor, rtol=0, atol=0)
+    loss = ewc.get_ewc_loss()
+    torch.testing.assert_close(loss, hand_penalty(model, terms, 5.0).detach(), rtol=1e-11, atol=1e-13)
+    params = trainable(model)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (n, p), g in zip(params.items(), grads):
+        want = sum(5.0 * f[n] * (p.detach() - a[n]) for f, a in terms)
+        torch.testing.assert_close(g, want, rtol=1e-11, atol=1e-13)
+
+
+def test_online_mode_keeps_decayed_fisher_sum_and_last_anchor():
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+    ewc = EWC(model, importance=3.0, fisher_sample_size=1000, online=True, gamma=0.5, seed=0)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1, steps=4, lr=0.3)
+    fisher1 = per_sample_fisher(model, *task1.tensors)
+    ewc.register_task(2, loader(task2))
+    train(ewc, task2, 2, steps=4, lr=0.3)
+    fisher2, anchor2 = per_sample_fisher(model, *task2.tensors), snap(model)
+    ewc.register_task(2, loader(task2))  # after training: consolidates task 2
+    assert list(ewc._tasks) == [2]
+    running = {n: 0.5 * fisher1[n] + fisher2[n] for n in fisher1}
+    assert_dicts_close(ewc._tasks[2]["fisher"], running)
+    assert_dicts_close(ewc._tasks[2]["anchor"], anchor2, rtol=0, atol=0)
+    train(ewc, make_task(seed=3), 3, steps=2, lr=0.3)
+    torch.testing.assert_close(ewc.get_ewc_loss(), hand_penalty(model, [(running, anchor2)], 3.0).detach(), **CLOSE)
+
+
+# ------------------------------------------------------------------------- modes, frozen params, late data
+def test_batchnorm_fisher_is_taken_in_eval_mode_and_modes_are_restored():
+    model, task1 = make_mlp(batch_norm=True), make_task(seed=1)
+    model.train()
+    model[2].eval()  # the user's own choice for one submodule
+    ewc = EWC(model, fisher_sample_size=1000, seed=0)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1)
+    running_mean = model[1].running_mean.clone()
+    reference = per_sample_fisher(model, *task1.tensors)
+    ewc.register_task(2)
+    assert_dicts_close(ewc._tasks[1]["fisher"], reference)
+    assert model.training and model[0].training and model[1].training and model[3].training
+    assert not model[2].training
+    assert torch.equal(model[1].running_mean, running_mean)
+
+
+def test_frozen_parameters_are_not_regularized():
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+    model[0].requires_grad_(False)
+    ewc = EWC(model, importance=10.0, fisher_sample_size=1000, seed=0)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1)
+    reference = per_sample_fisher(model, *task1.tensors)
+    ewc.register_task(2, loader(task2))
+    train(ewc, task2, 2)
+    assert set(ewc._tasks[1]["fisher"]) == set(ewc._tasks[1]["anchor"]) == {"2.weight", "2.bias"}
+    assert_dicts_close(ewc._tasks[1]["fisher"], reference)
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+    model.zero_grad()
+    F.cross_entropy(model(task2.tensors[0]), task2.tensors[1]).backward()
+    ewc.add_penalty_gradients()
+    assert model[0].weight.grad is None and model[0].bias.grad is None
+
+
+def test_update_fisher_for_a_task_consolidated_without_data_uses_its_anchor():
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+    ewc = EWC(model, importance=1.0, fisher_sample_size=1000, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(3):  # a loop outside EWC trains task 1
+        optimizer.zero_grad()
+        F.cross_entropy(model(task1.tensors[0]), task1.tensors[1]).backward()
+        optimizer.step()
+    reference = per_sample_fisher(model, *task1.tensors)
+    with pytest.warns(UserWarning, match=r"update_fisher\(1, dataloader\)"):
+        ewc.register_task(1)
+    assert ewc._tasks[1]["samples"] == 0 and ewc.get_ewc_loss().item() == 0.0
+    train(ewc, task2, 2, steps=3, lr=0.3)
+    ewc.update_fisher(1, loader(task1))
+    assert ewc._tasks[1]["samples"] == 40
+    assert_dicts_close(ewc._tasks[1]["fisher"], reference)
+    moved = per_sample_fisher(model, *task1.tensors)
+    assert not torch.allclose(moved["0.weight"], reference["0.weight"], rtol=1e-3)
+
+
+# ------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"importance": -1.0}, ValueError, r"importance must be >= 0.*-1\.0"),
+     ({"fisher_sample_size": 0}, ValueError, r"fisher_sample_size must be >= 1.*got 0"),
+     ({"fisher_sample_size": 2.5}, TypeError, r"fisher_sample_size must be an int.*2\.5"),
+     ({"gamma": 1.5}, ValueError, r"gamma must be <= 1.*1\.5"),
+     ({"gamma": -0.1}, ValueError, r"gamma must be >= 0.*-0\.1"),
+     ({"fisher": "bad"}, ValueError, r"fisher must be one of .*'bad'")],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EWC(make_mlp(), **kwargs)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
+        EWC("not a model")
+
+
+def test_update_fisher_errors():
+    ewc = EWC(make_mlp(), seed=0)
+    ewc.register_task(1)
+    with pytest.raises(ValueError, match=r"task_id=7 was never registered"):
+        ewc.update_fisher(7, loader(make_task()))
+    with pytest.raises(ValueError, match=r"dataloader=None"):
+        ewc.update_fisher(1, None)
+
+
+def test_nan_data_raises_floating_point_error_naming_parameters():
+    x, y = make_task(seed=1).tensors
+    x = x.clone()
+    x[3, 2] = float("nan")
+    ewc = EWC(make_mlp(), seed=0)
+    ewc.register_task(1, loader(TensorDataset(x, y)))
+    with pytest.raises(FloatingPointError, match=r"parameters \[.*'0\.weight'"):
+        ewc.register_task(2)
+
+
+# ------------------------------------------------------------------------- state
+def test_state_dict_round_trip_through_weights_only_load():
+    ewc, model, _, _ = two_task_ewc(importance=10.0, fisher="true")
+    buffer = io.BytesIO()
+    torch.save(ewc.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    restored = EWC(model, importance=10.0, fisher_sample_size=1000, seed=999, fisher="true")
+    restored.load_state_dict(state)
+    assert torch.equal(restored.get_ewc_loss(), ewc.get_ewc_loss())
+    assert torch.equal(restored._generator.get_state(), ewc._generator.get_state())
+    assert torch.equal(torch.rand(5, generator=restored._generator), torch.rand(5, generator=ewc._generator))
+    assert restored.finished_tasks == [1] and restored.active_task == 2
+    for key in ("fisher", "anchor"):
+        assert_dicts_close(restored._tasks[1][key], ewc._tasks[1][key], rtol=0, atol=0)

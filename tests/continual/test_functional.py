@@ -1,0 +1,253 @@
+"""Values of neurenix.continual.functional against references computed another way."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neurenix.continual import functional as CF
+from tests.helpers import make_mlp, make_task
+
+D = torch.float64
+
+
+def t(*values):
+    return torch.tensor(values, dtype=D)
+
+
+# ------------------------------------------------------------------------- squared_gradient_sum
+def per_sample_reference(model, x, y):
+    """Σ_n (∂ CE(model(x_n), y_n) / ∂θ)², one autograd.grad per sample."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        for acc, g in zip(total, torch.autograd.grad(loss, params)):
+            acc += g.square()
+    return dict(zip(names, total))
+
+
+def test_squared_gradient_sum_matches_per_sample_loop():
+    model, (x, y) = make_mlp(), make_task(samples=17).tensors
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = CF.squared_gradient_sum(model, params, {}, x, y)
+    reference = per_sample_reference(model, x, y)
+    assert set(result) == set(reference)
+    for name, ref in reference.items():
+        assert result[name].dtype == D
+        torch.testing.assert_close(result[name], ref, rtol=1e-12, atol=1e-14)
+
+
+def test_squared_gradient_sum_is_taken_at_the_given_params_not_the_models():
+    model, (x, y) = make_mlp(), make_task(samples=9).tensors
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=D))
+    params = {n: p.detach().clone() for n, p in moved.named_parameters()}
+    result = CF.squared_gradient_sum(model, params, {}, x, y)
+    reference = per_sample_reference(moved, x, y)
+    for name, ref in reference.items():
+        torch.testing.assert_close(result[name], ref, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(result["0.weight"], per_sample_reference(model, x, y)["0.weight"])
+
+
+def test_squared_gradient_sum_uses_others_for_the_parameters_not_differentiated():
+    model, (x, y) = make_mlp(), make_task(samples=6).tensors
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("2.")}
+    others = {n: p.detach() for n, p in model.named_parameters() if n.startswith("0.")}
+    result = CF.squared_gradient_sum(model, params, others, x, y)
+    reference = per_sample_reference(model, x, y)
+    assert set(result) == {"2.weight", "2.bias"}
+    for name in result:
+        torch.testing.assert_close(result[name], reference[name], rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------- quadratic penalty
+PARAMS = [t(1.0, 2.0), t(3.0).reshape(1, 1)]
+ANCHORS = [t(0.5, 2.5), t(1.0).reshape(1, 1)]
+WEIGHTS = [t(2.0, 4.0), t(0.25).reshape(1, 1)]
+# diffs: [0.5, -0.5], [[2]]; Σ W d² = 0.5 + 1 + 1 = 2.5; Σ d² = 0.25 + 0.25 + 4 = 4.5
+
+
+def test_quadratic_penalty_value_by_hand():
+    value = CF.quadratic_penalty(PARAMS, ANCHORS, WEIGHTS, scale=3.0)
+    assert value.dim() == 0
+    assert value.item() == pytest.approx(3.0 / 2 * 2.5, abs=1e-15)
+
+
+def test_quadratic_penalty_without_weights_is_plain_l2():
+    assert CF.quadratic_penalty(PARAMS, ANCHORS, None, scale=3.0).item() == pytest.approx(1.5 * 4.5, abs=1e-15)
+
+
+def test_quadratic_penalty_autograd_gradient_is_scale_w_diff():
+    params = [p.clone().requires_grad_(True) for p in PARAMS]
+    grads = torch.autograd.grad(CF.quadratic_penalty(params, ANCHORS, WEIGHTS, scale=3.0), params)
+    torch.testing.assert_close(grads[0], t(3.0, -6.0), rtol=0, atol=1e-15)  # 3·[2·0.5, 4·(-0.5)]
+    torch.testing.assert_close(grads[1], t(1.5).reshape(1, 1), rtol=0, atol=1e-15)  # 3·0.25·2
+    grads = torch.autograd.grad(CF.quadratic_penalty(params, ANCHORS, None, scale=3.0), params)
+    torch.testing.assert_close(grads[0], t(1.5, -1.5), rtol=0, atol=1e-15)
+    torch.testing.assert_close(grads[1], t(6.0).reshape(1, 1), rtol=0, atol=1e-15)
+
+
+def test_quadratic_penalty_without_parameters_raises():
+    with pytest.raises(ValueError, match="at least one parameter"):
+        CF.quadratic_penalty([], [], None, scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "weights, expected",
+    [(WEIGHTS, [t(1.0 + 3.0, 1.0 - 6.0), t(-1.0 + 1.5).reshape(1, 1)]),
+     (None, [t(1.0 + 1.5, 1.0 - 1.5), t(-1.0 + 6.0).reshape(1, 1)])],
+    ids=["weights", "no-weights"],
+)
+def test_add_quadratic_penalty_grad_adds_to_existing_grads(weights, expected):
+    grads = [t(1.0, 1.0), t(-1.0).reshape(1, 1)]
+    workspace = [torch.empty_like(p) for p in PARAMS]
+    params_before = [p.clone() for p in PARAMS]
+    CF.add_quadratic_penalty_grad_(grads, PARAMS, ANCHORS, weights, 3.0, workspace)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    for p, before in zip(PARAMS, params_before):
+        assert torch.equal(p, before)
+
+
+def test_add_quadratic_penalty_grad_equals_autograd_of_penalty_on_random_tensors():
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    params = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+    anchors = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+    weights = [torch.rand(s, generator=gen, dtype=D) for s in shapes]
+    start = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    auto = torch.autograd.grad(CF.quadratic_penalty(leaves, anchors, weights, 7.5), leaves)
+    grads = [s.clone() for s in start]
+    CF.add_quadratic_penalty_grad_(grads, params, anchors, weights, 7.5, [torch.empty_like(p) for p in params])
+    for g, s, a in zip(grads, start, auto):
+        torch.testing.assert_close(g, s + a, rtol=1e-14, atol=1e-14)
+
+
+# ------------------------------------------------------------------------- synaptic intelligence
+def test_si_accumulate_by_hand():
+    omega, grads = [t(0.5, -1.0)], [t(2.0, 3.0)]
+    before, after = [t(1.0, 1.0)], [t(1.5, 0.5)]
+    CF.si_accumulate_(omega, grads, before, after)
+    # Δθ = [0.5, -0.5]; −g·Δθ = [-1, 1.5]
+    torch.testing.assert_close(omega[0], t(-0.5, 0.5), rtol=0, atol=1e-15)
+    assert torch.equal(grads[0], t(2.0, 3.0)) and torch.equal(after[0], t(1.5, 0.5))
+
+
+def test_si_importance_by_hand_including_negative_omega():
+    result = CF.si_importance(t(2.0, -1.0, 0.3), t(1.0, 2.0, 0.0), xi=0.1)
+    torch.testing.assert_close(result, t(2.0 / 1.1, 0.0, 3.0), rtol=1e-15, atol=1e-15)
+
+
+# ------------------------------------------------------------------------- distillation
+def kl_reference(student, teacher, temperature):
+    """T² · Σ_n Σ_c p_t (log p_t − log p_s) / N with softmax written out in Python floats."""
+    def log_softmax(row):
+        z = [v / temperature for v in row]
+        m = max(z)
+        log_sum = m + math.log(sum(math.exp(v - m) for v in z))
+        return [v - log_sum for v in z]
+    total = 0.0
+    for s_row, t_row in zip(student, teacher):
+        log_ps, log_pt = log_softmax(s_row), log_softmax(t_row)
+        total += sum(math.exp(lt) * (lt - ls) for lt, ls in zip(log_pt, log_ps))
+    return temperature**2 * total / len(student)
+
+
+STUDENT = [[1.0, -0.5, 2.0, 0.3], [0.2, 0.1, -1.0, 1.5], [-2.0, 0.0, 0.5, 0.5]]
+TEACHER = [[0.5, 0.5, 1.0, -1.0], [2.0, -1.0, 0.0, 0.3], [1.0, 1.0, -0.5, 2.5]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_distillation_loss_by_hand(temperature):
+    value = CF.distillation_loss(torch.tensor(STUDENT, dtype=D), torch.tensor(TEACHER, dtype=D), temperature)
+    assert value.item() == pytest.approx(kl_reference(STUDENT, TEACHER, temperature), rel=1e-6)
+
+
+def test_distillation_loss_is_zero_for_identical_logits():
+    logits = torch.tensor(STUDENT, dtype=D)
+    assert abs(CF.distillation_loss(logits, logits.clone(), 2.0).item()) < 1e-7
+
+
+def test_distillation_loss_units_mask_renormalizes_over_the_chosen_columns():
+    units = torch.tensor([True, False, True, True])
+    value = CF.distillation_loss(torch.tensor(STUDENT, dtype=D), torch.tensor(TEACHER, dtype=D), 2.0, units=units)
+    pick = lambda rows: [[r[0], r[2], r[3]] for r in rows]  # noqa: E731
+    assert value.item() == pytest.approx(kl_reference(pick(STUDENT), pick(TEACHER), 2.0), rel=1e-6)
+    full = CF.distillation_loss(torch.tensor(STUDENT, dtype=D), torch.tensor(TEACHER, dtype=D), 2.0)
+    assert abs(value.item() - full.item()) > 1e-3  # the mask changed something
+
+
+def test_distillation_loss_gradient_reaches_the_student_only_through_masked_units():
+    student = torch.tensor(STUDENT, dtype=D, requires_grad=True)
+    units = torch.tensor([True, False, True, True])
+    CF.distillation_loss(student, torch.tensor(TEACHER, dtype=D), 2.0, units=units).backward()
+    assert torch.all(student.grad[:, 1] == 0) and torch.all(student.grad[:, [0, 2, 3]].abs().sum(1) > 0)
+
+
+def test_distillation_loss_shape_mismatch_raises():
+    with pytest.raises(ValueError, match=r"same shape.*\(3, 4\).*\(3, 5\)"):
+        CF.distillation_loss(torch.zeros(3, 4), torch.zeros(3, 5), 1.0)
+
+
+# ------------------------------------------------------------------------- reservoir sampling
+def algorithm_r_reference(num_seen, batch_size, memory_size, uniform):
+    """One item at a time (Vitter's Algorithm R) with the given draws: {slot: batch position}."""
+    memory = {}
+    for k in range(batch_size):
+        n = num_seen + k
+        slot = n if n < memory_size else math.floor(uniform[k].item() * (n + 1))
+        if slot < memory_size:
+            memory[slot] = k  # a later item of the batch overwrites an earlier one
+    return memory
+
+
+def test_reservoir_slots_fill_in_stream_order_while_not_full():
+    positions, slots = CF.reservoir_slots(3, 5, 10, generator=torch.Generator().manual_seed(0))
+    assert positions.tolist() == [0, 1, 2, 3, 4]
+    assert slots.tolist() == [3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("num_seen, batch_size, memory_size", [(0, 12, 8), (6, 9, 8), (3, 20, 3), (50, 30, 5), (100, 7, 40)])
+def test_reservoir_slots_match_one_by_one_algorithm_r(num_seen, batch_size, memory_size):
+    duplicates_seen = False
+    for seed in range(30):
+        positions, slots = CF.reservoir_slots(
+            num_seen, batch_size, memory_size, generator=torch.Generator().manual_seed(seed)
+        )
+        uniform = torch.rand(batch_size, generator=torch.Generator().manual_seed(seed), dtype=D)
+        expected = algorithm_r_reference(num_seen, batch_size, memory_size, uniform)
+        assert len(set(slots.tolist())) == len(slots), "a slot was returned twice"
+        assert all(0 <= s < memory_size for s in slots.tolist())
+        assert dict(zip(slots.tolist(), positions.tolist())) == expected
+        draws = [n if n < memory_size else math.floor(uniform[k].item() * (n + 1))
+                 for k, n in enumerate(range(num_seen, num_seen + batch_size))]
+        kept = [d for d in draws if d < memory_size]
+        duplicates_seen |= len(kept) != len(set(kept))
+    if (num_seen, batch_size, memory_size) == (3, 20, 3):
+        assert duplicates_seen, "the case meant to exercise within-batch collisions had none"
+
+
+def test_reservoir_keeps_every_stream_item_with_equal_probability():
+    stream, memory_size, batch, trials = 40, 8, 7, 1500
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.zeros(stream)
+    for _ in range(trials):
+        memory = torch.full((memory_size,), -1)
+        for start in range(0, stream, batch):
+            size = min(batch, stream - start)
+            positions, slots = CF.reservoir_slots(start, size, memory_size, generator=gen)
+            memory[slots] = start + positions
+        assert (memory >= 0).all() and len(set(memory.tolist())) == memory_size
+        counts[memory] += 1
+    frequency = counts / trials
+    expected, sd = memory_size / stream, math.sqrt(0.2 * 0.8 / trials)
+    assert (frequency - expected).abs().max().item() < 4.5 * sd
