@@ -1,0 +1,326 @@
+"""KnowledgeDistillation: the loss against a hand computation, the frozen teacher, units, Lightning, state."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from neurenix.continual import ContinualLossMixin, KnowledgeDistillation
+from tests.helpers import loader, make_mlp, make_task
+
+# The library evaluates the KL in float32 (see test_float64_logits_keep_float64_precision), so
+# comparisons of the formula itself use a float32-sized tolerance.
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def softmax(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max(-1, keepdim=True).values)
+    return e / e.sum(-1, keepdim=True)
+
+
+def hand_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, units=None) -> torch.Tensor:
+    """``T² · mean_n Σ_c p_c (log p_c − log q_c)``, p = softmax(teacher/T), q = softmax(student/T)."""
+    if units is not None:
+        student, teacher = student[:, units], teacher[:, units]
+    p, q = softmax(teacher / temperature), softmax(student / temperature)
+    return temperature**2 * (p * (torch.log(p) - torch.log(q))).sum(-1).mean()
+
+
+def dropout_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def sgd_step(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= lr * g
+
+
+def train_plain(model: nn.Module, data: TensorDataset, lr: float = 0.1) -> None:
+    """Task 1 of the API document: an ordinary loop, no continual method involved."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for x, y in loader(data):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def distilled_after_task_1(model: nn.Module, **kwargs) -> KnowledgeDistillation:
+    """The API document's flow up to task 2: train task 1 plainly, then register it."""
+    kd = KnowledgeDistillation(model, **kwargs)
+    data = make_task(seed=1, classes=model[-1].out_features)
+    train_plain(model, data)
+    kd.register_task(task_id=1, dataloader=loader(data))
+    return kd
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, **tol) -> None:
+    torch.testing.assert_close(a, b.to(a.dtype), check_dtype=False, **(tol or TOL))
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature must be > 0.0, got 0.0"),
+        ({"temperature": -1}, ValueError, "temperature must be > 0.0, got -1.0"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be finite, got inf"),
+        ({"temperature": "2"}, TypeError, "temperature must be a real number, got str"),
+        ({"alpha": -0.1}, ValueError, "alpha must be >= 0.0, got -0.1"),
+        ({"alpha": 1.5}, ValueError, "alpha must be <= 1.0, got 1.5"),
+        ({"units": "new"}, ValueError, "units must be one of 'all', 'seen'; got 'new'"),
+        ({"units": None}, ValueError, "units must be one of 'all', 'seen'; got None"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        KnowledgeDistillation(make_mlp(), **kwargs)
+
+
+def test_documented_defaults_and_alpha_bounds_accepted():
+    kd = KnowledgeDistillation(make_mlp())
+    assert (kd.temperature, kd.alpha, kd.units, kd.teacher) == (2.0, 0.5, "all", None)
+    assert KnowledgeDistillation(make_mlp(), alpha=0).alpha == 0.0
+    assert KnowledgeDistillation(make_mlp(), alpha=1).alpha == 1.0
+
+
+def test_get_distillation_loss_rejects_non_tensors():
+    kd = KnowledgeDistillation(make_mlp())
+    x = torch.zeros(2, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor, got list"):
+        kd.get_distillation_loss(x.tolist(), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="outputs must be a torch.Tensor, got ndarray"):
+        kd.get_distillation_loss(x, torch.zeros(2, 3).numpy())
+
+
+# ------------------------------------------------------------------------------------ the loss
+
+
+def test_no_teacher_means_zero_distillation_and_the_plain_task_loss():
+    model = make_mlp()
+    kd = KnowledgeDistillation(model, alpha=0.7)
+    x, y = make_task(8).tensors
+    assert kd.get_distillation_loss(x, model(x)).item() == 0.0
+    reference = copy.deepcopy(model)
+    loss = kd.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, task_id=1)
+    assert loss.item() == pytest.approx(F.cross_entropy(reference(x), y).item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 5.0])
+def test_get_distillation_loss_is_t_squared_kl_teacher_to_student(temperature):
+    model = make_mlp()
+    kd = distilled_after_task_1(model, temperature=temperature)
+    teacher = copy.deepcopy(model).eval()
+    x = make_task(16, seed=5).tensors[0]
+    outputs = 3 * torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = kd.get_distillation_loss(x, outputs)
+    expected = hand_kd(outputs, teacher(x), temperature)
+    assert expected.item() > 0.1
+    assert_close(loss, expected)
+    # Same outputs as the teacher: zero.
+    assert abs(kd.get_distillation_loss(x, teacher(x)).item()) < 1e-6
+
+
+def test_float64_logits_keep_float64_precision():
+    """A float64 model's distillation term should be computed in float64, like its task loss."""
+    model = make_mlp()
+    kd = distilled_after_task_1(model, temperature=2.0)
+    teacher = copy.deepcopy(model).eval()
+    x = make_task(16, seed=5).tensors[0]
+    outputs = 3 * torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = kd.get_distillation_loss(x, outputs)
+    assert loss.dtype == torch.float64
+    assert_close(loss, hand_kd(outputs, teacher(x), 2.0), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ the teacher
+
+
+def test_teacher_is_a_frozen_eval_mode_snapshot_of_the_end_of_task_1():
+    model = dropout_mlp()
+    model.train()
+    kd = KnowledgeDistillation(model, temperature=2.0, alpha=0.5)
+    data = make_task(seed=1)
+    train_plain(model, data)
+    end_of_task_1 = copy.deepcopy(model)
+    kd.register_task(task_id=1, dataloader=loader(data))
+
+    teacher = kd.teacher
+    assert teacher is not None and teacher is not model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in loader(make_task(seed=2)):
+        kd.train_step(optimizer, F.cross_entropy, x, y, task_id=2)
+
+    assert not torch.equal(model[0].weight, end_of_task_1[0].weight)  # the student moved
+    for p, q in zip(teacher.parameters(), end_of_task_1.parameters()):
+        assert torch.equal(p, q) and not p.requires_grad
+    assert not any(m.training for m in teacher.modules())
+    assert all(m.training for m in model.modules())  # the student's own mode is untouched
+    x = make_task(32, seed=6).tensors[0]
+    assert torch.equal(teacher(x), teacher(x))
+    assert torch.equal(teacher(x), end_of_task_1.eval()(x))  # dropout off: eval mode
+    outputs = model(x)
+    assert torch.equal(kd.get_distillation_loss(x, outputs), kd.get_distillation_loss(x, outputs))
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.5, 2.0), (0.25, 1.0), (1.0, 3.0), (0.0, 2.0)])
+def test_task_2_step_is_sgd_on_mixed_loss(alpha, temperature):
+    model = make_mlp()
+    kd = distilled_after_task_1(model, temperature=temperature, alpha=alpha)
+    teacher, reference = copy.deepcopy(model).eval(), copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in loader(make_task(seed=2)):
+        loss = kd.train_step(optimizer, nn.CrossEntropyLoss(), x, y, task_id=2)
+        out = reference(x)
+        expected = (1 - alpha) * F.cross_entropy(out, y) + alpha * hand_kd(out, teacher(x), temperature)
+        assert_close(loss, expected.detach())
+        sgd_step(reference, expected, lr=0.1)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert_close(p, q)
+
+
+# ------------------------------------------------------------------------------------ units="seen"
+
+
+def class_incremental_tasks():
+    """Task 1: labels {0, 1}; task 2: labels {2, 3} (one 4-way head)."""
+    (x1, y1), (x2, y2) = make_task(seed=1, classes=2).tensors, make_task(seed=2, classes=2).tensors
+    return TensorDataset(x1, y1), TensorDataset(x2, y2 + 2)
+
+
+def check_task_2_distils_seen_units(model: nn.Module, kd: KnowledgeDistillation, task_2: TensorDataset) -> None:
+    teacher, reference = copy.deepcopy(model).eval(), copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in loader(task_2):
+        loss = kd.train_step(optimizer, F.cross_entropy, x, y, task_id=2)
+        out, soft = reference(x), teacher(x)
+        seen = hand_kd(out, soft, 2.0, units=[0, 1])
+        assert abs(seen.item() - hand_kd(out, soft, 2.0).item()) > 1e-3  # the two differ here
+        expected = 0.5 * F.cross_entropy(out, y) + 0.5 * seen
+        assert_close(loss, expected.detach())
+        sgd_step(reference, expected, lr=0.1)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert_close(p, q)
+
+
+def test_units_seen_distils_only_task_1_classes_after_train_step():
+    task_1, task_2 = class_incremental_tasks()
+    model = make_mlp(classes=4)
+    kd = KnowledgeDistillation(model, temperature=2.0, alpha=0.5, units="seen")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in loader(task_1):
+        kd.train_step(optimizer, F.cross_entropy, x, y, task_id=1)
+    check_task_2_distils_seen_units(model, kd, task_2)
+
+
+def test_units_seen_distils_only_task_1_classes_in_the_api_document_flow():
+    """Task 1 trained by a plain loop, then register_task(1, dataloader=...): its labels are there."""
+    task_1, task_2 = class_incremental_tasks()
+    model = make_mlp(classes=4)
+    kd = KnowledgeDistillation(model, temperature=2.0, alpha=0.5, units="seen")
+    train_plain(model, task_1)
+    kd.register_task(task_id=1, dataloader=loader(task_1))
+    check_task_2_distils_seen_units(model, kd, task_2)
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+@pytest.mark.parametrize("units", ["all", "seen"])
+def test_state_round_trip_restores_the_teacher(units):
+    task_1, _ = class_incremental_tasks()
+    model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 4)).double()
+    kd = KnowledgeDistillation(model, temperature=3.0, alpha=0.5, units=units)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in loader(task_1):
+        kd.train_step(optimizer, F.cross_entropy, x, y, task_id=1)
+    kd.register_task(task_id=2)
+
+    buffer = io.BytesIO()
+    torch.save(kd.state_dict(), buffer)
+    buffer.seek(0)
+    fresh_model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 4)).double()
+    restored = KnowledgeDistillation(fresh_model, temperature=3.0, alpha=0.5, units=units)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+
+    assert restored.teacher is not None and restored.teacher is not fresh_model
+    assert not any(m.training for m in restored.teacher.modules())
+    assert not any(p.requires_grad for p in restored.teacher.parameters())
+    x = make_task(16, seed=5).tensors[0]
+    outputs = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(restored.get_distillation_loss(x, outputs), kd.get_distillation_loss(x, outputs))
+    assert kd.get_distillation_loss(x, outputs).item() > 0.01
+
+
+# ------------------------------------------------------------------------------------ Lightning
+
+
+class Classifier(ContinualLossMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_mlp()
+        self.shadow = make_mlp(seed=1)
+        self.use_shadow = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy((self.shadow if self.use_shadow else self.net)(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.1)
+
+
+def fit(module: pl.LightningModule, callbacks: list, data: TensorDataset) -> None:
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    )
+    trainer.fit(module, loader(data, batch_size=8, shuffle=False))
+
+
+def test_lightning_second_fit_trains_on_the_distilled_loss():
+    module = Classifier()
+    kd = KnowledgeDistillation(module.net, temperature=2.0, alpha=0.3)
+    task_1, task_2 = make_task(seed=1), make_task(seed=2)
+    fit(module, [kd], task_1)
+    fit(module, [kd], task_2)
+
+    reference = make_mlp()
+    for x, y in loader(task_1):
+        sgd_step(reference, F.cross_entropy(reference(x), y), lr=0.1)
+    teacher = copy.deepcopy(reference).eval()
+    for p, q in zip(kd.teacher.parameters(), teacher.parameters()):
+        assert_close(p, q)
+    for x, y in loader(task_2):
+        out = reference(x)
+        sgd_step(reference, 0.7 * F.cross_entropy(out, y) + 0.3 * hand_kd(out, teacher(x), 2.0), lr=0.1)
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        assert_close(p, q)
+    # Without the distillation term the second task would have ended elsewhere.
+    plain = copy.deepcopy(teacher).train()
+    for x, y in loader(task_2):
+        sgd_step(plain, F.cross_entropy(plain(x), y), lr=0.1)
+    assert (module.net[0].weight - plain[0].weight).abs().max() > 1e-4
+
+
+def test_lightning_training_step_that_skips_the_model_is_refused():
+    module = Classifier()
+    kd = KnowledgeDistillation(module.net)
+    with torch.no_grad():
+        module.net[0].weight.add_(0.1)  # "trained" outside: register_task snapshots a teacher
+    kd.register_task(task_id=0)
+    assert kd.teacher is not None
+    module.use_shadow = True
+    with pytest.raises(RuntimeError, match=r"KnowledgeDistillation saw no forward of its model \(Sequential\)"):
+        fit(module, [kd], make_task(seed=2))
