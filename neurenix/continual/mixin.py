@@ -17,6 +17,7 @@ from neurenix.continual.callback import continual_methods
 __all__ = ["ContinualLossMixin"]
 
 _INSIDE_STEP = "_neurenix_inside_training_step"
+_WRAPPED = "_neurenix_wraps_training_step"
 
 
 class ContinualLossMixin:
@@ -49,8 +50,9 @@ class ContinualLossMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is not None:
+        # The class's own training_step, or one inherited from a base without the mixin.
+        step = getattr(cls, "training_step", None)
+        if step is not None and not getattr(step, _WRAPPED, False):
             cls.training_step = _with_continual_terms(step)  # type: ignore[attr-defined]
 
 
@@ -75,6 +77,7 @@ def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
             self.__dict__[_INSIDE_STEP] = False
         return _map_loss(output, lambda loss: _apply_terms(methods, loss, batch))
 
+    setattr(training_step, _WRAPPED, True)
     return training_step
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -73,38 +73,35 @@ def two_task_ewc(importance=10.0, **kwargs):
 
 
 # ------------------------------------------------------------------------- Fisher
-def test_empirical_fisher_equals_per_sample_reference_at_end_of_task_params():
-    model, task1 = make_mlp(), make_task(seed=1)
+@pytest.mark.parametrize("ended_by", ["register_task", "train_step"])
+def test_empirical_fisher_equals_per_sample_reference_at_end_of_task_params(ended_by):
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
     ewc = EWC(model, importance=1.0, fisher_sample_size=1000, seed=0)
     ewc.register_task(1, loader(task1))
     train(ewc, task1, 1)
-    end_of_task = snap(model)
-    reference = per_sample_fisher(model, *task1.tensors)
-    ewc.register_task(2, loader(make_task(seed=2)))
-    term = ewc._tasks[1]
-    assert term["samples"] == 40
-    assert_dicts_close(term["anchor"], end_of_task, rtol=0, atol=0)
-    assert_dicts_close(term["fisher"], reference)
+    end_of_task, reference = snap(model), per_sample_fisher(model, *task1.tensors)
+    if ended_by == "register_task":
+        ewc.register_task(2, loader(task2))
+    else:  # a new task_id in train_step consolidates task 1 before its step
+        train(ewc, task2, 2, steps=1)
+    assert ewc._tasks[1]["samples"] == 40
+    assert_dicts_close(ewc._tasks[1]["anchor"], end_of_task, rtol=0, atol=0)
+    assert_dicts_close(ewc._tasks[1]["fisher"], reference)
 
 
-def test_fisher_sample_size_smaller_than_dataset_uses_a_seeded_subset_of_that_size():
-    model, task1 = make_mlp(), make_task(seed=1)
+@pytest.mark.parametrize("form", ["loader", "batches"])
+def test_fisher_sample_size_smaller_than_dataset_uses_exactly_that_many_samples(form):
+    model, (x, y) = make_mlp(), make_task(seed=1).tensors
     ewc = EWC(model, fisher_sample_size=13, seed=4)
-    ewc.register_task(1, loader(task1, batch_size=8))
+    if form == "loader":  # map-style: a seeded uniform subset
+        ewc.register_task(1, loader(TensorDataset(x, y), batch_size=8))
+        chosen = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:13]
+    else:  # any iterable of batches: the first samples
+        ewc.register_task(1, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)])
+        chosen = torch.arange(13)
     ewc.register_task(2)
-    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(4))[:13]
-    x, y = task1.tensors
     assert ewc._tasks[1]["samples"] == 13
     assert_dicts_close(ewc._tasks[1]["fisher"], per_sample_fisher(model, x[chosen], y[chosen]))
-
-
-def test_fisher_from_an_iterable_of_batches_takes_the_first_samples():
-    model, (x, y) = make_mlp(), make_task(seed=1).tensors
-    ewc = EWC(model, fisher_sample_size=13, seed=0)
-    ewc.register_task(1, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)])
-    ewc.register_task(2)
-    assert ewc._tasks[1]["samples"] == 13
-    assert_dicts_close(ewc._tasks[1]["fisher"], per_sample_fisher(model, x[:13], y[:13]))
 
 
 def test_true_fisher_reproduces_the_seeded_label_draws():
@@ -262,30 +259,67 @@ def test_frozen_parameters_are_not_regularized():
     assert model[0].weight.grad is None and model[0].bias.grad is None
 
 
-def test_update_fisher_for_a_task_consolidated_without_data_uses_its_anchor():
-    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["mlp", "batchnorm"])
+def test_update_fisher_for_a_task_consolidated_without_data_uses_its_end_of_task_model(batch_norm):
+    model, task1, task2 = make_mlp(batch_norm=batch_norm), make_task(seed=1), make_task(seed=2)
     ewc = EWC(model, importance=1.0, fisher_sample_size=1000, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     for _ in range(3):  # a loop outside EWC trains task 1
         optimizer.zero_grad()
         F.cross_entropy(model(task1.tensors[0]), task1.tensors[1]).backward()
         optimizer.step()
-    reference = per_sample_fisher(model, *task1.tensors)
+    end_of_task = copy.deepcopy(model)  # parameters and BatchNorm running statistics
     with pytest.warns(UserWarning, match=r"update_fisher\(1, dataloader\)"):
         ewc.register_task(1)
     assert ewc._tasks[1]["samples"] == 0 and ewc.get_ewc_loss().item() == 0.0
     train(ewc, task2, 2, steps=3, lr=0.3)
     ewc.update_fisher(1, loader(task1))
     assert ewc._tasks[1]["samples"] == 40
+    reference = per_sample_fisher(end_of_task, *task1.tensors)
     assert_dicts_close(ewc._tasks[1]["fisher"], reference)
     moved = per_sample_fisher(model, *task1.tensors)
     assert not torch.allclose(moved["0.weight"], reference["0.weight"], rtol=1e-3)
 
 
+def test_online_update_fisher_adds_a_late_fisher_to_the_decayed_sum():
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+    ewc = EWC(model, fisher_sample_size=1000, online=True, gamma=0.5, seed=0)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1, steps=4, lr=0.3)
+    fisher1 = per_sample_fisher(model, *task1.tensors)
+    ewc.register_task(2)  # consolidates task 1; task 2 gets no data
+    train(ewc, task2, 2, steps=4, lr=0.3)
+    fisher2 = per_sample_fisher(model, *task2.tensors)
+    with pytest.warns(UserWarning, match="without data"):
+        ewc.register_task(2)
+    train(ewc, make_task(seed=3), 3, steps=2, lr=0.3)
+    ewc.update_fisher(2, loader(task2))
+    assert_dicts_close(ewc._tasks[2]["fisher"], {n: 0.5 * fisher1[n] + fisher2[n] for n in fisher1})
+    with pytest.raises(ValueError, match=r"folded task 1's Fisher"):
+        ewc.update_fisher(1, loader(task1))
+    with pytest.raises(ValueError, match=r"already holds task 2's Fisher"):
+        ewc.update_fisher(2, loader(task2))
+
+
+def test_penalty_gradient_reaches_params_the_loss_missed_but_not_params_frozen_later():
+    ewc, model, _, _ = two_task_ewc(importance=10.0)
+    model[2].bias.requires_grad_(False)  # frozen after task 1 was consolidated
+    model.zero_grad()
+    loss = model[2].weight.square().sum()  # reaches 2.weight only
+    loss.backward()
+    ewc.add_penalty_gradients()
+    assert model[2].bias.grad is None
+    live = [model[0].weight, model[0].bias, model[2].weight]
+    reference = torch.autograd.grad(model[2].weight.square().sum() + ewc.get_ewc_loss(), live)
+    for p, ref in zip(live, reference):
+        torch.testing.assert_close(p.grad, ref, **CLOSE)
+
+
 # ------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "kwargs, error, match",
-    [({"importance": -1.0}, ValueError, r"importance must be >= 0.*-1\.0"),
+    [({"model": "not a model"}, TypeError, r"model must be a torch.nn.Module, got str"),
+     ({"importance": -1.0}, ValueError, r"importance must be >= 0.*-1\.0"),
      ({"fisher_sample_size": 0}, ValueError, r"fisher_sample_size must be >= 1.*got 0"),
      ({"fisher_sample_size": 2.5}, TypeError, r"fisher_sample_size must be an int.*2\.5"),
      ({"gamma": 1.5}, ValueError, r"gamma must be <= 1.*1\.5"),
@@ -294,12 +328,7 @@ def test_update_fisher_for_a_task_consolidated_without_data_uses_its_anchor():
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
-        EWC(make_mlp(), **kwargs)
-
-
-def test_model_must_be_a_module():
-    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str"):
-        EWC("not a model")
+        EWC(**{"model": make_mlp(), **kwargs})
 
 
 def test_update_fisher_errors():
