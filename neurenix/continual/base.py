@@ -152,7 +152,9 @@ class ContinualMethod:
         if task_id in self.finished_tasks:
             raise ValueError(
                 f"task_id={task_id} was already trained and consolidated (tasks so far: "
-                f"{self.finished_tasks}); a later task needs a new task_id"
+                f"{self.finished_tasks}); a later task needs a new task_id. (register_task counts a "
+                "task as trained when the parameters changed since the method was created or since "
+                "the last task: create the method after loading pretrained weights.)"
             )
         return task_id
 

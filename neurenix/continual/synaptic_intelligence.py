@@ -202,3 +202,6 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._names = list(self._state["task_start"])
         self._params = [params[name] for name in self._names]
         self._has_pending = bool(state_dict.get("has_pending", False))
+        if self.active_task is not None and not self._state["task_start"]:
+            # A checkpoint from before SI kept its path integral: restart it from here.
+            self._begin_task(self.active_task)

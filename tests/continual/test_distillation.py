@@ -33,9 +33,9 @@ def hand_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, un
     return temperature**2 * (p * (torch.log(p) - torch.log(q))).sum(-1).mean()
 
 
-def dropout_mlp(seed: int = 0) -> nn.Sequential:
+def dropout_mlp(classes: int = 3, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 3)).double()
+    return nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, classes)).double()
 
 
 def sgd_step(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
@@ -61,6 +61,12 @@ def distilled_after_task_1(model: nn.Module, **kwargs) -> KnowledgeDistillation:
     train_plain(model, data)
     kd.register_task(task_id=1, dataloader=loader(data))
     return kd
+
+
+def inputs_and_outputs(classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 inputs and arbitrary student logits (float64) for them."""
+    outputs = 3 * torch.randn(16, classes, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return make_task(16, seed=5).tensors[0], outputs
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, **tol) -> None:
@@ -122,8 +128,7 @@ def test_get_distillation_loss_is_t_squared_kl_teacher_to_student(temperature):
     model = make_mlp()
     kd = distilled_after_task_1(model, temperature=temperature)
     teacher = copy.deepcopy(model).eval()
-    x = make_task(16, seed=5).tensors[0]
-    outputs = 3 * torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, outputs = inputs_and_outputs()
     loss = kd.get_distillation_loss(x, outputs)
     expected = hand_kd(outputs, teacher(x), temperature)
     assert expected.item() > 0.1
@@ -137,8 +142,7 @@ def test_float64_logits_keep_float64_precision():
     model = make_mlp()
     kd = distilled_after_task_1(model, temperature=2.0)
     teacher = copy.deepcopy(model).eval()
-    x = make_task(16, seed=5).tensors[0]
-    outputs = 3 * torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, outputs = inputs_and_outputs()
     loss = kd.get_distillation_loss(x, outputs)
     assert loss.dtype == torch.float64
     assert_close(loss, hand_kd(outputs, teacher(x), 2.0), rtol=0, atol=1e-12)
@@ -242,7 +246,7 @@ def test_units_seen_distils_only_task_1_classes_in_the_api_document_flow():
 @pytest.mark.parametrize("units", ["all", "seen"])
 def test_state_round_trip_restores_the_teacher(units):
     task_1, _ = class_incremental_tasks()
-    model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 4)).double()
+    model = dropout_mlp(classes=4)
     kd = KnowledgeDistillation(model, temperature=3.0, alpha=0.5, units=units)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in loader(task_1):
@@ -252,15 +256,14 @@ def test_state_round_trip_restores_the_teacher(units):
     buffer = io.BytesIO()
     torch.save(kd.state_dict(), buffer)
     buffer.seek(0)
-    fresh_model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Tanh(), nn.Linear(5, 4)).double()
+    fresh_model = dropout_mlp(classes=4, seed=7)
     restored = KnowledgeDistillation(fresh_model, temperature=3.0, alpha=0.5, units=units)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
 
     assert restored.teacher is not None and restored.teacher is not fresh_model
     assert not any(m.training for m in restored.teacher.modules())
     assert not any(p.requires_grad for p in restored.teacher.parameters())
-    x = make_task(16, seed=5).tensors[0]
-    outputs = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x, outputs = inputs_and_outputs(classes=4)
     assert torch.equal(restored.get_distillation_loss(x, outputs), kd.get_distillation_loss(x, outputs))
     assert kd.get_distillation_loss(x, outputs).item() > 0.01
 

@@ -55,11 +55,8 @@ def train(ewc, data, task_id, steps=3, lr=0.1):
 
 def hand_penalty(model, terms, importance):
     """importance/2 · Σ_t Σ F_t·(θ − θ*_t)² over (fisher, anchor) pairs."""
-    total = 0.0
-    for fisher, anchor in terms:
-        for n, p in trainable(model).items():
-            total = total + importance / 2 * (fisher[n] * (p - anchor[n]).square()).sum()
-    return total
+    params = trainable(model).items()
+    return sum(importance / 2 * (f[n] * (p - a[n]).square()).sum() for f, a in terms for n, p in params)
 
 
 def two_task_ewc(importance=10.0, **kwargs):
@@ -142,7 +139,7 @@ def test_true_fisher_approaches_its_expectation_over_the_model_distribution():
                 exact[n] += probabilities[i, c] * g2[n] / 4
     for n in exact:
         error = (estimate[n] - exact[n]).norm() / exact[n].norm()
-        assert error < 0.05, (n, error.item())
+        assert error < 0.04, (n, error.item())  # MC error here is ~0.01
 
 
 # ------------------------------------------------------------------------- penalty and gradient
@@ -159,26 +156,19 @@ def test_get_ewc_loss_and_its_gradient_by_hand():
         torch.testing.assert_close(g, 10.0 * fisher[n] * (p.detach() - anchor[n]), **CLOSE)
 
 
-def test_add_penalty_gradients_equals_autograd_of_task_loss_plus_penalty():
+def test_closed_form_gradient_in_add_penalty_gradients_and_train_step_matches_autograd():
     ewc, model, _, task2 = two_task_ewc(importance=10.0)
-    x, y = task2.tensors
+    x, y = task2.tensors[0][:8], task2.tensors[1][:8]
     params = list(trainable(model).values())
+    before = [p.detach().clone() for p in params]
     reference = torch.autograd.grad(F.cross_entropy(model(x), y) + ewc.get_ewc_loss(), params)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     ewc.add_penalty_gradients()
     for p, ref in zip(params, reference):
         torch.testing.assert_close(p.grad, ref, **CLOSE)
-
-
-def test_train_step_descends_task_loss_plus_penalty():
-    ewc, model, _, task2 = two_task_ewc(importance=10.0)
-    x, y = task2.tensors[0][:8], task2.tensors[1][:8]
-    params = list(trainable(model).values())
-    before = [p.detach().clone() for p in params]
-    reference = torch.autograd.grad(F.cross_entropy(model(x), y) + ewc.get_ewc_loss(), params)
     ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, 2)
-    for p, b, g in zip(params, before, reference):
+    for p, b, g in zip(params, before, reference):  # one SGD step on task loss + penalty
         torch.testing.assert_close(p.detach(), b - 0.1 * g, **CLOSE)
 
 
@@ -342,7 +332,6 @@ def test_update_fisher_errors():
 
 def test_nan_data_raises_floating_point_error_naming_parameters():
     x, y = make_task(seed=1).tensors
-    x = x.clone()
     x[3, 2] = float("nan")
     ewc = EWC(make_mlp(), seed=0)
     ewc.register_task(1, loader(TensorDataset(x, y)))

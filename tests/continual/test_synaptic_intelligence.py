@@ -1,0 +1,348 @@
+"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017), traced by hand.
+
+A bias-free linear model under MSE has the closed-form gradient ``2/N · xᵀ(x·w − y)``, so every
+reference here follows SGD step by step without autograd: ``ω += −g·Δθ`` with ``g`` the gradient
+of the *unregularized* task loss and ``Δθ`` the step actually taken, ``Ω += relu(ω/(Δ² + ξ))``,
+penalty ``c·ΣΩ(θ − θ*)²`` with gradient ``2cΩ(θ − θ*)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from neurenix.continual import EWC, L2Regularization, SynapticIntelligence
+from tests.helpers import lit_classifier, make_task, quiet_trainer
+
+LR = 0.1
+W0 = [0.5, -0.3]
+
+
+def _linear(w: list[float]) -> nn.Linear:
+    model = nn.Linear(len(w), 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([w], dtype=torch.float64))
+    return model
+
+
+def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ((outputs.squeeze(-1) - targets) ** 2).mean()
+
+
+def _grad(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇_w mean((x·w − y)²), written out."""
+    return 2.0 / x.shape[0] * x.T @ (x @ w - y)
+
+
+def _batches(seed: int, count: int = 3, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(count * size, 2, generator=generator, dtype=torch.float64)
+    y = torch.randn(count * size, generator=generator, dtype=torch.float64)
+    return list(zip(x.split(size), y.split(size)))
+
+
+def _trace(w, batches, pull=None, weight_decay=0.0):
+    """SGD by hand; ``pull(w)`` (a penalty's gradient) moves θ but is not part of ω. Returns (ω, θ_end)."""
+    omega = torch.zeros_like(w)
+    for x, y in batches:
+        g = _grad(w, x, y)
+        step = g + weight_decay * w + (0.0 if pull is None else pull(w))
+        w_next = w - LR * step
+        omega -= g * (w_next - w)
+        w = w_next
+    return omega, w
+
+
+def _importance(omega, start, end, xi):
+    return torch.clamp(omega / ((end - start) ** 2 + xi), min=0.0)
+
+
+def _train_documented_loop(model, si, batches, weight_decay=0.0):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=weight_decay)
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = _mse(model(x), y)
+        loss.backward()
+        si.update_importance(loss)
+        optimizer.step()
+
+
+def _weight(model) -> torch.Tensor:
+    return model.weight.detach().flatten().clone()
+
+
+def _close(actual, expected):
+    torch.testing.assert_close(actual.flatten(), expected.flatten(), rtol=0, atol=1e-12)
+
+
+def test_one_parameter_by_hand():
+    # loss = w², g = 2w, lr 0.1: w 1 -> 0.8 -> 0.64; ω = 2·0.2 + 1.6·0.16 = 0.656; Δ = −0.36.
+    model = nn.Linear(1, 1, bias=False).double()
+    nn.init.ones_(model.weight)
+    si = SynapticIntelligence(model, importance=2.0, xi=0.1)
+    si.register_task(task_id=1)
+    batch = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    _train_documented_loop(model, si, [batch, batch])
+    assert model.weight.item() == pytest.approx(0.64, abs=1e-15)
+    si.register_task(task_id=2)
+    omega_big = 0.656 / (0.36**2 + 0.1)
+    assert si.big_omega["weight"].item() == pytest.approx(omega_big, rel=1e-12)
+    assert si.get_regularization_loss().item() == pytest.approx(0.0, abs=1e-15)  # θ = θ*
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    penalty = si.get_regularization_loss()
+    assert penalty.item() == pytest.approx(2.0 * omega_big * 0.36**2, rel=1e-12)
+    model.weight.grad = None
+    penalty.backward()
+    assert model.weight.grad.item() == pytest.approx(2 * 2.0 * omega_big * 0.36, rel=1e-12)
+
+
+def test_running_omega_includes_every_step_taken():
+    # After two optimizer steps the running ω is 0.656 (see above), not the first step alone.
+    model = nn.Linear(1, 1, bias=False).double()
+    nn.init.ones_(model.weight)
+    si = SynapticIntelligence(model, xi=0.1)
+    si.register_task(task_id=1)
+    batch = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    _train_documented_loop(model, si, [batch])
+    assert si.omega["weight"].item() == pytest.approx(0.4, rel=1e-12)
+    _train_documented_loop(model, si, [batch])
+    assert si.omega["weight"].item() == pytest.approx(0.656, rel=1e-12)
+
+
+def test_documented_flow_then_train_step_follows_the_hand_trace():
+    c, xi = 1.5, 0.05
+    model = _linear(W0)
+    si = SynapticIntelligence(model, importance=c, xi=xi)
+    si.register_task(task_id=1)
+    _train_documented_loop(model, si, _batches(1))
+    w_start = torch.tensor(W0, dtype=torch.float64)
+    omega_1, w_1 = _trace(w_start, _batches(1))
+    big_1 = _importance(omega_1, w_start, w_1, xi)
+    _close(_weight(model), w_1)
+    si.register_task(task_id=2)
+    _close(si.big_omega["weight"], big_1)
+
+    # Task 2: the step feels 2cΩ(θ − θ*), but ω reads the task gradient alone.
+    pull = lambda w: 2 * c * big_1 * (w - w_1)  # noqa: E731
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    w = w_1
+    for x, y in _batches(2):
+        si.train_step(optimizer, _mse, x, y, task_id=2)
+        _, w = _trace(w, [(x, y)], pull)
+        _close(_weight(model), w)
+    omega_2, w_2 = _trace(w_1, _batches(2), pull)
+    assert si.get_regularization_loss().item() == pytest.approx((c * big_1 * (w_2 - w_1) ** 2).sum().item(), rel=1e-12)
+    si.register_task(task_id=3)
+    _close(si.big_omega["weight"], big_1 + _importance(omega_2, w_1, w_2, xi))
+
+    # The test tells the two gradients apart: ω from the regularized gradient differs.
+    omega_regularized = (_weight(model) - w_1).new_zeros(2)
+    w = w_1
+    for x, y in _batches(2):
+        total = _grad(w, x, y) + pull(w)
+        omega_regularized += LR * total**2
+        w = w - LR * total
+    assert (omega_regularized - omega_2).abs().max() > 1e-3
+
+
+def test_negative_path_integral_gets_zero_importance():
+    # Weight decay drags w[0] down against a task gradient that wants it up: ω[0] < 0, Ω[0] = 0.
+    # Δθ is the step SGD actually took (weight decay included), g the loss gradient alone.
+    xi, decay = 0.1, 1.0
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 2, generator=generator, dtype=torch.float64)
+    y = x @ torch.tensor([2.2, -1.0], dtype=torch.float64)
+    batches = list(zip(x.split(4), y.split(4)))
+    model = _linear([2.0, 0.0])
+    si = SynapticIntelligence(model, xi=xi)
+    si.register_task(task_id=1)
+    _train_documented_loop(model, si, batches, weight_decay=decay)
+    si.register_task(task_id=2)
+    start = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    omega, end = _trace(start, batches, weight_decay=decay)
+    assert omega[0] < 0 < omega[1]
+    _close(si.big_omega["weight"], torch.stack([torch.zeros((), dtype=torch.float64), omega[1] / ((end[1] - start[1]) ** 2 + xi)]))
+
+
+def test_registering_after_training_consolidates_like_the_next_registration():
+    results = []
+    for register_again_after_training in (False, True):
+        model = _linear(W0)
+        si = SynapticIntelligence(model, importance=2.0, xi=0.05)
+        si.register_task(task_id=1)
+        _train_documented_loop(model, si, _batches(1))
+        if register_again_after_training:
+            si.register_task(task_id=1)  # task 1 is consolidated now ...
+            assert si.finished_tasks == [1]
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        for x, y in _batches(2):  # ... else by the first step of task 2
+            si.train_step(optimizer, _mse, x, y, task_id=2)
+        results.append((si.big_omega["weight"].clone(), _weight(model)))
+    _close(results[0][0], results[1][0])
+    _close(results[0][1], results[1][1])
+
+
+def test_task_trained_without_the_method_anchors_its_end_with_no_importance():
+    # No update_importance was seen, so ω = 0 and Ω = 0: the anchor is still θ at its end.
+    model = _linear(W0)
+    si = SynapticIntelligence(model, importance=2.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for x, y in _batches(1):
+        optimizer.zero_grad()
+        _mse(model(x), y).backward()
+        optimizer.step()
+    si.register_task(task_id=1)
+    assert si.finished_tasks == [1]
+    _close(si.big_omega["weight"], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="register_task"):
+        si.update_importance(_mse(model(_batches(1)[0][0]), _batches(1)[0][1]))
+
+
+def _si_module(w):
+    class LitLinear(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _linear(w)
+
+        def training_step(self, batch, batch_idx):
+            return _mse(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=LR)
+
+    return LitLinear()
+
+
+def _as_loader(batches) -> DataLoader:
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    return DataLoader(TensorDataset(x, y), batch_size=batches[0][0].shape[0], shuffle=False)
+
+
+def test_lightning_callback_matches_the_hand_trace():
+    c, xi = 1.5, 0.05
+    module = _si_module(W0)
+    si = SynapticIntelligence(module.net, importance=c, xi=xi)
+    quiet_trainer(callbacks=[si]).fit(module, _as_loader(_batches(1)))
+    w_start = torch.tensor(W0, dtype=torch.float64)
+    omega_0, w_0 = _trace(w_start, _batches(1))
+    big_0 = _importance(omega_0, w_start, w_0, xi)
+    assert si.finished_tasks == [0]
+    _close(si.big_omega["weight"], big_0)
+
+    quiet_trainer(callbacks=[si]).fit(module, _as_loader(_batches(2)))
+    omega_1, w_1 = _trace(w_0, _batches(2), lambda w: 2 * c * big_0 * (w - w_0))
+    assert si.finished_tasks == [0, 1]
+    _close(_weight(module.net), w_1)
+    _close(si.big_omega["weight"], big_0 + _importance(omega_1, w_0, w_1, xi))
+
+
+class _Recorder(L.Callback):
+    """Task gradients (``on_after_backward``: before any penalty) and θ around each step."""
+
+    def __init__(self, param: torch.nn.Parameter) -> None:
+        self.param, self.grads, self.before, self.after = param, [], [], []
+
+    def on_after_backward(self, trainer, pl_module):
+        self.grads.append(self.param.grad.detach().clone())
+        self.before.append(self.param.detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append(self.param.detach().clone())
+
+
+@pytest.mark.parametrize("other_class", [L2Regularization, EWC])
+def test_a_penalty_listed_before_si_does_not_reach_its_gradient(other_class):
+    xi = 0.05
+    x, y = make_task(samples=24, inputs=2, classes=2, seed=4).tensors
+    net = nn.Linear(2, 2, bias=False).double()
+    other = other_class(net, importance=40.0) if other_class is L2Regularization else EWC(net, importance=40.0, seed=0)
+    si = SynapticIntelligence(net, importance=3.0, xi=xi)
+    expected = torch.zeros_like(net.weight)
+    for task, (xs, ys) in enumerate([(x[:12], y[:12]), (x[12:], y[12:])]):
+        recorder = _Recorder(net.weight)
+        trainer = quiet_trainer(callbacks=[other, si, recorder])
+        trainer.fit(lit_classifier(net, lr=LR, mixin=False), DataLoader(TensorDataset(xs, ys), batch_size=4))
+        omega = sum(-g * (a - b) for g, b, a in zip(recorder.grads, recorder.before, recorder.after))
+        expected = expected + _importance(omega, recorder.before[0], recorder.after[-1], xi)
+        _close(si.big_omega["weight"], expected)
+    # In task 2 the penalties moved θ: ω from the total gradient ((θ_before − θ_after)/lr) differs.
+    omega_total = sum((b - a) ** 2 / LR for b, a in zip(recorder.before, recorder.after))
+    assert (omega_total - omega).abs().max() > 1e-3
+
+
+def test_state_dict_round_trip_in_the_middle_of_task_2():
+    c, xi = 1.5, 0.05
+    model = _linear(W0)
+    si = SynapticIntelligence(model, importance=c, xi=xi)
+    si.register_task(task_id=1)
+    _train_documented_loop(model, si, _batches(1))
+    task_2 = _batches(2, count=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for x, y in task_2[:2]:
+        si.train_step(optimizer, _mse, x, y, task_id=2)
+
+    buffer = io.BytesIO()
+    torch.save(si.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["has_pending"] and state["active_task"] == 2
+    model_copy = copy.deepcopy(model)
+    restored = SynapticIntelligence(model_copy, importance=c, xi=xi)
+    restored.load_state_dict(state)
+
+    runs = [(model, si, optimizer), (model_copy, restored, torch.optim.SGD(model_copy.parameters(), lr=LR))]
+    for net, method, opt in runs:
+        for x, y in task_2[2:]:
+            method.train_step(opt, _mse, x, y, task_id=2)
+        method.register_task(task_id=3)
+    _close(restored.big_omega["weight"], si.big_omega["weight"])
+    _close(_weight(model_copy), _weight(model))
+    # And both equal the uninterrupted hand trace.
+    w_start = torch.tensor(W0, dtype=torch.float64)
+    omega_1, w_1 = _trace(w_start, _batches(1))
+    big_1 = _importance(omega_1, w_start, w_1, xi)
+    omega_2, w_2 = _trace(w_1, task_2, lambda w: 2 * c * big_1 * (w - w_1))
+    _close(restored.big_omega["weight"], big_1 + _importance(omega_2, w_1, w_2, xi))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"importance": -1.0}, ValueError, r"importance must be >= 0.0, got -1.0"),
+        ({"xi": -0.5}, ValueError, r"xi must be >= 0.0, got -0.5"),
+        ({"importance": "high"}, TypeError, r"importance must be a real number, got str: 'high'"),
+        ({"xi": None}, TypeError, r"xi must be a real number, got NoneType: None"),
+        ({"xi": float("nan")}, ValueError, r"xi must be finite, got nan"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        SynapticIntelligence(_linear(W0), **kwargs)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got list"):
+        SynapticIntelligence([1.0, 2.0])
+
+
+def test_update_importance_rejects_bad_calls():
+    model = _linear(W0)
+    si = SynapticIntelligence(model)
+    x, y = _batches(1)[0]
+    with pytest.raises(ValueError, match=r"no task is being trained; call register_task"):
+        si.update_importance(_mse(model(x), y))
+    si.register_task(task_id=1)
+    with pytest.raises(TypeError, match=r"loss must be a torch.Tensor, got float"):
+        si.update_importance(0.5)
+    with pytest.raises(ValueError, match=r"loss must be a scalar, got a tensor of shape \(4,\)"):
+        si.update_importance((model(x).squeeze(-1) - y) ** 2)
+    with pytest.raises(ValueError, match=r"no gradients: call loss.backward\(\) before it"):
+        si.update_importance(_mse(model(x), y))
+    assert si.steps_in_active_task == 0
