@@ -76,8 +76,9 @@ class KnowledgeDistillation(ContinualCallback):
     def register_task(self, task_id: int, dataloader: Any = None) -> None:
         """Register a task; when it has been trained, the model is snapshotted as the teacher.
 
-        The teacher replaces stored outputs: it answers for any input, replayed ones included,
-        so ``dataloader`` is accepted for the API document's signature but not read.
+        The teacher replaces stored outputs: it answers for any input, replayed ones included.
+        ``dataloader`` is read only with ``units="seen"`` when the task was trained outside
+        ``train_step``, for the labels it holds.
         """
         super().register_task(task_id, dataloader)
 
@@ -93,12 +94,14 @@ class KnowledgeDistillation(ContinualCallback):
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if self.teacher is None:
-            return torch.zeros((), device=outputs.device)
+            return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
         with torch.no_grad():
             teacher_outputs = self.teacher(inputs.to(self.device))
-        units = self._teacher_units if self.units == "seen" else None
-        if units is not None and not bool(units.any()):
-            return torch.zeros((), device=outputs.device)
+        units = None
+        if self.units == "seen":
+            units = self._teacher_units = _widened(self._teacher_units, outputs.shape[-1])
+            if not bool(units.any()):
+                return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
         return CF.distillation_loss(outputs, teacher_outputs.to(outputs.device), self.temperature, units)
 
     # ---------------------------------------------------------------------------- shared core
@@ -111,11 +114,24 @@ class KnowledgeDistillation(ContinualCallback):
         return (1.0 - self.alpha) * loss + self.alpha * self.get_distillation_loss(inputs, outputs)
 
     def _record_units(self, outputs: Tensor, targets: Tensor) -> None:
-        if self._seen_units is None:
-            self._seen_units = torch.zeros(outputs.shape[-1], dtype=torch.bool, device=outputs.device)
+        self._seen_units = _widened(self._seen_units, outputs.shape[-1], outputs.device)
         self._seen_units[targets.to(self._seen_units.device)] = True
 
+    def _record_units_from(self, data: Any) -> None:
+        """Mark the labels of a task's data (its training happened outside our view)."""
+        for batch in data:
+            targets = split_batch(batch)[1].to(self.device)
+            self._seen_units = _widened(self._seen_units, int(targets.max()) + 1, self.device)
+            self._seen_units[targets] = True
+
     def _consolidate(self, task_id: int, data: Any) -> None:
+        if self.units == "seen" and self.steps_in_active_task == 0:
+            if data is None:
+                raise ValueError(
+                    f"KnowledgeDistillation(units='seen') needs task {task_id}'s labels: pass its "
+                    "dataloader to register_task, or train the task with train_step"
+                )
+            self._record_units_from(data)
         with self._capture_paused():
             teacher = copy.deepcopy(self.model)
         self.teacher = _frozen(teacher.to(self.device))
@@ -202,6 +218,15 @@ class KnowledgeDistillation(ContinualCallback):
         seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
         self._seen_units = None if seen is None else seen.to(device)
         self._teacher_units = None if taught is None else taught.to(device)
+
+
+def _widened(mask: Optional[Tensor], width: int, device: Optional[torch.device] = None) -> Tensor:
+    """A boolean unit mask at least ``width`` long (new units unmarked)."""
+    if mask is None:
+        return torch.zeros(width, dtype=torch.bool, device=device)
+    if mask.numel() >= width:
+        return mask
+    return torch.cat([mask, mask.new_zeros(width - mask.numel())])
 
 
 def _frozen(module: nn.Module) -> nn.Module:

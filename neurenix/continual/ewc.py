@@ -82,7 +82,8 @@ class EWC(QuadraticPenaltyMethod):
         seed = _seed_from_torch() if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self._generator = torch.Generator().manual_seed(seed)
-        #: task id -> {"fisher": {name: F}, "anchor": {name: θ*}, "samples": n}; in online mode
+        #: task id -> {"fisher": {name: F}, "anchor": {name: θ*}, "buffers": {name: b}, "samples": n}
+        #: (buffers: BatchNorm statistics and the like at the task's end); in online mode
         #: a single entry (the last task) holding the running Fisher.
         self._tasks: dict[int, dict[str, Any]] = {}
 
@@ -131,7 +132,7 @@ class EWC(QuadraticPenaltyMethod):
             raise ValueError(f"update_fisher: task_id={task_id} was never registered (tasks: {known})")
         self.prepare_for_device()
         term = self._tasks[task_id]
-        fisher, samples = self._estimate_fisher(term["anchor"], dataloader)
+        fisher, samples = self._estimate_fisher(term["anchor"], dataloader, term["buffers"])
         if self.online:
             if term["samples"] > 0:
                 raise ValueError(
@@ -145,6 +146,7 @@ class EWC(QuadraticPenaltyMethod):
     # ---------------------------------------------------------------------------- consolidation
     def _consolidate(self, task_id: int, data: Any) -> None:
         anchor = snapshot(trainable_parameters(self.model), self.device)
+        buffers = snapshot(dict(self.model.named_buffers()), self.device)
         if data is None:
             warnings.warn(
                 f"EWC consolidated task {task_id} without data: its penalty is zero until "
@@ -158,7 +160,7 @@ class EWC(QuadraticPenaltyMethod):
             (previous,) = self._tasks.values()
             fisher = {name: f + self.gamma * previous["fisher"][name] for name, f in fisher.items()}
             self._tasks = {}
-        self._tasks[task_id] = {"fisher": fisher, "anchor": anchor, "samples": samples}
+        self._tasks[task_id] = {"fisher": fisher, "anchor": anchor, "buffers": buffers, "samples": samples}
         self._rebuild_penalty()
 
     def _rebuild_penalty(self) -> None:
@@ -184,10 +186,13 @@ class EWC(QuadraticPenaltyMethod):
                 constant += 0.5 * sum(float((f * (t["anchor"][name] - mean).square()).sum()) for f, t in zip(fishers, terms))
         self._set_penalty(anchor, weight, constant)
 
-    def _estimate_fisher(self, at: dict[str, Tensor], data: Any) -> tuple[dict[str, Tensor], int]:
-        """Mean squared per-sample gradient at parameters ``at``, from up to ``fisher_sample_size`` samples."""
+    def _estimate_fisher(
+        self, at: dict[str, Tensor], data: Any, buffers: Optional[dict[str, Tensor]] = None
+    ) -> tuple[dict[str, Tensor], int]:
+        """Mean squared per-sample gradient at parameters ``at`` (and ``buffers``, default the
+        model's own), from up to ``fisher_sample_size`` samples."""
         others = {n: p.detach() for n, p in self.model.named_parameters() if n not in at}
-        others.update(dict(self.model.named_buffers()))
+        others.update(dict(self.model.named_buffers()) if buffers is None else buffers)
         sums = {name: torch.zeros_like(a) for name, a in at.items()}
         numel = sum(a.numel() for a in at.values())
         chunk = max(1, FISHER_CHUNK_ELEMENTS // max(numel, 1))
@@ -226,7 +231,7 @@ class EWC(QuadraticPenaltyMethod):
     # ---------------------------------------------------------------------------- state
     def _move_state(self, device: torch.device) -> None:
         self._tasks = {
-            task: {**term, "fisher": _on(term["fisher"], device), "anchor": _on(term["anchor"], device)}
+            task: {**term, **{key: _on(term[key], device) for key in ("fisher", "anchor", "buffers")}}
             for task, term in self._tasks.items()
         }
         self._rebuild_penalty()
@@ -241,6 +246,7 @@ class EWC(QuadraticPenaltyMethod):
             int(task): {
                 "fisher": _on(term["fisher"], device),
                 "anchor": _on(term["anchor"], device),
+                "buffers": _on(term.get("buffers", {}), device),
                 "samples": int(term.get("samples", 0)),
             }
             for task, term in state_dict.get("tasks", {}).items()

@@ -177,8 +177,9 @@ def distillation_loss(
     if units is not None:
         student_logits = student_logits[..., units]
         teacher_logits = teacher_logits[..., units]
-    student_log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # 16-bit logits in float32
+    student_log_p = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher_log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     kl = F.kl_div(student_log_p, teacher_log_p, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
