@@ -161,8 +161,15 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
     # ---------------------------------------------------------------------------- device & state
     @property
     def omega(self) -> dict[str, Tensor]:
-        """A copy of the running path integral ``ω`` of the task being trained, by parameter name."""
-        return {name: t.clone() for name, t in self._state["omega"].items()}
+        """A copy of the running path integral ``ω`` of the task being trained, by parameter name.
+
+        Includes the last observed step, whose parameter change is taken up to now.
+        """
+        omega = {name: t.clone() for name, t in self._state["omega"].items()}
+        if self._has_pending:
+            before = [t.clone() for t in self._state["pending_params"].values()]
+            CF.si_accumulate_(omega.values(), self._state["pending_grad"].values(), before, self._params)
+        return omega
 
     @property
     def big_omega(self) -> dict[str, Tensor]:

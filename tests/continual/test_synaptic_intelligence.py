@@ -47,14 +47,15 @@ def _batches(seed: int, count: int = 3, size: int = 4) -> list[tuple[torch.Tenso
     return list(zip(x.split(size), y.split(size)))
 
 
-def _trace(w, batches, pull=None, weight_decay=0.0):
-    """SGD by hand; ``pull(w)`` (a penalty's gradient) moves θ but is not part of ω. Returns (ω, θ_end)."""
+def _trace(w, batches, pull=None, weight_decay=0.0, omega_from_total=False):
+    """SGD by hand; ``pull(w)`` (a penalty's gradient) moves θ but is not part of ω (unless
+    ``omega_from_total``, the wrong variant). Returns (ω, θ_end)."""
     omega = torch.zeros_like(w)
     for x, y in batches:
         g = _grad(w, x, y)
         step = g + weight_decay * w + (0.0 if pull is None else pull(w))
         w_next = w - LR * step
-        omega -= g * (w_next - w)
+        omega -= (step if omega_from_total else g) * (w_next - w)
         w = w_next
     return omega, w
 
@@ -83,11 +84,10 @@ def _close(actual, expected):
 
 def test_one_parameter_by_hand():
     # loss = w², g = 2w, lr 0.1: w 1 -> 0.8 -> 0.64; ω = 2·0.2 + 1.6·0.16 = 0.656; Δ = −0.36.
-    model = nn.Linear(1, 1, bias=False).double()
-    nn.init.ones_(model.weight)
+    model = _linear([1.0])
     si = SynapticIntelligence(model, importance=2.0, xi=0.1)
     si.register_task(task_id=1)
-    batch = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    batch = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))  # loss = w²
     _train_documented_loop(model, si, [batch, batch])
     assert model.weight.item() == pytest.approx(0.64, abs=1e-15)
     si.register_task(task_id=2)
@@ -104,12 +104,11 @@ def test_one_parameter_by_hand():
 
 
 def test_running_omega_includes_every_step_taken():
-    # After two optimizer steps the running ω is 0.656 (see above), not the first step alone.
-    model = nn.Linear(1, 1, bias=False).double()
-    nn.init.ones_(model.weight)
+    # ``si.omega`` read after optimizer.step(): ω of every step taken (0.4, then 0.656 as above).
+    model = _linear([1.0])
     si = SynapticIntelligence(model, xi=0.1)
     si.register_task(task_id=1)
-    batch = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    batch = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))  # loss = w²
     _train_documented_loop(model, si, [batch])
     assert si.omega["weight"].item() == pytest.approx(0.4, rel=1e-12)
     _train_documented_loop(model, si, [batch])
@@ -143,12 +142,7 @@ def test_documented_flow_then_train_step_follows_the_hand_trace():
     _close(si.big_omega["weight"], big_1 + _importance(omega_2, w_1, w_2, xi))
 
     # The test tells the two gradients apart: ω from the regularized gradient differs.
-    omega_regularized = (_weight(model) - w_1).new_zeros(2)
-    w = w_1
-    for x, y in _batches(2):
-        total = _grad(w, x, y) + pull(w)
-        omega_regularized += LR * total**2
-        w = w - LR * total
+    omega_regularized, _ = _trace(w_1, _batches(2), pull, omega_from_total=True)
     assert (omega_regularized - omega_2).abs().max() > 1e-3
 
 
@@ -168,7 +162,8 @@ def test_negative_path_integral_gets_zero_importance():
     start = torch.tensor([2.0, 0.0], dtype=torch.float64)
     omega, end = _trace(start, batches, weight_decay=decay)
     assert omega[0] < 0 < omega[1]
-    _close(si.big_omega["weight"], torch.stack([torch.zeros((), dtype=torch.float64), omega[1] / ((end[1] - start[1]) ** 2 + xi)]))
+    expected = torch.stack([torch.zeros_like(omega[0]), omega[1] / ((end[1] - start[1]) ** 2 + xi)])
+    _close(si.big_omega["weight"], expected)
 
 
 def test_registering_after_training_consolidates_like_the_next_registration():
@@ -304,12 +299,6 @@ def test_state_dict_round_trip_in_the_middle_of_task_2():
         method.register_task(task_id=3)
     _close(restored.big_omega["weight"], si.big_omega["weight"])
     _close(_weight(model_copy), _weight(model))
-    # And both equal the uninterrupted hand trace.
-    w_start = torch.tensor(W0, dtype=torch.float64)
-    omega_1, w_1 = _trace(w_start, _batches(1))
-    big_1 = _importance(omega_1, w_start, w_1, xi)
-    omega_2, w_2 = _trace(w_1, task_2, lambda w: 2 * c * big_1 * (w - w_1))
-    _close(restored.big_omega["weight"], big_1 + _importance(omega_2, w_1, w_2, xi))
 
 
 @pytest.mark.parametrize(
