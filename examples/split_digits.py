@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -93,7 +94,7 @@ def run(name: str, seed: int, epochs: int, tasks) -> tuple[list[float], float]:
     for train, _ in tasks:
         trainer = L.Trainer(
             max_epochs=epochs,
-            callbacks=callbacks,
+            callbacks=[*callbacks],  # a new list each time: Trainer appends its defaults to it
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, model and methods (default 0)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one table, no fit banners
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's, about a newer PyTorch
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
