@@ -16,6 +16,7 @@ importance, the teacher) at the parameters it ended with, which is when
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -53,9 +54,14 @@ def _fingerprint(model: nn.Module) -> Tensor:
     return torch.cat([sums, norms]).cpu()
 
 
-def _seed_from_torch() -> int:
-    """A seed drawn from PyTorch's global generator, so ``seed_everything`` makes runs repeatable."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+def default_seed(salt: str) -> int:
+    """A method's seed when none is given: PyTorch's initial seed, salted per method.
+
+    ``seed_everything`` (or ``torch.manual_seed``) thus makes runs repeatable, every DDP rank
+    seeded alike gets the same seed, and, unlike a draw, it leaves the global generator alone,
+    so adding a method does not change the model's initialization or the data order.
+    """
+    return (torch.initial_seed() + zlib.crc32(salt.encode())) % 2**63
 
 
 class ContinualMethod:

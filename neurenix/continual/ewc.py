@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
-from neurenix.continual.base import _seed_from_torch, evaluation_mode, trainable_parameters
+from neurenix.continual.base import default_seed, evaluation_mode, trainable_parameters
 from neurenix.continual.callback import split_batch
 from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
 
@@ -42,8 +42,8 @@ class EWC(QuadraticPenaltyMethod):
         gamma: decay of the running Fisher in online mode, in ``[0, 1]``.
         fisher: ``"empirical"`` (gradients at the dataset's labels) or ``"true"`` (at labels
             drawn from the model's own predictive distribution).
-        seed: seeds the sampling of Fisher data and labels; ``None`` draws one from PyTorch's
-            global generator (so ``seed_everything`` makes runs repeatable).
+        seed: seeds the sampling of Fisher data and labels; ``None`` derives one from PyTorch's
+            initial seed (so ``seed_everything`` makes runs repeatable).
 
     Raises:
         TypeError / ValueError: an argument outside its range (named in the message).
@@ -79,7 +79,7 @@ class EWC(QuadraticPenaltyMethod):
         self.online = online
         self.gamma = check_real("gamma", gamma, minimum=0.0, maximum=1.0)
         self.fisher = check_choice("fisher", fisher, ("empirical", "true"))
-        seed = _seed_from_torch() if seed is None else check_int("seed", seed, minimum=0)
+        seed = default_seed("EWC") if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self._generator = torch.Generator().manual_seed(seed)
         #: task id -> {"fisher": {name: F}, "anchor": {name: θ*}, "buffers": {name: b}, "samples": n}

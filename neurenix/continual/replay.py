@@ -9,7 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from neurenix.continual._checks import check_batch, check_int, check_model, check_real, check_task_id
-from neurenix.continual.base import _seed_from_torch
+from neurenix.continual.base import default_seed
 from neurenix.continual.callback import ContinualCallback, join_batch, split_batch
 from neurenix.continual.memory import ReplayBatch, ReservoirMemory
 
@@ -29,7 +29,7 @@ class ExperienceReplay(ContinualCallback):
         memory_size: samples kept, ``>= 0`` (0 turns replay off).
         replay_ratio: replayed samples per new sample, ``>= 0``.
         device: where the memory lives; ``None`` follows the model.
-        seed: seeds the memory's sampling; ``None`` draws one from PyTorch's global generator.
+        seed: seeds the memory's sampling; ``None`` derives one from PyTorch's initial seed.
 
     Under a Trainer the LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`:
     its ``training_step`` then receives the extended batch, and each batch's new samples are
@@ -57,7 +57,7 @@ class ExperienceReplay(ContinualCallback):
         check_model(model)
         self.memory_size = check_int("memory_size", memory_size, minimum=0)
         self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
-        seed = _seed_from_torch() if seed is None else check_int("seed", seed, minimum=0)
+        seed = default_seed("ExperienceReplay") if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self.memory = ReservoirMemory(self.memory_size, self.device, seed)
 
