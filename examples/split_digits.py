@@ -6,7 +6,7 @@ One small MLP learns the tasks one after the other with a Lightning ``Trainer`` 
 no method and with each neurenix method as a callback. After the last task, each task's test
 accuracy shows what was remembered.
 
-    python examples/split_digits.py [--epochs 4] [--seed 0]
+    python examples/split_digits.py [--epochs 4] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -108,20 +108,24 @@ def run(name: str, seed: int, epochs: int, tasks) -> tuple[list[float], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per task (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data split, model and methods (default 0)")
+    parser.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0..N-1, averaged (default 3)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one table, no fit banners
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's, about a newer PyTorch
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    for name, value in (("--epochs", args.epochs), ("--seeds", args.seeds)):
+        if value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
 
-    tasks = split_digits(args.seed)
-    names = list(methods_for(DigitClassifier()))
-    header = "method".ljust(14) + "".join(f"task {i + 1} ".rjust(8) for i in range(len(tasks))) + "average".rjust(9) + "time".rjust(8)
-    print(f"Split digits, {len(tasks)} tasks, {args.epochs} epochs each; test accuracy after the last task:")
-    print(header)
-    for name in names:
-        accuracies, elapsed = run(name, args.seed, args.epochs, tasks)
+    splits = [split_digits(seed) for seed in range(args.seeds)]
+    print(
+        f"Split digits, {len(TASKS)} tasks, {args.epochs} epochs each, mean of {args.seeds} seeds: "
+        "test accuracy of each task after the last one"
+    )
+    print("method".ljust(14) + "".join(f"task {i + 1}".rjust(8) for i in range(len(TASKS))) + "average".rjust(9) + "time".rjust(8))
+    for name in methods_for(DigitClassifier()):
+        runs = [run(name, seed, args.epochs, tasks) for seed, tasks in enumerate(splits)]
+        accuracies = [sum(column) / len(runs) for column in zip(*(accuracies for accuracies, _ in runs))]
+        elapsed = sum(seconds for _, seconds in runs) / len(runs)
         row = name.ljust(14) + "".join(f"{a:8.3f}" for a in accuracies)
         print(row + f"{sum(accuracies) / len(accuracies):9.3f}{elapsed:7.1f}s", flush=True)
 
