@@ -92,6 +92,12 @@ class AccuracyMatrix(Metric):
     def forgetting(self, after_task: Optional[int] = None) -> Tensor:
         return MF.forgetting(self.compute(), after_task)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Restored counts are measurements: compute() may read them without a new update().
+        self._update_count = max(self._update_count, 1)
+        self._computed = None
+
     def _check_task(self, name: str, value: object) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.num_tasks:
             raise ValueError(f"{name} must be an int in [0, {self.num_tasks - 1}], got {value!r}")
