@@ -26,8 +26,9 @@ class EWC(QuadraticPenaltyMethod):
     """Elastic Weight Consolidation: a quadratic pull weighted by each parameter's Fisher information.
 
     After each task ``t`` the diagonal Fisher ``F_t`` is estimated at the task's final parameters
-    ``θ*_t`` from ``fisher_sample_size`` samples of the task, each with its own gradient
-    (``torch.func.vmap``). Training later tasks adds ``importance/2 · Σ_t Σ F_t·(θ − θ*_t)²``
+    ``θ*_t`` from ``fisher_sample_size`` samples of the task, each with its own gradient: in
+    closed form for networks of ``nn.Linear`` layers (about one training step per batch), else
+    with ``torch.func.vmap`` over per-sample gradients. Training later tasks adds ``importance/2 · Σ_t Σ F_t·(θ − θ*_t)²``
     (one penalty per task), or, with ``online=True``, ``importance/2 · Σ F·(θ − θ*)²`` with
     ``F ← gamma·F + F_t`` and the single anchor of the last task.
 
@@ -194,18 +195,18 @@ class EWC(QuadraticPenaltyMethod):
         others = {n: p.detach() for n, p in self.model.named_parameters() if n not in at}
         others.update(dict(self.model.named_buffers()) if buffers is None else buffers)
         sums = {name: torch.zeros_like(a) for name, a in at.items()}
-        numel = sum(a.numel() for a in at.values())
-        chunk = max(1, FISHER_CHUNK_ELEMENTS // max(numel, 1))
+        closed_form = True  # until the network turns out not to be all nn.Linear
         samples = 0
         with evaluation_mode(self.model):
             for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator):
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
-                for start in range(0, inputs.shape[0], chunk):
-                    x, y = inputs[start : start + chunk], targets[start : start + chunk]
-                    if self.fisher == "true":
-                        y = self._labels_from_model(at, others, x)
-                    batch_sums = CF.squared_gradient_sum(self.model, at, others, x, y)
-                    torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
+                if self.fisher == "true":
+                    targets = self._labels_from_model(at, others, inputs)
+                batch_sums = CF.linear_squared_gradient_sum(self.model, at, others, inputs, targets) if closed_form else None
+                if batch_sums is None:
+                    closed_form = False
+                    batch_sums = _vmapped_squared_gradient_sum(self.model, at, others, inputs, targets)
+                torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
                 samples += inputs.shape[0]
         if samples == 0:
             raise ValueError("EWC cannot estimate the Fisher: the task's data yielded no samples")
@@ -254,6 +255,20 @@ class EWC(QuadraticPenaltyMethod):
         if "generator" in state_dict:
             self._generator.set_state(state_dict["generator"].cpu())
         self._rebuild_penalty()
+
+
+def _vmapped_squared_gradient_sum(
+    model: torch.nn.Module, at: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor, targets: Tensor
+) -> dict[str, Tensor]:
+    """:func:`~neurenix.continual.functional.squared_gradient_sum` in chunks that bound its memory."""
+    numel = sum(a.numel() for a in at.values())
+    chunk = max(1, FISHER_CHUNK_ELEMENTS // max(numel, 1))
+    total: Optional[dict[str, Tensor]] = None
+    for start in range(0, inputs.shape[0], chunk):
+        part = CF.squared_gradient_sum(model, at, others, inputs[start : start + chunk], targets[start : start + chunk])
+        total = part if total is None else {name: total[name] + g for name, g in part.items()}
+    assert total is not None  # inputs is never empty here
+    return total
 
 
 def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 __all__ = [
     "add_quadratic_penalty_grad_",
     "distillation_loss",
+    "linear_squared_gradient_sum",
     "quadratic_penalty",
     "reservoir_slots",
     "sample_model_labels",
@@ -59,6 +60,69 @@ def squared_gradient_sum(
 
     per_sample = vmap(grad(sample_nll), in_dims=(None, 0, 0))(dict(params), inputs, targets)
     return {name: g.square().sum(0) for name, g in per_sample.items()}
+
+
+def linear_squared_gradient_sum(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    others: Mapping[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+) -> Optional[dict[str, Tensor]]:
+    """:func:`squared_gradient_sum` in closed form for networks whose parameters are all in ``nn.Linear``.
+
+    A linear layer's per-sample weight gradient is the outer product ``δ_n a_nᵀ`` of the gradient
+    at its output and its input, so ``Σ_n (δ_n a_nᵀ)² = (δ²)ᵀ (a²)``: one matrix product per
+    layer instead of ``N`` materialized gradients (the identity behind BackPACK's
+    ``SumGradSquared``, Dangel et al. 2020). The cost is about one training step.
+
+    Returns ``None``, computing nothing further, when the identity does not apply: a parameter
+    outside an ``nn.Linear``, a layer called more than once (shared weights), or a layer input
+    that is not ``(N, features)``. The caller then uses :func:`squared_gradient_sum`.
+    """
+    layers = _linear_layers_owning(model, params)
+    if layers is None:
+        return None
+    leaves = {name: p.detach().requires_grad_(True) for name, p in params.items()}
+    seen: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {layer: [] for layer in layers.values()}
+
+    def record(layer: nn.Module, args: tuple, output: Tensor) -> None:
+        seen[layer].append((args[0], output))
+
+    handles = [layer.register_forward_hook(record) for layer in seen]
+    try:
+        logits = functional_call(model, (leaves, dict(others)), (inputs,))
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = list(seen.values())
+    if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][0].shape[0] != inputs.shape[0] for c in calls):
+        return None
+    loss = F.cross_entropy(logits, targets, reduction="sum")  # per-sample gradients, unscaled
+    output_grads = torch.autograd.grad(loss, [c[0][1] for c in calls])
+    squared = {}
+    for (layer, ((layer_input, _),)), delta in zip(seen.items(), output_grads):
+        delta_sq = delta.detach().square()
+        for name, kind in _names_of(layer, layers):
+            squared[name] = delta_sq.T @ layer_input.detach().square() if kind == "weight" else delta_sq.sum(0)
+    return squared
+
+
+def _linear_layers_owning(model: nn.Module, params: Mapping[str, Tensor]) -> Optional[dict[str, nn.Module]]:
+    """``{parameter name: its nn.Linear}``, or ``None`` if some parameter is not a Linear's."""
+    modules = dict(model.named_modules())
+    owners = {}
+    for name in params:
+        module_name, _, kind = name.rpartition(".")
+        module = modules.get(module_name)
+        if type(module) is not nn.Linear or kind not in ("weight", "bias"):
+            return None
+        owners[name] = module
+    return owners
+
+
+def _names_of(layer: nn.Module, owners: Mapping[str, nn.Module]) -> list[tuple[str, str]]:
+    return [(name, name.rpartition(".")[2]) for name, owner in owners.items() if owner is layer]
 
 
 def sample_model_labels(logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -57,6 +57,54 @@ def test_squared_gradient_sum_is_taken_at_the_given_params_not_the_models():
     assert not torch.allclose(result["0.weight"], per_sample_reference(model, x, y)["0.weight"])
 
 
+@pytest.mark.parametrize("at_other_params", [False, True])
+def test_linear_closed_form_matches_per_sample_loop(at_other_params):
+    model, (x, y) = make_mlp(), make_task(samples=17).tensors
+    point = copy.deepcopy(model)
+    if at_other_params:  # evaluated at the given parameters, not the model's own
+        with torch.no_grad():
+            for p in point.parameters():
+                p.mul_(1.7)
+    params = {n: p.detach().clone() for n, p in point.named_parameters()}
+    result = CF.linear_squared_gradient_sum(model, params, {}, x, y)
+    for name, ref in per_sample_reference(point, x, y).items():
+        torch.testing.assert_close(result[name], ref, rtol=1e-12, atol=1e-14)
+
+
+class _Shared(torch.nn.Module):
+    """One Linear applied twice: per-sample gradients are sums, the closed form does not hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(6, 6).double()
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))[:, :3]
+
+
+class _Sequence(torch.nn.Module):
+    """A Linear over (N, T, features): the per-sample gradient sums over T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        return self.layer(x.view(x.shape[0], 2, 3)).sum(1)
+
+
+@pytest.mark.parametrize("model", [make_mlp(batch_norm=True), _Shared(), _Sequence()], ids=["batchnorm", "shared", "sequence"])
+def test_linear_closed_form_declines_where_it_does_not_hold(model):
+    x, y = make_task(samples=5).tensors
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    others = dict(model.named_buffers())
+    assert CF.linear_squared_gradient_sum(model.eval(), params, others, x, y) is None
+    # ...and the general path still agrees with the per-sample loop there.
+    result = CF.squared_gradient_sum(model, params, others, x, y)
+    for name, ref in per_sample_reference(model, x, y).items():
+        torch.testing.assert_close(result[name], ref, rtol=1e-10, atol=1e-12)
+
+
 def test_squared_gradient_sum_uses_others_for_the_parameters_not_differentiated():
     model, (x, y) = make_mlp(), make_task(samples=6).tensors
     params = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("2.")}

@@ -1,0 +1,192 @@
+"""Verified, atomic downloads from a list of mirrors.
+
+A file is streamed into a temporary file beside its destination, its MD5 is checked, and only then
+is it renamed onto the destination (``os.replace``, atomic on POSIX and Windows). So the
+destination either does not exist or holds verified bytes; a crash, a dropped connection or a
+corrupt mirror never leaves a partial file under the final name. Several processes downloading
+the same file at once each write their own temporary file, and the last verified one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import string
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from http.client import HTTPException
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = ["ChecksumMismatchError", "DownloadError", "download_file", "file_md5"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_TIMEOUT = 30.0  # seconds without progress, not for the whole file: the largest MNIST file is ~10 MB
+_CHUNK_BYTES = 1 << 20
+_USER_AGENT = "neurenix (https://github.com/neurenix)"  # some mirrors refuse urllib's default agent
+_MD5_LENGTH = 32
+
+
+class ChecksumMismatchError(ValueError):
+    """Downloaded bytes whose MD5 is not the one expected."""
+
+
+class DownloadError(RuntimeError):
+    """Every mirror failed. ``failures`` lists ``(url, reason)`` in the order they were tried."""
+
+    def __init__(self, path: Path, failures: list[tuple[str, str]], note: str = "") -> None:
+        self.path = path
+        self.failures = failures
+        lines = [f"could not download {path.name} to {path}: every mirror failed"]
+        lines += [f"  {url}: {reason}" for url, reason in failures]
+        if note:
+            lines.append(note)
+        super().__init__("\n".join(lines))
+
+
+def file_md5(path: Union[str, os.PathLike]) -> str:
+    """The MD5 of a file as 32 lowercase hex digits, read in chunks."""
+    digest = _new_md5()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(
+    urls: Sequence[str],
+    path: Union[str, os.PathLike],
+    md5: str,
+    *,
+    timeout: float = _DEFAULT_TIMEOUT,
+) -> Path:
+    """Make ``path`` hold the verified file, downloading it from the first mirror that serves it.
+
+    A file already at ``path`` whose MD5 matches is kept and nothing is fetched. A file whose MD5
+    does not match is not trusted: it is replaced by a verified download, and left untouched
+    (with an error) when no mirror can provide one, so that nothing is ever deleted before its
+    replacement exists.
+
+    Args:
+        urls: the mirrors, tried in order. A failure (an HTTP error, a refused connection, a
+            timeout, a truncated response, a checksum mismatch) moves on to the next.
+        path: the destination; missing parent directories are created.
+        md5: the expected MD5, 32 hex digits.
+        timeout: seconds to wait for a connection or for the next bytes of a response.
+
+    Returns:
+        ``path``, as a ``Path``.
+
+    Raises:
+        DownloadError: every mirror failed; the message lists each URL and why it failed.
+        TypeError: ``urls`` is a single string or holds something other than strings.
+        ValueError: ``urls`` is empty, ``md5`` is not 32 hex digits or ``timeout`` is not positive.
+
+    Example::
+
+        download_file(["https://a.example/x.gz", "https://b.example/x.gz"], "data/x.gz",
+                      md5="9fb629c4189551a2d022fa330f9573f3")
+    """
+    urls = _check_urls(urls)
+    md5 = _check_md5(md5)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    path = Path(os.fspath(path))
+    existing_md5 = file_md5(path) if path.is_file() else None
+    if existing_md5 == md5:
+        return path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    failures: list[tuple[str, str]] = []
+    for url in urls:
+        try:
+            _download_verified(url, path, md5, timeout)
+        except (urllib.error.URLError, HTTPException, OSError, ValueError) as error:
+            log.warning("Downloading %s failed: %s", url, _reason(error))
+            failures.append((url, _reason(error)))
+            continue
+        return path
+
+    note = ""
+    if existing_md5 is not None:
+        note = f"The existing {path} (md5 {existing_md5}, expected {md5}) was left as it was; delete it or try again."
+    raise DownloadError(path, failures, note)
+
+
+def _download_verified(url: str, path: Path, md5: str, timeout: float) -> None:
+    """Stream ``url`` into a temporary file beside ``path``, check its MD5, then rename it onto ``path``."""
+    log.info("Downloading %s to %s", url, path)
+    temporary = _create_temporary_file(path)
+    try:
+        with open(temporary, "wb") as file:
+            received_md5 = _stream_into(url, file, timeout)
+        if received_md5 != md5:
+            raise ChecksumMismatchError(f"md5 mismatch: got {received_md5}, expected {md5}")
+        os.replace(temporary, path)
+    except BaseException:  # including KeyboardInterrupt: no temporary file outlives a failed download
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _stream_into(url: str, file, timeout: float) -> str:
+    """Write the body of ``url`` to ``file`` chunk by chunk; the MD5 of what was written."""
+    digest = _new_md5()
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+            file.write(chunk)
+    return digest.hexdigest()
+
+
+def _create_temporary_file(path: Path) -> Path:
+    """A new, empty, uniquely named hidden file in ``path``'s directory.
+
+    The same directory makes the final rename atomic (no copy across file systems). Mode 0o666
+    lets the umask decide the permissions, as for any file the user creates; ``tempfile`` would
+    make it private (0o600), and a shared cache would end up unreadable to others.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    os.close(descriptor)
+    return temporary
+
+
+def _check_urls(urls: object) -> list[str]:
+    # A single string is a sequence too, of one-character "URLs": refuse it rather than try each character.
+    if isinstance(urls, (str, bytes)) or not isinstance(urls, Sequence):
+        raise TypeError(f"urls must be a sequence of URL strings, got {type(urls).__name__}: {urls!r:.120}")
+    if not urls:
+        raise ValueError("urls must name at least one mirror, got an empty sequence")
+    for url in urls:
+        if not isinstance(url, str):
+            raise TypeError(f"urls must hold strings, got {type(url).__name__}: {url!r:.120}")
+    return list(urls)
+
+
+def _check_md5(md5: object) -> str:
+    if not isinstance(md5, str) or len(md5) != _MD5_LENGTH or not set(md5.lower()) <= set(string.hexdigits.lower()):
+        raise ValueError(f"md5 must be {_MD5_LENGTH} hex digits, got {md5!r}")
+    return md5.lower()
+
+
+def _new_md5() -> "hashlib._Hash":
+    # MD5 only detects corruption here; saying so keeps it available on FIPS-restricted systems.
+    return hashlib.md5(usedforsecurity=False)
+
+
+def _reason(error: BaseException) -> str:
+    """A one-line reason: ``HTTP 404 Not Found``, ``timed out``, ``md5 mismatch: ...``."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _optional(value: Optional[str]) -> str:
+    return "none" if value is None else value
