@@ -68,14 +68,14 @@ class ContinualCallback(ContinualMethod, Callback):
         self._last_gradient_round: Optional[tuple[int, int]] = None
 
     # ---------------------------------------------------------------------------- identity
-    def _state_key_fields(self) -> dict[str, Any]:
-        """Hyper-parameters that tell two instances of one method apart in a checkpoint."""
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's hyper-parameters (logged with a run; they also name its checkpoint state)."""
         return {}
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._state_key_fields())
+        return self._generate_state_key(**self.hyperparameters())
 
     # ---------------------------------------------------------------------------- hooks
     @override

@@ -69,8 +69,8 @@ class KnowledgeDistillation(ContinualCallback):
         self._captured: Optional[tuple[Tensor, Tensor]] = None
         self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
 
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "alpha": self.alpha}
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "alpha": self.alpha, "units": self.units}
 
     # ---------------------------------------------------------------------------- API document
     def register_task(self, task_id: int, dataloader: Any = None) -> None:

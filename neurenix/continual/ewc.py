@@ -88,8 +88,14 @@ class EWC(QuadraticPenaltyMethod):
         #: a single entry (the last task) holding the running Fisher.
         self._tasks: dict[int, dict[str, Any]] = {}
 
-    def _state_key_fields(self) -> dict[str, Any]:
-        return {"importance": self.importance, "online": self.online}
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "importance": self.importance,
+            "fisher_sample_size": self.fisher_sample_size,
+            "online": self.online,
+            "gamma": self.gamma,
+            "fisher": self.fisher,
+        }
 
     def _penalty_scale(self) -> float:
         return self.importance

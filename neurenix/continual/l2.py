@@ -42,7 +42,7 @@ class L2Regularization(QuadraticPenaltyMethod):
         self.importance = check_real("importance", importance, minimum=0.0)
         super().__init__(model, device)
 
-    def _state_key_fields(self) -> dict[str, Any]:
+    def hyperparameters(self) -> dict[str, Any]:
         return {"importance": self.importance}
 
     def _penalty_scale(self) -> float:

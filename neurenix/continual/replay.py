@@ -61,7 +61,7 @@ class ExperienceReplay(ContinualCallback):
         super().__init__(model, device)
         self.memory = ReservoirMemory(self.memory_size, self.device, seed)
 
-    def _state_key_fields(self) -> dict[str, Any]:
+    def hyperparameters(self) -> dict[str, Any]:
         return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio}
 
     # ---------------------------------------------------------------------------- API document

@@ -70,7 +70,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._has_pending = False
         self._big_omega: dict[str, Tensor] = {}
 
-    def _state_key_fields(self) -> dict[str, Any]:
+    def hyperparameters(self) -> dict[str, Any]:
         return {"importance": self.importance, "xi": self.xi}
 
     def _penalty_scale(self) -> float:

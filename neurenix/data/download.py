@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from http.client import HTTPException
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 __all__ = ["ChecksumMismatchError", "DownloadError", "download_file", "file_md5"]
 
@@ -185,8 +185,6 @@ def _reason(error: BaseException) -> str:
         return f"HTTP {error.code} {error.reason}"
     if isinstance(error, urllib.error.URLError):
         return str(error.reason)
+    if isinstance(error, ChecksumMismatchError):
+        return str(error)
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def _optional(value: Optional[str]) -> str:
-    return "none" if value is None else value

@@ -2,6 +2,7 @@
 
 from neurenix.metrics import functional
 from neurenix.metrics.accuracy_matrix import AccuracyMatrix
+from neurenix.metrics.forgetting_curves import ForgettingCurves
 from neurenix.metrics.functional import average_accuracy, backward_transfer, forgetting, forward_transfer
 
-__all__ = ["AccuracyMatrix", "average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "functional"]
+__all__ = ["AccuracyMatrix", "ForgettingCurves", "average_accuracy", "backward_transfer", "forgetting", "forward_transfer", "functional"]

@@ -1,0 +1,212 @@
+"""Forgetting curves: every task's test accuracy over the whole sequence, logged as it happens."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from typing_extensions import override
+
+from neurenix.continual._checks import check_int
+from neurenix.continual.base import evaluation_mode
+from neurenix.continual.callback import continual_methods
+from neurenix.metrics.accuracy_matrix import AccuracyMatrix
+
+__all__ = ["ForgettingCurves", "accuracy_heatmap"]
+
+
+class ForgettingCurves(Callback):
+    """Evaluate every task's test set after each task (and optionally during it) and log it.
+
+    Needs a datamodule with ``num_tasks``, ``current_task`` and a ``test_dataloader()`` that
+    returns one loader per task (``neurenix.data.TaskSequenceDataModule``). Logs, with any
+    Lightning logger, at the trainer's global step:
+
+    - ``accuracy/task_{j}``: task ``j``'s test accuracy, one curve per task, starting with the
+      untrained model at the first task's start; forgetting shows as a falling curve;
+    - ``continual/average_accuracy``, ``continual/backward_transfer``,
+      ``continual/forward_transfer``, ``continual/forgetting`` after each task (the last three
+      from the second task on: they are undefined before);
+    - with a ``TensorBoardLogger``: the accuracy matrix as a heatmap image and as a text table,
+      and the run's hyper-parameters (the methods' and this callback's).
+
+    The accuracy matrix (:attr:`matrix`) is part of the callback's checkpointed state.
+
+    Evaluation batches are ``(inputs, targets)`` (the model is called as ``model(inputs)``) or
+    ``(inputs, targets, task_ids)`` (called as ``model(inputs, task_ids)``, for multi-head
+    task-incremental models).
+
+    Args:
+        every_n_epochs: also log every task's accuracy every ``n`` epochs inside a task
+            (``None``: only at task ends).
+    """
+
+    def __init__(self, every_n_epochs: Optional[int] = None) -> None:
+        self.every_n_epochs = None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs, minimum=1)
+        self.matrix: Optional[AccuracyMatrix] = None
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._hparams_logged = False
+
+    # ---------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        missing = [name for name in ("num_tasks", "current_task", "test_dataloader") if not hasattr(datamodule, name)]
+        if missing:
+            raise ValueError(
+                "ForgettingCurves needs a task-sequence datamodule (neurenix.data.TaskSequenceDataModule): "
+                f"{type(datamodule).__name__} lacks {missing}"
+            )
+        if self.matrix is None or self.matrix.num_tasks != datamodule.num_tasks:
+            self.matrix = AccuracyMatrix(datamodule.num_tasks)
+        if self._pending_state is not None:
+            self.matrix.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        assert self.matrix is not None  # setup ran
+        self.matrix.to(pl_module.device)
+        if int(self.matrix.total.sum()) == 0 and int(self.matrix.initial_total.sum()) == 0:
+            self._evaluate(trainer, pl_module, after_task=None)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        n = self.every_n_epochs
+        if n is None or (trainer.current_epoch + 1) % n != 0 or _last_epoch_of_fit(trainer):
+            return
+        self._log_accuracies(trainer, self._accuracies(trainer, pl_module))
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        task = int(trainer.datamodule.current_task)
+        self._evaluate(trainer, pl_module, after_task=task)
+        self._log_summary(trainer, task)
+
+    # ---------------------------------------------------------------------------- evaluation
+    def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", after_task: Optional[int]) -> None:
+        assert self.matrix is not None
+        if after_task is not None:  # a resumed task end re-measures its row rather than adding to it
+            self.matrix.correct[after_task] = 0
+            self.matrix.total[after_task] = 0
+        for task, loader in enumerate(_task_loaders(trainer)):
+            for preds, targets in _predictions(pl_module, loader):
+                self.matrix.update(preds, targets, task=task, after_task=after_task)
+        row = self.matrix.initial if after_task is None else self.matrix.compute()[after_task]
+        self._log_accuracies(trainer, row)
+
+    def _accuracies(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
+        scratch = AccuracyMatrix(self.matrix.num_tasks).to(pl_module.device)  # type: ignore[union-attr]
+        for task, loader in enumerate(_task_loaders(trainer)):
+            for preds, targets in _predictions(pl_module, loader):
+                scratch.update(preds, targets, task=task, after_task=0)
+        return scratch.compute()[0]
+
+    # ---------------------------------------------------------------------------- logging
+    @staticmethod
+    def _log_accuracies(trainer: "pl.Trainer", accuracies: Tensor) -> None:
+        values = {f"accuracy/task_{j}": float(a) for j, a in enumerate(accuracies.tolist()) if not math.isnan(a)}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def _log_summary(self, trainer: "pl.Trainer", task: int) -> None:
+        matrix = self.matrix
+        assert matrix is not None
+        summary = {
+            "continual/average_accuracy": matrix.average_accuracy(task),
+            "continual/backward_transfer": matrix.backward_transfer(task),
+            "continual/forward_transfer": matrix.forward_transfer(task),
+            "continual/forgetting": matrix.forgetting(task),
+        }
+        values = {name: float(v) for name, v in summary.items() if not math.isnan(float(v))}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                self._log_to_tensorboard(logger, trainer, task)
+        if not self._hparams_logged:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(_run_hyperparameters(trainer, self))
+            self._hparams_logged = True
+
+    def _log_to_tensorboard(self, logger: TensorBoardLogger, trainer: "pl.Trainer", task: int) -> None:
+        matrix = self.matrix.compute()  # type: ignore[union-attr]
+        writer = logger.experiment
+        writer.add_image("continual/accuracy_matrix", accuracy_heatmap(matrix), trainer.global_step, dataformats="HWC")
+        writer.add_text("continual/accuracy_matrix", _markdown_table(matrix, task), trainer.global_step)
+
+    # ---------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"matrix": None if self.matrix is None else {k: v.clone() for k, v in self.matrix.state_dict().items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        matrix = state_dict.get("matrix")
+        if matrix is None:
+            return
+        if self.matrix is not None and self.matrix.num_tasks == matrix["total"].shape[0]:
+            self.matrix.load_state_dict(matrix)
+        else:  # the datamodule (and so the size) is known only at setup
+            self.matrix = AccuracyMatrix(matrix["total"].shape[0])
+            self.matrix.load_state_dict(matrix)
+
+
+def _last_epoch_of_fit(trainer: "pl.Trainer") -> bool:
+    return trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+
+
+def _task_loaders(trainer: "pl.Trainer") -> Sequence[Any]:
+    loaders = trainer.datamodule.test_dataloader()
+    if not isinstance(loaders, (list, tuple)) or len(loaders) != trainer.datamodule.num_tasks:
+        raise ValueError(
+            "ForgettingCurves needs test_dataloader() to return one loader per task "
+            f"({trainer.datamodule.num_tasks}), got {type(loaders).__name__}"
+        )
+    return loaders
+
+
+def _predictions(pl_module: "pl.LightningModule", loader: Any):
+    """``(outputs, targets)`` per batch, in eval mode without gradients, on the module's device."""
+    device = pl_module.device
+    with evaluation_mode(pl_module), torch.no_grad():
+        for batch in loader:
+            inputs, targets = batch[0].to(device), batch[1].to(device)
+            outputs = pl_module(inputs, batch[2].to(device)) if len(batch) == 3 else pl_module(inputs)
+            yield outputs, targets
+
+
+def accuracy_heatmap(matrix: Tensor, cell: int = 24) -> Tensor:
+    """An ``(H, W, 3)`` float image of ``R``: dark blue (0) to yellow (1), grey where not measured."""
+    values = matrix.float().clamp(0, 1)
+    low, high = torch.tensor([0.13, 0.10, 0.40]), torch.tensor([0.99, 0.91, 0.15])
+    rgb = low + values.nan_to_num(0).unsqueeze(-1) * (high - low)
+    rgb[matrix.isnan()] = 0.5
+    return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+
+
+def _markdown_table(matrix: Tensor, task: int) -> str:
+    tasks = matrix.shape[0]
+    header = "| after \\ on | " + " | ".join(f"task {j}" for j in range(tasks)) + " |"
+    rule = "|" + "---|" * (tasks + 1)
+    rows = [
+        f"| task {i} | " + " | ".join("" if math.isnan(v) else f"{v:.3f}" for v in matrix[i].tolist()) + " |"
+        for i in range(task + 1)
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def _run_hyperparameters(trainer: "pl.Trainer", curves: ForgettingCurves) -> dict[str, Any]:
+    params: dict[str, Any] = {"num_tasks": trainer.datamodule.num_tasks}
+    for method in continual_methods(trainer):
+        name = type(method).__name__
+        for key, value in method.hyperparameters().items():
+            params[f"{name}/{key}"] = value
+    params["ForgettingCurves/every_n_epochs"] = curves.every_n_epochs or 0
+    return params
