@@ -1,0 +1,135 @@
+"""ForgettingCurves logs what an independent evaluation measures, where TensorBoard reads it."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from neurenix.continual import L2Regularization
+from neurenix.metrics import ForgettingCurves
+from neurenix.metrics import functional as MF
+from tests.helpers import lit_classifier, make_mlp, make_task
+
+
+class _Tasks(L.LightningDataModule):
+    """The smallest task-sequence datamodule: what ForgettingCurves relies on, nothing more."""
+
+    def __init__(self, num_tasks: int = 3) -> None:
+        super().__init__()
+        self.num_tasks, self.current_task = num_tasks, 0
+        self.train = [_float(make_task(samples=32, seed=10 + t)) for t in range(num_tasks)]
+        self.test = [_float(make_task(samples=20, seed=20 + t)) for t in range(num_tasks)]
+
+    def train_dataloader(self):
+        return DataLoader(self.train[self.current_task], batch_size=8)
+
+    def test_dataloader(self):
+        return [DataLoader(dataset, batch_size=7) for dataset in self.test]
+
+
+def _float(dataset: TensorDataset) -> TensorDataset:
+    x, y = dataset.tensors
+    return TensorDataset(x.float(), y)
+
+
+def _accuracies(net: torch.nn.Module, tasks: _Tasks) -> list[float]:
+    with torch.no_grad():
+        return [(net(d.tensors[0]).argmax(1) == d.tensors[1]).float().mean().item() for d in tasks.test]
+
+
+def _run_sequence(tmp_path, curves: ForgettingCurves, epochs_per_task: int = 1):
+    tasks, net = _Tasks(), make_mlp(seed=3).float()
+    expected = [_accuracies(net, tasks)]  # the untrained model first
+    trainer = L.Trainer(
+        callbacks=[curves, L2Regularization(net, importance=0.5)],
+        logger=TensorBoardLogger(tmp_path, name="run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    steps = []
+    for task in range(tasks.num_tasks):
+        tasks.current_task = task
+        trainer.fit_loop.max_epochs = (task + 1) * epochs_per_task
+        trainer.fit(lit_classifier(net), datamodule=tasks)
+        expected.append(_accuracies(net, tasks))
+        steps.append(trainer.global_step)
+    return trainer, torch.tensor(expected[1:], dtype=torch.float64), torch.tensor(expected[0], dtype=torch.float64), steps
+
+
+def _scalars(trainer) -> EventAccumulator:
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_matrix_curves_and_summaries_match_an_independent_evaluation(tmp_path):
+    curves = ForgettingCurves()
+    trainer, r, b, steps = _run_sequence(tmp_path, curves)
+    assert torch.allclose(curves.matrix.compute(), r, atol=1e-6)
+    assert torch.allclose(curves.matrix.initial, b, atol=1e-6)
+
+    events = _scalars(trainer)
+    for task in range(3):
+        logged = events.Scalars(f"accuracy/task_{task}")
+        assert [e.step for e in logged] == [0, *steps]  # the untrained model, then each task's end
+        assert [e.value for e in logged] == pytest.approx([b[task].item(), *r[:, task].tolist()], abs=1e-6)
+    average = events.Scalars("continual/average_accuracy")
+    assert [e.value for e in average] == pytest.approx([MF.average_accuracy(r, k).item() for k in range(3)], abs=1e-6)
+    for tag, metric in [
+        ("continual/backward_transfer", lambda k: MF.backward_transfer(r, k)),
+        ("continual/forgetting", lambda k: MF.forgetting(r, k)),
+        ("continual/forward_transfer", lambda k: MF.forward_transfer(r, b, k)),
+    ]:
+        logged = events.Scalars(tag)  # undefined after the first task: not logged there
+        assert [e.step for e in logged] == steps[1:]
+        assert [e.value for e in logged] == pytest.approx([metric(k).item() for k in (1, 2)], abs=1e-6)
+    assert [e.step for e in events.Images("continual/accuracy_matrix")] == steps
+
+
+def test_curves_inside_tasks_every_n_epochs(tmp_path):
+    trainer, r, _, steps = _run_sequence(tmp_path, ForgettingCurves(every_n_epochs=1), epochs_per_task=2)
+    logged = _scalars(trainer).Scalars("accuracy/task_0")
+    # initial, then per task: after its first epoch (half-way) and at its end
+    halfway = [s // 2 if i == 0 else (steps[i - 1] + s) // 2 for i, s in enumerate(steps)]
+    assert [e.step for e in logged] == sorted([0, *halfway, *steps])
+    assert [e.value for e in logged if e.step in steps] == pytest.approx(r[:, 0].tolist(), abs=1e-6)
+
+
+def test_any_logger_gets_the_scalars(tmp_path):
+    tasks, net = _Tasks(num_tasks=2), make_mlp().float()
+    trainer = L.Trainer(callbacks=[ForgettingCurves()], logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_checkpointing=False)
+    for task in range(2):
+        tasks.current_task = task
+        trainer.fit_loop.max_epochs = task + 1
+        trainer.fit(lit_classifier(net), datamodule=tasks)
+    text = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "accuracy/task_1" in text and "continual/backward_transfer" in text
+
+
+def test_state_round_trip_and_a_datamodule_without_tasks(tmp_path):
+    curves = ForgettingCurves()
+    _run_sequence(tmp_path, curves)
+    restored = ForgettingCurves()
+    restored.load_state_dict(copy.deepcopy(curves.state_dict()))
+    assert torch.equal(restored.matrix.compute().nan_to_num(-1), curves.matrix.compute().nan_to_num(-1))
+
+    class Plain(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(_float(make_task()), batch_size=8)
+
+    with pytest.raises(ValueError, match=r"Plain lacks \['num_tasks', 'current_task'\]"):
+        L.Trainer(callbacks=[ForgettingCurves()], logger=False, enable_progress_bar=False).fit(
+            lit_classifier(make_mlp().float()), datamodule=Plain()
+        )
+
+
+def test_every_n_epochs_is_checked():
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 1, got 0"):
+        ForgettingCurves(every_n_epochs=0)
