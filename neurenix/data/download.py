@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
 import string
@@ -19,20 +20,20 @@ import urllib.request
 from collections.abc import Sequence
 from http.client import HTTPException
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
-__all__ = ["ChecksumMismatchError", "DownloadError", "download_file", "file_md5"]
+__all__ = ["DownloadError", "download_file", "file_md5"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_TIMEOUT = 30.0  # seconds without progress, not for the whole file: the largest MNIST file is ~10 MB
 _CHUNK_BYTES = 1 << 20
-_USER_AGENT = "neurenix (https://github.com/neurenix)"  # some mirrors refuse urllib's default agent
+_USER_AGENT = "neurenix"  # some mirrors refuse urllib's default agent (Python-urllib/3.x)
 _MD5_LENGTH = 32
 
 
-class ChecksumMismatchError(ValueError):
-    """Downloaded bytes whose MD5 is not the one expected."""
+class _ChecksumMismatch(ValueError):
+    """Downloaded bytes whose MD5 is not the one expected (one mirror's failure, never raised to callers)."""
 
 
 class DownloadError(RuntimeError):
@@ -46,6 +47,10 @@ class DownloadError(RuntimeError):
         if note:
             lines.append(note)
         super().__init__("\n".join(lines))
+        self._arguments = (path, failures, note)
+
+    def __reduce__(self):  # rebuilt from its arguments, so it survives pickling (multiprocessing, DDP spawn)
+        return type(self), self._arguments
 
 
 def file_md5(path: Union[str, os.PathLike]) -> str:
@@ -84,7 +89,8 @@ def download_file(
     Raises:
         DownloadError: every mirror failed; the message lists each URL and why it failed.
         TypeError: ``urls`` is a single string or holds something other than strings.
-        ValueError: ``urls`` is empty, ``md5`` is not 32 hex digits or ``timeout`` is not positive.
+        TypeError: ``timeout`` is not a number.
+        ValueError: ``urls`` is empty, ``md5`` is not 32 hex digits or ``timeout`` is not positive and finite.
 
     Example::
 
@@ -93,8 +99,7 @@ def download_file(
     """
     urls = _check_urls(urls)
     md5 = _check_md5(md5)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    timeout = _check_timeout(timeout)
     path = Path(os.fspath(path))
     existing_md5 = file_md5(path) if path.is_file() else None
     if existing_md5 == md5:
@@ -125,14 +130,14 @@ def _download_verified(url: str, path: Path, md5: str, timeout: float) -> None:
         with open(temporary, "wb") as file:
             received_md5 = _stream_into(url, file, timeout)
         if received_md5 != md5:
-            raise ChecksumMismatchError(f"md5 mismatch: got {received_md5}, expected {md5}")
+            raise _ChecksumMismatch(f"md5 mismatch: got {received_md5}, expected {md5}")
         os.replace(temporary, path)
     except BaseException:  # including KeyboardInterrupt: no temporary file outlives a failed download
         temporary.unlink(missing_ok=True)
         raise
 
 
-def _stream_into(url: str, file, timeout: float) -> str:
+def _stream_into(url: str, file: BinaryIO, timeout: float) -> str:
     """Write the body of ``url`` to ``file`` chunk by chunk; the MD5 of what was written."""
     digest = _new_md5()
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
@@ -168,6 +173,14 @@ def _check_urls(urls: object) -> list[str]:
     return list(urls)
 
 
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}: {timeout!r:.80}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
 def _check_md5(md5: object) -> str:
     if not isinstance(md5, str) or len(md5) != _MD5_LENGTH or not set(md5.lower()) <= set(string.hexdigits.lower()):
         raise ValueError(f"md5 must be {_MD5_LENGTH} hex digits, got {md5!r}")
@@ -185,6 +198,6 @@ def _reason(error: BaseException) -> str:
         return f"HTTP {error.code} {error.reason}"
     if isinstance(error, urllib.error.URLError):
         return str(error.reason)
-    if isinstance(error, ChecksumMismatchError):
+    if isinstance(error, _ChecksumMismatch):
         return str(error)
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

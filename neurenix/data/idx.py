@@ -57,6 +57,9 @@ class IDXFormatError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # rebuilt from its arguments, so it survives pickling (multiprocessing, DDP spawn)
+        return type(self), (self.path, self.problem)
+
 
 def read_idx(path: Union[str, os.PathLike]) -> torch.Tensor:
     """Read an IDX file, plain or gzip-compressed, into a tensor.
@@ -96,13 +99,14 @@ def _read_idx_stream(stream: BinaryIO, path: Path, *, file_size: Optional[int]) 
     """The tensor in ``stream``; ``file_size`` is known for plain files and ``None`` for gzip."""
     dtype, shape, header_bytes = _read_header(stream, path)
     data_bytes = _claimed_data_bytes(shape, dtype, path)
+    claim = _describe(shape, dtype)
     if file_size is not None:
-        _check_file_size(file_size, header_bytes, _describe(shape, dtype), data_bytes, path)
+        _check_file_size(file_size, header_bytes, claim, data_bytes, path)
         data = _read_known_size(stream, data_bytes, path)
     else:
-        data = _read_in_chunks(stream, _describe(shape, dtype), data_bytes, path)
+        data = _read_in_chunks(stream, claim, data_bytes, path)
     if stream.read(1):
-        raise IDXFormatError(path, f"trailing bytes after the data of the {_describe(shape, dtype)} the header claims")
+        raise IDXFormatError(path, f"trailing bytes after the data of the {claim} the header claims")
     return _tensor_from_big_endian(data, dtype, shape)
 
 
@@ -110,9 +114,12 @@ def _read_header(stream: BinaryIO, path: Path) -> tuple[torch.dtype, tuple[int, 
     """The element type, the shape, and the header's length in bytes."""
     magic = stream.read(_MAGIC_LENGTH)
     if len(magic) < _MAGIC_LENGTH:
-        raise IDXFormatError(path, f"truncated header: the file holds {len(magic)} bytes, an IDX header needs at least {_MAGIC_LENGTH}")
+        raise IDXFormatError(
+            path, f"truncated header: the file holds {len(magic)} bytes, an IDX header needs at least {_MAGIC_LENGTH}"
+        )
     if magic[0] != 0 or magic[1] != 0:
-        raise IDXFormatError(path, f"not an IDX file: the first two bytes must be 0x00 0x00, got 0x{magic[0]:02x} 0x{magic[1]:02x}")
+        found = f"0x{magic[0]:02x} 0x{magic[1]:02x}"
+        raise IDXFormatError(path, f"not an IDX file: the first two bytes must be 0x00 0x00, got {found}")
     type_code, dimensions = magic[2], magic[3]
     if type_code not in IDX_DTYPES:
         known = ", ".join(f"0x{code:02x}" for code in IDX_DTYPES)
@@ -130,10 +137,12 @@ def _read_header(stream: BinaryIO, path: Path) -> tuple[torch.dtype, tuple[int, 
 
 
 def _claimed_data_bytes(shape: tuple[int, ...], dtype: torch.dtype, path: Path) -> int:
-    claimed = math.prod(shape) * dtype.itemsize
-    if claimed > _MAX_BYTES:
+    # Zero sizes are left out of the bound: a 0x(2**32-1)x(2**32-1) array holds nothing, yet its
+    # strides would overflow, so torch could not even create it empty.
+    span = math.prod(size for size in shape if size) * dtype.itemsize
+    if span > _MAX_BYTES:
         raise IDXFormatError(path, f"the header claims a {_describe(shape, dtype)}, more than can be addressed")
-    return claimed
+    return math.prod(shape) * dtype.itemsize
 
 
 def _check_file_size(file_size: int, header_bytes: int, claim: str, data_bytes: int, path: Path) -> None:

@@ -45,6 +45,7 @@ class MNIST(Dataset):
         download: fetch the dataset's files that are missing (all four, as torchvision does)
             from ``mirrors`` into ``root/MNIST/raw/``, verifying each against ``checksums``.
             Files already present are used as they are; the IDX reader rejects damaged ones.
+            Under DDP, download once (Lightning's ``prepare_data``) before every rank reads.
         transform: called on each image, a uint8 tensor of shape ``(28, 28)``; for example
             ``lambda x: x.reshape(-1) / 255.0`` gives float32 vectors of 784 values in [0, 1].
         target_transform: called on each label, a Python ``int`` in ``0..9``.
@@ -113,10 +114,7 @@ class MNIST(Dataset):
         images_path, labels_path = self._find_split_files()
         images, labels = self._read_split(images_path, labels_path)
         if filter_labels is not None:
-            keep = _labels_accepted_by(filter_labels, labels)
-            images, labels = images[keep], labels[keep]
-            if len(labels) == 0:
-                warnings.warn(f"filter_labels kept none of the samples of the {self._description()}", stacklevel=2)
+            images, labels = self._keep_accepted(filter_labels, images, labels)
         self.data: Tensor = images
         self.targets: Tensor = labels
 
@@ -188,13 +186,21 @@ class MNIST(Dataset):
             f"Pass download=True to download them into {self.raw_folder}"
         )
 
+    def _keep_accepted(self, filter_labels: Callable[[Any], Any], images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        keep = _labels_accepted_by(filter_labels, labels)
+        if not keep.any():  # most likely a mistake (``y > 9``), but an empty dataset is not wrong in itself
+            warnings.warn(f"filter_labels kept none of the samples of the {self._description()}", stacklevel=3)
+        return images[keep], labels[keep]
+
     def _read_split(self, images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
         """The images (uint8, ``(N, H, W)``) and labels (int64, ``(N,)``), checked to belong together."""
         images, labels = _read_with_hint(images_path), _read_with_hint(labels_path)
         if images.dtype != torch.uint8 or images.dim() != 3:
-            raise ValueError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} of shape {tuple(images.shape)}")
+            found = f"{images.dtype} of shape {tuple(images.shape)}"
+            raise ValueError(f"{images_path}: expected uint8 images of shape (N, H, W), got {found}")
         if labels.dtype != torch.uint8 or labels.dim() != 1:
-            raise ValueError(f"{labels_path}: expected uint8 labels of shape (N,), got {labels.dtype} of shape {tuple(labels.shape)}")
+            found = f"{labels.dtype} of shape {tuple(labels.shape)}"
+            raise ValueError(f"{labels_path}: expected uint8 labels of shape (N,), got {found}")
         if len(images) != len(labels):
             raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
         if len(labels) and int(labels.max()) >= len(self.classes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import re
 import struct
 import time
@@ -148,10 +149,16 @@ def test_a_lying_header_fails_fast_without_allocating_what_it_claims(tmp_path: P
     assert peak < 8 * 2**20  # at most one read chunk (1 MiB) plus bookkeeping, never 2 GiB
 
 
-def test_sizes_beyond_what_can_be_addressed_are_refused(tmp_path: Path) -> None:
-    path = write_file(tmp_path / "huge.gz", idx_header(0x0E, (2**32 - 1,) * 4))
+@pytest.mark.parametrize("shape", [(2**32 - 1,) * 4, (0, 2**32 - 1, 2**32 - 1)], ids=["huge", "empty but huge strides"])
+def test_sizes_beyond_what_can_be_addressed_are_refused(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    path = write_file(tmp_path / "huge.gz", idx_header(0x0E, shape))
     with pytest.raises(IDXFormatError, match="more than can be addressed"):
         read_idx(path)
+
+
+def test_the_error_survives_pickling() -> None:  # as it must to cross process boundaries
+    error = pickle.loads(pickle.dumps(IDXFormatError("/data/x", "trailing bytes")))
+    assert (error.path, error.problem, str(error)) == ("/data/x", "trailing bytes", "/data/x: trailing bytes")
 
 
 def test_missing_file_is_a_file_not_found_error(tmp_path: Path) -> None:
@@ -200,7 +207,9 @@ def _appends(content: bytes) -> st.SearchStrategy[bytes]:
 
 @settings(max_examples=300, deadline=None)
 @given(damaged=damaged_files())
-def test_damaged_files_give_a_tensor_or_a_format_error(tmp_path_factory: pytest.TempPathFactory, damaged: tuple[bytes, bool, bool]) -> None:
+def test_damaged_files_give_a_tensor_or_a_format_error(
+    tmp_path_factory: pytest.TempPathFactory, damaged: tuple[bytes, bool, bool]
+) -> None:
     content, compressed, compress_first = damaged
     path = tmp_path_factory.mktemp("fuzz") / "file"
     path.write_bytes(content)
@@ -211,5 +220,7 @@ def test_damaged_files_give_a_tensor_or_a_format_error(tmp_path_factory: pytest.
     if not compressed or not compress_first:  # the IDX bytes are known: the tensor must encode back to them
         idx = gzip.decompress(content) if compressed else content
         header_length = 4 + 4 * idx[3]
-        encoded = tensor.numpy().astype(tensor.numpy().dtype.newbyteorder(">")).tobytes()
+        # numpy refuses some empty shapes (0 x 2**31 x ...), so those are encoded from a flat empty array
+        values = tensor.numpy() if tensor.numel() else torch.empty(0, dtype=tensor.dtype).numpy()
+        encoded = values.astype(values.dtype.newbyteorder(">")).tobytes()
         assert idx[:header_length] + encoded == idx
