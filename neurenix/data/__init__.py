@@ -5,18 +5,37 @@
 
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from neurenix.data.benchmarks import SCENARIOS, TaskSequence, permuted_benchmark, split_benchmark
+from neurenix.data.datamodule import TaskSequenceDataModule, fit_sequence
+from neurenix.data.digits import Digits
 from neurenix.data.download import DownloadError, download_file
 from neurenix.data.idx import IDXFormatError, read_idx
 from neurenix.data.mnist import MNIST, FashionMNIST
+from neurenix.data.tasks import AddChannel, Compose, Flatten, PermutePixels, TaskDataset, TensorBatchSampler, ToFloat, collate_batch
 
 __all__ = [
+    "AddChannel",
+    "Compose",
     "DataLoader",
     "Dataset",
+    "Digits",
     "DownloadError",
     "FashionMNIST",
+    "Flatten",
     "IDXFormatError",
     "MNIST",
+    "PermutePixels",
+    "SCENARIOS",
+    "TaskDataset",
+    "TaskSequence",
+    "TaskSequenceDataModule",
+    "TensorBatchSampler",
     "TensorDataset",
+    "ToFloat",
+    "collate_batch",
     "download_file",
+    "fit_sequence",
+    "permuted_benchmark",
     "read_idx",
+    "split_benchmark",
 ]

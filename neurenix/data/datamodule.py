@@ -1,0 +1,303 @@
+"""A LightningDataModule over a sequence of tasks, and the one call that trains the sequence.
+
+:class:`TaskSequenceDataModule` serves the current task's training (and validation) data and
+one test loader per task, so every task's accuracy can be measured after each task.
+:func:`fit_sequence` trains all tasks with one ``Trainer``: one ``Trainer.fit`` per task, so the
+neurenix methods (and any callback) see ``on_train_start``/``on_train_end`` once per task, while
+the trainer's global step, epoch counter and logger run on across tasks as one timeline.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from typing_extensions import override
+
+from neurenix.data.tasks import TaskDataset, TensorBatchSampler, collate_batch
+
+__all__ = ["TaskSequenceDataModule", "fit_sequence"]
+
+
+class TaskSequenceDataModule(pl.LightningDataModule):
+    """Tasks one after the other for a Lightning ``Trainer``; the current task is its state.
+
+    Any map-style datasets work as tasks; :class:`~neurenix.data.TaskDataset` tasks (what the
+    benchmarks build) are batched by one tensor index per batch. The neurenix methods read the
+    task id of a fit from :attr:`current_task`.
+
+    Attributes:
+        current_task: the task that ``train_dataloader`` serves (an ``int``, from 0).
+        tasks_seen: the tasks made current so far, in order (the current one included, so it
+            starts as ``[0]``).
+        task_start: the trainer's ``{"epoch": ..., "step": ...}`` when ``fit_sequence`` began the
+            current task (checkpointed, so a resumed task keeps its length).
+        num_classes: the benchmark's head size (``from_benchmark``), else ``None``.
+        scenario: the benchmark's scenario (``from_benchmark``), else ``None``.
+
+    Args:
+        train_tasks: one training dataset per task (at least one task).
+        test_tasks: one test dataset per task.
+        val_tasks: one validation dataset per task, or ``None`` (no validation).
+        batch_size: the training batch size.
+        eval_batch_size: the batch size of validation and test loaders (default ``batch_size``).
+        num_workers: ``DataLoader`` worker processes.
+        shuffle: whether training batches are shuffled (through the loader's sampler, so
+            Lightning's ``DistributedSampler`` replaces it under DDP).
+        seed: the seed of the shuffling; the shuffling generator is saved in checkpoints, so a
+            resumed run sees the batches an uninterrupted one would.
+        pin_memory: ``DataLoader``'s ``pin_memory``.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: no tasks, task lists of different lengths, an empty task, or a bad count.
+
+    Example::
+
+        benchmark = split_benchmark("digits", num_tasks=5, scenario="class")
+        datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=64)
+        trainer = L.Trainer(callbacks=[EWC(model)])
+        fit_sequence(trainer, model, datamodule, epochs_per_task=2)
+        trainer.test(model, datamodule=datamodule)   # one test loader (dataloader_idx) per task
+    """
+
+    def __init__(
+        self,
+        train_tasks: Sequence[Dataset],
+        test_tasks: Sequence[Dataset],
+        val_tasks: Optional[Sequence[Dataset]] = None,
+        *,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.train_tasks = _checked_tasks("train_tasks", train_tasks)
+        self.test_tasks = _checked_tasks("test_tasks", test_tasks, len(self.train_tasks))
+        self.val_tasks = None if val_tasks is None else _checked_tasks("val_tasks", val_tasks, len(self.train_tasks))
+        self.batch_size = _checked_int("batch_size", batch_size, minimum=1)
+        self.eval_batch_size = self.batch_size if eval_batch_size is None else _checked_int("eval_batch_size", eval_batch_size, minimum=1)
+        self.num_workers = _checked_int("num_workers", num_workers, minimum=0)
+        self.shuffle, self.pin_memory = bool(shuffle), bool(pin_memory)
+        self.seed = _checked_int("seed", seed, minimum=0)
+        # One generator for the whole sequence: its state is checkpointed with the current task.
+        self._shuffle_generator = torch.Generator().manual_seed(self.seed)
+        self.current_task = 0
+        self.tasks_seen: list[int] = [0]
+        self.task_start: dict[str, int] = {"epoch": 0, "step": 0}  # where fit_sequence began the task
+        self.num_classes: Optional[int] = None
+        self.scenario: Optional[str] = None
+        if self.val_tasks is None:
+            # Lightning treats a data module whose `val_dataloader` is missing as one without
+            # validation (no warning about a validation_step without data, or the reverse).
+            self.val_dataloader = None  # type: ignore[assignment]
+
+    @classmethod
+    def from_benchmark(cls, benchmark: Any, **kwargs: Any) -> "TaskSequenceDataModule":
+        """A data module over a benchmark's tasks (``split_benchmark``, ``permuted_benchmark``).
+
+        Args:
+            benchmark: an object with ``train`` and ``test`` task lists (a ``TaskSequence``).
+            **kwargs: the keyword arguments of ``TaskSequenceDataModule``.
+
+        Raises:
+            TypeError: ``benchmark`` has no ``train``/``test`` task lists.
+        """
+        if not (hasattr(benchmark, "train") and hasattr(benchmark, "test")):
+            raise TypeError(f"benchmark must have .train and .test task lists, got {type(benchmark).__name__}")
+        datamodule = cls(benchmark.train, benchmark.test, **kwargs)
+        datamodule.num_classes = getattr(benchmark, "num_classes", None)
+        datamodule.scenario = getattr(benchmark, "scenario", None)
+        return datamodule
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.train_tasks)
+
+    def set_task(self, task: int) -> None:
+        """Make ``task`` the current task (the one ``train_dataloader`` serves).
+
+        Raises:
+            TypeError: ``task`` is not an int.
+            ValueError: ``task`` is not in ``0 .. num_tasks-1``.
+        """
+        self.current_task = self._checked_task(task)
+        if self.current_task not in self.tasks_seen:
+            self.tasks_seen.append(self.current_task)
+
+    # ---------------------------------------------------------------------------- loaders
+    @override
+    def train_dataloader(self) -> DataLoader:
+        generator = self._shuffle_generator if self.shuffle else None
+        return self._loader(self.train_tasks[self.current_task], self.batch_size, self.shuffle, generator)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        """The current task's validation loader (``None`` in place of the method without ``val_tasks``)."""
+        return self._loader(self.val_tasks[self.current_task], self.eval_batch_size)  # type: ignore[index]
+
+    @override
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per task, all tasks (``dataloader_idx`` is the task id)."""
+        return [self._loader(task, self.eval_batch_size) for task in self.test_tasks]
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
+    ) -> DataLoader:
+        options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if not isinstance(dataset, TaskDataset):  # PyTorch's per-sample batching and collation
+            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **options)
+        # A TaskDataset builds a whole batch from one index tensor (`__getitems__`), and
+        # TensorBatchSampler hands it one; the sampler inside stays a standard one, so Lightning
+        # still swaps in its DistributedSampler under DDP. Worker processes get plain index lists:
+        # a tensor sent to a worker travels through shared memory, which costs more than the list.
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batch_sampler_cls = TensorBatchSampler if self.num_workers == 0 else BatchSampler
+        batches = batch_sampler_cls(sampler, batch_size=batch_size, drop_last=False)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, **options)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "current_task": self.current_task,
+            "tasks_seen": list(self.tasks_seen),
+            "task_start": dict(self.task_start),
+            "shuffle_generator": self._shuffle_generator.get_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.current_task = self._checked_task(state_dict["current_task"])
+        self.tasks_seen = [int(task) for task in state_dict.get("tasks_seen", range(self.current_task + 1))]
+        self.task_start = dict(state_dict.get("task_start", {"epoch": 0, "step": 0}))
+        if "shuffle_generator" in state_dict:
+            self._shuffle_generator.set_state(state_dict["shuffle_generator"].cpu())
+
+    def _checked_task(self, task: object) -> int:
+        if isinstance(task, bool) or not isinstance(task, Integral):
+            raise TypeError(f"task must be an int, got {type(task).__name__}: {task!r}")
+        if not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be in 0..{self.num_tasks - 1} ({self.num_tasks} tasks), got {task!r}")
+        return int(task)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_tasks={self.num_tasks}, current_task={self.current_task}, batch_size={self.batch_size})"
+
+
+def fit_sequence(
+    trainer: "pl.Trainer",
+    model: "pl.LightningModule",
+    datamodule: TaskSequenceDataModule,
+    *,
+    epochs_per_task: Optional[int] = None,
+    steps_per_task: Optional[int] = None,
+    ckpt_path: Optional[str] = None,
+) -> None:
+    """Train the tasks from ``datamodule.current_task`` to the last, one ``trainer.fit`` each.
+
+    The same ``trainer`` runs every fit: each task gets ``epochs_per_task`` epochs (or
+    ``steps_per_task`` optimizer steps) more than the trainer had done when the task began,
+    and the global step, the epoch counter and the logger continue across tasks. Each fit
+    reloads the training loader of the current task, and callbacks see ``on_train_start`` and
+    ``on_train_end`` once per task. After the call, ``datamodule.current_task`` is the last task.
+
+    Args:
+        trainer: the ``Trainer`` for the whole sequence (its ``max_epochs``/``max_steps`` are
+            set per task).
+        model: the LightningModule.
+        datamodule: the tasks.
+        epochs_per_task: epochs per task; give this or ``steps_per_task``.
+        steps_per_task: optimizer steps per task.
+        ckpt_path: a checkpoint file written during an earlier ``fit_sequence`` run; the sequence
+            resumes in the task it was saved in (the task travels in the checkpoint).
+
+    Raises:
+        TypeError: ``trainer`` or ``datamodule`` is of the wrong type, or a count is not an int.
+        ValueError: neither or both of ``epochs_per_task``/``steps_per_task``, or one ``< 1``.
+
+    Example::
+
+        fit_sequence(trainer, model, datamodule, epochs_per_task=3)
+        # resume after an interruption, with a new Trainer:
+        fit_sequence(L.Trainer(...), model, datamodule, epochs_per_task=3, ckpt_path="last.ckpt")
+    """
+    if not isinstance(trainer, pl.Trainer):
+        raise TypeError(f"trainer must be a lightning Trainer, got {type(trainer).__name__}")
+    if not isinstance(datamodule, TaskSequenceDataModule):
+        raise TypeError(f"datamodule must be a TaskSequenceDataModule, got {type(datamodule).__name__}")
+    unit, per_task = _checked_budget(epochs_per_task, steps_per_task)
+    if ckpt_path is not None:
+        datamodule.load_state_dict(_checkpointed_datamodule_state(trainer, datamodule, ckpt_path))
+    first = datamodule.current_task
+    for task in range(first, datamodule.num_tasks):
+        resuming = ckpt_path is not None and task == first
+        if not resuming:  # a resumed task keeps the start it had before the interruption
+            datamodule.set_task(task)
+            datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
+        if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
+            return
+
+
+def _limit_fit(trainer: "pl.Trainer", unit: str, end: int) -> None:
+    """Stop the next fit at epoch (or global step) ``end``, and at nothing else."""
+    no_limit = -1
+    if unit == "epoch":
+        trainer.fit_loop.max_epochs = end
+        trainer.fit_loop.epoch_loop.max_steps = no_limit
+    else:
+        trainer.fit_loop.max_epochs = no_limit
+        trainer.fit_loop.epoch_loop.max_steps = end
+
+
+def _checked_budget(epochs_per_task: object, steps_per_task: object) -> tuple[str, int]:
+    if (epochs_per_task is None) == (steps_per_task is None):
+        raise ValueError(
+            "give exactly one of epochs_per_task and steps_per_task, got "
+            f"epochs_per_task={epochs_per_task!r} and steps_per_task={steps_per_task!r}"
+        )
+    if epochs_per_task is not None:
+        return "epoch", _checked_int("epochs_per_task", epochs_per_task, minimum=1)
+    return "step", _checked_int("steps_per_task", steps_per_task, minimum=1)
+
+
+def _checkpointed_datamodule_state(trainer: "pl.Trainer", datamodule: TaskSequenceDataModule, ckpt_path: str) -> dict:
+    # Read before the fit: the task (and so the fit's length) must be known before Lightning
+    # restores the rest of the checkpoint inside `trainer.fit`.
+    checkpoint = trainer.strategy.load_checkpoint(ckpt_path)
+    key = type(datamodule).__qualname__
+    if key not in checkpoint:
+        raise ValueError(f"ckpt_path={ckpt_path!r} holds no {key} state: it was not written while fitting a {key}")
+    return checkpoint[key]
+
+
+def _checked_tasks(name: str, tasks: object, expected: Optional[int] = None) -> list:
+    if isinstance(tasks, (str, bytes, Dataset)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"{name} must be a list of datasets, one per task, got {type(tasks).__name__}: {tasks!r:.80}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError(f"{name} must hold at least one task, got {tasks!r}")
+    if expected is not None and len(tasks) != expected:
+        raise ValueError(f"{name} must hold one dataset per training task ({expected}), got {len(tasks)}")
+    for index, task in enumerate(tasks):
+        if not (hasattr(task, "__getitem__") and hasattr(task, "__len__")):
+            raise TypeError(f"{name}[{index}] must be a map-style dataset, got {type(task).__name__}")
+        if len(task) == 0:
+            raise ValueError(f"{name}[{index}] is empty")
+    return tasks
+
+
+def _checked_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)

@@ -1,0 +1,223 @@
+"""TaskSequenceDataModule and fit_sequence: one Trainer, one fit per task, one timeline."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from neurenix.continual import EWC
+from neurenix.data.benchmarks import split_benchmark
+from neurenix.data.datamodule import TaskSequenceDataModule, fit_sequence
+from neurenix.data.tasks import TaskDataset
+from tests.helpers import lit_classifier, quiet_trainer
+
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def split_digits():
+    return split_benchmark("digits", 3, classes_per_task=2, scenario="task", seed=0)
+
+
+def make_model(outputs: int = 2):
+    torch.manual_seed(0)
+    return lit_classifier(nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, outputs)))
+
+
+def tiny_tasks(count: int, samples: int = 10) -> list[TaskDataset]:
+    return [TaskDataset(torch.full((samples, 2), float(t)), torch.zeros(samples, dtype=torch.long), t) for t in range(count)]
+
+
+class Recorder(Callback):
+    """Counts the hooks of each fit and records the task and global step each fit starts with."""
+
+    def __init__(self) -> None:
+        self.starts, self.ends, self.batch_task_ids = [], 0, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.starts.append((trainer.datamodule.current_task, trainer.global_step))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_task_ids.append(set(batch[2].tolist()))
+
+    def on_train_end(self, trainer, pl_module):
+        self.ends += 1
+
+
+# ---------------------------------------------------------------------------- the data module
+def test_current_task_and_loaders(split_digits):
+    datamodule = TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH, eval_batch_size=50)
+    assert (datamodule.num_tasks, datamodule.current_task, datamodule.tasks_seen) == (3, 0, [0])
+    assert (datamodule.num_classes, datamodule.scenario) == (2, "task")
+    datamodule.set_task(2)
+    datamodule.set_task(1)
+    assert datamodule.current_task == 1 and datamodule.tasks_seen == [0, 2, 1]
+    loader = datamodule.train_dataloader()
+    assert loader.dataset is split_digits.train[1] and len(loader) == math.ceil(len(split_digits.train[1]) / BATCH)
+    x, y, t = next(iter(loader))
+    assert x.shape == (BATCH, 64) and torch.equal(t, torch.ones(BATCH, dtype=torch.long))
+    tests = datamodule.test_dataloader()
+    assert [loader.dataset for loader in tests] == split_digits.test and tests[0].batch_size is None
+    assert [len(batch[0]) for batch in tests[0]] == [50, len(split_digits.test[0]) - 50]
+    assert datamodule.val_dataloader is None  # no validation: Lightning skips the val loop quietly
+
+
+def test_validation_tasks_follow_the_current_task():
+    tasks = tiny_tasks(2)
+    datamodule = TaskSequenceDataModule(tasks, tasks, val_tasks=tasks[::-1])
+    datamodule.set_task(1)
+    assert datamodule.val_dataloader().dataset is tasks[0]
+
+
+def test_other_datasets_use_pytorch_collation():
+    tasks = [torch.utils.data.TensorDataset(torch.randn(6, 2), torch.arange(6))]
+    batch = next(iter(TaskSequenceDataModule(tasks, tasks, batch_size=4, shuffle=False).train_dataloader()))
+    assert torch.equal(batch[1], torch.arange(4))
+
+
+def test_shuffle_is_seeded():
+    def order(seed):
+        loader = TaskSequenceDataModule(tiny_tasks(1, 30), tiny_tasks(1, 30), batch_size=30, seed=seed).train_dataloader()
+        tasks = loader.dataset
+        return next(iter(loader.batch_sampler)).tolist(), len(tasks)
+
+    assert order(1) == order(1) and order(1) != order(2)
+    unshuffled = TaskSequenceDataModule(tiny_tasks(1, 30), tiny_tasks(1, 30), batch_size=30, shuffle=False)
+    assert next(iter(unshuffled.train_dataloader().batch_sampler)).tolist() == list(range(30))
+
+
+def test_state_dict_round_trip():
+    datamodule = TaskSequenceDataModule(tiny_tasks(4, 30), tiny_tasks(4, 30), batch_size=30)
+    datamodule.set_task(2)
+    list(datamodule.train_dataloader())  # advance the shuffling generator by one epoch
+    state = datamodule.state_dict()
+    restored = TaskSequenceDataModule(tiny_tasks(4, 30), tiny_tasks(4, 30), batch_size=30)
+    restored.load_state_dict(state)
+    assert (restored.current_task, restored.tasks_seen, restored.task_start) == (2, [0, 2], {"epoch": 0, "step": 0})
+    next_epoch = [b.tolist() for b in datamodule.train_dataloader().batch_sampler]
+    assert [b.tolist() for b in restored.train_dataloader().batch_sampler] == next_epoch
+    restored.load_state_dict({"current_task": 1})  # an older state without the later keys
+    assert restored.tasks_seen == [0, 1]
+
+
+# ---------------------------------------------------------------------------- fit_sequence
+def test_fit_sequence_one_fit_per_task_on_one_timeline(split_digits, tmp_path):
+    model, datamodule, recorder = make_model(), TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH), Recorder()
+    ewc = EWC(model.net, importance=10.0, fisher_sample_size=32)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = quiet_trainer(callbacks=[recorder, ewc], logger=logger, log_every_n_steps=1)
+    fit_sequence(trainer, model, datamodule, epochs_per_task=2)
+
+    steps = [2 * math.ceil(len(task) / BATCH) for task in split_digits.train]
+    assert recorder.starts == [(0, 0), (1, steps[0]), (2, steps[0] + steps[1])]
+    assert recorder.ends == 3 and trainer.global_step == sum(steps) and trainer.current_epoch == 6
+    assert recorder.batch_task_ids == [{0}] * steps[0] + [{1}] * steps[1] + [{2}] * steps[2]
+    assert datamodule.current_task == 2 and datamodule.tasks_seen == [0, 1, 2]
+    assert ewc.finished_tasks == [0, 1, 2]
+    assert [path.name for path in (tmp_path / "run").iterdir()] == ["version_0"]  # one timeline, one log
+
+
+def test_fit_sequence_logs_one_continuous_timeline(split_digits, tmp_path):
+    class Logging(type(make_model())):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    model = Logging()
+    trainer = quiet_trainer(logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
+    fit_sequence(trainer, model, TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH), steps_per_task=3)
+    assert trainer.global_step == 9
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as file:
+        logged = [int(row["step"]) for row in csv.DictReader(file) if row.get("train_loss")]
+    assert logged == list(range(9))  # the step never restarts at a new task
+
+
+def test_fit_sequence_by_steps_starts_each_task_on_a_fresh_epoch(split_digits):
+    recorder = Recorder()
+    datamodule = TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH)
+    trainer = quiet_trainer(callbacks=[recorder])
+    fit_sequence(trainer, make_model(), datamodule, steps_per_task=7)  # 7 = one epoch (5) and 2 steps
+    assert recorder.starts == [(0, 0), (1, 7), (2, 14)] and trainer.global_step == 21
+    assert recorder.batch_task_ids == [{0}] * 7 + [{1}] * 7 + [{2}] * 7
+
+
+def test_fit_sequence_continues_from_the_current_task(split_digits):
+    recorder = Recorder()
+    datamodule = TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH)
+    datamodule.set_task(1)
+    fit_sequence(quiet_trainer(callbacks=[recorder]), make_model(), datamodule, epochs_per_task=1)
+    assert [task for task, _ in recorder.starts] == [1, 2] and recorder.ends == 2
+
+
+@pytest.mark.filterwarnings("ignore:.*Checkpoint directory .* exists and is not empty")
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+def test_fit_sequence_resumes_from_a_checkpoint_exactly(split_digits, tmp_path):
+    def run(ckpt_path=None, checkpoints=False):
+        model = make_model()
+        ewc = EWC(model.net, importance=10.0, fisher_sample_size=32)
+        callbacks = [ewc] + ([ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)] if checkpoints else [])
+        trainer = quiet_trainer(callbacks=callbacks, enable_checkpointing=checkpoints)
+        datamodule = TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH)
+        fit_sequence(trainer, model, datamodule, epochs_per_task=2, ckpt_path=ckpt_path)
+        return model, ewc, trainer
+
+    uninterrupted, _, trainer = run(checkpoints=True)
+    middle_of_task_1 = next(tmp_path.glob("epoch=2-*.ckpt"))  # after 3 of the 6 epochs
+    resumed, ewc, resumed_trainer = run(ckpt_path=str(middle_of_task_1))
+    assert resumed_trainer.global_step == trainer.global_step and ewc.finished_tasks == [0, 1, 2]
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_test_loaders_measure_every_task(split_digits):
+    class Evaluated(type(make_model())):
+        def test_step(self, batch, batch_idx, dataloader_idx=0):
+            x, y, t = batch
+            self.log("task_id", t.float().mean())
+            self.log("accuracy", (self(x).argmax(1) == y).float().mean())
+
+    datamodule = TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH)
+    results = quiet_trainer().test(Evaluated(), datamodule=datamodule, verbose=False)
+    assert [r[f"task_id/dataloader_idx_{i}"] for i, r in enumerate(results)] == [0.0, 1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_task_lists_name_the_argument():
+    with pytest.raises(ValueError, match=r"train_tasks must hold at least one task, got \[\]"):
+        TaskSequenceDataModule([], [])
+    with pytest.raises(ValueError, match=r"test_tasks must hold one dataset per training task \(3\), got 2"):
+        TaskSequenceDataModule(tiny_tasks(3), tiny_tasks(2))
+    with pytest.raises(ValueError, match=r"val_tasks must hold one dataset per training task \(2\), got 1"):
+        TaskSequenceDataModule(tiny_tasks(2), tiny_tasks(2), val_tasks=tiny_tasks(1))
+    with pytest.raises(TypeError, match="train_tasks must be a list of datasets, one per task, got TaskDataset"):
+        TaskSequenceDataModule(tiny_tasks(1)[0], tiny_tasks(1))
+    with pytest.raises(ValueError, match=r"test_tasks\[0\] is empty"):
+        TaskSequenceDataModule(tiny_tasks(1), [torch.utils.data.TensorDataset(torch.zeros(0))])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        TaskSequenceDataModule(tiny_tasks(1), tiny_tasks(1), batch_size=0)
+    with pytest.raises(ValueError, match=r"task must be in 0..1 \(2 tasks\), got 2"):
+        TaskSequenceDataModule(tiny_tasks(2), tiny_tasks(2)).set_task(2)
+
+
+def test_bad_fit_sequence_arguments(split_digits):
+    datamodule = TaskSequenceDataModule.from_benchmark(split_digits)
+    trainer, model = quiet_trainer(), make_model()
+    with pytest.raises(ValueError, match="exactly one of epochs_per_task and steps_per_task.*None.*None"):
+        fit_sequence(trainer, model, datamodule)
+    with pytest.raises(ValueError, match="epochs_per_task=1 and steps_per_task=5"):
+        fit_sequence(trainer, model, datamodule, epochs_per_task=1, steps_per_task=5)
+    with pytest.raises(ValueError, match="epochs_per_task must be >= 1, got 0"):
+        fit_sequence(trainer, model, datamodule, epochs_per_task=0)
+    with pytest.raises(TypeError, match="steps_per_task must be an int, got float: 2.5"):
+        fit_sequence(trainer, model, datamodule, steps_per_task=2.5)
+    with pytest.raises(TypeError, match="datamodule must be a TaskSequenceDataModule, got LightningDataModule"):
+        fit_sequence(trainer, model, L.LightningDataModule(), epochs_per_task=1)

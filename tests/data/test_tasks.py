@@ -1,0 +1,180 @@
+"""TaskDataset: batches by one tensor index equal the per-sample reference; transforms; samplers."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from neurenix.data.tasks import (
+    AddChannel,
+    Compose,
+    Flatten,
+    PermutePixels,
+    TaskDataset,
+    TensorBatchSampler,
+    ToFloat,
+    collate_batch,
+)
+
+
+def make_images(samples: int = 23, side: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (samples, side, side), dtype=torch.uint8, generator=generator)
+    return images, torch.randint(0, 4, (samples,), generator=generator)
+
+
+def make_task(with_task_ids: bool = True, task_id: int = 2) -> TaskDataset:
+    images, labels = make_images()
+    permutation = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    transform = Compose(PermutePixels(permutation), ToFloat(), Flatten())
+    return TaskDataset(images, labels, task_id, transform=transform, with_task_ids=with_task_ids)
+
+
+def test_one_sample_is_the_transformed_image():
+    images, labels = make_images()
+    permutation = torch.randperm(9, generator=torch.Generator().manual_seed(1))
+    x, y, t = make_task()[5]
+    assert torch.equal(x, images[5].flatten()[permutation].float() * (1 / 255))
+    assert y.item() == labels[5].item() and t.item() == 2
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and t.dtype == torch.int64
+
+
+def test_stored_inputs_stay_uint8_and_targets_int64():
+    task = make_task()
+    assert task.inputs.dtype == torch.uint8 and task.targets.dtype == torch.int64
+
+
+def test_batch_by_indexing_equals_the_per_sample_reference():
+    task = make_task()
+    # The reference: one __getitem__ per sample, then default_collate. PyTorch's fetcher prefers
+    # __getitems__ when a dataset has one, so the reference hides it behind a wrapper.
+    per_sample = list(DataLoader(_PerSample(task), batch_size=5))
+    ours = list(DataLoader(task, batch_size=5, collate_fn=collate_batch))
+    assert len(per_sample) == len(ours) == 5
+    for expected, got in zip(per_sample, ours):
+        assert len(got) == 3
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b)
+
+
+class _PerSample(torch.utils.data.Dataset):
+    def __init__(self, task: TaskDataset) -> None:
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, index: int):
+        return self.task[index]
+
+
+@pytest.mark.parametrize("index", [[4, 0, 9], torch.tensor([4, 0, 9]), (4, 0, 9)])
+def test_list_tensor_and_tuple_indices_give_the_same_batch(index):
+    task = make_task()
+    x, y, t = task[index]
+    for row, i in enumerate([4, 0, 9]):
+        assert torch.equal(x[row], task[i][0]) and y[row] == task[i][1]
+    assert torch.equal(t, torch.full((3,), 2))
+
+
+def test_slice_and_getitems():
+    task = make_task()
+    x, y, _ = task[:]
+    assert x.shape == (23, 9) and torch.equal(y, task.targets)
+    assert all(torch.equal(a, b) for a, b in zip(task.__getitems__([1, 2]), task[1:3]))
+
+
+def test_task_ids_only_when_asked():
+    assert len(make_task(with_task_ids=False)[[0, 1]]) == 2
+    assert len(make_task(with_task_ids=False)[0]) == 2
+
+
+def test_float_inputs_without_transform_are_returned_as_stored():
+    inputs = torch.randn(6, 4, dtype=torch.float64)
+    task = TaskDataset(inputs, torch.arange(6), 0)
+    assert torch.equal(task[[2, 3]][0], inputs[[2, 3]])
+
+
+def test_transforms():
+    x = torch.arange(8, dtype=torch.uint8).reshape(2, 2, 2)
+    assert torch.equal(ToFloat(scale=0.5)(x), x.float() / 2)
+    assert torch.equal(Flatten()(x), x.reshape(2, 4))
+    assert AddChannel()(x).shape == (2, 1, 2, 2)
+    permuted = PermutePixels(torch.tensor([3, 2, 1, 0]))(x)
+    assert permuted.shape == x.shape and torch.equal(permuted.reshape(2, 4), x.reshape(2, 4).flip(1))
+    floats = torch.ones(2, 3)
+    ToFloat(scale=2.0)(floats)
+    assert torch.equal(floats, torch.ones(2, 3))  # the stored data is never scaled in place
+
+
+def test_dataset_pickles_for_worker_processes():
+    task = make_task()
+    copy = pickle.loads(pickle.dumps(task))
+    assert all(torch.equal(a, b) for a, b in zip(copy[[3, 1]], task[[3, 1]]))
+
+
+def test_loader_with_workers_gives_the_same_batches():
+    task = make_task()
+    in_process = list(DataLoader(task, batch_size=4, collate_fn=collate_batch))
+    with_workers = list(DataLoader(task, batch_size=4, collate_fn=collate_batch, num_workers=2))
+    assert len(in_process) == len(with_workers) == 6
+    for a, b in zip(in_process, with_workers):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+# ---------------------------------------------------------------------------- TensorBatchSampler
+def test_tensor_batch_sampler_shuffles_every_index_once_per_epoch():
+    task = make_task()
+    sampler = TensorBatchSampler(RandomSampler(task, generator=torch.Generator().manual_seed(3)), 5, False)
+    epoch_1, epoch_2 = list(sampler), list(sampler)
+    assert [len(b) for b in epoch_1] == [5, 5, 5, 5, 3]
+    assert torch.equal(torch.cat(epoch_1).sort().values, torch.arange(23))
+    assert not torch.equal(torch.cat(epoch_1), torch.cat(epoch_2))
+    again = TensorBatchSampler(RandomSampler(task, generator=torch.Generator().manual_seed(3)), 5, False)
+    assert torch.equal(torch.cat(list(again)), torch.cat(epoch_1))  # same seed, same order
+
+
+def test_tensor_batch_sampler_sequential_and_drop_last():
+    batches = list(TensorBatchSampler(SequentialSampler(range(23)), 5, drop_last=True))
+    assert len(batches) == 4 == len(TensorBatchSampler(SequentialSampler(range(23)), 5, drop_last=True))
+    assert torch.equal(torch.cat(batches), torch.arange(20))
+
+
+def test_tensor_batch_sampler_batches_other_samplers_like_batch_sampler():
+    sampler = DistributedSampler(range(23), num_replicas=2, rank=1, shuffle=True, seed=4)
+    assert list(TensorBatchSampler(sampler, 4, False)) == list(BatchSampler(sampler, 4, False))
+
+
+def test_lightning_injects_a_distributed_sampler():
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    images, _ = make_images()
+    task = TaskDataset(images, torch.arange(23), 0)  # labels name the samples
+    loader = DataLoader(task, batch_sampler=TensorBatchSampler(RandomSampler(task), 4, False), collate_fn=collate_batch)
+    seen = []
+    for rank in range(2):
+        distributed = DistributedSampler(task, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        replaced = _update_dataloader(loader, distributed)
+        assert isinstance(replaced.batch_sampler, TensorBatchSampler) and replaced.batch_sampler.sampler is distributed
+        seen += [y for _, labels in replaced for y in labels.tolist()]
+    assert len(seen) == 24 and set(seen) == set(range(23))  # DistributedSampler pads 23 to 2 x 12
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_argument():
+    images, labels = make_images()
+    with pytest.raises(ValueError, match=r"targets must be 1-D.*\(22,\)"):
+        TaskDataset(images, labels[:-1])
+    with pytest.raises(TypeError, match="targets must hold integer labels, got dtype torch.float32"):
+        TaskDataset(images, labels.float())
+    with pytest.raises(ValueError, match="task_id must be an int >= 0, got -1"):
+        TaskDataset(images, labels, -1)
+    with pytest.raises(TypeError, match="transform must be callable or None, got int"):
+        TaskDataset(images, labels, transform=3)
+    with pytest.raises(ValueError, match="permutation must be a permutation"):
+        PermutePixels(torch.tensor([0, 0, 1]))
+    with pytest.raises(IndexError, match="1-D sequence of ints"):
+        make_task()[torch.tensor([[0, 1]])]
