@@ -16,6 +16,7 @@ importance, the teacher) at the parameters it ended with, which is when
 from __future__ import annotations
 
 import contextlib
+import inspect
 import zlib
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from neurenix.continual._checks import check_batch, check_device, check_model, check_task_id
 
-__all__ = ["ContinualMethod", "evaluation_mode", "trainable_parameters"]
+__all__ = ["ContinualMethod", "evaluation_mode", "model_arguments", "takes_task_ids", "trainable_parameters"]
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -42,6 +43,23 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, was_training in modes:
             module.training = was_training
+
+
+def takes_task_ids(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes a second positional argument (a multi-head model's task ids)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature (a builtin): inputs only
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+
+
+def model_arguments(model: nn.Module, inputs: Tensor, task_ids: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """The arguments to call ``model`` with: ``(inputs, task_ids)`` where it takes task ids, else ``(inputs,)``."""
+    if task_ids is not None and takes_task_ids(model):
+        return (inputs, task_ids)
+    return (inputs,)
 
 
 def _fingerprint(model: nn.Module) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -66,7 +66,7 @@ class KnowledgeDistillation(ContinualCallback):
         self.teacher: Optional[nn.Module] = None
         self._seen_units: Optional[Tensor] = None
         self._teacher_units: Optional[Tensor] = None
-        self._captured: Optional[tuple[Tensor, Tensor]] = None
+        self._captured: Optional[tuple[tuple[Tensor, ...], Tensor]] = None
         self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -82,21 +82,23 @@ class KnowledgeDistillation(ContinualCallback):
         """
         super().register_task(task_id, dataloader)
 
-    def get_distillation_loss(self, inputs: Tensor, outputs: Tensor) -> Tensor:
+    def get_distillation_loss(self, inputs: Union[Tensor, tuple[Tensor, ...]], outputs: Tensor) -> Tensor:
         """``T²·KL(softmax(teacher(inputs)/T) ‖ softmax(outputs/T))``, batch mean; 0 without a teacher.
 
-        Unweighted: ``train_step`` uses ``(1 − alpha)·task_loss + alpha·`` this.
+        Unweighted: ``train_step`` uses ``(1 − alpha)·task_loss + alpha·`` this. ``inputs`` is
+        the model's input, or a tuple of its arguments (``(inputs, task_ids)``).
 
         Raises:
             TypeError: ``inputs`` or ``outputs`` is not a tensor.
         """
-        for name, value in (("inputs", inputs), ("outputs", outputs)):
+        arguments = CF.as_arguments(inputs)
+        for name, value in (("inputs", arguments[0] if arguments else inputs), ("outputs", outputs)):
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if self.teacher is None:
             return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
         with torch.no_grad():
-            teacher_outputs = self.teacher(inputs.to(self.device))
+            teacher_outputs = self.teacher(*(a.to(self.device) for a in arguments))
         units = None
         if self.units == "seen":
             units = self._teacher_units = _widened(self._teacher_units, outputs.shape[-1])
@@ -173,7 +175,7 @@ class KnowledgeDistillation(ContinualCallback):
 
     def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module is self.model and torch.is_grad_enabled() and args and isinstance(output, Tensor):
-            self._captured = (args[0], output)
+            self._captured = (tuple(args), output)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:

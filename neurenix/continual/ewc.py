@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
-from neurenix.continual.base import default_seed, evaluation_mode, trainable_parameters
+from neurenix.continual.base import default_seed, evaluation_mode, model_arguments, trainable_parameters
 from neurenix.continual.callback import split_batch
 from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
 
@@ -204,8 +204,8 @@ class EWC(QuadraticPenaltyMethod):
         closed_form = True  # until the network turns out not to be all nn.Linear
         samples = 0
         with evaluation_mode(self.model):
-            for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator):
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
+            for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):
+                inputs, targets = tuple(a.to(self.device) for a in inputs), targets.to(self.device)
                 if self.fisher == "true":
                     targets = self._labels_from_model(at, others, inputs)
                 batch_sums = CF.linear_squared_gradient_sum(self.model, at, others, inputs, targets) if closed_form else None
@@ -213,17 +213,17 @@ class EWC(QuadraticPenaltyMethod):
                     closed_form = False
                     batch_sums = _vmapped_squared_gradient_sum(self.model, at, others, inputs, targets)
                 torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
-                samples += inputs.shape[0]
+                samples += targets.shape[0]
         if samples == 0:
             raise ValueError("EWC cannot estimate the Fisher: the task's data yielded no samples")
         fisher = {name: s / samples for name, s in sums.items()}
         self._check_finite_fisher(fisher)
         return fisher, samples
 
-    def _labels_from_model(self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor) -> Tensor:
+    def _labels_from_model(self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         with torch.no_grad():
-            logits = torch.func.functional_call(self.model, (at, others), (inputs,))
-        return CF.sample_model_labels(logits.cpu(), self._generator).to(inputs.device)
+            logits = torch.func.functional_call(self.model, (at, others), inputs)
+        return CF.sample_model_labels(logits.cpu(), self._generator).to(logits.device)
 
     @staticmethod
     def _check_finite_fisher(fisher: dict[str, Tensor]) -> None:
@@ -264,14 +264,15 @@ class EWC(QuadraticPenaltyMethod):
 
 
 def _vmapped_squared_gradient_sum(
-    model: torch.nn.Module, at: dict[str, Tensor], others: dict[str, Tensor], inputs: Tensor, targets: Tensor
+    model: torch.nn.Module, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...], targets: Tensor
 ) -> dict[str, Tensor]:
     """:func:`~neurenix.continual.functional.squared_gradient_sum` in chunks that bound its memory."""
     numel = sum(a.numel() for a in at.values())
     chunk = max(1, FISHER_CHUNK_ELEMENTS // max(numel, 1))
     total: Optional[dict[str, Tensor]] = None
-    for start in range(0, inputs.shape[0], chunk):
-        part = CF.squared_gradient_sum(model, at, others, inputs[start : start + chunk], targets[start : start + chunk])
+    for start in range(0, targets.shape[0], chunk):
+        part_inputs = tuple(a[start : start + chunk] for a in inputs)
+        part = CF.squared_gradient_sum(model, at, others, part_inputs, targets[start : start + chunk])
         total = part if total is None else {name: total[name] + g for name, g in part.items()}
     assert total is not None  # inputs is never empty here
     return total
@@ -281,8 +282,11 @@ def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {name: t.to(device) for name, t in tensors.items()}
 
 
-def _task_samples(data: Any, count: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """Up to ``count`` ``(inputs, targets)`` samples of a task, in batches.
+def _task_samples(
+    data: Any, count: int, generator: torch.Generator, model: torch.nn.Module
+) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
+    """Up to ``count`` samples of a task, in batches of ``((inputs[, task_ids]), targets)``: the
+    model's arguments (task ids too where batches carry them and ``model`` takes them) and labels.
 
     ``data`` may be a DataLoader over a map-style dataset (a uniform random subset, drawn with
     ``generator`` and batched with the loader's ``collate_fn``), an ``(inputs, targets)`` pair of
@@ -291,16 +295,17 @@ def _task_samples(data: Any, count: int, generator: torch.Generator) -> Iterator
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
         inputs, targets = data
         chosen = torch.randperm(inputs.shape[0], generator=generator)[:count]
-        yield inputs[chosen.to(inputs.device)], targets[chosen.to(targets.device)]
+        yield (inputs[chosen.to(inputs.device)],), targets[chosen.to(targets.device)]
         return
     if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and hasattr(data.dataset, "__len__"):
         chosen = torch.randperm(len(data.dataset), generator=generator)[:count].tolist()
         data = DataLoader(data.dataset, batch_size=data.batch_size or 256, sampler=chosen, collate_fn=data.collate_fn)
     taken = 0
     for batch in data:
-        inputs, targets, _ = split_batch(batch)
-        inputs, targets = inputs[: count - taken], targets[: count - taken]
-        taken += inputs.shape[0]
-        yield inputs, targets
+        inputs, targets, task_ids = split_batch(batch)
+        arguments = model_arguments(model, inputs, task_ids)
+        wanted = count - taken
+        taken += min(wanted, targets.shape[0])
+        yield tuple(a[:wanted] for a in arguments), targets[:wanted]
         if taken >= count:
             return

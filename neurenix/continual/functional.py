@@ -7,7 +7,7 @@ multi-tensor (``torch._foreach_*``) kernels: one fused launch per operation for 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 
 __all__ = [
     "add_quadratic_penalty_grad_",
+    "as_arguments",
     "distillation_loss",
     "linear_squared_gradient_sum",
     "quadratic_penalty",
@@ -27,6 +28,15 @@ __all__ = [
 ]
 
 
+#: A model's batched positional arguments: a tensor, or a tuple such as ``(inputs, task_ids)``.
+ModelInputs = Union[Tensor, tuple[Tensor, ...]]
+
+
+def as_arguments(inputs: ModelInputs) -> tuple[Tensor, ...]:
+    """The positional arguments of a model call: ``inputs`` itself if it is a tuple."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
 # --------------------------------------------------------------------------------------------
 # EWC: diagonal Fisher from per-sample gradients
 # --------------------------------------------------------------------------------------------
@@ -36,7 +46,7 @@ def squared_gradient_sum(
     model: nn.Module,
     params: Mapping[str, Tensor],
     others: Mapping[str, Tensor],
-    inputs: Tensor,
+    inputs: ModelInputs,
     targets: Tensor,
 ) -> dict[str, Tensor]:
     """``Σ_n (∂/∂θ log p(y_n | x_n; θ))²`` over the samples of a batch, per parameter.
@@ -49,16 +59,17 @@ def squared_gradient_sum(
         model: evaluated with ``functional_call``; its own tensors are not used for ``params``.
         params: the tensors to differentiate, by name (the point θ at which the Fisher is taken).
         others: every other parameter and buffer the forward needs, by name.
-        inputs: a batch of inputs, ``(N, ...)``.
+        inputs: a batch of inputs ``(N, ...)``, or a tuple of the model's batched arguments
+            (``(inputs, task_ids)`` for a multi-head model).
         targets: the labels ``(N,)`` (dataset labels: empirical Fisher; labels sampled from the
             model: true Fisher).
     """
 
-    def sample_nll(sample_params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        logits = functional_call(model, (sample_params, dict(others)), (x.unsqueeze(0),))
+    def sample_nll(sample_params: dict[str, Tensor], args: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        logits = functional_call(model, (sample_params, dict(others)), tuple(a.unsqueeze(0) for a in args))
         return F.cross_entropy(logits, y.unsqueeze(0))
 
-    per_sample = vmap(grad(sample_nll), in_dims=(None, 0, 0))(dict(params), inputs, targets)
+    per_sample = vmap(grad(sample_nll), in_dims=(None, 0, 0))(dict(params), as_arguments(inputs), targets)
     return {name: g.square().sum(0) for name, g in per_sample.items()}
 
 
@@ -66,7 +77,7 @@ def linear_squared_gradient_sum(
     model: nn.Module,
     params: Mapping[str, Tensor],
     others: Mapping[str, Tensor],
-    inputs: Tensor,
+    inputs: ModelInputs,
     targets: Tensor,
 ) -> Optional[dict[str, Tensor]]:
     """:func:`squared_gradient_sum` in closed form for networks whose parameters are all in ``nn.Linear``.
@@ -91,12 +102,13 @@ def linear_squared_gradient_sum(
 
     handles = [layer.register_forward_hook(record) for layer in seen]
     try:
-        logits = functional_call(model, (leaves, dict(others)), (inputs,))
+        logits = functional_call(model, (leaves, dict(others)), as_arguments(inputs))
     finally:
         for handle in handles:
             handle.remove()
+    batch = targets.shape[0]
     calls = list(seen.values())
-    if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][0].shape[0] != inputs.shape[0] for c in calls):
+    if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][0].shape[0] != batch for c in calls):
         return None
     loss = F.cross_entropy(logits, targets, reduction="sum")  # per-sample gradients, unscaled
     output_grads = torch.autograd.grad(loss, [c[0][1] for c in calls])

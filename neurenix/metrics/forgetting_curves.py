@@ -13,8 +13,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from neurenix.continual._checks import check_int
-from neurenix.continual.base import evaluation_mode
-from neurenix.continual.callback import continual_methods
+from neurenix.continual.base import evaluation_mode, model_arguments
+from neurenix.continual.callback import continual_methods, split_batch
 from neurenix.metrics.accuracy_matrix import AccuracyMatrix
 
 __all__ = ["ForgettingCurves", "accuracy_heatmap"]
@@ -37,9 +37,9 @@ class ForgettingCurves(Callback):
 
     The accuracy matrix (:attr:`matrix`) is part of the callback's checkpointed state.
 
-    Evaluation batches are ``(inputs, targets)`` (the model is called as ``model(inputs)``) or
-    ``(inputs, targets, task_ids)`` (called as ``model(inputs, task_ids)``, for multi-head
-    task-incremental models).
+    Evaluation batches are ``(inputs, targets)`` or ``(inputs, targets, task_ids)``; the model
+    is called as ``model(inputs, task_ids)`` where its ``forward`` takes a second positional
+    argument (a multi-head task-incremental model), else as ``model(inputs)``.
 
     Args:
         every_n_epochs: also log every task's accuracy every ``n`` epochs inside a task
@@ -177,9 +177,9 @@ def _predictions(pl_module: "pl.LightningModule", loader: Any):
     device = pl_module.device
     with evaluation_mode(pl_module), torch.no_grad():
         for batch in loader:
-            inputs, targets = batch[0].to(device), batch[1].to(device)
-            outputs = pl_module(inputs, batch[2].to(device)) if len(batch) == 3 else pl_module(inputs)
-            yield outputs, targets
+            inputs, targets, task_ids = split_batch(batch)
+            task_ids = None if task_ids is None else task_ids.to(device)
+            yield pl_module(*model_arguments(pl_module, inputs.to(device), task_ids)), targets.to(device)
 
 
 def accuracy_heatmap(matrix: Tensor, cell: int = 24) -> Tensor:

@@ -411,3 +411,20 @@ def test_old_checkpoint_without_newer_keys_loads_and_trains(cls, task_a, task_b)
         assert_same(consolidated(method, 0), end_of_task_0)
         nudge(model)
         assert protection(method, task_b.tensors[0]) > 0
+
+
+def test_task_ids_go_to_models_whose_forward_takes_them():
+    from neurenix.continual.base import model_arguments, takes_task_ids
+
+    class MultiHead(torch.nn.Module):
+        def forward(self, x, task_ids):
+            return x
+
+    class Star(torch.nn.Module):
+        def forward(self, *args):
+            return args[0]
+
+    x, t = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    assert not takes_task_ids(torch.nn.Linear(3, 3)) and takes_task_ids(MultiHead()) and takes_task_ids(Star())
+    assert model_arguments(torch.nn.Linear(3, 3), x, t) == (x,)
+    assert model_arguments(MultiHead(), x, t) == (x, t) and model_arguments(MultiHead(), x, None) == (x,)

@@ -354,3 +354,35 @@ def test_state_dict_round_trip_through_weights_only_load():
     assert restored.finished_tasks == [1] and restored.active_task == 2
     for key in ("fisher", "anchor"):
         assert_dicts_close(restored._tasks[1][key], ewc._tasks[1][key], rtol=0, atol=0)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A multi-head model: forward(inputs, task_ids), with BatchNorm so the Fisher takes the vmap path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh()).double()
+        self.heads = torch.nn.Linear(5, 6).double()
+
+    def forward(self, x, task_ids):
+        return self.heads(self.body(x)).view(-1, 2, 3)[torch.arange(x.shape[0]), task_ids]
+
+
+def test_fisher_of_a_multi_head_model_gets_the_task_ids_of_each_sample():
+    model = _TwoHeads().eval()
+    x, y = make_task(samples=12).tensors
+    task_ids = torch.arange(12) % 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, task_ids), batch_size=5)
+    ewc = EWC(model, fisher_sample_size=100)
+    ewc.register_task(0, loader)
+    ewc.enter_task(1)  # consolidates task 0 at the current parameters
+
+    params = [p for p in model.parameters()]
+    reference = [torch.zeros_like(p) for p in params]
+    for i in range(12):
+        loss = F.cross_entropy(model(x[i : i + 1], task_ids[i : i + 1]), y[i : i + 1])
+        for total, g in zip(reference, torch.autograd.grad(loss, params)):
+            total += g.square() / 12
+    for (name, _), expected in zip(model.named_parameters(), reference):
+        torch.testing.assert_close(ewc._tasks[0]["fisher"][name], expected, rtol=1e-10, atol=1e-14)
