@@ -13,6 +13,7 @@ from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
 from neurenix.continual.base import default_seed, evaluation_mode, model_arguments, trainable_parameters
 from neurenix.continual.callback import split_batch
+from neurenix.continual.distributed import broadcast_, rank_and_world_size, sum_across_ranks_
 from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
 
 __all__ = ["EWC"]
@@ -203,8 +204,9 @@ class EWC(QuadraticPenaltyMethod):
         sums = {name: torch.zeros_like(a) for name, a in at.items()}
         closed_form = True  # until the network turns out not to be all nn.Linear
         samples = 0
+        self._generator.set_state(broadcast_(self._generator.get_state()))  # every rank draws one subset...
         with evaluation_mode(self.model):
-            for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):
+            for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):  # ...its share of it
                 inputs, targets = tuple(a.to(self.device) for a in inputs), targets.to(self.device)
                 if self.fisher == "true":
                     targets = self._labels_from_model(at, others, inputs)
@@ -214,6 +216,9 @@ class EWC(QuadraticPenaltyMethod):
                     batch_sums = _vmapped_squared_gradient_sum(self.model, at, others, inputs, targets)
                 torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
                 samples += targets.shape[0]
+        count = torch.tensor([float(samples)], dtype=torch.float64, device=self.device)
+        sum_across_ranks_([*sums.values(), count])  # sums and counts first, then divide
+        samples = int(count.item())
         if samples == 0:
             raise ValueError("EWC cannot estimate the Fisher: the task's data yielded no samples")
         fisher = {name: s / samples for name, s in sums.items()}
@@ -285,27 +290,33 @@ def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
 def _task_samples(
     data: Any, count: int, generator: torch.Generator, model: torch.nn.Module
 ) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
-    """Up to ``count`` samples of a task, in batches of ``((inputs[, task_ids]), targets)``: the
-    model's arguments (task ids too where batches carry them and ``model`` takes them) and labels.
+    """This rank's share of up to ``count`` samples of a task, in batches of
+    ``((inputs[, task_ids]), targets)``: the model's arguments (task ids too where batches carry
+    them and ``model`` takes them) and the labels.
 
     ``data`` may be a DataLoader over a map-style dataset (a uniform random subset, drawn with
     ``generator`` and batched with the loader's ``collate_fn``), an ``(inputs, targets)`` pair of
-    tensors (a random subset likewise), or any iterable of batches (the first ``count`` samples).
+    tensors (a random subset likewise), or any iterable of batches (the first samples it yields).
+    Under DDP the random subset is split between the ranks (``generator`` is the same on all);
+    an iterable, already sharded by its sampler, gives each rank its quota of ``count``.
     """
+    rank, world_size = rank_and_world_size()
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
         inputs, targets = data
-        chosen = torch.randperm(inputs.shape[0], generator=generator)[:count]
+        chosen = torch.randperm(inputs.shape[0], generator=generator)[:count][rank::world_size]
         yield (inputs[chosen.to(inputs.device)],), targets[chosen.to(targets.device)]
         return
     if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and hasattr(data.dataset, "__len__"):
-        chosen = torch.randperm(len(data.dataset), generator=generator)[:count].tolist()
+        chosen = torch.randperm(len(data.dataset), generator=generator)[:count][rank::world_size].tolist()
         data = DataLoader(data.dataset, batch_size=data.batch_size or 256, sampler=chosen, collate_fn=data.collate_fn)
+    else:
+        count = count // world_size + (rank < count % world_size)
     taken = 0
     for batch in data:
+        if taken >= count:
+            return
         inputs, targets, task_ids = split_batch(batch)
         arguments = model_arguments(model, inputs, task_ids)
         wanted = count - taken
         taken += min(wanted, targets.shape[0])
         yield tuple(a[:wanted] for a in arguments), targets[:wanted]
-        if taken >= count:
-            return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -11,6 +12,7 @@ from typing_extensions import override
 from neurenix.continual._checks import check_batch, check_int, check_model, check_real, check_task_id
 from neurenix.continual.base import default_seed
 from neurenix.continual.callback import ContinualCallback, join_batch, split_batch
+from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
 from neurenix.continual.memory import ReplayBatch, ReservoirMemory
 
 __all__ = ["ExperienceReplay", "ReplayBatch"]
@@ -134,4 +136,44 @@ class ExperienceReplay(ContinualCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.memory.device = self.device
-        self.memory.load_state_dict(state_dict.get("memory", {}))
+        per_rank = state_dict.get("memory_per_rank")
+        rank, world_size = rank_and_world_size()
+        if per_rank is None:
+            self.memory.load_state_dict(state_dict.get("memory", {}))
+        elif len(per_rank) == world_size:  # the same processes again: each gets its own memory back
+            self.memory.load_state_dict(per_rank[rank])
+        else:
+            self.memory.load_state_dict(redistributed_memory(per_rank, rank, world_size, self.memory.capacity))
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # Under DDP every rank keeps its own reservoir of its own shard of the stream, and only
+        # rank 0 writes the checkpoint: gather all of them into it, so that nothing is lost.
+        if rank_and_world_size()[1] == 1:
+            return
+        states = all_gather_objects(_on_cpu(self.memory.state_dict()))
+        checkpoint["callbacks"][self.state_key]["memory_per_rank"] = states
+
+
+def _on_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.cpu() if isinstance(value, Tensor) else value for key, value in state.items()}
+
+
+def redistributed_memory(per_rank: list[dict[str, Any]], rank: int, world_size: int, capacity: int) -> dict[str, Any]:
+    """Rank ``rank``'s memory when a run saved by ``len(per_rank)`` processes resumes on ``world_size``.
+
+    The saved samples are pooled and dealt out in turn (``rank::world_size``), so nothing is
+    dropped unless a rank's share exceeds its capacity (then a seeded uniform subset is kept);
+    each rank counts an equal share of the stream seen so far. The sampling generators cannot
+    be carried over between different numbers of processes: they restart from the saved seed.
+    """
+    stored = [state for state in per_rank if state.get("inputs") is not None]
+    if not stored:
+        return {"num_seen": 0, "seed": per_rank[0].get("seed", 0)}
+    pooled = {key: torch.cat([state[key] for state in stored])[rank::world_size] for key in ("inputs", "targets", "task_ids")}
+    seed = int(per_rank[0]["seed"]) + rank
+    if pooled["inputs"].shape[0] > capacity:
+        keep = torch.randperm(pooled["inputs"].shape[0], generator=torch.Generator().manual_seed(seed))[:capacity]
+        pooled = {key: value[keep] for key, value in pooled.items()}
+    num_seen = sum(int(state["num_seen"]) for state in per_rank) // world_size
+    return {**pooled, "num_seen": max(num_seen, pooled["inputs"].shape[0]), "seed": seed}

@@ -1,0 +1,727 @@
+"""What each continual-learning method costs, as ratios to plain training of the same model on the same batches.
+
+One run measures, on one reference setup (an MLP 784-400-400-10, batch 128, Adam, the 5-task split
+Fashion-MNIST benchmark in the class-incremental scenario, a fixed number of CPU threads):
+
+1. **step**: the time of one training step per method, once its first task has ended (penalty,
+   replay memory, teacher all active), under a Lightning ``Trainer`` against plain Lightning
+   training, and through the standalone ``train_step`` against a hand-written PyTorch step;
+2. **consolidation**: the time to consolidate a task (EWC's Fisher of ``fisher_sample_size``
+   samples, SI's importance, L2's anchor, the distillation teacher) against one training epoch
+   over the same samples, and EWC's Fisher against a per-sample reference loop, whose values it
+   must equal to float tolerance;
+3. **sequence**: the wall time of a whole 5-task ``fit_sequence`` per method;
+4. **wrapper**: the standalone ``train_step`` during a method's first task (nothing to protect
+   yet, so it is the wrapper itself) against the hand-written step;
+5. **memory**: the bytes of tensors in each method's ``state_dict()`` after the 5 tasks (and the
+   bytes it holds in all, which adds working copies outside the state dict).
+
+Every variant gets a model of the same initial weights and the same batches. Repetitions run
+the variants in turn, in reversed order every other repetition (A B C, C B A, ...), so that
+drifts in the machine's speed hit all alike; the tables give medians over the repetitions.
+Step times are taken per optimizer step (a Lightning callback from ``on_train_batch_start`` to
+``on_train_batch_end``, or around ``train_step``), so data loading, which all variants share,
+is left out; the first steps of each timed run (the optimizer's state being allocated) are
+dropped.
+
+    python benchmarks/continual_overhead.py [--model mlp|large] [--threads 2] [--repeats N]
+        [--steps N] [--sequence-steps N] [--data fashion_mnist|digits] [--root DIR]
+        [--quick] [--json PATH]
+
+``--model large`` runs the same measurements on an MLP 784-2048-2048-2048-10 (21 times the
+parameters) to show how the ratios move as the model grows. ``--quick`` is a smoke mode on tiny
+sizes (seconds; the timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from neurenix.continual import (
+    EWC,
+    ContinualLossMixin,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    SynapticIntelligence,
+)
+from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+#: The benchmark of issue 7: five tasks of two classes each.
+NUM_TASKS = 5
+LEARNING_RATE = 1e-3
+#: Each method with its documented defaults (EWC's importance is the API document's 1000).
+EWC_IMPORTANCE, FISHER_SAMPLES = 1000.0, 1000
+L2_IMPORTANCE = 1.0
+SI_IMPORTANCE, SI_XI = 1.0, 0.1
+MEMORY_SIZE, REPLAY_RATIO = 1000, 0.5
+TEMPERATURE, ALPHA = 2.0, 0.5
+
+METHODS = ("ewc", "l2", "si", "replay", "distillation")
+#: Methods that change the batch or the loss: their LightningModule needs ContinualLossMixin.
+NEEDS_MIXIN = ("replay", "distillation")
+
+#: Targets of issue 7, as the largest (or, for the Fisher's speed-up, smallest) ratio allowed.
+STEP_TARGETS = {
+    "ewc": 1.10,
+    "l2": 1.10,
+    "si": 1.10,
+    # "(1 + replay_ratio) times plain, plus 10%": read strictly, 1 + replay_ratio + 0.10.
+    "replay": 1.0 + REPLAY_RATIO + 0.10,
+    "distillation": 1.5,
+}
+WRAPPER_TARGET = 1.10
+FISHER_VS_EPOCH_TARGET = 1.0
+FISHER_SPEEDUP_TARGET = 10.0
+#: "The same values": float32 sums of 1000 squares in another order agree to about 1e-6 relative;
+#: entries far below a tensor's largest are compared against a floor set by that largest one.
+FISHER_RTOL, FISHER_ATOL_SCALE = 1e-4, 1e-6
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything one run depends on (it goes into the JSON as is)."""
+
+    model: str
+    hidden: tuple[int, ...]
+    batch_size: int
+    steps: int
+    repeats: int
+    sequence_steps: Optional[int]  # optimizer steps per task of the sequence; None: one epoch
+    fisher_samples: int
+    reference_samples: int  # samples the per-sample Fisher loop is timed on (then scaled)
+    threads: int
+    data: str
+    root: Optional[str]
+    seed: int = 0
+
+    @property
+    def warmup(self) -> int:
+        """Steps dropped at the start of each timed run (Adam allocates its state in the first)."""
+        return min(2, self.steps // 2)
+
+
+PRESETS = {
+    # The reference: a full repetition of every measurement takes about 20 s on 2 cores.
+    "mlp": Setup("mlp", (400, 400), 128, steps=80, repeats=7, sequence_steps=None, fisher_samples=FISHER_SAMPLES,
+                 reference_samples=FISHER_SAMPLES, threads=2, data="fashion_mnist", root=FASHION_MNIST),
+    # 10 M parameters: steps take ~25x longer, so fewer of them, and the per-sample Fisher loop is
+    # timed on 100 samples and scaled (its cost is linear in the samples).
+    "large": Setup("large", (2048, 2048, 2048), 128, steps=20, repeats=3, sequence_steps=20,
+                   fisher_samples=FISHER_SAMPLES, reference_samples=100, threads=2, data="fashion_mnist",
+                   root=FASHION_MNIST),
+}
+QUICK = dict(batch_size=32, steps=4, repeats=2, sequence_steps=2, fisher_samples=64, reference_samples=64)
+QUICK_WIDTH = 16
+
+TRAINER_OPTIONS = dict(
+    accelerator="cpu",
+    devices=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+# ---------------------------------------------------------------------------- models
+def build_net(setup: Setup, inputs: int, classes: int) -> nn.Sequential:
+    """The MLP of the setup, with the same initial weights every call."""
+    torch.manual_seed(setup.seed)
+    layers: list[nn.Module] = []
+    width = inputs
+    for hidden in setup.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, classes))
+
+
+class Classifier(L.LightningModule):
+    """Plain Lightning training of ``net``: cross-entropy, Adam."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=LEARNING_RATE)
+
+
+class ContinualClassifier(ContinualLossMixin, Classifier):
+    """The same module with the mixin that replay and distillation need."""
+
+
+def lightning_module(variant: str, net: nn.Module) -> Classifier:
+    return ContinualClassifier(net) if variant in NEEDS_MIXIN else Classifier(net)
+
+
+def make_method(name: str, net: nn.Module, setup: Setup) -> Any:
+    if name == "ewc":
+        return EWC(net, importance=EWC_IMPORTANCE, fisher_sample_size=setup.fisher_samples, seed=setup.seed)
+    if name == "l2":
+        return L2Regularization(net, importance=L2_IMPORTANCE)
+    if name == "si":
+        return SynapticIntelligence(net, importance=SI_IMPORTANCE, xi=SI_XI)
+    if name == "replay":
+        return ExperienceReplay(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
+    if name == "distillation":
+        return KnowledgeDistillation(net, temperature=TEMPERATURE, alpha=ALPHA)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def parameter_bytes(net: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    benchmark: Any
+    inputs: int
+    classes: int
+    loaders: list  # the training loader of each task, unshuffled: every run sees the same batches
+    batches: list[tuple[Tensor, Tensor]]  # the first `steps` batches of task 1
+    fisher_batches: list[tuple[Tensor, Tensor]]  # exactly `fisher_samples` samples of task 1
+
+
+def load_data(setup: Setup) -> Data:
+    benchmark = split_benchmark(setup.data, NUM_TASKS, root=setup.root, scenario="class", seed=setup.seed)
+    loaders = [_unshuffled_loader(task, setup.batch_size) for task in benchmark.train]
+    batches = list(itertools.islice(loaders[1], setup.steps))
+    if len(batches) < setup.steps:
+        raise ValueError(f"--steps {setup.steps} is more than the {len(batches)} batches of a task")
+    return Data(benchmark, benchmark.input_shape[0], benchmark.num_classes, loaders, batches,
+                _first_samples(loaders[1], setup.fisher_samples))
+
+
+def _unshuffled_loader(task: Any, batch_size: int) -> Any:
+    return TaskSequenceDataModule([task], [task], batch_size=batch_size, shuffle=False).train_dataloader()
+
+
+def _first_samples(loader: Any, count: int) -> list[tuple[Tensor, Tensor]]:
+    batches, taken = [], 0
+    for x, y in loader:
+        keep = min(count - taken, x.shape[0])
+        batches.append((x[:keep], y[:keep]))
+        taken += keep
+        if taken == count:
+            return batches
+    raise ValueError(f"a task holds fewer than the {count} samples asked for the Fisher")
+
+
+# ---------------------------------------------------------------------------- timing
+class StepTimer(Callback):
+    """Times each optimizer step of a fit: training_step, backward, every hook, optimizer.step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def mean_after_warmup(times: Sequence[float], warmup: int) -> float:
+    kept = list(times[warmup:]) or list(times)
+    return sum(kept) / len(kept)
+
+
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each run ``repeats`` times, in turn, the order reversed every other repetition."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            times[name].append(runs[name]())
+    return times
+
+
+def timed(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def summary(times: list[float], reference: Optional[list[float]] = None) -> dict[str, Any]:
+    """The repetitions, their median, and (with ``reference``) the ratio of the medians."""
+    entry: dict[str, Any] = {"times_s": times, "median_s": statistics.median(times)}
+    if reference is not None:
+        entry["ratio"] = entry["median_s"] / statistics.median(reference)
+    return entry
+
+
+def fit(module: L.LightningModule, callbacks: list[Callback], loader: Any, steps: int) -> None:
+    L.Trainer(max_steps=steps, callbacks=callbacks, **TRAINER_OPTIONS).fit(module, train_dataloaders=loader)
+
+
+# ---------------------------------------------------------------------------- 1 and 4: steps
+def lightning_run(module: L.LightningModule, callbacks: list[Callback], loader: Any, setup: Setup) -> Callable[[], float]:
+    """One fit of ``steps`` steps on task 1's first batches; its mean step time."""
+
+    def run() -> float:
+        timer = StepTimer()
+        fit(module, [timer, *callbacks], loader, setup.steps)
+        return mean_after_warmup(timer.times, setup.warmup)
+
+    return run
+
+
+def standalone_run(step: Callable[[Tensor, Tensor], Any], batches: list, setup: Setup) -> Callable[[], float]:
+    def run() -> float:
+        times = []
+        for x, y in batches:
+            start = time.perf_counter()
+            step(x, y)
+            times.append(time.perf_counter() - start)
+        return mean_after_warmup(times, setup.warmup)
+
+    return run
+
+
+def handwritten_step(net: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], None]:
+    """The plain PyTorch step a user would write."""
+
+    def step(x: Tensor, y: Tensor) -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def method_step(method: Any, optimizer: torch.optim.Optimizer, task_id: int) -> Callable[[Tensor, Tensor], None]:
+    """``train_step``; replay also stores the batch, as its documented loop does."""
+    remember = isinstance(method, ExperienceReplay) and task_id > 0
+
+    def step(x: Tensor, y: Tensor) -> None:
+        method.train_step(optimizer, F.cross_entropy, x, y, task_id=task_id)
+        if remember:
+            method.add_to_memory(x, y, task_id)
+
+    return step
+
+
+def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
+    """Per-step times of every variant in both doors, all interleaved in one loop.
+
+    Lightning variants train task 0 in a first fit (which consolidates it) and are then timed
+    on task 1's batches, one fit per repetition (each fit is a task of its own to the methods,
+    consolidated at its end, outside the timed steps). Standalone variants train task 0 with
+    ``train_step``, enter task 1 with an untimed step, and are timed on the same batches; a
+    second set stays in its first task to time the wrapper alone. Returns the hand-written
+    step's model, trained, for the consolidation measurements.
+    """
+    runs: dict[str, Callable[[], float]] = {}
+    task0, task1 = data.loaders[0], data.loaders[1]
+    task0_batches = list(itertools.islice(task0, setup.steps))
+
+    for variant in ("plain", *METHODS):
+        net = build_net(setup, data.inputs, data.classes)
+        module = lightning_module(variant, net)
+        callbacks = [] if variant == "plain" else [make_method(variant, net, setup)]
+        fit(module, callbacks, task0, setup.steps)
+        runs[f"lightning/{variant}"] = lightning_run(module, callbacks, task1, setup)
+
+    hand_net = build_net(setup, data.inputs, data.classes)
+    runs["standalone/handwritten"] = standalone_run(handwritten_step(hand_net, _adam(hand_net)), data.batches, setup)
+    for name in METHODS:
+        net = build_net(setup, data.inputs, data.classes)
+        optimizer, method = _adam(net), make_method(name, net, setup)
+        method.register_task(0, task0)  # EWC's Fisher data, as in the API document's flow
+        for x, y in task0_batches:
+            method_step(method, optimizer, 0)(x, y)
+            if isinstance(method, ExperienceReplay):
+                method.add_to_memory(x, y, 0)
+        method_step(method, optimizer, 1)(*data.batches[0])  # consolidates task 0, untimed
+        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1), data.batches, setup)
+    for name in METHODS:
+        net = build_net(setup, data.inputs, data.classes)
+        runs[f"first_task/{name}"] = standalone_run(method_step(make_method(name, net, setup), _adam(net), 0), data.batches, setup)
+
+    times = interleaved(runs, setup.repeats)
+    plain, hand = times["lightning/plain"], times["standalone/handwritten"]
+    result = {
+        "step_lightning": {v: summary(times[f"lightning/{v}"], plain) for v in ("plain", *METHODS)},
+        "step_standalone": {
+            "handwritten": summary(hand, hand),
+            **{m: summary(times[f"standalone/{m}"], hand) for m in METHODS},
+        },
+        "step_standalone_first_task": {m: summary(times[f"first_task/{m}"], hand) for m in METHODS},
+        "lightning_plain_vs_handwritten": {"ratio": statistics.median(plain) / statistics.median(hand)},
+    }
+    return result, hand_net
+
+
+def _adam(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
+
+
+# ---------------------------------------------------------------------------- 2: consolidation
+def per_sample_fisher(net: nn.Module, batches: list, count: int) -> dict[str, Tensor]:
+    """The reference: ``mean_n (∂ log p(y_n|x_n) / ∂θ)²``, one backward per sample."""
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
+    sums = [torch.zeros_like(p) for p in params]
+    taken = 0
+    with _eval_mode(net):
+        for x, y in batches:
+            for i in range(x.shape[0]):
+                if taken == count:
+                    break
+                grads = torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params)
+                torch._foreach_addcmul_(sums, grads, grads)
+                taken += 1
+    return {name: s / taken for name, s in zip(names, sums)}
+
+
+@contextlib.contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def compare_fisher(ours: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, Any]:
+    """Whether two Fishers hold the same values, and by how much they differ."""
+    equal, max_abs, max_rel = True, 0.0, 0.0
+    for name, expected in reference.items():
+        got = ours[name]
+        scale = float(expected.abs().max())
+        difference = float((got - expected).abs().max())
+        equal &= bool(torch.allclose(got, expected, rtol=FISHER_RTOL, atol=FISHER_ATOL_SCALE * scale))
+        max_abs = max(max_abs, difference)
+        max_rel = max(max_rel, difference / scale if scale > 0 else difference)
+    return {"equal": equal, "max_abs_diff": max_abs, "max_diff_relative_to_largest": max_rel,
+            "rtol": FISHER_RTOL, "atol_relative_to_largest": FISHER_ATOL_SCALE}
+
+
+def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Consolidating a task, each method on a fresh object over the same trained model."""
+    net = copy.deepcopy(trained)
+    batches = data.fisher_batches
+
+    epoch_net = copy.deepcopy(trained)
+    epoch_step = handwritten_step(epoch_net, _adam(epoch_net))
+    epoch_step(*batches[0])  # Adam's state, allocated once
+
+    def epoch() -> None:
+        for x, y in batches:
+            epoch_step(x, y)
+
+    fisher_ewc = make_method("ewc", net, setup)
+    fisher_ewc.enter_task(0)
+    fisher_ewc.finish_task(batches)
+
+    def consolidate(name: str) -> Callable[[], float]:
+        def run() -> float:
+            method = make_method(name, net, setup)
+            method.enter_task(0)
+            return timed(lambda: method.finish_task(batches if name == "ewc" else None))
+
+        return run
+
+    reference: dict[str, Tensor] = {}
+
+    def per_sample_loop() -> float:
+        seconds = timed(lambda: reference.update(per_sample_fisher(net, batches, setup.reference_samples)))
+        return seconds * setup.fisher_samples / setup.reference_samples  # linear in the samples
+
+    runs = {
+        "epoch": lambda: timed(epoch),
+        "ewc_fisher": lambda: timed(lambda: fisher_ewc.update_fisher(0, batches)),
+        "fisher_per_sample_loop": per_sample_loop,
+        **{name: consolidate(name) for name in METHODS},
+    }
+    times = interleaved(runs, setup.repeats)
+    result: dict[str, Any] = {
+        "epoch": summary(times["epoch"]),
+        "ewc_fisher": summary(times["ewc_fisher"], times["epoch"]),
+        **{name: summary(times[name], times["epoch"]) for name in METHODS},
+        "fisher_per_sample_loop": {
+            **summary(times["fisher_per_sample_loop"], times["epoch"]),
+            "measured_samples": setup.reference_samples,
+            "speedup_of_ewc_fisher": statistics.median(times["fisher_per_sample_loop"]) / statistics.median(times["ewc_fisher"]),
+        },
+        "samples": setup.fisher_samples,
+    }
+    check_ewc = make_method("ewc", net, replace(setup, fisher_samples=setup.reference_samples))
+    check_ewc.enter_task(0)
+    check_ewc.finish_task(batches)
+    check = compare_fisher(check_ewc.state_dict()["tasks"][0]["fisher"], reference)
+    check["samples"] = setup.reference_samples
+    return result, check
+
+
+# ---------------------------------------------------------------------------- 3 and 5: sequences
+def measure_sequence(setup: Setup, data: Data) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Whole 5-task ``fit_sequence`` runs per variant, then each method's state after them."""
+    batches_per_epoch = min(len(loader) for loader in data.loaders)
+    steps_per_task = min(setup.sequence_steps or batches_per_epoch, batches_per_epoch)
+    finished: dict[str, tuple[Any, nn.Module]] = {}
+
+    def sequence(variant: str) -> Callable[[], float]:
+        def run() -> float:
+            net = build_net(setup, data.inputs, data.classes)
+            module = lightning_module(variant, net)
+            methods = [] if variant == "plain" else [make_method(variant, net, setup)]
+            datamodule = TaskSequenceDataModule.from_benchmark(data.benchmark, batch_size=setup.batch_size, seed=setup.seed)
+            start = time.perf_counter()
+            trainer = L.Trainer(callbacks=methods, **TRAINER_OPTIONS)
+            fit_sequence(trainer, module, datamodule, steps_per_task=steps_per_task)
+            seconds = time.perf_counter() - start
+            if trainer.global_step != NUM_TASKS * steps_per_task:
+                raise RuntimeError(f"{variant}: the sequence made {trainer.global_step} steps")
+            if methods:
+                if methods[0].finished_tasks != list(range(NUM_TASKS)):
+                    raise RuntimeError(f"{variant} finished tasks {methods[0].finished_tasks}")
+                finished[variant] = (methods[0], net)
+            return seconds
+
+        return run
+
+    times = interleaved({variant: sequence(variant) for variant in ("plain", *METHODS)}, setup.repeats)
+    result = {variant: summary(times[variant], times["plain"]) for variant in times}
+    result["steps_per_task"] = steps_per_task
+    memory = {}
+    for name, (method, net) in finished.items():
+        state, held, params = state_dict_bytes(method.state_dict()), resident_bytes(method, net), parameter_bytes(net)
+        memory[name] = {"state_dict_bytes": state, "state_dict_vs_parameters": state / params,
+                        "resident_bytes": held, "resident_vs_parameters": held / params}
+    return result, memory
+
+
+def state_dict_bytes(state: Any) -> int:
+    """``Σ numel · element_size`` over every tensor in a nested state dict."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_dict_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_dict_bytes(v) for v in state)
+    return 0
+
+
+def resident_bytes(method: Any, model: nn.Module) -> int:
+    """Bytes of the distinct tensor storages the method holds, the model's own left out.
+
+    Counts what ``state_dict`` leaves out (EWC's folded penalty, the quadratic penalties'
+    workspace, SI's references) and counts shared storage once.
+    """
+    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            pointer = obj.untyped_storage().data_ptr()
+            if pointer not in own:
+                storages[pointer] = obj.untyped_storage().nbytes()
+            return
+        if id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, nn.Module):
+            for tensor in itertools.chain(obj.parameters(), obj.buffers()):
+                visit(tensor)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (list, tuple, set)):
+            for value in obj:
+                visit(value)
+        elif type(obj).__module__.startswith("neurenix"):
+            visit(vars(obj))
+
+    for name, value in vars(method).items():
+        if name != "model":
+            visit(value)
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------------- targets and report
+def evaluate_targets(measurements: dict[str, Any], fisher_check: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = []
+
+    def add(measure: str, value: Any, bound: Any, met: bool, target: str) -> None:
+        targets.append({"measure": measure, "value": value, "target": target, "bound": bound, "met": bool(met)})
+
+    for section, reference in (("step_lightning", "plain Lightning"), ("step_standalone", "hand-written step")):
+        for name in METHODS:
+            ratio = measurements[section][name]["ratio"]
+            bound = STEP_TARGETS[name]
+            add(f"{section}/{name}", ratio, bound, ratio <= bound, f"<= {bound:.2f}x {reference}")
+    for name in METHODS:
+        ratio = measurements["step_standalone_first_task"][name]["ratio"]
+        add(f"step_standalone_first_task/{name}", ratio, WRAPPER_TARGET, ratio <= WRAPPER_TARGET,
+            f"<= {WRAPPER_TARGET:.2f}x hand-written step")
+    consolidation = measurements["consolidation"]
+    fisher_ratio = consolidation["ewc_fisher"]["ratio"]
+    add("consolidation/ewc_fisher", fisher_ratio, FISHER_VS_EPOCH_TARGET, fisher_ratio <= FISHER_VS_EPOCH_TARGET,
+        "<= 1 training epoch over the same samples")
+    speedup = consolidation["fisher_per_sample_loop"]["speedup_of_ewc_fisher"]
+    add("consolidation/fisher_speedup", speedup, FISHER_SPEEDUP_TARGET, speedup >= FISHER_SPEEDUP_TARGET,
+        ">= 10x faster than the per-sample loop")
+    add("fisher_check/equal", fisher_check["equal"], True, fisher_check["equal"], "same values as the per-sample loop")
+    return targets
+
+
+def print_report(report: dict[str, Any]) -> None:
+    m, setup = report["measurements"], report["setup"]
+    print(f"\n{setup['model']} {report['model_parameters']:,} parameters, batch {setup['batch_size']}, "
+          f"{setup['threads']} threads, torch {report['machine']['torch']}, medians of {setup['repeats']} repetitions")
+
+    def table(title: str, rows: dict[str, Any], unit: str, scale: float, reference: str) -> None:
+        print(f"\n{title}")
+        print(f"  {'':<14}{unit:>12}{'ratio':>9}  (vs {reference})")
+        for name, entry in rows.items():
+            if isinstance(entry, dict) and "median_s" in entry:
+                ratio = f"{entry['ratio']:.3f}" if "ratio" in entry else ""
+                print(f"  {name:<14}{entry['median_s'] * scale:>12.3f}{ratio:>9}")
+
+    table(f"1. step time under Lightning, task 1 ({setup['steps']} steps per run)", m["step_lightning"], "ms/step", 1e3, "plain Lightning")
+    table("1. step time with the standalone train_step, task 1", m["step_standalone"], "ms/step", 1e3, "hand-written step")
+    table("4. standalone train_step in the first task (the wrapper alone)", m["step_standalone_first_task"], "ms/step", 1e3, "hand-written step")
+    print(f"  (plain Lightning step vs hand-written step: {m['lightning_plain_vs_handwritten']['ratio']:.3f}x)")
+    table(f"2. consolidating a task, {m['consolidation']['samples']} samples", m["consolidation"], "ms", 1e3, "one epoch over them")
+    c, check = m["consolidation"], report["fisher_check"]
+    print(f"  EWC's Fisher is {c['fisher_per_sample_loop']['speedup_of_ewc_fisher']:.1f}x faster than the per-sample loop "
+          f"(timed on {c['fisher_per_sample_loop']['measured_samples']} samples, scaled); same values: {check['equal']} "
+          f"(largest difference {check['max_diff_relative_to_largest']:.1e} of the largest entry, on {check['samples']} samples)")
+    table(f"3. a whole {NUM_TASKS}-task sequence, {m['sequence']['steps_per_task']} steps per task", m["sequence"], "s", 1.0, "plain Lightning")
+    print(f"\n5. method state after {NUM_TASKS} tasks (model parameters: {report['model_parameter_bytes'] / 2**20:.2f} MiB)")
+    print(f"  {'':<14}{'state_dict MiB':>15}{'x params':>9}{'held MiB':>10}{'x params':>9}")
+    for name, entry in m["memory"].items():
+        print(f"  {name:<14}{entry['state_dict_bytes'] / 2**20:>15.2f}{entry['state_dict_vs_parameters']:>9.2f}"
+              f"{entry['resident_bytes'] / 2**20:>10.2f}{entry['resident_vs_parameters']:>9.2f}")
+    print("\ntargets")
+    for target in report["targets"]:
+        value = target["value"] if isinstance(target["value"], bool) else f"{target['value']:.3f}"
+        print(f"  {'met   ' if target['met'] else 'MISSED'} {target['measure']:<40} {value:>7}  {target['target']}")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as file:
+            cpu = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), cpu)
+    return {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()}
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """No Lightning banners or advice about loader workers while timing."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=tuple(PRESETS), default="mlp", help="mlp: 784-400-400-10 (default); large: 784-2048x3-10")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, help="repetitions of every measurement (default: mlp 7, large 3)")
+    parser.add_argument("--steps", type=int, help="timed steps per run (default: mlp 80, large 20)")
+    parser.add_argument("--sequence-steps", type=int, help="steps per task of the sequences (default: mlp one epoch, large 20)")
+    parser.add_argument("--data", choices=("fashion_mnist", "digits"), help="benchmark source (default fashion_mnist)")
+    parser.add_argument("--root", help=f"where Fashion-MNIST is (default {FASHION_MNIST})")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on tiny sizes (seconds; timings mean nothing)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = parser.parse_args(argv)
+
+    setup = PRESETS[args.model]
+    if args.quick:
+        setup = replace(setup, hidden=(QUICK_WIDTH,) * len(setup.hidden), **QUICK)
+    overrides = {"threads": args.threads, "repeats": args.repeats, "steps": args.steps, "data": args.data, "root": args.root}
+    setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
+    if args.sequence_steps is not None:
+        setup = replace(setup, sequence_steps=args.sequence_steps)
+    if setup.data == "digits":
+        setup = replace(setup, root=None)
+    for name in ("threads", "repeats", "steps"):
+        if getattr(setup, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(setup, name)}")
+    if setup.sequence_steps is not None and setup.sequence_steps < 1:
+        parser.error(f"--sequence-steps must be >= 1, got {setup.sequence_steps}")
+    return setup, args.json
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    setup, json_path = parse_setup(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(setup.threads)
+    try:
+        with quiet_lightning():
+            started = time.perf_counter()
+            data = load_data(setup)
+            steps, trained = measure_steps(setup, data)
+            consolidation, fisher_check = measure_consolidation(setup, data, trained)
+            sequence, memory = measure_sequence(setup, data)
+            elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    measurements = {**steps, "consolidation": consolidation, "sequence": sequence, "memory": memory}
+    report = {
+        "benchmark": "continual_overhead",
+        "setup": asdict(setup),
+        "model_parameters": sum(p.numel() for p in trained.parameters()),
+        "model_parameter_bytes": parameter_bytes(trained),
+        "machine": machine(),
+        "command": " ".join(["python", "benchmarks/continual_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
+        "wall_time_s": elapsed,
+        "measurements": measurements,
+        "fisher_check": fisher_check,
+        "targets": evaluate_targets(measurements, fisher_check),
+    }
+    print_report(report)
+    print(f"\n(whole run {elapsed:.0f} s)")
+    if json_path:
+        with open(json_path, "w") as file:
+            json.dump(report, file, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Every method under DDP (two CPU processes, gloo) against one process on the same global batches.
+
+Each test launches tests/distributed/sequence_worker.py as a real Lightning DDP job.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurenix.continual import ExperienceReplay
+from neurenix.continual.replay import redistributed_memory
+
+WORKER = Path(__file__).with_name("sequence_worker.py")
+TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
+
+
+def _run(out: Path, devices: int, *flags: str) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(out), str(devices), *flags], capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
+def _load(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=True)
+
+
+def _assert_close(a, b, atol: float = 1e-6) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_close(a[key], b[key], atol)
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a, b, atol=atol, rtol=0, equal_nan=True), (a, b)
+    else:
+        assert a == b
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same sequence (EWC, SI, L2, distillation, forgetting curves) in one and in two processes."""
+    root = tmp_path_factory.mktemp("ddp")
+    for devices in (1, 2):
+        done = _run(root / f"devices{devices}", devices, "--without-replay")
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(runs):
+    single, ddp = _load(runs / "devices1", 0), _load(runs / "devices2", 0)
+    _assert_close(ddp["params"], single["params"])
+    _assert_close(ddp["ewc_fisher"], single["ewc_fisher"])  # shards summed, then divided
+    assert ddp["ewc_samples"] == single["ewc_samples"] == 40  # the global sample size, not 2 x 40
+    _assert_close(ddp["si_big_omega"], single["si_big_omega"])  # ω from the all-reduced gradient
+    _assert_close(ddp["teacher"], single["teacher"])
+    _assert_close(ddp["matrix"], single["matrix"], atol=0)  # whole test sets, counts reduced
+
+
+def test_every_rank_holds_the_same_parameters_and_state(runs):
+    first, second = _load(runs / "devices2", 0), _load(runs / "devices2", 1)
+    _assert_close(first, second, atol=0)
+
+
+def test_replay_checkpoint_holds_every_ranks_memory(tmp_path):
+    done = _run(tmp_path, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ExperienceReplay")]
+    per_rank = state["memory_per_rank"]
+    assert len(per_rank) == 2
+    assert all(memory["inputs"].shape[0] == 20 for memory in per_rank)  # both reservoirs full
+    assert not torch.equal(per_rank[0]["inputs"], per_rank[1]["inputs"])  # each rank's own shard
+
+    # Resumed in one process: the memory is drawn from both ranks' samples.
+    replay = ExperienceReplay(torch.nn.Linear(6, 3), memory_size=20, replay_ratio=0.5)
+    replay.load_state_dict(state)
+    pooled = torch.cat([memory["inputs"] for memory in per_rank])
+    restored = replay.memory.state_dict()["inputs"]
+    assert restored.shape[0] == 20
+    assert all(any(torch.equal(row, other) for other in pooled) for row in restored)
+    assert replay.memory.num_seen == per_rank[0]["num_seen"] + per_rank[1]["num_seen"]
+
+
+def test_memories_are_dealt_out_to_more_processes_without_loss():
+    per_rank = [
+        {"inputs": torch.arange(k * 10, k * 10 + 10).float().unsqueeze(1), "targets": torch.zeros(10, dtype=torch.long),
+         "task_ids": torch.zeros(10, dtype=torch.long), "num_seen": 30, "seed": 5}
+        for k in range(2)
+    ]
+    shares = [redistributed_memory(per_rank, rank, 3, capacity=10) for rank in range(3)]
+    dealt = torch.cat([share["inputs"] for share in shares]).flatten().sort().values
+    assert torch.equal(dealt, torch.arange(20).float())  # every sample kept, each once
+    assert [share["num_seen"] for share in shares] == [20, 20, 20]
+
+
+def test_a_rank_that_fails_ends_the_job_instead_of_hanging(tmp_path):
+    done = _run(tmp_path, 2, "--fail-on-rank", "1")  # subprocess.run's timeout bounds the wait
+    assert done.returncode != 0
+    assert "deliberate failure on rank 1" in done.stderr
