@@ -94,6 +94,15 @@ class ContinualCallback(ContinualMethod, Callback):
                 f"{type(self).__name__} supports single-device and DDP strategies, got "
                 f"{type(strategy).__name__}: strategies that shard parameters are not supported"
             )
+        if getattr(strategy, "_start_method", "popen") != "popen":
+            # Each fit would run in child processes whose copies of this callback (Fisher,
+            # anchors, memory, task bookkeeping) vanish when the fit returns, and Lightning
+            # cannot fit a spawn-based Trainer twice: a task sequence needs strategy="ddp".
+            raise ValueError(
+                f"{type(self).__name__} does not support spawn-based strategies "
+                f"(start_method={strategy._start_method!r}): the state it learns in the spawned "
+                "processes would be lost when the fit returns; use strategy='ddp'"
+            )
         if self.needs_loss_mixin:
             from neurenix.continual.mixin import ContinualLossMixin
 

@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from neurenix.continual import ExperienceReplay
+from neurenix.continual import ExperienceReplay, L2Regularization
 from neurenix.continual.replay import redistributed_memory
 
 WORKER = Path(__file__).with_name("sequence_worker.py")
@@ -102,3 +104,29 @@ def test_a_rank_that_fails_ends_the_job_instead_of_hanging(tmp_path):
     done = _run(tmp_path, 2, "--fail-on-rank", "1")  # subprocess.run's timeout bounds the wait
     assert done.returncode != 0
     assert "deliberate failure on rank 1" in done.stderr
+
+
+class _Spawnable(L.LightningModule):
+    """Defined at module level: ddp_spawn pickles the module into its child processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_spawn_based_strategies_are_refused():
+    """Under ddp_spawn the method's state would stay in the child processes: refused, loudly."""
+    module = _Spawnable()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, callbacks=[L2Regularization(module.net)], max_epochs=1,
+    )
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    with pytest.raises(Exception, match="does not support spawn-based strategies .*'spawn'.*use strategy='ddp'"):
+        trainer.fit(module, DataLoader(data, batch_size=8))
