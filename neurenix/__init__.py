@@ -11,14 +11,14 @@ from typing import Optional
 
 import torch
 
-from neurenix import continual, data, nn, optim
+from neurenix import automl, continual, data, metrics, nn, optim
 
 __version__ = "0.1.0"
 
 #: ``neurenix.Device`` is ``torch.device``: ``nx.Device("cpu")``, ``nx.Device("cuda", 0)``.
 Device = torch.device
 
-__all__ = ["Device", "continual", "data", "init", "nn", "optim", "__version__"]
+__all__ = ["Device", "automl", "continual", "data", "init", "metrics", "nn", "optim", "__version__"]
 
 
 def init(seed: Optional[int] = None) -> int:

@@ -13,6 +13,9 @@ held-out data, fold by fold. Two kinds of data:
 
 A benchmark's test sets are never searched on: passing a :class:`~neurenix.data.TaskSequence`
 uses its ``.train`` tasks only, leaving ``.test`` for the final, unbiased report.
+
+Limits: the model is called as ``model(inputs)`` (``train_step`` passes no task ids), so a
+multi-head model that needs task ids cannot be searched yet; runs are sequential, in one process.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class GridSearch:
         search = GridSearch(lambda importance: EWC(make_model(), importance=importance),
                             {"importance": [1.0, 100.0, 10000.0]}, epochs=2)
         search.fit(tasks=benchmark)           # benchmark.train, k-fold within each task
-        search.best_params()                  # {'importance': 100.0}
+        search.best_params()                  # e.g. {'importance': 100.0}
     """
 
     def __init__(
@@ -228,7 +231,8 @@ class GridSearch:
 
     def _run(self, params: dict[str, Any], tasks: list[_Task], seed: int) -> float:
         """Build ``model_fn(**params)``, train it on the tasks in order, return the mean held-out score."""
-        with torch.random.fork_rng():
+        # Every CUDA device named, so that fork_rng does not warn on multi-GPU machines.
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(seed)
             method = self._build(params)
             dtype = _floating_dtype(method.model)
@@ -242,7 +246,8 @@ class GridSearch:
         try:
             method = self.model_fn(**params)
         except Exception as error:
-            error.add_note(f"(raised by GridSearch's model_fn(**{params!r}))")
+            if hasattr(error, "add_note"):  # Python 3.11+: say which combination failed
+                error.add_note(f"(raised by GridSearch's model_fn(**{params!r}))")
             raise
         if not isinstance(method, ContinualMethod):
             raise TypeError(
@@ -365,7 +370,7 @@ def _check_names_taken(param_space: dict[str, list[Any]], model_fn: Callable[...
             )
     required = [
         p.name for p in parameters
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in param_space
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in param_space
     ]
     if required:
         raise ValueError(f"model_fn {_name(model_fn)} requires {required}, which param_space {sorted(param_space)} does not give")

@@ -217,7 +217,8 @@ class ContinualMethod:
 
         Zeroes the gradients, runs the model (on the batch plus any replayed samples), applies
         the method's loss and gradient terms, and steps the optimizer. The model's train/eval
-        mode is left as the caller set it.
+        mode is left as the caller set it. A model whose ``forward`` takes a second positional
+        argument (a multi-head model) is called as ``model(inputs, task_ids)``.
 
         Args:
             optimizer: steps the model's parameters.
@@ -245,9 +246,12 @@ class ContinualMethod:
 
         optimizer.zero_grad()
         task_ids = None
+        if takes_task_ids(self.model):  # a multi-head model gets each sample's task id
+            task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=inputs.device)
         inputs, targets, task_ids = self.extend_batch(inputs, targets, task_ids)
-        outputs = self.model(inputs)
-        loss = self.transform_loss(loss_fn(outputs, targets), inputs, outputs, targets)
+        arguments = model_arguments(self.model, inputs, task_ids)
+        outputs = self.model(*arguments)
+        loss = self.transform_loss(loss_fn(outputs, targets), arguments, outputs, targets)
         loss.backward()
         self.observe_gradients()
         self.add_penalty_gradients()
@@ -268,8 +272,12 @@ class ContinualMethod:
         """Return the batch to train on (replay appends remembered samples)."""
         return inputs, targets, task_ids
 
-    def transform_loss(self, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> Tensor:
-        """Return the loss to back-propagate (distillation mixes in the teacher's term)."""
+    def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
+        """Return the loss to back-propagate (distillation mixes in the teacher's term).
+
+        ``inputs`` are the arguments the model was called with (``(inputs,)`` or
+        ``(inputs, task_ids)``).
+        """
         return loss
 
     def observe_gradients(self) -> None:

@@ -108,7 +108,7 @@ class KnowledgeDistillation(ContinualCallback):
 
     # ---------------------------------------------------------------------------- shared core
     @override
-    def transform_loss(self, loss: Tensor, inputs: Tensor, outputs: Any, targets: Tensor) -> Tensor:
+    def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
         if self.units == "seen":
             self._record_units(outputs, targets)
         if self.teacher is None:

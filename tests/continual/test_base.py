@@ -428,3 +428,26 @@ def test_task_ids_go_to_models_whose_forward_takes_them():
     assert not takes_task_ids(torch.nn.Linear(3, 3)) and takes_task_ids(MultiHead()) and takes_task_ids(Star())
     assert model_arguments(torch.nn.Linear(3, 3), x, t) == (x,)
     assert model_arguments(MultiHead(), x, t) == (x, t) and model_arguments(MultiHead(), x, None) == (x,)
+
+
+def test_train_step_gives_a_multi_head_model_each_samples_task_id():
+    from neurenix.continual import ExperienceReplay
+
+    class MultiHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = torch.nn.Linear(6, 6).double()
+            self.seen: list = []
+
+        def forward(self, x, task_ids):
+            self.seen.append(task_ids.clone())
+            return self.heads(x).view(-1, 2, 3)[torch.arange(x.shape[0]), task_ids]
+
+    model = MultiHead()
+    replay = ExperienceReplay(model, memory_size=8, replay_ratio=1.0, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_task(samples=8).tensors
+    replay.add_to_memory(x[:4], y[:4], task_id=0)
+    replay.train_step(optimizer, torch.nn.functional.cross_entropy, x[4:], y[4:], task_id=1)
+    (task_ids,) = model.seen
+    assert task_ids.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # the new batch, then the replayed task-0 samples
