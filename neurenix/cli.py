@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 import sys
-from argparse import ArgumentError
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from typing import Optional, Sequence, Union
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from neurenix.cli_compare import METHOD_SETTINGS, METHODS, CompareError, UsageError, run_compare
 
@@ -57,16 +57,26 @@ or "methods: [ewc, replay]" in YAML. Exit status: 0 done, 2 bad option, 1 run fa
 """
 
 
+class _HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+    """jsonargparse's help (types, defaults, config options) with the description's paragraphs kept."""
+
+
 def build_parser() -> ArgumentParser:
-    """The ``neurenix`` parser: one subcommand, ``compare``."""
-    parser = ArgumentParser(prog=PROG, description="Continual learning for PyTorch Lightning.", exit_on_error=False)
+    """The ``neurenix`` parser: one subcommand, ``compare`` (its parser: ``parser.compare_parser``)."""
+    parser = ArgumentParser(
+        prog=PROG, description="Continual learning for PyTorch Lightning.", formatter_class=_HelpFormatter, exit_on_error=False
+    )
     subcommands = parser.add_subcommands(required=True, dest="command")
-    subcommands.add_subcommand("compare", _compare_parser(), help="compare continual-learning methods (the default)")
+    parser.compare_parser = _compare_parser()
+    subcommands.add_subcommand("compare", parser.compare_parser, help="compare continual-learning methods (the default)")
     return parser
 
 
 def _compare_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=_DESCRIPTION, exit_on_error=False)
+    parser = ArgumentParser(
+        description=_DESCRIPTION, usage=f"{PROG} [compare] [--config FILE] [options]",
+        formatter_class=_HelpFormatter, exit_on_error=False,
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of settings (as --print_config writes)")
     data = parser.add_argument_group("Benchmark")
     data.add_argument("--benchmark", choices=["split", "permuted"], default="split",
@@ -78,7 +88,7 @@ def _compare_parser() -> ArgumentParser:
     data.add_argument("--download", action=ActionYesNo, default=False, help="download missing MNIST/Fashion-MNIST files into --data_root")
     data.add_argument("--scenario", choices=["task", "domain", "class"], default="domain",
                       help="task: task ids given, a head per task; domain: one shared head; class: one head over all classes")
-    data.add_argument("--num_tasks", type=int, default=5, help="tasks in the sequence (split: at most 10)")
+    data.add_argument("--num_tasks", type=int, default=5, help="tasks in the sequence, at least 2 (split: at most 10)")
     train = parser.add_argument_group("Training")
     train.add_argument("--methods", nargs="+", type=str, default=list(METHODS),
                        help=f"methods to compare, in order, from: {', '.join(METHODS)} (none: plain fine-tuning)")
@@ -118,9 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0 if done.code is None else int(done.code) if isinstance(done.code, int) else 1
         except ArgumentError as error:
             raise UsageError(_one_line(str(error))) from None
-        settings = parser.instantiate_classes(config)[config.command]
+        settings = config[config.command]  # a Namespace; the method groups are nested Namespaces
         check_settings(settings)
-        run_compare(settings, config_yaml=parser.dump(config, skip_none=False))
+        # config.yaml of the run: what --config reads back (the subcommand's settings, no `compare:` level)
+        run_compare(settings, config_yaml=parser.compare_parser.dump(settings))
     except UsageError as error:
         return _fail(str(error), status=2)
     except CompareError as error:
@@ -133,7 +144,7 @@ def check_settings(settings: Namespace) -> None:
     _at_least("epochs", settings.epochs, 1)
     _at_least("batch_size", settings.batch_size, 1)
     _at_least("hidden", settings.hidden, 1)
-    _at_least("num_tasks", settings.num_tasks, 1)
+    _at_least("num_tasks", settings.num_tasks, 2)  # with one task there is nothing to forget
     _at_least("threads", settings.threads, 0)
     if settings.benchmark == "split" and settings.num_tasks > SOURCE_CLASSES:
         raise UsageError(f"--num_tasks must be at most {SOURCE_CLASSES} for a split benchmark (a class per task), got {settings.num_tasks}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -31,7 +30,8 @@ def describe(settings: Any, benchmark: Any) -> str:
     tasks = f"{benchmark.num_tasks} tasks"
     if settings.benchmark == "split":
         tasks += " (classes " + " | ".join(",".join(map(str, group)) for group in benchmark.task_classes) + ")"
-    return f"{title}, {tasks}, {settings.epochs} epochs per task, seed {settings.seed}"
+    epochs = f"{settings.epochs} epoch{'' if settings.epochs == 1 else 's'} per task"
+    return f"{title}, {tasks}, {epochs}, seed {settings.seed}"
 
 
 def method_line(run: MethodRun) -> str:
@@ -69,7 +69,7 @@ def results_document(settings: Any, benchmark: Any, runs: Sequence[MethodRun]) -
     """``results.json``: settings, the benchmark, and per method its metrics, matrix and curves (``null`` for nan)."""
     return {
         "neurenix": neurenix.__version__,
-        "settings": {key: asdict(value) if is_dataclass(value) else value for key, value in vars(settings).items() if key != "config"},
+        "settings": {key: value for key, value in settings.as_dict().items() if key != "config"},
         "benchmark": {
             "name": settings.benchmark, "dataset": settings.dataset, "scenario": benchmark.scenario,
             "num_tasks": benchmark.num_tasks, "num_classes": benchmark.num_classes, "task_classes": benchmark.task_classes,
@@ -128,6 +128,8 @@ def draw_forgetting_curves(runs: Sequence[MethodRun], num_tasks: int, title: str
     image = Image.new("RGB", (columns * _PANEL_W + 20, rows * _PANEL_H + _HEADER + 10), "white")
     draw = ImageDraw.Draw(image)
     draw.text((12, 8), "Forgetting curves: " + title, fill="black", font=_font(15))
+    caption = "test accuracy of every task (thin before the task is trained) against the training step"
+    draw.text((image.width - 12 - draw.textlength(caption, font=_font(12)), 36), caption, fill="#555555", font=_font(12))
     x = 12
     for task in range(num_tasks):  # the legend: one colour per task
         draw.line((x, 40, x + 18, 40), fill=_PALETTE[task % len(_PALETTE)], width=3)
@@ -170,9 +172,13 @@ def _panel(draw: ImageDraw.ImageDraw, run: MethodRun, num_tasks: int, origin: tu
         draw.text((middle - draw.textlength(label, font=small) / 2, y0 + 6), label, fill="#555555", font=small)
     draw.rectangle((x0, y1, x1, y0), outline="#888888")
     for task in range(num_tasks):
-        points = [px(step, accuracy) for step, accuracy in run.curves.get(f"accuracy/task_{task}", [])]
+        curve = run.curves.get(f"accuracy/task_{task}", [])
+        begins = starts[task] if task < len(starts) else last  # the step at which task `task` starts training
         colour = _PALETTE[task % len(_PALETTE)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2, joint="curve")
-        for x, y in points:
+        before = [px(step, accuracy) for step, accuracy in curve if step <= begins]
+        after = before[-1:] + [px(step, accuracy) for step, accuracy in curve if step > begins]
+        for points, width in ((before, 1), (after, 2)):  # thin: not trained on yet (forward transfer)
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=width, joint="curve")
+        for x, y in before + after:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
