@@ -388,7 +388,7 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path) -> tuple[
     matrix = curves.matrix
     hyperparameters = {key: value for method in methods for key, value in method.hyperparameters().items()}
     run = MethodRun(
-        name, hyperparameters, matrix.compute().cpu(), matrix.initial.cpu(),
+        name, hyperparameters, matrix.accuracies().cpu(), matrix.initial.cpu(),
         float(matrix.average_accuracy()), float(matrix.backward_transfer()), float(matrix.forgetting()),
         float(matrix.forward_transfer()), wall_time, tensorboard.log_dir, recorder.history,
     )

@@ -30,7 +30,7 @@ class AccuracyMatrix(Metric):
 
         matrix = AccuracyMatrix(num_tasks=2)
         matrix.update(logits, labels, task=0, after_task=0)
-        matrix.compute()          # R, nan where nothing was measured
+        matrix.accuracies()       # R, nan where nothing was measured
         matrix.backward_transfer(after_task=1)
     """
 
@@ -75,22 +75,26 @@ class AccuracyMatrix(Metric):
         """``R`` as float64, ``nan`` where no sample was counted."""
         return _ratio(self.correct, self.total)
 
+    def accuracies(self) -> Tensor:
+        """``R`` as a ``(num_tasks, num_tasks)`` matrix, whatever the size (``compute`` squeezes 1x1)."""
+        return self.compute().reshape(self.num_tasks, self.num_tasks)
+
     @property
     def initial(self) -> Tensor:
         """``b``: each task's accuracy before any training (``nan`` if not measured)."""
         return _ratio(self.initial_correct, self.initial_total)
 
     def average_accuracy(self, after_task: Optional[int] = None) -> Tensor:
-        return MF.average_accuracy(self.compute(), after_task)
+        return MF.average_accuracy(self.accuracies(), after_task)
 
     def backward_transfer(self, after_task: Optional[int] = None) -> Tensor:
-        return MF.backward_transfer(self.compute(), after_task)
+        return MF.backward_transfer(self.accuracies(), after_task)
 
     def forward_transfer(self, after_task: Optional[int] = None) -> Tensor:
-        return MF.forward_transfer(self.compute(), self.initial, after_task)
+        return MF.forward_transfer(self.accuracies(), self.initial, after_task)
 
     def forgetting(self, after_task: Optional[int] = None) -> Tensor:
-        return MF.forgetting(self.compute(), after_task)
+        return MF.forgetting(self.accuracies(), after_task)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -99,7 +99,7 @@ class ForgettingCurves(Callback):
         for task, loader in enumerate(_task_loaders(trainer)):
             for preds, targets in _predictions(pl_module, loader):
                 self.matrix.update(preds, targets, task=task, after_task=after_task)
-        row = self.matrix.initial if after_task is None else self.matrix.compute()[after_task]
+        row = self.matrix.initial if after_task is None else self.matrix.accuracies()[after_task]
         self._log_accuracies(trainer, row)
 
     def _accuracies(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
@@ -136,7 +136,7 @@ class ForgettingCurves(Callback):
             self._hparams_logged = True
 
     def _log_to_tensorboard(self, logger: TensorBoardLogger, trainer: "pl.Trainer", task: int) -> None:
-        matrix = self.matrix.compute()  # type: ignore[union-attr]
+        matrix = self.matrix.accuracies()  # type: ignore[union-attr]
         writer = logger.experiment
         writer.add_image("continual/accuracy_matrix", accuracy_heatmap(matrix), trainer.global_step, dataformats="HWC")
         writer.add_text("continual/accuracy_matrix", _markdown_table(matrix, task), trainer.global_step)

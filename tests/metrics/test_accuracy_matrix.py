@@ -83,3 +83,10 @@ def test_mismatched_predictions_and_bad_size():
         AccuracyMatrix(2).update(torch.tensor([0, 1, 1]), torch.tensor([0, 1]), task=0, after_task=0)
     with pytest.raises(ValueError, match="num_tasks must be >= 1, got 0"):
         AccuracyMatrix(0)
+
+
+def test_a_one_task_matrix_stays_a_matrix():
+    matrix = AccuracyMatrix(num_tasks=1)
+    matrix.update(torch.tensor([1, 1]), torch.tensor([1, 0]), task=0, after_task=0)
+    assert matrix.accuracies().shape == (1, 1) and matrix.accuracies()[0, 0].item() == 0.5
+    assert matrix.average_accuracy().item() == 0.5
