@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional, Union
 
 import torch
@@ -39,11 +39,12 @@ def check_real(
 
 
 def check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (a NumPy one too, not a bool) ``>= minimum``, returned as a Python ``int``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_task_id(task_id: object) -> int:

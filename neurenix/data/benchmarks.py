@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from neurenix.continual._checks import check_int
 from neurenix.data.tasks import AddChannel, Compose, Flatten, PermutePixels, TaskDataset, ToFloat
 
 __all__ = ["SCENARIOS", "SOURCES", "TaskSequence", "permuted_benchmark", "split_benchmark"]
@@ -146,7 +147,7 @@ def split_benchmark(
         benchmark.task_classes      # [[5, 6], [1, 2], [0, 8], [9, 3], [7, 4]]
     """
     scenario = _check_scenario(scenario)
-    num_tasks = _check_count("num_tasks", num_tasks)
+    num_tasks = check_int("num_tasks", num_tasks, minimum=1)
     seed = _check_seed(seed)
     data = _load_source(source, root=root, download=download)
     order = _class_order(class_order, data.classes, seed)
@@ -189,9 +190,9 @@ def _class_groups(order: list[int], num_tasks: int, classes_per_task: Union[None
             )
         sizes = [len(order) // num_tasks] * num_tasks
     elif isinstance(classes_per_task, Integral) and not isinstance(classes_per_task, bool):
-        sizes = [_check_count("classes_per_task", classes_per_task)] * num_tasks
+        sizes = [check_int("classes_per_task", classes_per_task, minimum=1)] * num_tasks
     else:
-        sizes = [_check_count("classes_per_task", size) for size in classes_per_task]
+        sizes = [check_int("classes_per_task", size, minimum=1) for size in classes_per_task]
         if len(sizes) != num_tasks:
             raise ValueError(f"classes_per_task must give one size per task ({num_tasks}), got {list(classes_per_task)}")
     if sum(sizes) > len(order):
@@ -263,7 +264,7 @@ def permuted_benchmark(
         ValueError: an unknown ``scenario`` or ``source``, or ``num_tasks < 1``.
     """
     scenario = _check_scenario(scenario)
-    num_tasks = _check_count("num_tasks", num_tasks)
+    num_tasks = check_int("num_tasks", num_tasks, minimum=1)
     seed = _check_seed(seed)
     data = _load_source(source, root=root, download=download)
     classes = data.classes
@@ -359,14 +360,6 @@ def _check_scenario(scenario: object) -> str:
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(map(repr, SCENARIOS))}; got {scenario!r}")
     return scenario  # type: ignore[return-value]
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}: {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return int(value)
 
 
 def _check_seed(seed: object) -> int:

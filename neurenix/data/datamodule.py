@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
+from neurenix.continual._checks import check_int
 from neurenix.data.tasks import TaskDataset, TensorBatchSampler, collate_batch
 
 __all__ = ["TaskSequenceDataModule", "fit_sequence"]
@@ -81,11 +82,11 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.train_tasks = _checked_tasks("train_tasks", train_tasks)
         self.test_tasks = _checked_tasks("test_tasks", test_tasks, len(self.train_tasks))
         self.val_tasks = None if val_tasks is None else _checked_tasks("val_tasks", val_tasks, len(self.train_tasks))
-        self.batch_size = _checked_int("batch_size", batch_size, minimum=1)
-        self.eval_batch_size = self.batch_size if eval_batch_size is None else _checked_int("eval_batch_size", eval_batch_size, minimum=1)
-        self.num_workers = _checked_int("num_workers", num_workers, minimum=0)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.eval_batch_size = self.batch_size if eval_batch_size is None else check_int("eval_batch_size", eval_batch_size, minimum=1)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0)
         self.shuffle, self.pin_memory = bool(shuffle), bool(pin_memory)
-        self.seed = _checked_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         # One generator for the whole sequence: its state is checkpointed with the current task.
         self._shuffle_generator = torch.Generator().manual_seed(self.seed)
         self.current_task = 0
@@ -265,8 +266,8 @@ def _checked_budget(epochs_per_task: object, steps_per_task: object) -> tuple[st
             f"epochs_per_task={epochs_per_task!r} and steps_per_task={steps_per_task!r}"
         )
     if epochs_per_task is not None:
-        return "epoch", _checked_int("epochs_per_task", epochs_per_task, minimum=1)
-    return "step", _checked_int("steps_per_task", steps_per_task, minimum=1)
+        return "epoch", check_int("epochs_per_task", epochs_per_task, minimum=1)
+    return "step", check_int("steps_per_task", steps_per_task, minimum=1)
 
 
 def _checkpointed_datamodule_state(trainer: "pl.Trainer", datamodule: TaskSequenceDataModule, ckpt_path: str) -> dict:
@@ -293,11 +294,3 @@ def _checked_tasks(name: str, tasks: object, expected: Optional[int] = None) -> 
         if len(task) == 0:
             raise ValueError(f"{name}[{index}] is empty")
     return tasks
-
-
-def _checked_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
