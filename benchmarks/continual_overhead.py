@@ -16,13 +16,16 @@ Fashion-MNIST benchmark in the class-incremental scenario, a fixed number of CPU
 5. **memory**: the bytes of tensors in each method's ``state_dict()`` after the 5 tasks (and the
    bytes it holds in all, which adds working copies outside the state dict).
 
-Every variant gets a model of the same initial weights and the same batches. Repetitions run
-the variants in turn, in reversed order every other repetition (A B C, C B A, ...), so that
-drifts in the machine's speed hit all alike; the tables give medians over the repetitions.
-Step times are taken per optimizer step (a Lightning callback from ``on_train_batch_start`` to
-``on_train_batch_end``, or around ``train_step``), so data loading, which all variants share,
-is left out; the first steps of each timed run (the optimizer's state being allocated) are
-dropped.
+Every variant gets a model of the same initial weights and the same batches. Rounds run every
+variant once, in turn, in reversed order every other round (A B C, C B A, ...), so that drifts
+in the machine's speed hit all alike; many short runs rather than a few long ones spread load
+that comes and goes within seconds. Step times are taken per optimizer step (a Lightning
+callback from ``on_train_batch_start`` to ``on_train_batch_end``, or around ``train_step``), so
+data loading, which all variants share, is left out; a run's step time is the median of its
+steps after the first two (the optimizer's state being allocated, caches refilled after the
+previous variant), and the tables give the median over the rounds, of the wall clock and of the
+process's CPU time, with ratios of the medians. The load average at the start and the end goes
+into the report: numbers taken on a busy machine are not comparable with quiet ones.
 
     python benchmarks/continual_overhead.py [--model mlp|large] [--threads 2] [--repeats N]
         [--steps N] [--sequence-steps N] [--data fashion_mnist|digits] [--root DIR]
@@ -49,7 +52,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import lightning as L
 import torch
@@ -117,18 +120,24 @@ class Setup:
     seed: int = 0
 
     @property
+    def sequence_repeats(self) -> int:
+        """A whole sequence takes as long as many step runs: a third of the repetitions, at least 3."""
+        return max(3, math.ceil(self.repeats / 3))
+
+    @property
     def warmup(self) -> int:
         """Steps dropped at the start of each timed run (Adam allocates its state in the first)."""
         return min(2, self.steps // 2)
 
 
 PRESETS = {
-    # The reference: a full repetition of every measurement takes about 20 s on 2 cores.
-    "mlp": Setup("mlp", (400, 400), 128, steps=80, repeats=7, sequence_steps=None, fisher_samples=FISHER_SAMPLES,
+    # The reference. Many short runs rather than a few long ones: on a machine shared with other
+    # processes, load comes and goes within seconds, and fine interleaving spreads it evenly.
+    "mlp": Setup("mlp", (400, 400), 128, steps=20, repeats=15, sequence_steps=None, fisher_samples=FISHER_SAMPLES,
                  reference_samples=FISHER_SAMPLES, threads=2, data="fashion_mnist", root=FASHION_MNIST),
-    # 10 M parameters: steps take ~25x longer, so fewer of them, and the per-sample Fisher loop is
+    # 10 M parameters: steps take ~30x longer, so fewer of them, and the per-sample Fisher loop is
     # timed on 100 samples and scaled (its cost is linear in the samples).
-    "large": Setup("large", (2048, 2048, 2048), 128, steps=20, repeats=3, sequence_steps=20,
+    "large": Setup("large", (2048, 2048, 2048), 128, steps=6, repeats=6, sequence_steps=6,
                    fisher_samples=FISHER_SAMPLES, reference_samples=100, threads=2, data="fashion_mnist",
                    root=FASHION_MNIST),
 }
@@ -238,28 +247,56 @@ def _first_samples(loader: Any, count: int) -> list[tuple[Tensor, Tensor]]:
 
 
 # ---------------------------------------------------------------------------- timing
+class Timing(NamedTuple):
+    """Seconds of one measurement: on the wall clock, and of CPU used by the whole process.
+
+    The wall clock is what a user waits. On a machine shared with other processes, CPU time is
+    the steadier of the two (it does not count the time the process waits for a core), so the
+    tables give both.
+    """
+
+    wall: float
+    cpu: float
+
+
+def clock() -> Timing:
+    return Timing(time.perf_counter(), time.process_time())
+
+
+def since(start: Timing) -> Timing:
+    now = clock()
+    return Timing(now.wall - start.wall, now.cpu - start.cpu)
+
+
+def timed(action: Callable[[], Any]) -> Timing:
+    start = clock()
+    action()
+    return since(start)
+
+
 class StepTimer(Callback):
     """Times each optimizer step of a fit: training_step, backward, every hook, optimizer.step."""
 
     def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
+        self.times: list[Timing] = []
+        self._start = Timing(0.0, 0.0)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
+        self._start = clock()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(since(self._start))
 
 
-def mean_after_warmup(times: Sequence[float], warmup: int) -> float:
+def median_after_warmup(times: Sequence[Timing], warmup: int) -> Timing:
+    """The typical step of a run: its median, robust to the stalls other processes cause."""
     kept = list(times[warmup:]) or list(times)
-    return sum(kept) / len(kept)
+    return Timing(statistics.median(t.wall for t in kept), statistics.median(t.cpu for t in kept))
 
 
-def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def interleaved(runs: dict[str, Callable[[], Timing]], repeats: int) -> dict[str, list[Timing]]:
     """Each run ``repeats`` times, in turn, the order reversed every other repetition."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[Timing]] = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else names[::-1]:
@@ -267,17 +304,22 @@ def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str,
     return times
 
 
-def timed(action: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    action()
-    return time.perf_counter() - start
+def median(times: Sequence[Timing]) -> Timing:
+    return Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
 
 
-def summary(times: list[float], reference: Optional[list[float]] = None) -> dict[str, Any]:
-    """The repetitions, their median, and (with ``reference``) the ratio of the medians."""
-    entry: dict[str, Any] = {"times_s": times, "median_s": statistics.median(times)}
+def summary(times: list[Timing], reference: Optional[list[Timing]] = None) -> dict[str, Any]:
+    """The repetitions, their medians, and (with ``reference``) the ratios of the medians."""
+    middle = median(times)
+    entry: dict[str, Any] = {
+        "times_s": [t.wall for t in times],
+        "median_s": middle.wall,
+        "cpu_times_s": [t.cpu for t in times],
+        "cpu_median_s": middle.cpu,
+    }
     if reference is not None:
-        entry["ratio"] = entry["median_s"] / statistics.median(reference)
+        base = median(reference)
+        entry["ratio"], entry["cpu_ratio"] = middle.wall / base.wall, middle.cpu / base.cpu
     return entry
 
 
@@ -286,25 +328,21 @@ def fit(module: L.LightningModule, callbacks: list[Callback], loader: Any, steps
 
 
 # ---------------------------------------------------------------------------- 1 and 4: steps
-def lightning_run(module: L.LightningModule, callbacks: list[Callback], loader: Any, setup: Setup) -> Callable[[], float]:
-    """One fit of ``steps`` steps on task 1's first batches; its mean step time."""
+def lightning_run(module: L.LightningModule, callbacks: list[Callback], loader: Any, setup: Setup) -> Callable[[], Timing]:
+    """One fit of ``steps`` steps on task 1's first batches; its median step time."""
 
-    def run() -> float:
+    def run() -> Timing:
         timer = StepTimer()
         fit(module, [timer, *callbacks], loader, setup.steps)
-        return mean_after_warmup(timer.times, setup.warmup)
+        return median_after_warmup(timer.times, setup.warmup)
 
     return run
 
 
-def standalone_run(step: Callable[[Tensor, Tensor], Any], batches: list, setup: Setup) -> Callable[[], float]:
-    def run() -> float:
-        times = []
-        for x, y in batches:
-            start = time.perf_counter()
-            step(x, y)
-            times.append(time.perf_counter() - start)
-        return mean_after_warmup(times, setup.warmup)
+def standalone_run(step: Callable[[Tensor, Tensor], Any], batches: list, setup: Setup) -> Callable[[], Timing]:
+    def run() -> Timing:
+        times = [timed(lambda: step(x, y)) for x, y in batches]
+        return median_after_warmup(times, setup.warmup)
 
     return run
 
@@ -342,7 +380,7 @@ def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
     second set stays in its first task to time the wrapper alone. Returns the hand-written
     step's model, trained, for the consolidation measurements.
     """
-    runs: dict[str, Callable[[], float]] = {}
+    runs: dict[str, Callable[[], Timing]] = {}
     task0, task1 = data.loaders[0], data.loaders[1]
     task0_batches = list(itertools.islice(task0, setup.steps))
 
@@ -378,7 +416,10 @@ def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
             **{m: summary(times[f"standalone/{m}"], hand) for m in METHODS},
         },
         "step_standalone_first_task": {m: summary(times[f"first_task/{m}"], hand) for m in METHODS},
-        "lightning_plain_vs_handwritten": {"ratio": statistics.median(plain) / statistics.median(hand)},
+        "lightning_plain_vs_handwritten": {
+            "ratio": median(plain).wall / median(hand).wall,
+            "cpu_ratio": median(plain).cpu / median(hand).cpu,
+        },
     }
     return result, hand_net
 
@@ -447,7 +488,7 @@ def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple
     fisher_ewc.finish_task(batches)
 
     def consolidate(name: str) -> Callable[[], float]:
-        def run() -> float:
+        def run() -> Timing:
             method = make_method(name, net, setup)
             method.enter_task(0)
             return timed(lambda: method.finish_task(batches if name == "ewc" else None))
@@ -456,9 +497,10 @@ def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple
 
     reference: dict[str, Tensor] = {}
 
-    def per_sample_loop() -> float:
+    def per_sample_loop() -> Timing:
         seconds = timed(lambda: reference.update(per_sample_fisher(net, batches, setup.reference_samples)))
-        return seconds * setup.fisher_samples / setup.reference_samples  # linear in the samples
+        scale = setup.fisher_samples / setup.reference_samples  # the loop's cost is linear in the samples
+        return Timing(seconds.wall * scale, seconds.cpu * scale)
 
     runs = {
         "epoch": lambda: timed(epoch),
@@ -474,7 +516,8 @@ def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple
         "fisher_per_sample_loop": {
             **summary(times["fisher_per_sample_loop"], times["epoch"]),
             "measured_samples": setup.reference_samples,
-            "speedup_of_ewc_fisher": statistics.median(times["fisher_per_sample_loop"]) / statistics.median(times["ewc_fisher"]),
+            "speedup_of_ewc_fisher": median(times["fisher_per_sample_loop"]).wall / median(times["ewc_fisher"]).wall,
+            "cpu_speedup_of_ewc_fisher": median(times["fisher_per_sample_loop"]).cpu / median(times["ewc_fisher"]).cpu,
         },
         "samples": setup.fisher_samples,
     }
@@ -494,15 +537,15 @@ def measure_sequence(setup: Setup, data: Data) -> tuple[dict[str, Any], dict[str
     finished: dict[str, tuple[Any, nn.Module]] = {}
 
     def sequence(variant: str) -> Callable[[], float]:
-        def run() -> float:
+        def run() -> Timing:
             net = build_net(setup, data.inputs, data.classes)
             module = lightning_module(variant, net)
             methods = [] if variant == "plain" else [make_method(variant, net, setup)]
             datamodule = TaskSequenceDataModule.from_benchmark(data.benchmark, batch_size=setup.batch_size, seed=setup.seed)
-            start = time.perf_counter()
+            start = clock()
             trainer = L.Trainer(callbacks=methods, **TRAINER_OPTIONS)
             fit_sequence(trainer, module, datamodule, steps_per_task=steps_per_task)
-            seconds = time.perf_counter() - start
+            seconds = since(start)
             if trainer.global_step != NUM_TASKS * steps_per_task:
                 raise RuntimeError(f"{variant}: the sequence made {trainer.global_step} steps")
             if methods:
@@ -513,7 +556,7 @@ def measure_sequence(setup: Setup, data: Data) -> tuple[dict[str, Any], dict[str
 
         return run
 
-    times = interleaved({variant: sequence(variant) for variant in ("plain", *METHODS)}, setup.repeats)
+    times = interleaved({variant: sequence(variant) for variant in ("plain", *METHODS)}, setup.sequence_repeats)
     result = {variant: summary(times[variant], times["plain"]) for variant in times}
     result["steps_per_task"] = steps_per_task
     memory = {}
@@ -602,15 +645,16 @@ def evaluate_targets(measurements: dict[str, Any], fisher_check: dict[str, Any])
 def print_report(report: dict[str, Any]) -> None:
     m, setup = report["measurements"], report["setup"]
     print(f"\n{setup['model']} {report['model_parameters']:,} parameters, batch {setup['batch_size']}, "
-          f"{setup['threads']} threads, torch {report['machine']['torch']}, medians of {setup['repeats']} repetitions")
+          f"{setup['threads']} threads, torch {report['machine']['torch']}, medians of {setup['repeats']} interleaved rounds "
+          f"({setup['steps']} steps per step run; sequences: {report['sequence_repeats']} rounds)")
 
     def table(title: str, rows: dict[str, Any], unit: str, scale: float, reference: str) -> None:
         print(f"\n{title}")
-        print(f"  {'':<14}{unit:>12}{'ratio':>9}  (vs {reference})")
+        print(f"  {'':<24}{'wall ' + unit:>12}{'ratio':>8}{'cpu ' + unit:>12}{'ratio':>8}   (ratios vs {reference})")
         for name, entry in rows.items():
             if isinstance(entry, dict) and "median_s" in entry:
-                ratio = f"{entry['ratio']:.3f}" if "ratio" in entry else ""
-                print(f"  {name:<14}{entry['median_s'] * scale:>12.3f}{ratio:>9}")
+                ratios = [f"{entry[key]:.3f}" if key in entry else "" for key in ("ratio", "cpu_ratio")]
+                print(f"  {name:<24}{entry['median_s'] * scale:>12.3f}{ratios[0]:>8}{entry['cpu_median_s'] * scale:>12.3f}{ratios[1]:>8}")
 
     table(f"1. step time under Lightning, task 1 ({setup['steps']} steps per run)", m["step_lightning"], "ms/step", 1e3, "plain Lightning")
     table("1. step time with the standalone train_step, task 1", m["step_standalone"], "ms/step", 1e3, "hand-written step")
@@ -623,11 +667,12 @@ def print_report(report: dict[str, Any]) -> None:
           f"(largest difference {check['max_diff_relative_to_largest']:.1e} of the largest entry, on {check['samples']} samples)")
     table(f"3. a whole {NUM_TASKS}-task sequence, {m['sequence']['steps_per_task']} steps per task", m["sequence"], "s", 1.0, "plain Lightning")
     print(f"\n5. method state after {NUM_TASKS} tasks (model parameters: {report['model_parameter_bytes'] / 2**20:.2f} MiB)")
-    print(f"  {'':<14}{'state_dict MiB':>15}{'x params':>9}{'held MiB':>10}{'x params':>9}")
+    print(f"  {'':<24}{'state_dict MiB':>15}{'x params':>9}{'held MiB':>10}{'x params':>9}")
     for name, entry in m["memory"].items():
-        print(f"  {name:<14}{entry['state_dict_bytes'] / 2**20:>15.2f}{entry['state_dict_vs_parameters']:>9.2f}"
+        print(f"  {name:<24}{entry['state_dict_bytes'] / 2**20:>15.2f}{entry['state_dict_vs_parameters']:>9.2f}"
               f"{entry['resident_bytes'] / 2**20:>10.2f}{entry['resident_vs_parameters']:>9.2f}")
-    print("\ntargets")
+    print(f"\ntargets (wall-clock ratios; load average {report['machine']['load_average_start']} at the start, "
+          f"{report['machine']['load_average_end']} at the end)")
     for target in report["targets"]:
         value = target["value"] if isinstance(target["value"], bool) else f"{target['value']:.3f}"
         print(f"  {'met   ' if target['met'] else 'MISSED'} {target['measure']:<40} {value:>7}  {target['target']}")
@@ -640,6 +685,18 @@ def machine() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), cpu)
     return {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()}
+
+
+def _progress(phase: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:6.0f} s, load {_load_average()}] {phase}", file=sys.stderr, flush=True)
+
+
+def _load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages: other processes competing for the cores."""
+    try:
+        return [round(load, 2) for load in os.getloadavg()]
+    except OSError:
+        return []
 
 
 @contextlib.contextmanager
@@ -662,9 +719,9 @@ def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=tuple(PRESETS), default="mlp", help="mlp: 784-400-400-10 (default); large: 784-2048x3-10")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
-    parser.add_argument("--repeats", type=int, help="repetitions of every measurement (default: mlp 7, large 3)")
-    parser.add_argument("--steps", type=int, help="timed steps per run (default: mlp 80, large 20)")
-    parser.add_argument("--sequence-steps", type=int, help="steps per task of the sequences (default: mlp one epoch, large 20)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds of every measurement; sequences get a third as many, at least 3 (default: mlp 15, large 6)")
+    parser.add_argument("--steps", type=int, help="steps per timed run, the first 2 dropped (default: mlp 20, large 6)")
+    parser.add_argument("--sequence-steps", type=int, help="steps per task of the sequences (default: mlp one epoch, large 6)")
     parser.add_argument("--data", choices=("fashion_mnist", "digits"), help="benchmark source (default fashion_mnist)")
     parser.add_argument("--root", help=f"where Fashion-MNIST is (default {FASHION_MNIST})")
     parser.add_argument("--quick", action="store_true", help="a smoke run on tiny sizes (seconds; timings mean nothing)")
@@ -692,23 +749,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     setup, json_path = parse_setup(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(setup.threads)
+    load_start = _load_average()
     try:
         with quiet_lightning():
             started = time.perf_counter()
             data = load_data(setup)
+            _progress("1, 4. step times", started)
             steps, trained = measure_steps(setup, data)
+            _progress("2. consolidation", started)
             consolidation, fisher_check = measure_consolidation(setup, data, trained)
+            _progress("3, 5. sequences and state", started)
             sequence, memory = measure_sequence(setup, data)
             elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
+    host = {**machine(), "load_average_start": load_start, "load_average_end": _load_average()}
     measurements = {**steps, "consolidation": consolidation, "sequence": sequence, "memory": memory}
     report = {
         "benchmark": "continual_overhead",
         "setup": asdict(setup),
+        "sequence_repeats": setup.sequence_repeats,
         "model_parameters": sum(p.numel() for p in trained.parameters()),
         "model_parameter_bytes": parameter_bytes(trained),
-        "machine": machine(),
+        "machine": host,
         "command": " ".join(["python", "benchmarks/continual_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_time_s": elapsed,
         "measurements": measurements,

@@ -1,0 +1,307 @@
+"""A task sequence killed by SIGKILL resumes from its last checkpoint to the end an uninterrupted
+run reaches: parameters, every method's state, the accuracy matrix, the logged curves, and the
+sequence of epochs and task ends (no finished task trained again, no unfinished one skipped).
+
+Every kill and every resume is its own process running ``resume_worker.main``: children of a fork
+server that imported torch and Lightning once, so that some fifty runs take seconds rather than
+an interpreter start each. One configuration also runs the worker as a script (two interpreter
+launches), the way the docs tell users to resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+from tests.reliability import resume_worker as worker
+from tests.reliability.resume_worker import read_timeline
+
+WORKER = Path(worker.__file__)
+TIMEOUT = 180  # seconds for one run; a run still going by then has hung
+SIGKILLED = -signal.SIGKILL  # a child's exit code when SIGKILL ended it
+
+CONFIGS = {
+    "ewc": ("ewc",),
+    "replay": ("replay",),
+    "l2": ("l2",),
+    "si": ("si",),
+    "distillation": ("distillation",),
+    "ewc+replay": ("ewc", "replay"),
+}
+#: Kill point -> where the last checkpoint on disk stands then: (task, global epoch it ended).
+KILLS = {
+    "epoch:0:0": (0, 0),  # inside the first task, between its two epochs
+    "between:0": (0, 1),  # task 0 ended (consolidated, measured), task 1 not started
+    "epoch:1:0": (1, 2),  # inside task 1, with task 0's state to carry
+    "batch:2:1:1": (2, 4),  # in the middle of the last task's second epoch
+}
+SCRIPT_CASE = ("ewc+replay", "epoch:1:0")
+
+#: Where the library fails the requirement (see docs/reliability.md, "Known failures").
+_SKIPPED_TASK_END = (
+    "known failure 1 (docs/reliability.md): resumed from a task's last-epoch checkpoint, Lightning skips "
+    "the fit's loop, so the task never ends (no on_train_start/on_train_end): consolidated late without "
+    "data (EWC's Fisher zero), never measured by ForgettingCurves"
+)
+KNOWN_FAILURES: dict[tuple[str, str], Callable[[str], bool]] = {
+    ("parameters", "between:0"): lambda config: "ewc" in config,
+    ("methods", "between:0"): lambda config: "ewc" in config,
+    ("matrix", "between:0"): lambda config: True,
+    ("curves", "between:0"): lambda config: True,
+    ("timeline", "between:0"): lambda config: True,
+}
+
+
+def cases(aspect: str) -> list:
+    params = []
+    for config in CONFIGS:
+        for kill in KILLS:
+            fails = KNOWN_FAILURES.get((aspect, kill), lambda _: False)(config)
+            marks = [pytest.mark.xfail(strict=True, reason=_SKIPPED_TASK_END)] if fails else []
+            params.append(pytest.param(config, kill, marks=marks, id=f"{config}-{kill}"))
+    return params
+
+
+# ---------------------------------------------------------------------------- the runs
+def _in_child(argv: list[str], log: Path) -> int:
+    """``resume_worker.main(argv)`` in a fresh process forked from the server; its exit code."""
+    process = multiprocessing.get_context("forkserver").Process(target=worker.child_main, args=(argv, log))
+    process.start()
+    process.join(TIMEOUT)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        raise TimeoutError(f"resume_worker {' '.join(argv)} did not end within {TIMEOUT} s")
+    return process.exitcode
+
+
+def _as_script(argv: list[str], log: Path) -> int:
+    with open(log, "ab") as output:
+        done = subprocess.run([sys.executable, str(WORKER), *argv], stdout=output, stderr=output, timeout=TIMEOUT)
+    return done.returncode
+
+
+class Runs:
+    """Where each run wrote, and how each of its processes ended."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.exit_codes: dict[Path, dict[str, Any]] = {}
+
+    def reference(self, config: str) -> Path:
+        return self.root / config / "reference"
+
+    def resumed(self, config: str, kill: str, script: bool = False) -> Path:
+        return self.root / config / (kill.replace(":", "_") + ("_script" if script else ""))
+
+    def run_reference(self, config: str) -> None:
+        out = self.reference(config)
+        out.mkdir(parents=True)
+        code = _in_child([str(out), "--methods", ",".join(CONFIGS[config])], out / "output.log")
+        self.exit_codes[out] = {"run": code}
+
+    def run_killed_then_resumed(self, config: str, kill: str, script: bool = False) -> None:
+        out = self.resumed(config, kill, script)
+        out.mkdir(parents=True)
+        launch = _as_script if script else _in_child
+        methods = ["--methods", ",".join(CONFIGS[config])]
+        codes: dict[str, Any] = {"killed": launch([str(out), *methods, "--kill", kill], out / "output.log")}
+        codes["result_left_by_killed_run"] = (out / "result.pt").exists()
+        last = out / "checkpoints" / "last.ckpt"
+        if last.exists():  # the resumed run overwrites it: keep the one the kill left
+            shutil.copy(last, out / "killed_last.ckpt")
+        if codes["killed"] == SIGKILLED:
+            codes["resumed"] = launch([str(out), *methods, "--resume"], out / "output.log")
+        self.exit_codes[out] = codes
+
+    def result(self, out: Path) -> dict[str, Any]:
+        expected = {"run": 0} if out.name == "reference" else {"killed": SIGKILLED, "result_left_by_killed_run": False, "resumed": 0}
+        log = (out / "output.log").read_text(errors="replace") if (out / "output.log").exists() else ""
+        assert self.exit_codes.get(out) == expected, f"{out}: {self.exit_codes.get(out)}\n{log[-3000:]}"
+        return torch.load(out / "result.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    """Every configuration uninterrupted, and killed then resumed at every kill point; two at a time."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([worker.__name__])  # torch, Lightning and neurenix, imported once
+    runs = Runs(tmp_path_factory.mktemp("resume"))
+    jobs: list[Callable[[], None]] = [lambda: runs.run_killed_then_resumed(*SCRIPT_CASE, script=True)]
+    jobs += [lambda config=config: runs.run_reference(config) for config in CONFIGS]
+    jobs += [lambda c=config, k=kill: runs.run_killed_then_resumed(c, k) for config in CONFIGS for kill in KILLS]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the development machine has two cores
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+    return runs
+
+
+def assert_close(got: Any, want: Any, path: str = "") -> None:
+    """Equal structure; tensors ``torch.allclose`` (floats) or equal (integers, generator states)."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), f"{path}: keys {sorted(map(str, got))} != {sorted(map(str, want))}"
+        for key in want:
+            assert_close(got[key], want[key], f"{path}/{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), f"{path}: {got} != {want}"
+        for index, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, f"{path}[{index}]")
+    elif isinstance(want, torch.Tensor):
+        assert got.shape == want.shape and got.dtype == want.dtype, f"{path}: {got.shape} {got.dtype} != {want.shape} {want.dtype}"
+        if want.is_floating_point():
+            assert torch.allclose(got, want, rtol=0, atol=1e-6, equal_nan=True), f"{path}: largest difference {(got - want).abs().max()}"
+        else:
+            assert torch.equal(got, want), f"{path}: {got} != {want}"
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-6, nan_ok=True), f"{path}: {got} != {want}"
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+def _both(runs: Runs, config: str, kill: str, key: str) -> tuple[Any, Any]:
+    return runs.result(runs.resumed(config, kill))[key], runs.result(runs.reference(config))[key]
+
+
+# ---------------------------------------------------------------------------- what must match
+@pytest.mark.parametrize("config,kill", cases("parameters"))
+def test_resumed_parameters_equal_the_uninterrupted_run(runs, config, kill):
+    assert_close(*_both(runs, config, kill, "params"))
+
+
+@pytest.mark.parametrize("config,kill", cases("methods"))
+def test_resumed_method_state_equals_the_uninterrupted_run(runs, config, kill):
+    """Fisher and anchors, ω/Ω, the teacher, the replay memory and every sampling generator."""
+    resumed, reference = _both(runs, config, kill, "methods")
+    assert_close(resumed, reference)
+    assert all(state["finished_tasks"] == [0, 1, 2] for state in resumed.values())
+
+
+@pytest.mark.parametrize("config,kill", cases("matrix"))
+def test_resumed_accuracy_matrix_equals_the_uninterrupted_run(runs, config, kill):
+    assert_close(*_both(runs, config, kill, "matrix"))
+
+
+@pytest.mark.parametrize("config,kill", cases("curves"))
+def test_resumed_logged_curves_equal_the_uninterrupted_run(runs, config, kill):
+    """The CSV logs of the killed and the resumed process, read as one curve per metric (a step
+    logged twice shows its later value), against the uninterrupted run's log."""
+    curves, reference = _both(runs, config, kill, "curves")
+    assert {"train_loss", "accuracy/task_0", "continual/forgetting"} <= reference.keys()
+    assert_close(curves, reference)
+
+
+@pytest.mark.parametrize("config,kill", cases("timeline"))
+def test_resume_neither_retrains_a_finished_task_nor_skips_an_unfinished_one(runs, config, kill):
+    """The resumed process runs exactly the epochs the uninterrupted run had left after the
+    checkpoint's position, and at the end of each fit its methods have finished the same tasks."""
+    out = runs.resumed(config, kill)
+    runs.result(out)  # both processes ended as they should
+    (reference,) = read_timeline(runs.reference(config))
+    killed, resumed = read_timeline(out)
+    assert killed == reference[: len(killed)]  # the killed run followed the same path, up to the kill
+    checkpoint_epoch = KILLS[kill][1]
+    after = 1 + next(i for i, r in enumerate(reference) if r["event"] == "epoch" and r["global_epoch"] == checkpoint_epoch)
+    assert resumed == reference[after:]
+
+
+@pytest.mark.parametrize("config,kill", cases("position"))
+def test_the_checkpoint_holds_the_sequence_position(runs, config, kill):
+    out = runs.resumed(config, kill)
+    runs.result(out)
+    checkpoint = torch.load(out / "killed_last.ckpt", weights_only=True)
+    task, epoch = KILLS[kill]
+    sequence = checkpoint["TaskSequenceDataModule"]
+    assert (sequence["current_task"], checkpoint["epoch"]) == (task, epoch)
+    assert sequence["task_start"]["epoch"] == task * worker.EPOCHS_PER_TASK
+    assert sequence["tasks_seen"] == list(range(task + 1))
+
+
+def test_the_worker_resumes_as_a_script(runs):
+    """Two interpreter launches (python resume_worker.py ... --kill, then --resume) end where the
+    uninterrupted run ends."""
+    config, kill = SCRIPT_CASE
+    resumed = runs.result(runs.resumed(config, kill, script=True))
+    reference = runs.result(runs.reference(config))
+    for key in ("params", "methods", "matrix", "curves"):
+        assert_close(resumed[key], reference[key], key)
+
+
+# ---------------------------------------------------------------------------- older checkpoints
+#: State a checkpoint of an older version lacks: what git history shows was added after the first
+#: release, then every key that a loader reads with a default, one at a time (keys that only make
+#: sense together go together: no version wrote SI's anchor without its importance).
+ADDED_LATER = [("EWC", ("tasks/0/buffers",))]  # f162199: EWC keeps end-of-task buffers
+BASE = [("active_task",), ("finished_tasks",), ("steps_in_active_task",), ("untouched_fingerprint",)]
+OPTIONAL = {
+    "EWC": [*BASE, ("generator",), ("tasks/0/samples",)],
+    "ExperienceReplay": [*BASE, ("memory",), *((f"memory/{key}",) for key in ("num_seen", "generator", "generator_device", "seed"))],
+    "L2Regularization": [*BASE, ("anchor",)],
+    "SynapticIntelligence": [*BASE, ("anchor", "big_omega"), ("task_state", "has_pending")],
+    "KnowledgeDistillation": [*BASE, ("teacher",), ("seen_units",), ("teacher_units",)],
+    "ForgettingCurves": [("matrix",)],
+    "TaskSequenceDataModule": [("tasks_seen",), ("task_start",), ("shuffle_generator",)],
+}
+#: Keys whose absence loses nothing in this run: the resumed run must end exactly as with them.
+LOSSLESS = {("EWC", ("tasks/0/buffers",)), *((owner, ("untouched_fingerprint",)) for owner in OPTIONAL)}
+DROPS = ADDED_LATER + [(owner, keys) for owner, groups in OPTIONAL.items() for keys in groups]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two busy-waiting threads on two shared cores run ten times slower
+    yield
+    torch.set_num_threads(threads)
+
+
+def _in_process(out: Path, ckpt_path: Optional[Path] = None) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return worker.run(out, worker.METHODS, resume=ckpt_path is not None, ckpt_path=ckpt_path)
+
+
+@pytest.fixture(scope="module")
+def mid_task_1(tmp_path_factory, one_thread) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint of all five methods inside task 1, and the run resumed from it unchanged."""
+    root = tmp_path_factory.mktemp("older")
+    _in_process(root / "full")
+    checkpoint = torch.load(root / "full" / "checkpoints" / "epoch=2-step=9.ckpt", weights_only=True)
+    torch.save(checkpoint, root / "as_saved.ckpt")
+    return checkpoint, _in_process(root / "resumed", root / "as_saved.ckpt")
+
+
+def _state_of(checkpoint: dict[str, Any], owner: str) -> dict[str, Any]:
+    if owner == "TaskSequenceDataModule":
+        return checkpoint[owner]
+    (key,) = [key for key in checkpoint["callbacks"] if key.split("{")[0] == owner]
+    return checkpoint["callbacks"][key]
+
+
+@pytest.mark.parametrize("owner,keys", DROPS, ids=[f"{owner}-{'+'.join(keys)}" for owner, keys in DROPS])
+def test_a_checkpoint_without_keys_added_later_still_resumes(mid_task_1, tmp_path, one_thread, owner, keys):
+    checkpoint, complete = mid_task_1
+    older = copy.deepcopy(checkpoint)
+    for key in keys:
+        *parents, last = key.split("/")
+        state = _state_of(older, owner)
+        for part in parents:
+            state = state[int(part) if part.isdigit() else part]
+        del state[last]
+    torch.save(older, tmp_path / "older.ckpt")
+    resumed = _in_process(tmp_path / "run", tmp_path / "older.ckpt")
+    for name, state in resumed["methods"].items():
+        assert {1, 2} <= set(state["finished_tasks"]) and state["active_task"] is None, name
+    if (owner, keys) in LOSSLESS:
+        for part in ("params", "methods", "matrix"):
+            assert_close(resumed[part], complete[part], part)
