@@ -11,16 +11,20 @@ Plain PyTorch (the API document)::
 """
 
 from neurenix.continual.base import ContinualMethod
+from neurenix.continual.boundary import ShiftDetector, TaskBoundaryDetector
 from neurenix.continual.callback import ContinualCallback
 from neurenix.continual.distillation import KnowledgeDistillation
 from neurenix.continual.ewc import EWC
 from neurenix.continual.l2 import L2Regularization
-from neurenix.continual.memory import ReplayBatch, ReservoirMemory
+from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory
 from neurenix.continual.mixin import ContinualLossMixin
 from neurenix.continual.replay import ExperienceReplay
 from neurenix.continual.synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
+    "ClassBalancedMemory",
+    "ShiftDetector",
+    "TaskBoundaryDetector",
     "ContinualCallback",
     "ContinualLossMixin",
     "ContinualMethod",

@@ -11,9 +11,14 @@ from neurenix.data.digits import Digits
 from neurenix.data.download import DownloadError, download_file
 from neurenix.data.idx import IDXFormatError, read_idx
 from neurenix.data.mnist import MNIST, FashionMNIST
+from neurenix.data.stream import StreamDataset, StreamSampler, TaskStream, task_free_stream
 from neurenix.data.tasks import AddChannel, Compose, Flatten, PermutePixels, TaskDataset, TensorBatchSampler, ToFloat, collate_batch
 
 __all__ = [
+    "StreamDataset",
+    "StreamSampler",
+    "TaskStream",
+    "task_free_stream",
     "AddChannel",
     "Compose",
     "DataLoader",
