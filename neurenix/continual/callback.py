@@ -117,10 +117,20 @@ class ContinualCallback(ContinualMethod, Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_model_device()
         self.prepare_for_device()
+        self._training_ran = False
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._training_ran = True
         self.enter_task(self._task_of_this_fit(trainer))
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Resumed from a checkpoint written at a task's last epoch end, Lightning finds the fit
+        # already complete and skips the training loop with its start/end hooks: the task must
+        # still be consolidated here, while its data is at hand.
+        if not getattr(self, "_training_ran", True) and self.active_task is not None:
+            self.finish_task(data=trainer.train_dataloader)
 
     @override
     def on_before_optimizer_step(

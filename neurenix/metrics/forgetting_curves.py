@@ -71,8 +71,20 @@ class ForgettingCurves(Callback):
             self._pending_state = None
 
     @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._training_ran = False
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # A fit resumed from its last epoch end skips the training loop: measure the task here.
+        if not getattr(self, "_training_ran", True) and trainer.state.stage is not None:
+            self.matrix.to(pl_module.device)  # type: ignore[union-attr]
+            self.on_train_end(trainer, pl_module)
+
+    @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         assert self.matrix is not None  # setup ran
+        self._training_ran = True
         self.matrix.to(pl_module.device)
         if int(self.matrix.total.sum()) == 0 and int(self.matrix.initial_total.sum()) == 0:
             self._evaluate(trainer, pl_module, after_task=None)
