@@ -56,9 +56,11 @@ EXAMPLE_METHODS = {"ewc_example": "ewc", "replay_example": "replay", "l2_example
 
 # ---------------------------------------------------------------------------- the document
 def document_path() -> Optional[Path]:
-    """The API document: ``$NEURENIX_API_DOCUMENT``, else ``shared/seed/`` beside or inside the repository."""
+    """The API document: ``$NEURENIX_API_DOCUMENT``, else ``shared/seed/`` beside the repository,
+    else the copy committed in ``tests/fixtures/`` (so a clone alone runs every test)."""
     candidates = [os.environ.get("NEURENIX_API_DOCUMENT")]
     candidates += [str(base / "shared" / "seed" / DOCUMENT_NAME) for base in (REPO.parent, REPO)]
+    candidates.append(str(REPO / "tests" / "fixtures" / DOCUMENT_NAME))
     return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
