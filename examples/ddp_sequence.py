@@ -77,6 +77,8 @@ def main() -> None:
             print(f"  after task {i}: " + " ".join(f"{a:.3f}" for a in row))
         print(f"average accuracy {curves.matrix.average_accuracy():.3f}, backward transfer "
               f"{curves.matrix.backward_transfer():+.3f}, forgetting {curves.matrix.forgetting():.3f}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # leave the group cleanly before exiting
 
 
 if __name__ == "__main__":

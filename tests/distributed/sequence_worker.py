@@ -156,6 +156,11 @@ def main(out: Path, devices: int, fail_on_rank: int | None, replay: bool) -> Non
         },
         out / f"rank{rank}.pt",
     )
+    if torch.distributed.is_initialized():
+        # Leave the group before the interpreter exits: gloo's threads torn down at exit can
+        # abort the process ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
