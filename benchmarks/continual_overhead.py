@@ -28,6 +28,7 @@ process's CPU time, with ratios of the medians. The load average at the start an
 into the report: numbers taken on a busy machine are not comparable with quiet ones.
 
     python benchmarks/continual_overhead.py [--model mlp|large] [--threads 2] [--repeats N]
+        [--accelerator cpu|gpu] [--precision 32-true|bf16-mixed]
         [--steps N] [--sequence-steps N] [--data fashion_mnist|digits] [--root DIR]
         [--quick] [--json PATH]
 
@@ -118,6 +119,12 @@ class Setup:
     data: str
     root: Optional[str]
     seed: int = 0
+    accelerator: str = "cpu"  # "cpu" or "gpu" (the first CUDA device)
+    precision: str = "32-true"  # or "bf16-mixed": Lightning's precision, autocast for the standalone steps
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0) if self.accelerator == "gpu" else torch.device("cpu")
 
     @property
     def sequence_repeats(self) -> int:
@@ -145,7 +152,6 @@ QUICK = dict(batch_size=32, steps=4, repeats=2, sequence_steps=2, fisher_samples
 QUICK_WIDTH = 16
 
 TRAINER_OPTIONS = dict(
-    accelerator="cpu",
     devices=1,
     logger=False,
     enable_checkpointing=False,
@@ -164,7 +170,18 @@ def build_net(setup: Setup, inputs: int, classes: int) -> nn.Sequential:
     for hidden in setup.hidden:
         layers += [nn.Linear(width, hidden), nn.ReLU()]
         width = hidden
-    return nn.Sequential(*layers, nn.Linear(width, classes))
+    return nn.Sequential(*layers, nn.Linear(width, classes)).to(setup.device)
+
+
+def trainer(setup: Setup, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(accelerator=setup.accelerator, precision=setup.precision, **TRAINER_OPTIONS, **kwargs)
+
+
+def autocast(setup: Setup) -> contextlib.AbstractContextManager:
+    """What a hand-written loop does for ``bf16-mixed``: the forward pass under autocast."""
+    if setup.precision == "bf16-mixed":
+        return torch.autocast(setup.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Classifier(L.LightningModule):
@@ -224,11 +241,16 @@ class Data:
 def load_data(setup: Setup) -> Data:
     benchmark = split_benchmark(setup.data, NUM_TASKS, root=setup.root, scenario="class", seed=setup.seed)
     loaders = [_unshuffled_loader(task, setup.batch_size) for task in benchmark.train]
-    batches = list(itertools.islice(loaders[1], setup.steps))
+    batches = on_device(itertools.islice(loaders[1], setup.steps), setup)
     if len(batches) < setup.steps:
         raise ValueError(f"--steps {setup.steps} is more than the {len(batches)} batches of a task")
     return Data(benchmark, benchmark.input_shape[0], benchmark.num_classes, loaders, batches,
-                _first_samples(loaders[1], setup.fisher_samples))
+                on_device(_first_samples(loaders[1], setup.fisher_samples), setup))
+
+
+def on_device(batches: Any, setup: Setup) -> list[tuple[Tensor, Tensor]]:
+    """Batches on the setup's device, as a hand-written loop would move them (outside the timing)."""
+    return [(x.to(setup.device), y.to(setup.device)) for x, y in batches]
 
 
 def _unshuffled_loader(task: Any, batch_size: int) -> Any:
@@ -260,6 +282,8 @@ class Timing(NamedTuple):
 
 
 def clock() -> Timing:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # a CUDA step is over when its kernels are, not when Python is
     return Timing(time.perf_counter(), time.process_time())
 
 
@@ -323,8 +347,8 @@ def summary(times: list[Timing], reference: Optional[list[Timing]] = None) -> di
     return entry
 
 
-def fit(module: L.LightningModule, callbacks: list[Callback], loader: Any, steps: int) -> None:
-    L.Trainer(max_steps=steps, callbacks=callbacks, **TRAINER_OPTIONS).fit(module, train_dataloaders=loader)
+def fit(module: L.LightningModule, callbacks: list[Callback], loader: Any, setup: Setup) -> None:
+    trainer(setup, max_steps=setup.steps, callbacks=callbacks).fit(module, train_dataloaders=loader)
 
 
 # ---------------------------------------------------------------------------- 1 and 4: steps
@@ -333,7 +357,7 @@ def lightning_run(module: L.LightningModule, callbacks: list[Callback], loader: 
 
     def run() -> Timing:
         timer = StepTimer()
-        fit(module, [timer, *callbacks], loader, setup.steps)
+        fit(module, [timer, *callbacks], loader, setup)
         return median_after_warmup(timer.times, setup.warmup)
 
     return run
@@ -347,23 +371,26 @@ def standalone_run(step: Callable[[Tensor, Tensor], Any], batches: list, setup: 
     return run
 
 
-def handwritten_step(net: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], None]:
+def handwritten_step(net: nn.Module, optimizer: torch.optim.Optimizer, setup: Setup) -> Callable[[Tensor, Tensor], None]:
     """The plain PyTorch step a user would write."""
 
     def step(x: Tensor, y: Tensor) -> None:
         optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        with autocast(setup):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         optimizer.step()
 
     return step
 
 
-def method_step(method: Any, optimizer: torch.optim.Optimizer, task_id: int) -> Callable[[Tensor, Tensor], None]:
+def method_step(method: Any, optimizer: torch.optim.Optimizer, task_id: int, setup: Setup) -> Callable[[Tensor, Tensor], None]:
     """``train_step``; replay also stores the batch, as its documented loop does."""
     remember = isinstance(method, ExperienceReplay) and task_id > 0
 
     def step(x: Tensor, y: Tensor) -> None:
-        method.train_step(optimizer, F.cross_entropy, x, y, task_id=task_id)
+        with autocast(setup):
+            method.train_step(optimizer, F.cross_entropy, x, y, task_id=task_id)
         if remember:
             method.add_to_memory(x, y, task_id)
 
@@ -382,30 +409,30 @@ def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
     """
     runs: dict[str, Callable[[], Timing]] = {}
     task0, task1 = data.loaders[0], data.loaders[1]
-    task0_batches = list(itertools.islice(task0, setup.steps))
+    task0_batches = on_device(itertools.islice(task0, setup.steps), setup)
 
     for variant in ("plain", *METHODS):
         net = build_net(setup, data.inputs, data.classes)
         module = lightning_module(variant, net)
         callbacks = [] if variant == "plain" else [make_method(variant, net, setup)]
-        fit(module, callbacks, task0, setup.steps)
+        fit(module, callbacks, task0, setup)
         runs[f"lightning/{variant}"] = lightning_run(module, callbacks, task1, setup)
 
     hand_net = build_net(setup, data.inputs, data.classes)
-    runs["standalone/handwritten"] = standalone_run(handwritten_step(hand_net, _adam(hand_net)), data.batches, setup)
+    runs["standalone/handwritten"] = standalone_run(handwritten_step(hand_net, _adam(hand_net), setup), data.batches, setup)
     for name in METHODS:
         net = build_net(setup, data.inputs, data.classes)
         optimizer, method = _adam(net), make_method(name, net, setup)
         method.register_task(0, task0)  # EWC's Fisher data, as in the API document's flow
         for x, y in task0_batches:
-            method_step(method, optimizer, 0)(x, y)
+            method_step(method, optimizer, 0, setup)(x, y)
             if isinstance(method, ExperienceReplay):
                 method.add_to_memory(x, y, 0)
-        method_step(method, optimizer, 1)(*data.batches[0])  # consolidates task 0, untimed
-        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1), data.batches, setup)
+        method_step(method, optimizer, 1, setup)(*data.batches[0])  # consolidates task 0, untimed
+        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1, setup), data.batches, setup)
     for name in METHODS:
         net = build_net(setup, data.inputs, data.classes)
-        runs[f"first_task/{name}"] = standalone_run(method_step(make_method(name, net, setup), _adam(net), 0), data.batches, setup)
+        runs[f"first_task/{name}"] = standalone_run(method_step(make_method(name, net, setup), _adam(net), 0, setup), data.batches, setup)
 
     times = interleaved(runs, setup.repeats)
     plain, hand = times["lightning/plain"], times["standalone/handwritten"]
@@ -476,7 +503,7 @@ def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple
     batches = data.fisher_batches
 
     epoch_net = copy.deepcopy(trained)
-    epoch_step = handwritten_step(epoch_net, _adam(epoch_net))
+    epoch_step = handwritten_step(epoch_net, _adam(epoch_net), setup)
     epoch_step(*batches[0])  # Adam's state, allocated once
 
     def epoch() -> None:
@@ -543,11 +570,11 @@ def measure_sequence(setup: Setup, data: Data) -> tuple[dict[str, Any], dict[str
             methods = [] if variant == "plain" else [make_method(variant, net, setup)]
             datamodule = TaskSequenceDataModule.from_benchmark(data.benchmark, batch_size=setup.batch_size, seed=setup.seed)
             start = clock()
-            trainer = L.Trainer(callbacks=methods, **TRAINER_OPTIONS)
-            fit_sequence(trainer, module, datamodule, steps_per_task=steps_per_task)
+            sequence_trainer = trainer(setup, callbacks=methods)
+            fit_sequence(sequence_trainer, module, datamodule, steps_per_task=steps_per_task)
             seconds = since(start)
-            if trainer.global_step != NUM_TASKS * steps_per_task:
-                raise RuntimeError(f"{variant}: the sequence made {trainer.global_step} steps")
+            if sequence_trainer.global_step != NUM_TASKS * steps_per_task:
+                raise RuntimeError(f"{variant}: the sequence made {sequence_trainer.global_step} steps")
             if methods:
                 if methods[0].finished_tasks != list(range(NUM_TASKS)):
                     raise RuntimeError(f"{variant} finished tasks {methods[0].finished_tasks}")
@@ -644,8 +671,9 @@ def evaluate_targets(measurements: dict[str, Any], fisher_check: dict[str, Any])
 
 def print_report(report: dict[str, Any]) -> None:
     m, setup = report["measurements"], report["setup"]
+    where = f"{report['machine']['gpu']}, {setup['precision']}" if setup["accelerator"] == "gpu" else f"{setup['threads']} CPU threads"
     print(f"\n{setup['model']} {report['model_parameters']:,} parameters, batch {setup['batch_size']}, "
-          f"{setup['threads']} threads, torch {report['machine']['torch']}, medians of {setup['repeats']} interleaved rounds "
+          f"{where}, torch {report['machine']['torch']}, medians of {setup['repeats']} interleaved rounds "
           f"({setup['steps']} steps per step run; sequences: {report['sequence_repeats']} rounds)")
 
     def table(title: str, rows: dict[str, Any], unit: str, scale: float, reference: str) -> None:
@@ -683,8 +711,9 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as file:
             cpu = next((line.split(":", 1)[1].strip() for line in file if line.startswith("model name")), cpu)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()}
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu}
 
 
 def _progress(phase: str, started: float) -> None:
@@ -725,13 +754,19 @@ def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
     parser.add_argument("--data", choices=("fashion_mnist", "digits"), help="benchmark source (default fashion_mnist)")
     parser.add_argument("--root", help=f"where Fashion-MNIST is (default {FASHION_MNIST})")
     parser.add_argument("--quick", action="store_true", help="a smoke run on tiny sizes (seconds; timings mean nothing)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where to train: the CPU (default) or the first CUDA device")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
+                        help="Lightning's precision; the standalone steps run their forward under the same autocast (default 32-true)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--accelerator gpu needs a CUDA device, and torch.cuda.is_available() is False")
 
     setup = PRESETS[args.model]
     if args.quick:
         setup = replace(setup, hidden=(QUICK_WIDTH,) * len(setup.hidden), **QUICK)
-    overrides = {"threads": args.threads, "repeats": args.repeats, "steps": args.steps, "data": args.data, "root": args.root}
+    overrides = {"threads": args.threads, "repeats": args.repeats, "steps": args.steps, "data": args.data, "root": args.root,
+                 "accelerator": args.accelerator, "precision": args.precision}
     setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
     if args.sequence_steps is not None:
         setup = replace(setup, sequence_steps=args.sequence_steps)

@@ -266,3 +266,19 @@ def test_state_round_trip_restores_samples_and_the_next_draws():
     replay.add_to_memory(*id_batch(300, 400), task_id=1)
     restored.add_to_memory(*id_batch(300, 400), task_id=1)
     assert_same_state(snapshot(replay), snapshot(restored))
+
+
+def test_a_cuda_generator_state_from_an_older_checkpoint_reseeds_from_seed_and_stream_position():
+    """Memories kept their generator on the samples' device before; such a stream cannot go on
+    on the CPU generator, so it restarts from ``seed + num_seen`` (deterministic, documented)."""
+    replay = new_replay(30, seed=9)
+    for start, stop in stream_batches(100):
+        replay.add_to_memory(*id_batch(start, stop), task_id=0)
+    state = replay.state_dict()
+    assert state["memory"]["generator_device"] == "cpu"
+    state["memory"] = {**state["memory"], "generator_device": "cuda", "generator": torch.zeros(16, dtype=torch.uint8)}
+
+    restored = new_replay(30, seed=9)
+    restored.load_state_dict(state)
+    expected = torch.randperm(30, generator=torch.Generator().manual_seed(9 + 100))[:6]
+    assert torch.equal(restored.get_replay_batch(6).inputs, state["memory"]["inputs"][expected])

@@ -1,0 +1,239 @@
+"""The methods on a CUDA device: the same values as on the CPU, and penalties that reach the
+gradient correctly under ``16-mixed`` (a grad scaler) and ``bf16-mixed`` precision.
+
+Marked ``gpu`` and skipped without CUDA; run them on a GPU machine with
+``python -m pytest -q -m gpu tests/gpu``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from neurenix.continual import (
+    EWC,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    SynapticIntelligence,
+)
+from neurenix.data import TaskSequenceDataModule, fit_sequence
+from neurenix.metrics import ForgettingCurves
+from tests.helpers import lit_classifier, make_task, quiet_trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CUDA = torch.device("cuda", 0)
+
+
+def _net(seed: int = 3) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _task(seed: int, samples: int = 48) -> TensorDataset:
+    x, y = make_task(samples=samples, seed=seed).tensors
+    return TensorDataset(x.float(), y)
+
+
+def _gpu_trainer(**kwargs):
+    # cuBLAS has no deterministic mode without CUBLAS_WORKSPACE_CONFIG; the tolerances cover it.
+    return quiet_trainer(accelerator="gpu", devices=1, deterministic=False, **kwargs)
+
+
+def _cpu_trainer(**kwargs):
+    return quiet_trainer(accelerator="cpu", deterministic=False, **kwargs)  # "auto" would pick the GPU
+
+
+def _fit(module, callbacks, dataset, *, on_gpu: bool = True, **kwargs):
+    trainer = _gpu_trainer(callbacks=callbacks, **kwargs) if on_gpu else _cpu_trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(module, DataLoader(dataset, batch_size=8, shuffle=False))
+    return trainer
+
+
+def _reference_module(net: nn.Module, penalty_of):
+    """A LightningModule whose loss is task loss + penalty, back-propagated by autograd."""
+    import lightning as L
+
+    class Reference(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y) + penalty_of()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Reference()
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [
+        {"precision": "32-true"},
+        {"precision": "16-mixed"},
+        {"precision": "bf16-mixed"},
+        {"precision": "16-mixed", "accumulate_grad_batches": 2, "gradient_clip_val": 0.5},
+    ],
+    ids=["32", "16-mixed", "bf16-mixed", "16-mixed-accumulate-clip"],
+)
+@pytest.mark.parametrize("method_class", [EWC, L2Regularization, SynapticIntelligence])
+def test_closed_form_penalty_equals_the_penalty_in_the_loss(method_class, trainer_kwargs):
+    """Under a grad scaler the loss that autograd sees is scaled, our closed form is added after
+    unscaling: both must give the same parameters."""
+    net = _net()
+    method = method_class(net, importance=5.0)
+    trainer = _fit(lit_classifier(net, lr=0.1), [method], _task(1))
+    assert method.finished_tasks == [0] and method.has_penalty
+    assert trainer.strategy.root_device.type == "cuda"  # (Lightning moves the model back to the CPU after a fit)
+
+    reference_net = copy.deepcopy(net)
+    frozen = copy.deepcopy(method)
+    frozen.model = reference_net
+    frozen._bind_parameters()
+
+    _fit(_reference_module(reference_net, frozen.penalty), [], _task(2), max_epochs=2, **trainer_kwargs)
+    _fit(lit_classifier(net, lr=0.1), [method], _task(2), max_epochs=2, **trainer_kwargs)
+
+    tolerance = 1e-5 if trainer_kwargs["precision"] == "32-true" else 2e-3
+    for (name, ours), theirs in zip(net.named_parameters(), reference_net.parameters()):
+        assert torch.allclose(ours.cpu(), theirs.cpu(), atol=tolerance, rtol=0), name
+    assert not torch.allclose(net[0].weight.cpu(), frozen._anchor["0.weight"].cpu())
+
+
+def _all_methods(net: nn.Module) -> list:
+    return [
+        EWC(net, importance=50.0, fisher_sample_size=20, seed=11),
+        L2Regularization(net, importance=2.0),
+        SynapticIntelligence(net, importance=1.0, xi=0.1),
+        ExperienceReplay(net, memory_size=12, replay_ratio=0.5, seed=12),
+        KnowledgeDistillation(net, temperature=2.0, alpha=0.5),
+    ]
+
+
+def test_every_method_on_one_trainer_gives_the_cpu_result():
+    cpu_net, gpu_net = _net(seed=5), _net(seed=5)
+    cpu_methods, gpu_methods = _all_methods(cpu_net), _all_methods(gpu_net)
+    for seed in (1, 2, 3):
+        _fit(lit_classifier(cpu_net, lr=0.1), cpu_methods, _task(seed), on_gpu=False)
+        trainer = _fit(lit_classifier(gpu_net, lr=0.1), gpu_methods, _task(seed))
+        assert trainer.strategy.root_device.type == "cuda"
+    assert cpu_methods[0].state_dict()["tasks"][0]["fisher"]["0.weight"].device.type == "cpu"
+
+    for (name, theirs), ours in zip(cpu_net.named_parameters(), gpu_net.parameters()):
+        assert torch.allclose(ours.cpu(), theirs, atol=1e-5, rtol=0), name
+    for cpu_method, gpu_method in zip(cpu_methods, gpu_methods):
+        assert gpu_method.finished_tasks == cpu_method.finished_tasks == [0, 1, 2]
+        _assert_states_close(gpu_method.state_dict(), cpu_method.state_dict(), type(cpu_method).__name__)
+
+
+def _assert_states_close(ours, theirs, where: str) -> None:
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), where
+        if theirs.is_floating_point():
+            assert torch.allclose(ours.cpu(), theirs, atol=1e-5, rtol=1e-4), where
+        else:
+            assert torch.equal(ours.cpu(), theirs), where
+    elif isinstance(theirs, dict):
+        assert set(ours) == set(theirs), where
+        for key in theirs:
+            _assert_states_close(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            _assert_states_close(a, b, f"{where}[{index}]")
+
+
+@pytest.mark.parametrize("hidden_layer", [nn.Tanh, nn.Identity], ids=["vmap", "closed-form-linear"])
+def test_fisher_on_cuda_equals_the_fisher_on_the_cpu(hidden_layer):
+    torch.manual_seed(0)
+    cpu_net = nn.Sequential(nn.Linear(6, 16), hidden_layer(), nn.Linear(16, 3))
+    gpu_net = copy.deepcopy(cpu_net).to(CUDA)
+    data = DataLoader(_task(4, samples=64), batch_size=16)
+    cpu_ewc, gpu_ewc = EWC(cpu_net, fisher_sample_size=50), EWC(gpu_net, fisher_sample_size=50)
+    for ewc in (cpu_ewc, gpu_ewc):
+        ewc.enter_task(0)
+        ewc.finish_task(data)  # CPU batches: moved to the model's device
+    for name, expected in cpu_ewc.state_dict()["tasks"][0]["fisher"].items():
+        got = gpu_ewc.state_dict()["tasks"][0]["fisher"][name]
+        assert got.device.type == "cuda"
+        assert torch.allclose(got.cpu(), expected, rtol=1e-4, atol=1e-7), name
+
+
+def test_state_saved_on_cuda_loads_on_the_cpu_with_weights_only():
+    gpu_net = _net().to(CUDA)
+    ewc = EWC(gpu_net, fisher_sample_size=30)
+    ewc.register_task(0, DataLoader(_task(1), batch_size=8))
+    with torch.no_grad():
+        gpu_net[0].weight.add_(0.1)
+    buffer = io.BytesIO()
+    torch.save(ewc.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True, map_location="cpu")
+
+    cpu_net = copy.deepcopy(gpu_net).cpu()
+    restored = EWC(cpu_net, fisher_sample_size=30)
+    restored.load_state_dict(state)
+    assert torch.allclose(restored.get_ewc_loss(), ewc.get_ewc_loss().cpu(), rtol=1e-5)
+
+    # and back: a CPU state into a method whose model is on the GPU
+    back = EWC(copy.deepcopy(gpu_net), fisher_sample_size=30)
+    back.load_state_dict(restored.state_dict())
+    assert back.get_ewc_loss().device.type == "cuda"
+    assert torch.allclose(back.get_ewc_loss().cpu(), restored.get_ewc_loss(), rtol=1e-5)
+
+
+def test_a_cpu_device_with_a_model_on_cuda_is_an_error_that_says_so():
+    with pytest.raises(ValueError, match=r"device='cpu' was given but the model's parameter '0.weight' is on 'cuda:0'"):
+        EWC(_net().to(CUDA), device="cpu")
+
+
+def test_standalone_train_step_on_cuda_equals_the_cpu():
+    cpu_net, gpu_net = _net(seed=7), _net(seed=7).to(CUDA)
+    results = []
+    for net in (cpu_net, gpu_net):
+        si = SynapticIntelligence(net, importance=1.0)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for task_id, seed in enumerate((1, 2)):
+            for x, y in DataLoader(_task(seed), batch_size=8):  # CPU batches, moved by train_step
+                si.train_step(optimizer, nn.functional.cross_entropy, x, y, task_id=task_id)
+        results.append((net, si))
+    (cpu_net, cpu_si), (gpu_net, gpu_si) = results
+    for ours, theirs in zip(gpu_net.parameters(), cpu_net.parameters()):
+        assert torch.allclose(ours.cpu(), theirs, atol=1e-5, rtol=0)
+    for name, expected in cpu_si.big_omega.items():
+        assert torch.allclose(gpu_si.big_omega[name].cpu(), expected, atol=1e-5, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_sequence_with_forgetting_curves_on_cuda_matches_the_cpu(precision):
+    def run(on_gpu: bool):
+        net = _net(seed=9)
+        datamodule = TaskSequenceDataModule(
+            [_task(s, samples=64) for s in (1, 2, 3)], [_task(s + 10, samples=64) for s in (1, 2, 3)], batch_size=16, seed=0
+        )
+        curves = ForgettingCurves()
+        callbacks = [EWC(net, importance=10.0, fisher_sample_size=32), curves]
+        if on_gpu:
+            trainer = _gpu_trainer(callbacks=callbacks, precision=precision)
+        else:
+            trainer = _cpu_trainer(callbacks=callbacks)
+        fit_sequence(trainer, lit_classifier(net, lr=0.1), datamodule, epochs_per_task=2)
+        return curves.matrix.compute().cpu()
+
+    gpu_matrix, cpu_matrix = run(True), run(False)
+    assert gpu_matrix.shape == (3, 3) and torch.isfinite(gpu_matrix).all()
+    # 64 test samples a task: 32-bit runs agree up to a flipped sample; bf16 up to a few.
+    tolerance = 1.5 / 64 if precision == "32-true" else 6.5 / 64
+    assert torch.allclose(gpu_matrix, cpu_matrix, atol=tolerance, rtol=0), (gpu_matrix, cpu_matrix)
