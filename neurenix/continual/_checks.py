@@ -87,3 +87,21 @@ def check_batch(inputs: object, targets: object) -> None:
         )
     if inputs.shape[0] == 0:  # type: ignore[union-attr]
         raise ValueError("inputs and targets must hold at least one sample, got an empty batch")
+
+
+def check_finite_samples(name: str, batch: torch.Tensor) -> None:
+    """Refuse a batch (samples along dim 0) holding NaN or infinite values; integer tensors pass.
+
+    One reduction and one host synchronisation: for data that is kept (a replay memory), not for
+    every training step.
+    """
+    if not (batch.is_floating_point() or batch.is_complex()):
+        return
+    finite = torch.isfinite(batch.reshape(batch.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite).squeeze(1)
+    raise ValueError(
+        f"{name} must hold finite values, got NaN or infinity in {bad.numel()} of {batch.shape[0]} "
+        f"samples (the first: sample {int(bad[0])})"
+    )

@@ -57,6 +57,17 @@ def join_batch(like: Sequence[Any], inputs: Tensor, targets: Tensor, task_ids: O
     return type(like)(items)
 
 
+def _orphaned_state_keys(cls: type, trainer: "pl.Trainer", states: dict[Any, Any]) -> list[str]:
+    """The checkpoint's state keys of callbacks of class ``cls`` that no callback of ``trainer`` claims.
+
+    A key is ``f"{qualname}{hyperparameters!r}"`` (``Callback._generate_state_key``); keys that
+    another callback of the trainer owns (two instances of one class) are not orphans.
+    """
+    prefix = f"{cls.__qualname__}{{"
+    claimed = {callback.state_key for callback in trainer.callbacks}
+    return [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
+
+
 class ContinualCallback(ContinualMethod, Callback):
     """A continual-learning method driven by a Lightning ``Trainer`` (one fit per task)."""
 
@@ -76,6 +87,19 @@ class ContinualCallback(ContinualMethod, Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(**self.hyperparameters())
+
+    @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # Lightning only warns when a checkpoint holds no state under this state_key, and the
+        # method would resume empty (no Fisher, anchor, teacher or memory, no finished tasks).
+        # It calls every callback's on_load_checkpoint before any callback's load_state_dict,
+        # so raising here leaves every method's state as it was.
+        saved = _orphaned_state_keys(type(self), trainer, checkpoint.get("callbacks") or {})
+        if saved and self.state_key not in checkpoint["callbacks"]:
+            raise ValueError(
+                f"the checkpoint holds state for {' and '.join(saved)}, not for {self.state_key}: build "
+                "the method with the hyper-parameters it was saved with, or it would resume without its state"
+            )
 
     # ---------------------------------------------------------------------------- hooks
     @override

@@ -140,7 +140,7 @@ class EWC(QuadraticPenaltyMethod):
             raise ValueError(f"update_fisher: task_id={task_id} was never registered (tasks: {known})")
         self.prepare_for_device()
         term = self._tasks[task_id]
-        fisher, samples = self._estimate_fisher(term["anchor"], dataloader, term["buffers"])
+        fisher, samples = self._estimate_fisher(term["anchor"], dataloader, term["buffers"], task_id=task_id)
         if self.online:
             if term["samples"] > 0:
                 raise ValueError(
@@ -163,7 +163,7 @@ class EWC(QuadraticPenaltyMethod):
             )
             fisher, samples = {name: torch.zeros_like(a) for name, a in anchor.items()}, 0
         else:
-            fisher, samples = self._estimate_fisher(anchor, data)
+            fisher, samples = self._estimate_fisher(anchor, data, task_id=task_id)
         if self.online and self._tasks:
             (previous,) = self._tasks.values()
             fisher = {name: f + self.gamma * previous["fisher"][name] for name, f in fisher.items()}
@@ -195,19 +195,26 @@ class EWC(QuadraticPenaltyMethod):
         self._set_penalty(anchor, weight, constant)
 
     def _estimate_fisher(
-        self, at: dict[str, Tensor], data: Any, buffers: Optional[dict[str, Tensor]] = None
+        self, at: dict[str, Tensor], data: Any, buffers: Optional[dict[str, Tensor]] = None, *, task_id: Optional[int] = None
     ) -> tuple[dict[str, Tensor], int]:
         """Mean squared per-sample gradient at parameters ``at`` (and ``buffers``, default the
-        model's own), from up to ``fisher_sample_size`` samples."""
+        model's own), from up to ``fisher_sample_size`` samples of task ``task_id``.
+
+        Samples whose inputs hold NaN or infinity are counted on the device and the count is
+        summed across ranks with the Fisher's own sums, so that every rank refuses them together
+        (a rank raising alone would leave the others waiting in the all-reduce).
+        """
         others = {n: p.detach() for n, p in self.model.named_parameters() if n not in at}
         others.update(dict(self.model.named_buffers()) if buffers is None else buffers)
         sums = {name: torch.zeros_like(a) for name, a in at.items()}
         closed_form = True  # until the network turns out not to be all nn.Linear
         samples = 0
+        not_finite = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._generator.set_state(broadcast_(self._generator.get_state()))  # every rank draws one subset...
         with evaluation_mode(self.model):
             for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):  # ...its share of it
                 inputs, targets = tuple(a.to(self.device) for a in inputs), targets.to(self.device)
+                not_finite += _samples_not_finite(inputs)
                 if self.fisher == "true":
                     targets = self._labels_from_model(at, others, inputs)
                 batch_sums = CF.linear_squared_gradient_sum(self.model, at, others, inputs, targets) if closed_form else None
@@ -217,10 +224,16 @@ class EWC(QuadraticPenaltyMethod):
                 torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
                 samples += targets.shape[0]
         count = torch.tensor([float(samples)], dtype=torch.float64, device=self.device)
-        sum_across_ranks_([*sums.values(), count])  # sums and counts first, then divide
+        sum_across_ranks_([*sums.values(), count, not_finite])  # sums and counts first, then divide
         samples = int(count.item())
         if samples == 0:
             raise ValueError("EWC cannot estimate the Fisher: the task's data yielded no samples")
+        if bool(not_finite > 0):
+            whose = "the" if task_id is None else f"task {task_id}'s"
+            raise ValueError(
+                f"dataloader must yield finite inputs, got NaN or infinity in {int(not_finite.item())} of the "
+                f"{samples} samples drawn for {whose} Fisher: EWC would consolidate a NaN Fisher"
+            )
         fisher = {name: s / samples for name, s in sums.items()}
         self._check_finite_fisher(fisher)
         return fisher, samples
@@ -228,6 +241,9 @@ class EWC(QuadraticPenaltyMethod):
     def _labels_from_model(self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
         with torch.no_grad():
             logits = torch.func.functional_call(self.model, (at, others), inputs)
+        # Non-finite logits (NaN inputs or parameters) cannot be sampled from; zeros can, and such
+        # a Fisher is refused after the sum (its inputs are counted, its values are checked).
+        logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
         return CF.sample_model_labels(logits.cpu(), self._generator).to(logits.device)
 
     @staticmethod
@@ -281,6 +297,15 @@ def _vmapped_squared_gradient_sum(
         total = part if total is None else {name: total[name] + g for name, g in part.items()}
     assert total is not None  # inputs is never empty here
     return total
+
+
+def _samples_not_finite(inputs: tuple[Tensor, ...]) -> Tensor:
+    """How many samples hold NaN or infinity in any floating-point input (a device tensor: no sync)."""
+    bad = torch.zeros(inputs[0].shape[0], dtype=torch.bool, device=inputs[0].device)
+    for tensor in inputs:
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad |= ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    return bad.sum()
 
 
 def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

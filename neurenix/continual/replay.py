@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from neurenix.continual._checks import check_batch, check_choice, check_int, check_model, check_real, check_task_id
+from neurenix.continual._checks import (
+    check_batch,
+    check_choice,
+    check_finite_samples,
+    check_int,
+    check_model,
+    check_real,
+    check_task_id,
+)
 from neurenix.continual.base import default_seed
 from neurenix.continual.callback import ContinualCallback, join_batch, split_batch
 from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
@@ -90,9 +98,15 @@ class ExperienceReplay(ContinualCallback):
         Raises:
             TypeError / ValueError: not tensors, different sample counts, a non-int task id, or
                 shapes/dtypes that differ from the samples the memory already holds.
+            ValueError: ``inputs`` (or floating-point ``targets``) hold NaN or infinite values,
+                which the memory would keep and replay until they are replaced. (Training
+                batches that a Trainer offers to the memory are not scanned, as no training
+                step is: docs/reliability.md.)
         """
         check_batch(inputs, targets)
         task_id = check_task_id(task_id)
+        check_finite_samples("inputs", inputs)
+        check_finite_samples("targets", targets)
         self.memory.check_batch(inputs, targets)
         self.prepare_for_device()
         task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=self.memory.device)

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.data import sized_len
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
@@ -221,7 +222,10 @@ def fit_sequence(
 
     Raises:
         TypeError: ``trainer`` or ``datamodule`` is of the wrong type, or a count is not an int.
-        ValueError: neither or both of ``epochs_per_task``/``steps_per_task``, or one ``< 1``.
+        ValueError: neither or both of ``epochs_per_task``/``steps_per_task``, or one ``< 1``;
+            a task whose training loader yields no batches (checked before its fit: Lightning
+            would skip the fit and the task with it); ``ckpt_path`` not written while fitting
+            this kind of datamodule, or saved in a task this datamodule does not have.
 
     Example::
 
@@ -241,6 +245,8 @@ def fit_sequence(
         resuming = ckpt_path is not None and task == first
         if not resuming:  # a resumed task keeps the start it had before the interruption
             datamodule.set_task(task)
+        _check_task_yields_batches(trainer, datamodule)
+        if not resuming:
             datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
@@ -257,6 +263,29 @@ def _limit_fit(trainer: "pl.Trainer", unit: str, end: int) -> None:
     else:
         trainer.fit_loop.max_epochs = no_limit
         trainer.fit_loop.epoch_loop.max_steps = end
+
+
+def _check_task_yields_batches(trainer: "pl.Trainer", datamodule: TaskSequenceDataModule) -> None:
+    """Refuse the current task before its fit if its training loader yields no batches.
+
+    Lightning would skip such a fit ("No training batches"): the methods would never see the
+    task, no hook would end it, and the sequence would go on as if it had been trained. Checked
+    here rather than after the fit because a skipped fit still runs ``on_fit_end`` (where
+    ``ForgettingCurves`` measures a task that a resumed fit finds complete). A loader without a
+    length (an iterable dataset) cannot be counted before it runs and is not checked.
+    """
+    task = datamodule.current_task
+    if trainer.limit_train_batches == 0:
+        raise ValueError(
+            f"task {task}'s training loader yields no batches: the Trainer was built with "
+            f"limit_train_batches={trainer.limit_train_batches!r}, so fit_sequence would skip every task"
+        )
+    batches = sized_len(datamodule.train_dataloader())
+    if batches == 0:
+        raise ValueError(
+            f"task {task}'s training loader yields no batches (train_dataloader() has length 0): "
+            "fit_sequence would skip the task without training it"
+        )
 
 
 def _checked_budget(epochs_per_task: object, steps_per_task: object) -> tuple[str, int]:
@@ -277,7 +306,15 @@ def _checkpointed_datamodule_state(trainer: "pl.Trainer", datamodule: TaskSequen
     key = type(datamodule).__qualname__
     if key not in checkpoint:
         raise ValueError(f"ckpt_path={ckpt_path!r} holds no {key} state: it was not written while fitting a {key}")
-    return checkpoint[key]
+    state = checkpoint[key]
+    task = state.get("current_task")
+    if isinstance(task, int) and task >= datamodule.num_tasks:
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} was saved in task {task}, but the datamodule has {datamodule.num_tasks} "
+            f"tasks (0..{datamodule.num_tasks - 1}): the checkpoint was written by a sequence with more tasks "
+            "than this datamodule has"
+        )
+    return state
 
 
 def _checked_tasks(name: str, tasks: object, expected: Optional[int] = None) -> list:

@@ -4,8 +4,10 @@ and resumed from its checkpoint by fresh objects ends exactly where an uninterru
 from __future__ import annotations
 
 import copy
+import re
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
@@ -106,3 +108,61 @@ def _assert_same(a, b) -> None:
             _assert_same(x, y)
     else:
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a, b)
+
+
+# ------------------------------------------------------------------------- hyper-parameters
+def _checkpoint_of(tmp_path, make_methods) -> tuple:
+    """A checkpoint written after task 0 (one epoch) with ``make_methods(net)``, and those methods."""
+    net = make_mlp(seed=7).float()
+    methods = make_methods(net)
+    trainer = quiet_trainer(callbacks=methods)
+    trainer.fit(lit_classifier(net), _task(1))
+    path = tmp_path / "task0.ckpt"
+    trainer.save_checkpoint(path)
+    return path, methods
+
+
+def _resume(path, methods, net) -> None:
+    quiet_trainer(callbacks=methods, max_epochs=2).fit(lit_classifier(net), _task(1), ckpt_path=path)
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+def test_a_method_with_other_hyperparameters_refuses_the_checkpoint_before_any_state_loads(tmp_path):
+    path, _ = _checkpoint_of(tmp_path, lambda net: [L2Regularization(net, importance=0.1), EWC(net, importance=20.0, seed=0)])
+    net = make_mlp(seed=8).float()
+    l2, ewc = L2Regularization(net, importance=0.1), EWC(net, importance=5.0, seed=0)
+    saved = "EWC{'importance': 20.0, 'fisher_sample_size': 1000, 'online': False, 'gamma': 1.0, 'fisher': 'empirical'}"
+    wanted = "EWC{'importance': 5.0, 'fisher_sample_size': 1000, 'online': False, 'gamma': 1.0, 'fisher': 'empirical'}"
+    with pytest.raises(ValueError, match=re.escape(f"the checkpoint holds state for {saved}, not for {wanted}: build")):
+        _resume(path, [l2, ewc], net)
+    # Lightning calls every on_load_checkpoint before any load_state_dict: nothing was loaded.
+    for method in (l2, ewc):
+        assert method.finished_tasks == [] and method.active_task is None
+
+
+def test_two_methods_of_one_class_each_resume_their_own_state(tmp_path):
+    # Fishers from 8 and from all 32 samples differ: a swapped state would show.
+    path, saved = _checkpoint_of(tmp_path, lambda net: [EWC(net, importance=20.0, fisher_sample_size=8, seed=0), EWC(net, importance=5.0, seed=1)])
+    net = make_mlp(seed=8).float()
+    resumed = [EWC(net, importance=5.0, seed=2), EWC(net, importance=20.0, fisher_sample_size=8, seed=3)]  # other order, other seeds
+    loaded: dict = {}
+
+    class Grab(L.Callback):  # the methods' state right after Lightning restored it
+        def on_train_start(self, trainer, pl_module):
+            loaded.update({method.importance: copy.deepcopy(method.state_dict()["tasks"]) for method in resumed})
+
+    quiet_trainer(callbacks=[*resumed, Grab()], max_epochs=2).fit(lit_classifier(net), _task(1), ckpt_path=path)
+    fishers = [method.state_dict()["tasks"][0]["fisher"]["0.weight"] for method in saved]
+    assert not torch.allclose(*fishers)
+    for method in saved:
+        (task,) = loaded[method.importance].values()
+        _assert_same(task["fisher"], method.state_dict()["tasks"][0]["fisher"])
+    assert [method.finished_tasks for method in resumed] == [[0, 1], [0, 1]]
+
+
+def test_a_method_the_checkpoint_has_no_state_of_the_class_of_starts_empty(tmp_path):
+    path, _ = _checkpoint_of(tmp_path, lambda net: [EWC(net, importance=20.0, seed=0)])
+    net = make_mlp(seed=8).float()
+    ewc, added = EWC(net, importance=20.0, seed=0), L2Regularization(net, importance=0.1)
+    _resume(path, [ewc, added], net)
+    assert ewc.finished_tasks == [0, 1] and added.finished_tasks == [0]  # it knows nothing of task 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -330,11 +331,26 @@ def test_update_fisher_errors():
         ewc.update_fisher(1, None)
 
 
-def test_nan_data_raises_floating_point_error_naming_parameters():
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_nan_data_is_refused_before_the_task_is_consolidated(fisher):
     x, y = make_task(seed=1).tensors
-    x[3, 2] = float("nan")
-    ewc = EWC(make_mlp(), seed=0)
+    x[3, 2], x[7, 0] = float("nan"), float("inf")
+    ewc = EWC(make_mlp(), seed=0, fisher=fisher)
     ewc.register_task(1, loader(TensorDataset(x, y)))
+    ewc.model[0].bias.data.add_(0.1)  # task 1 trained
+    message = "dataloader must yield finite inputs, got NaN or infinity in 2 of the 40 samples drawn for task 1's Fisher"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ewc.register_task(2)
+    assert ewc.active_task == 1 and ewc.finished_tasks == [] and ewc.get_ewc_loss().item() == 0.0
+    ewc.update_fisher(1, loader(make_task(seed=2)))  # clean data for the task: it consolidates now
+    ewc.register_task(2)
+    assert ewc.finished_tasks == [1] and torch.isfinite(ewc.state_dict()["tasks"][1]["fisher"]["0.weight"]).all()
+
+
+def test_nan_parameters_on_clean_data_raise_floating_point_error_naming_parameters():
+    ewc = EWC(make_mlp(), seed=0)
+    ewc.register_task(1, loader(make_task(seed=1)))
+    ewc.model[0].weight.data[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"parameters \[.*'0\.weight'"):
         ewc.register_task(2)
 

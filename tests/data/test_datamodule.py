@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -221,3 +222,57 @@ def test_bad_fit_sequence_arguments(split_digits):
         fit_sequence(trainer, model, datamodule, steps_per_task=2.5)
     with pytest.raises(TypeError, match="datamodule must be a TaskSequenceDataModule, got LightningDataModule"):
         fit_sequence(trainer, model, L.LightningDataModule(), epochs_per_task=1)
+
+
+class _SilentSecondTask(TaskSequenceDataModule):
+    """Task 1's training loader yields nothing (a custom loader, a sampler that filters everything)."""
+
+    def train_dataloader(self):
+        if self.current_task == 1:
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 2)), batch_size=4)
+        return super().train_dataloader()
+
+
+class _FitCounter(Callback):
+    def __init__(self) -> None:
+        self.fits = 0
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fits += 1
+
+
+def test_fit_sequence_refuses_a_task_without_batches_before_its_fit():
+    model = lit_classifier(nn.Linear(2, 2))
+    ewc, counter = EWC(model.net), _FitCounter()
+    datamodule = _SilentSecondTask(tiny_tasks(3), tiny_tasks(3), batch_size=4)
+    message = "task 1's training loader yields no batches (train_dataloader() has length 0)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit_sequence(quiet_trainer(callbacks=[ewc, counter]), model, datamodule, epochs_per_task=1)
+    assert counter.fits == 1 and ewc.finished_tasks == [0] and ewc.active_task is None
+    assert datamodule.current_task == 1
+
+
+def test_fit_sequence_refuses_a_trainer_that_limits_training_to_no_batches():
+    counter = _FitCounter()
+    message = "task 0's training loader yields no batches: the Trainer was built with limit_train_batches=0.0"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit_sequence(quiet_trainer(callbacks=[counter], limit_train_batches=0.0), lit_classifier(nn.Linear(2, 2)),
+                     TaskSequenceDataModule(tiny_tasks(2), tiny_tasks(2)), epochs_per_task=1)  # fmt: skip
+    assert counter.fits == 0
+
+
+def test_fit_sequence_refuses_a_checkpoint_of_a_longer_sequence_before_loading_it(tmp_path):
+    trainer = quiet_trainer()
+    fit_sequence(trainer, lit_classifier(nn.Linear(2, 2)), TaskSequenceDataModule(tiny_tasks(3), tiny_tasks(3)), epochs_per_task=1)
+    path = tmp_path / "three-tasks.ckpt"
+    trainer.save_checkpoint(path)
+    datamodule = TaskSequenceDataModule(tiny_tasks(2), tiny_tasks(2))
+    before = datamodule.state_dict()
+    message = (
+        f"ckpt_path={str(path)!r} was saved in task 2, but the datamodule has 2 tasks (0..1): the checkpoint "
+        "was written by a sequence with more tasks than this datamodule has"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit_sequence(quiet_trainer(), lit_classifier(nn.Linear(2, 2)), datamodule, epochs_per_task=1, ckpt_path=str(path))
+    after = datamodule.state_dict()
+    assert after.pop("shuffle_generator").equal(before.pop("shuffle_generator")) and after == before

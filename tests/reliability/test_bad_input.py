@@ -2,8 +2,9 @@
 
 ``ROWS`` is that table: one test per row, and a test that the docs show exactly these rows
 (``python -c "from tests.reliability.test_bad_input import markdown_table; print(markdown_table())"``
-prints it). A row without an exception is a documented policy (NaN is not scanned for, a fit with
-no batches is Lightning's to skip); its check asserts what the policy promises.
+prints it). A row without an exception is a documented policy (NaN in a training batch is not
+scanned for, a plain fit with no batches is Lightning's to skip); its check asserts what the policy
+promises.
 """
 
 from __future__ import annotations
@@ -185,10 +186,27 @@ def dict_batches(_):
     fit([ExperienceReplay(net)], lit_classifier(net), DataLoader(DictBatches(), batch_size=4))
 
 
-def nan_is_stored(_):
+def nan_parameters_clean_data(_):
+    method = trained(EWC)
+    with torch.no_grad():
+        method.model[0].weight.fill_(float("nan"))
+    method.register_task(0, loader())  # consolidates task 0 at NaN parameters
+
+
+def fisher_supplied_later(fisher: str) -> Callable[[Any], Any]:
+    def call(_):
+        method = trained(EWC, fisher=fisher)
+        method.register_task(1)  # task 0 consolidated without data (a warning)
+        method.update_fisher(0, loader(nan=True))
+
+    return call
+
+
+def memory_untouched_by_nan(_):
     method = ExperienceReplay(mlp(), memory_size=32)
-    method.add_to_memory(*data(nan=True), 0)
-    return bool(method.memory.state_dict()["inputs"].isnan().any())
+    with pytest.raises(ValueError):
+        method.add_to_memory(*data(nan=True), 0)
+    return len(method.memory) == 0 and method.memory.num_seen == 0
 
 
 def nan_fit_runs_on(cls: type) -> Callable[[Any], Any]:
@@ -217,6 +235,16 @@ class SilentTask(TaskSequenceDataModule):
 
 def sequence_with_silent_task(tmp):
     fit_sequence_with(tmp, EWC, SilentTask(tasks(3), tasks(3), batch_size=4))
+
+
+def silent_task_refused_before_its_fit(tmp):
+    net = mlp()
+    method = EWC(net)
+    trainer = quiet_trainer(callbacks=[method])
+    datamodule = SilentTask(tasks(3), tasks(3), batch_size=4)
+    with pytest.raises(ValueError):
+        fit_sequence(trainer, lit_classifier(net), datamodule, epochs_per_task=1)
+    return method.finished_tasks == [0] and method.active_task is None and trainer.global_step == 4
 
 
 def task_reused_in_sequence(tmp):
@@ -260,6 +288,13 @@ def grid_search_fit(X, y, model_fn=None) -> Any:
         return EWC(nn.Linear(4, 3), importance=importance)
 
     return GridSearch(model_fn or ewc, {"importance": [1.0, 2.0]}, cv=2, epochs=1).fit(X, y)
+
+
+def replay_grid_search_on_nan(_) -> Any:
+    def replay(memory_size):
+        return ExperienceReplay(nn.Linear(4, 3), memory_size=memory_size)
+
+    return GridSearch(replay, {"memory_size": [4, 8]}, cv=2, epochs=1).fit(*data(nan=True))
 
 
 def accepted(value: Any) -> bool:
@@ -355,12 +390,18 @@ ROWS: list[Row] = [
     row(TS, "NaN in `inputs`", None, "not scanned: returns the NaN loss, as PyTorch would", nan_step_returns_nan_loss),
     row("`EWC.register_task(task_id, dataloader)`", "a dataloader that yields nothing", ValueError,
         "EWC cannot estimate the Fisher: the task's data yielded no samples", lambda _: trained(EWC).register_task(0, loader(0))),
-    row("`EWC.register_task(task_id, dataloader)`", "NaN in the task's inputs", FloatingPointError,
-        "EWC's Fisher holds NaN or infinite values for parameters ['0.weight'", lambda _: trained(EWC).register_task(0, loader(nan=True))),
+    row("`EWC.register_task(task_id, dataloader)`", "NaN in the task's inputs", ValueError,
+        "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's Fisher",
+        lambda _: trained(EWC).register_task(0, loader(nan=True))),
+    row("`EWC.register_task(task_id, dataloader)`", "NaN parameters (set outside training), clean data", FloatingPointError,
+        "EWC's Fisher holds NaN or infinite values for parameters ['0.weight'", nan_parameters_clean_data),
     row("`EWC.update_fisher(task_id, dataloader)`", "`dataloader=None`", ValueError, "update_fisher needs data for task 0, got dataloader=None",
         lambda _: trained(EWC).update_fisher(0, None)),
     row("`EWC.update_fisher(task_id, dataloader)`", "a task never registered", ValueError, "update_fisher: task_id=7 was never registered",
         lambda _: trained(EWC).update_fisher(7, loader())),
+    row("`EWC.update_fisher(task_id, dataloader)`", "NaN in the task's inputs (`fisher=\"empirical\"` or `\"true\"`)", ValueError,
+        "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's Fisher",
+        fisher_supplied_later("empirical"), fisher_supplied_later("true")),
     row("`EWC.get_ewc_loss()`", "NaN parameters (a NaN batch trained)", FloatingPointError,
         "EWC penalty is nan: the parameter of '0.weight' holds NaN or infinite values", nan_penalty(EWC)),
     row("`L2Regularization` / `SynapticIntelligence` `.get_regularization_loss()`", "NaN parameters (a NaN batch trained)", FloatingPointError,
@@ -372,7 +413,11 @@ ROWS: list[Row] = [
     row(ER, "samples of another shape", ValueError, "inputs of shape (16, 5) and dtype torch.float32 do not match the replay memory",
         replay_with(X, torch.zeros(16, 5))),
     row(ER, "`task_id=1.0`", TypeError, "task_id must be an int, got float: 1.0", lambda _: ExperienceReplay(mlp()).add_to_memory(X, Y, 1.0)),
-    row(ER, "NaN in `inputs`", None, "not scanned: stored and replayed as given", nan_is_stored),
+    row(ER, "NaN in `inputs`", ValueError, "inputs must hold finite values, got NaN or infinity in 1 of 16 samples (the first: sample 3)",
+        lambda _: ExperienceReplay(mlp()).add_to_memory(*data(nan=True), 0)),
+    row(ER, "infinity in float `targets`", ValueError, "targets must hold finite values, got NaN or infinity in 1 of 16 samples (the first: sample 0)",
+        lambda _: ExperienceReplay(mlp()).add_to_memory(X, torch.cat([torch.tensor([float("inf")]), Y[1:].float()]), 0)),
+    row(ER, "NaN in `inputs`, the memory afterwards", None, "refused before anything is stored: the memory stays as it was", memory_untouched_by_nan),
     row("`ExperienceReplay.get_replay_batch(batch_size)`", "`batch_size=0`", ValueError, "batch_size must be >= 1, got 0",
         lambda _: ExperienceReplay(mlp()).get_replay_batch(0)),
     row("`ExperienceReplay.get_replay_batch(batch_size)`", "an empty memory", ValueError, "cannot draw a replay batch: the replay memory is empty",
@@ -397,15 +442,23 @@ ROWS: list[Row] = [
         dict_batches),
     row(FIT, "`training_step` (under `ContinualLossMixin`) returning a float", TypeError,
         "training_step must return a loss tensor, a dict with a 'loss' tensor, or None; got float", step_returning_float),
-    row(FIT, "`EWC`, NaN in the task's data", FloatingPointError, "EWC's Fisher holds NaN or infinite values", lambda _: fit_with(EWC, nan=True)),
+    row(FIT, "`EWC`, NaN in the task's data", ValueError,
+        "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's Fisher", lambda _: fit_with(EWC, nan=True)),
     row(FIT, "`L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, `ExperienceReplay`, NaN in the task's data", None,
-        "not scanned: the loss and then the parameters become NaN; the penalty getters raise FloatingPointError when read",
+        "not scanned: the loss and then the parameters become NaN (the replay memory keeps the batches it is offered); "
+        "the penalty getters raise FloatingPointError when read",
         *(nan_fit_runs_on(cls) for cls in METHODS if cls is not EWC)),
     row(FIT, "a training loader that yields nothing", None, "Lightning skips the fit (No training batches); the method sees no task", empty_fit_is_skipped),
     row(FS, "a task id reused out of order (`set_task(0)` after the sequence)", ValueError, "task_id=0 was already trained and consolidated",
         task_reused_in_sequence),
-    row(FS, "a task whose training loader yields nothing", ValueError, "task 1's training loader yielded no batches", sequence_with_silent_task,
-        known_failure="known failure 2 (docs/reliability.md): the task is skipped silently (fit_sequence, neurenix/data/datamodule.py)"),
+    row(FS, "a task whose training loader yields nothing", ValueError, "task 1's training loader yields no batches (train_dataloader() has length 0)",
+        sequence_with_silent_task),
+    row(FS, "a task whose training loader yields nothing, the methods afterwards", None,
+        "refused before the task's fit: the earlier tasks stay trained and consolidated, nothing else happened",
+        silent_task_refused_before_its_fit),
+    row(FS, "`Trainer(limit_train_batches=0)`", ValueError,
+        "task 0's training loader yields no batches: the Trainer was built with limit_train_batches=0",
+        lambda tmp: fit_sequence_with(tmp, EWC, limit_train_batches=0)),
     row(FS, "`trainer` not a `Trainer`", TypeError, "trainer must be a lightning Trainer, got str", lambda _: fit_sequence("t", None, sequence(), epochs_per_task=1)),
     row(FS, "a plain `LightningDataModule`", TypeError, "datamodule must be a TaskSequenceDataModule, got LightningDataModule",
         lambda _: fit_sequence(quiet_trainer(), None, L.LightningDataModule(), epochs_per_task=1)),
@@ -415,12 +468,12 @@ ROWS: list[Row] = [
     row(FS, "`ckpt_path` a file that does not exist", FileNotFoundError, "Checkpoint file not found: ", resume_from(lambda tmp: tmp / "missing.ckpt")),
     row(FS, "`ckpt_path` a checkpoint not written by `fit_sequence`", ValueError,
         "holds no TaskSequenceDataModule state: it was not written while fitting a TaskSequenceDataModule", resume_from(plain_checkpoint)),
-    row(FS, "`ckpt_path` a checkpoint of a longer sequence (task 2 of a 2-task datamodule)", ValueError, "was saved in task 2, but the datamodule has 2 tasks",
-        resume_from(lambda tmp: checkpoint_of(tmp, count=3)),
-        known_failure="known failure 3 (docs/reliability.md): the message, 'task must be in 0..1 (2 tasks), got 2', does not name the checkpoint"),
+    row(FS, "`ckpt_path` a checkpoint of a longer sequence (task 2 of a 2-task datamodule)", ValueError,
+        "sequence3.ckpt' was saved in task 2, but the datamodule has 2 tasks (0..1): the checkpoint was written by a sequence with more tasks",
+        resume_from(lambda tmp: checkpoint_of(tmp, count=3))),
     row(FS, "`ckpt_path` saved with `EWC(importance=1000.0)`, resumed with `EWC(importance=5.0)`", ValueError,
-        "the checkpoint holds state for EWC{'importance': 1000.0", resume_from(lambda tmp: checkpoint_of(tmp, EWC), lambda net: EWC(net, importance=5.0)),
-        known_failure="known failure 4 (docs/reliability.md): Lightning only warns, and the method starts empty (its state is silently dropped)"),
+        "the checkpoint holds state for EWC{'importance': 1000.0, 'fisher_sample_size': 1000, 'online': False, 'gamma': 1.0, "
+        "'fisher': 'empirical'}, not for EWC{'importance': 5.0,", resume_from(lambda tmp: checkpoint_of(tmp, EWC), lambda net: EWC(net, importance=5.0))),
     # data
     row(TD, "an empty task (0 samples)", ValueError, "inputs must hold at least one sample, got shape (0, 4)", lambda _: TaskDataset(X[:0], Y[:0])),
     row(TD, "float targets", TypeError, "targets must hold integer labels, got dtype torch.float32", lambda _: TaskDataset(X, Y.float())),
@@ -480,6 +533,8 @@ ROWS: list[Row] = [
     row(GF, "`model_fn` returning a bare network", TypeError, "model_fn must return a neurenix continual method",
         lambda _: grid_search_fit(X, Y, lambda importance: nn.Linear(4, 3))),
     row(GF, "NaN in `X`", None, "not scanned: every combination is scored on what the model outputs", lambda _: accepted(grid_search_fit(*data(nan=True)))),
+    row(GF, "NaN in `X`, `model_fn` returning `ExperienceReplay` (its `add_to_memory` scans)", ValueError,
+        "inputs must hold finite values, got NaN or infinity in 1 of", replay_grid_search_on_nan),
     row("`nx.init(seed)`", "`seed=-1`", ValueError, "seed must be in [0, 2**64), got -1", lambda _: nx.init(-1)),
     row("`nx.init(seed)`", "`seed=1.0`", TypeError, "seed must be an int or None, got 1.0", lambda _: nx.init(1.0)),
 ]
