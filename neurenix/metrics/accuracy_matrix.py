@@ -71,9 +71,34 @@ class AccuracyMatrix(Metric):
             self.correct[after_task, task] += hits
             self.total[after_task, task] += target.numel()
 
+    def record(self, correct: Tensor, total: Tensor, *, after_task: Optional[int]) -> None:
+        """Replace a whole row with counts measured elsewhere (one entry per task).
+
+        ``ForgettingCurves`` counts each process's share of the test sets, sums the counts across
+        processes, then records them: every process holds the same, complete row.
+
+        Args:
+            correct: correct predictions on each task's evaluation data, ``(num_tasks,)``.
+            total: samples counted on each task, ``(num_tasks,)``.
+            after_task: the last task trained, or ``None`` for the untrained model.
+        """
+        if after_task is not None:
+            self._check_task("after_task", after_task)
+        for name, counts in (("correct", correct), ("total", total)):
+            if counts.shape != (self.num_tasks,):
+                raise ValueError(f"{name} must hold one count per task, shape ({self.num_tasks},), got {tuple(counts.shape)}")
+        if after_task is None:
+            self.initial_correct.copy_(correct)
+            self.initial_total.copy_(total)
+        else:
+            self.correct[after_task] = correct
+            self.total[after_task] = total
+        self._update_count += 1  # what update() would count: compute() reads fresh states
+        self._computed = None
+
     def compute(self) -> Tensor:
         """``R`` as float64, ``nan`` where no sample was counted."""
-        return _ratio(self.correct, self.total)
+        return accuracy_ratio(self.correct, self.total)
 
     def accuracies(self) -> Tensor:
         """``R`` as a ``(num_tasks, num_tasks)`` matrix, whatever the size (``compute`` squeezes 1x1)."""
@@ -82,7 +107,7 @@ class AccuracyMatrix(Metric):
     @property
     def initial(self) -> Tensor:
         """``b``: each task's accuracy before any training (``nan`` if not measured)."""
-        return _ratio(self.initial_correct, self.initial_total)
+        return accuracy_ratio(self.initial_correct, self.initial_total)
 
     def average_accuracy(self, after_task: Optional[int] = None) -> Tensor:
         return MF.average_accuracy(self.accuracies(), after_task)
@@ -107,6 +132,7 @@ class AccuracyMatrix(Metric):
             raise ValueError(f"{name} must be an int in [0, {self.num_tasks - 1}], got {value!r}")
 
 
-def _ratio(correct: Tensor, total: Tensor) -> Tensor:
+def accuracy_ratio(correct: Tensor, total: Tensor) -> Tensor:
+    """``correct / total`` as float64, ``nan`` where ``total`` is 0 (nothing measured)."""
     correct, total = correct.double(), total.double()
     return torch.where(total > 0, correct / total.clamp_min(1), torch.full_like(total, float("nan")))

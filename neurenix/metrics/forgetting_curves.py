@@ -10,12 +10,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from typing_extensions import override
 
 from neurenix.continual._checks import check_int
 from neurenix.continual.base import evaluation_mode, model_arguments
 from neurenix.continual.callback import continual_methods, split_batch
-from neurenix.metrics.accuracy_matrix import AccuracyMatrix
+from neurenix.metrics.accuracy_matrix import AccuracyMatrix, accuracy_ratio
 
 __all__ = ["ForgettingCurves", "accuracy_heatmap"]
 
@@ -36,6 +37,12 @@ class ForgettingCurves(Callback):
       and the run's hyper-parameters (the methods' and this callback's).
 
     The accuracy matrix (:attr:`matrix`) is part of the callback's checkpointed state.
+
+    Under DDP every process evaluates its own share of each test set (samples ``rank``,
+    ``rank + world_size``, ...: each sample exactly once) and the counts are summed across the
+    processes before they enter the matrix, so every process holds the same matrix, that of the
+    whole test sets, and the checkpoint (written by rank 0) does too. Test loaders that are not a
+    ``DataLoader`` over a sized dataset cannot be split: then every process evaluates all of it.
 
     Evaluation batches are ``(inputs, targets)`` or ``(inputs, targets, task_ids)``; the model
     is called as ``model(inputs, task_ids)`` where its ``forward`` takes a second positional
@@ -65,7 +72,7 @@ class ForgettingCurves(Callback):
                 f"{type(datamodule).__name__} lacks {missing}"
             )
         if self.matrix is None or self.matrix.num_tasks != datamodule.num_tasks:
-            self.matrix = AccuracyMatrix(datamodule.num_tasks)
+            self.matrix = _matrix(datamodule.num_tasks)
         if self._pending_state is not None:
             self.matrix.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -105,21 +112,27 @@ class ForgettingCurves(Callback):
     # ---------------------------------------------------------------------------- evaluation
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", after_task: Optional[int]) -> None:
         assert self.matrix is not None
-        if after_task is not None:  # a resumed task end re-measures its row rather than adding to it
-            self.matrix.correct[after_task] = 0
-            self.matrix.total[after_task] = 0
-        for task, loader in enumerate(_task_loaders(trainer)):
-            for preds, targets in _predictions(pl_module, loader):
-                self.matrix.update(preds, targets, task=task, after_task=after_task)
+        # A resumed task end re-measures its row: the row is replaced, never added to.
+        self.matrix.record(*self._counts(trainer, pl_module), after_task=after_task)
         row = self.matrix.initial if after_task is None else self.matrix.accuracies()[after_task]
         self._log_accuracies(trainer, row)
 
     def _accuracies(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
-        scratch = AccuracyMatrix(self.matrix.num_tasks).to(pl_module.device)  # type: ignore[union-attr]
-        for task, loader in enumerate(_task_loaders(trainer)):
-            for preds, targets in _predictions(pl_module, loader):
-                scratch.update(preds, targets, task=task, after_task=0)
-        return scratch.compute()[0]
+        return accuracy_ratio(*self._counts(trainer, pl_module))
+
+    def _counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, Tensor]:
+        """Correct predictions and samples on each task's whole test set, summed over processes."""
+        loaders = _task_loaders(trainer)
+        rank, world_size = trainer.global_rank, trainer.world_size
+        split = world_size > 1 and all(_splittable(loader) for loader in loaders)  # the same on every rank
+        scratch = _matrix(len(loaders)).to(pl_module.device)
+        for task, loader in enumerate(loaders):
+            for preds, targets in _predictions(pl_module, _share(loader, rank, world_size) if split else loader):
+                scratch.update(preds, targets, task=task, after_task=None)
+        counts = torch.stack([scratch.initial_correct, scratch.initial_total])
+        if split:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        return counts[0], counts[1]
 
     # ---------------------------------------------------------------------------- logging
     @staticmethod
@@ -166,8 +179,30 @@ class ForgettingCurves(Callback):
         if self.matrix is not None and self.matrix.num_tasks == matrix["total"].shape[0]:
             self.matrix.load_state_dict(matrix)
         else:  # the datamodule (and so the size) is known only at setup
-            self.matrix = AccuracyMatrix(matrix["total"].shape[0])
+            self.matrix = _matrix(matrix["total"].shape[0])
             self.matrix.load_state_dict(matrix)
+
+
+def _matrix(num_tasks: int) -> AccuracyMatrix:
+    # Counts are summed across processes as they are measured (ForgettingCurves._counts), so
+    # every process holds the whole matrix: compute() must not sum the copies again, nor wait
+    # in a collective that only rank 0 enters (it draws the TensorBoard heatmap).
+    return AccuracyMatrix(num_tasks, sync_on_compute=False)
+
+
+def _splittable(loader: Any) -> bool:
+    return (
+        isinstance(loader, DataLoader)
+        and not isinstance(loader.dataset, IterableDataset)
+        and hasattr(loader.dataset, "__len__")
+    )
+
+
+def _share(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """This process's share of ``loader``'s samples: ``rank``, ``rank + world_size``, ..."""
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1
+    share = Subset(loader.dataset, range(rank, len(loader.dataset), world_size))
+    return DataLoader(share, batch_size=batch_size, collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
 
 def _last_epoch_of_fit(trainer: "pl.Trainer") -> bool:

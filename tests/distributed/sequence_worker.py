@@ -41,8 +41,11 @@ class Classifier(ContinualLossMixin, L.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.evaluated_samples = 0  # in eval mode only ForgettingCurves calls forward
 
     def forward(self, x):
+        if not self.training:
+            self.evaluated_samples += x.shape[0]
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
@@ -153,6 +156,8 @@ def main(out: Path, devices: int, fail_on_rank: int | None, replay: bool) -> Non
             "teacher": methods[3].teacher.state_dict(),
             "replay_seen": methods[4].memory.num_seen if replay else None,
             "matrix": curves.matrix.compute(),
+            "matrix_counts": curves.matrix.total.clone(),
+            "evaluated_samples": model.evaluated_samples,
         },
         out / f"rank{rank}.pt",
     )

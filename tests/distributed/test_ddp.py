@@ -61,6 +61,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
     _assert_close(ddp["si_big_omega"], single["si_big_omega"])  # ω from the all-reduced gradient
     _assert_close(ddp["teacher"], single["teacher"])
     _assert_close(ddp["matrix"], single["matrix"], atol=0)  # whole test sets, counts reduced
+    assert torch.equal(ddp["matrix_counts"], single["matrix_counts"])  # each test sample counted once
+
+
+def test_each_rank_evaluates_its_share_of_the_test_sets(runs):
+    single = _load(runs / "devices1", 0)["evaluated_samples"]
+    shares = [_load(runs / "devices2", rank)["evaluated_samples"] for rank in (0, 1)]
+    # 2 test sets of 64 samples, evaluated at the start and after each of the 2 tasks
+    assert single == 3 * 2 * 64
+    assert shares == [single // 2, single // 2]
 
 
 def test_every_rank_holds_the_same_parameters_and_state(runs):

@@ -90,3 +90,18 @@ def test_a_one_task_matrix_stays_a_matrix():
     matrix.update(torch.tensor([1, 1]), torch.tensor([1, 0]), task=0, after_task=0)
     assert matrix.accuracies().shape == (1, 1) and matrix.accuracies()[0, 0].item() == 0.5
     assert matrix.average_accuracy().item() == 0.5
+
+
+def test_record_replaces_a_row_with_counts_measured_elsewhere():
+    matrix = AccuracyMatrix(num_tasks=2)
+    matrix.update(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 1]), task=0, after_task=0)  # 2 of 3
+    assert torch.allclose(matrix.compute()[0, 0], torch.tensor(2 / 3, dtype=torch.float64))
+    matrix.record(torch.tensor([3, 1]), torch.tensor([4, 5]), after_task=0)  # replaces, not adds
+    matrix.record(torch.tensor([1, 0]), torch.tensor([2, 2]), after_task=None)
+    expected = torch.tensor([[0.75, 0.2], [float("nan"), float("nan")]], dtype=torch.float64)
+    assert torch.allclose(matrix.compute(), expected, equal_nan=True)
+    assert torch.equal(matrix.initial, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"correct must hold one count per task, shape \(2,\), got \(3,\)"):
+        matrix.record(torch.tensor([1, 1, 1]), torch.tensor([2, 2]), after_task=1)
+    with pytest.raises(ValueError, match=r"after_task must be an int in \[0, 1\], got 2"):
+        matrix.record(torch.tensor([1, 1]), torch.tensor([2, 2]), after_task=2)
