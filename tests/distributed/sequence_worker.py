@@ -32,6 +32,7 @@ from neurenix.continual import (  # noqa: E402
 from neurenix.continual.distributed import rank_and_world_size  # noqa: E402
 from neurenix.data import TaskSequenceDataModule, fit_sequence  # noqa: E402
 from neurenix.metrics import ForgettingCurves  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -140,7 +141,7 @@ def main(out: Path, devices: int, fail_on_rank: int | None, replay: bool) -> Non
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
         callbacks=[*([FailOnRank(fail_on_rank)] if fail_on_rank is not None else []), *methods, curves, *extra],
-        logger=False,
+        logger=TensorBoardLogger(out, name="tensorboard", version=0),  # rank 0 draws the heatmap
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

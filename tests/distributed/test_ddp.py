@@ -64,6 +64,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
     assert torch.equal(ddp["matrix_counts"], single["matrix_counts"])  # each test sample counted once
 
 
+def test_rank_zero_logs_the_same_curves_and_heatmaps_as_one_process(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    single, ddp = (EventAccumulator(str(runs / f"devices{d}" / "tensorboard" / "version_0")) for d in (1, 2))
+    for events in (single, ddp):
+        events.Reload()
+    assert len(ddp.Images("continual/accuracy_matrix")) == 2  # one heatmap per task
+    for task in (0, 1):
+        ours = [e.value for e in ddp.Scalars(f"accuracy/task_{task}")]
+        assert ours == [e.value for e in single.Scalars(f"accuracy/task_{task}")] and len(ours) == 3
+
+
 def test_each_rank_evaluates_its_share_of_the_test_sets(runs):
     single = _load(runs / "devices1", 0)["evaluated_samples"]
     shares = [_load(runs / "devices2", rank)["evaluated_samples"] for rank in (0, 1)]
