@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 import zlib
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -45,10 +46,32 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = was_training
 
 
+#: model -> (the function of its forward method when last inspected, whether it takes task ids).
+#: Reading a signature costs microseconds that every training step would pay; an entry is redone
+#: when the forward changes, and goes with the model.
+_TAKES_TASK_IDS: "weakref.WeakKeyDictionary[nn.Module, tuple[Callable[..., Any], bool]]" = weakref.WeakKeyDictionary()
+
+
 def takes_task_ids(model: nn.Module) -> bool:
     """Whether ``model``'s forward takes a second positional argument (a multi-head model's task ids)."""
+    forward = model.forward
+    function = getattr(forward, "__func__", None)
+    if function is None or forward.__self__ is not model:  # a callable set on the instance: not cached
+        return _forward_takes_task_ids(forward)
     try:
-        parameters = inspect.signature(model.forward).parameters.values()
+        known = _TAKES_TASK_IDS.get(model)
+    except TypeError:  # a module made unhashable (an __eq__ without __hash__): not cached
+        return _forward_takes_task_ids(forward)
+    if known is not None and known[0] is function:
+        return known[1]
+    answer = _forward_takes_task_ids(forward)
+    _TAKES_TASK_IDS[model] = (function, answer)
+    return answer
+
+
+def _forward_takes_task_ids(forward: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(forward).parameters.values()
     except (TypeError, ValueError):  # a forward without a signature (a builtin): inputs only
         return False
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
@@ -60,6 +83,20 @@ def model_arguments(model: nn.Module, inputs: Tensor, task_ids: Optional[Tensor]
     if task_ids is not None and takes_task_ids(model):
         return (inputs, task_ids)
     return (inputs,)
+
+
+def _first_parameter(model: nn.Module) -> Optional[Tensor]:
+    """``next(model.parameters(), None)`` without its generators (asked on every training step)."""
+    if type(model).parameters is not nn.Module.parameters or type(model).named_parameters is not nn.Module.named_parameters:
+        return next(model.parameters(), None)
+    modules = [model]
+    while modules:  # depth first, each module's own parameters before its children's
+        module = modules.pop()
+        for p in module._parameters.values():
+            if p is not None:
+                return p
+        modules.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return None
 
 
 def _fingerprint(model: nn.Module) -> Tensor:
@@ -111,7 +148,7 @@ class ContinualMethod:
         """Where the method keeps its state: the ``device`` given, else the model's."""
         if self._requested_device is not None:
             return self._requested_device
-        first = next(self.model.parameters(), None)
+        first = _first_parameter(self.model)
         return first.device if first is not None else torch.device("cpu")
 
     def _check_model_device(self) -> None:
@@ -240,16 +277,18 @@ class ContinualMethod:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self._check_model_device()
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        device = self.device
+        inputs, targets = inputs.to(device), targets.to(device)
         self.prepare_for_device()
         self.enter_task(task_id)
 
         optimizer.zero_grad()
+        multi_head = takes_task_ids(self.model)
         task_ids = None
-        if takes_task_ids(self.model):  # a multi-head model gets each sample's task id
+        if multi_head:  # a multi-head model gets each sample's task id
             task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=inputs.device)
         inputs, targets, task_ids = self.extend_batch(inputs, targets, task_ids)
-        arguments = model_arguments(self.model, inputs, task_ids)
+        arguments = (inputs, task_ids) if multi_head and task_ids is not None else (inputs,)
         outputs = self.model(*arguments)
         loss = self.transform_loss(loss_fn(outputs, targets), arguments, outputs, targets)
         loss.backward()

@@ -24,6 +24,7 @@ __all__ = [
     "sample_model_labels",
     "si_accumulate_",
     "si_importance",
+    "si_step_",
     "squared_gradient_sum",
 ]
 
@@ -179,10 +180,20 @@ def add_quadratic_penalty_grad_(
 ) -> None:
     """``grads += scale · W · (θ − θ̄)``: the closed-form gradient of :func:`quadratic_penalty`.
 
-    Three fused multi-tensor kernels and no allocation: ``workspace`` (tensors shaped like
-    ``params``) holds ``θ − θ̄``. Subtracting the anchor first keeps the result exact where
-    ``θ ≈ θ̄`` (no cancellation between ``W·θ`` and ``W·θ̄``).
+    No allocation: ``workspace`` (tensors shaped like ``params``, overwritten) holds ``θ − θ̄``.
+    Subtracting the anchor first keeps the result exact where ``θ ≈ θ̄`` (no cancellation between
+    ``W·θ`` and ``W·θ̄``). On the CPU, two kernels per tensor and seven reads or writes of
+    parameter-sized memory (``W = 1``: six), which bound the cost; on a GPU, three multi-tensor
+    kernels (see :func:`_one_tensor_at_a_time`).
     """
+    if _one_tensor_at_a_time(params):
+        for i, (g, p, a, diff) in enumerate(zip(grads, params, anchors, workspace)):
+            torch.sub(p, a, out=diff)
+            if weights is None:
+                g.add_(diff, alpha=scale)
+            else:
+                g.addcmul_(diff, weights[i], value=scale)
+        return
     grads, workspace = list(grads), list(workspace)
     torch._foreach_copy_(workspace, list(params))
     torch._foreach_sub_(workspace, list(anchors))
@@ -190,6 +201,19 @@ def add_quadratic_penalty_grad_(
         torch._foreach_add_(grads, workspace, alpha=scale)
     else:
         torch._foreach_addcmul_(grads, workspace, list(weights), value=scale)
+
+
+def _one_tensor_at_a_time(tensors: Sequence[Tensor]) -> bool:
+    """Whether element-wise updates of ``tensors`` are cheaper as one call per tensor than as
+    multi-tensor (``torch._foreach_*``) calls: on the CPU.
+
+    There PyTorch's multi-tensor ops loop over the tensors with one kernel each anyway, so a
+    per-tensor loop costs no more kernels, runs each tensor's updates back to back (a small
+    tensor stays in cache between them), and writes results straight to their destination
+    (``out=``) where a multi-tensor op would need a copy first: a pass over the parameters fewer.
+    On a GPU one multi-tensor kernel replaces a launch per tensor.
+    """
+    return not tensors or tensors[0].device.type == "cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +236,44 @@ def si_accumulate_(
     params_before = list(params_before)
     torch._foreach_sub_(params_before, list(params_after))
     torch._foreach_addcmul_(list(omega), list(grads), params_before)
+
+
+@torch.no_grad()
+def si_step_(
+    omega: Sequence[Tensor],
+    pending_grads: Sequence[Tensor],
+    pending_params: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
+    params: Sequence[Tensor],
+    close_pending: bool,
+) -> None:
+    """SI's work for one optimizer step, in place: close the step taken, then record this one.
+
+    With ``close_pending``, the step taken since the last call is added to the path integral,
+    ``ω += −g_prev · (θ − θ_prev)`` (:func:`si_accumulate_`, ``pending_*`` holding ``g_prev`` and
+    ``θ_prev``); then ``pending_grads`` and ``pending_params`` take this step's gradient (zero for a
+    ``None`` gradient) and parameters ``θ``, whose change is known only after the step.
+
+    Eleven reads or writes of parameter-sized memory (four without ``close_pending``): the
+    product needs copies of ``θ_prev``, which the optimizer overwrites, and of ``g_prev``, which
+    the next backward (and a penalty's gradient) overwrites.
+    """
+    if _one_tensor_at_a_time(params):
+        for om, pending_grad, pending_param, g, p in zip(omega, pending_grads, pending_params, grads, params):
+            if close_pending:
+                pending_param.sub_(p)  # −Δθ
+                om.addcmul_(pending_grad, pending_param)
+            if g is None:
+                pending_grad.zero_()
+            else:
+                pending_grad.copy_(g)
+            pending_param.copy_(p)
+        return
+    pending_grads, pending_params, params = list(pending_grads), list(pending_params), list(params)
+    if close_pending:
+        si_accumulate_(omega, pending_grads, pending_params, params)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    torch._foreach_copy_(pending_grads + pending_params, grads + params)
 
 
 @torch.no_grad()

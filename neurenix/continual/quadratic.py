@@ -2,8 +2,9 @@
 
 Every such penalty is written ``scale/2 · Σ W · (θ − θ̄)² + scale · c`` with one anchor ``θ̄`` and
 one weight ``W`` per parameter (``W = 1`` for L2): EWC's sum of per-task penalties folds into this
-form exactly (see :meth:`EWC._rebuild_penalty`), so a training step costs three fused
-multi-tensor kernels whatever the number of tasks.
+form exactly (see :meth:`EWC._rebuild_penalty`), so a training step costs the same two
+element-wise kernels per parameter whatever the number of tasks
+(:func:`~neurenix.continual.functional.add_quadratic_penalty_grad_`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ class QuadraticPenaltyMethod(ContinualCallback):
         self._anchor: dict[str, Tensor] = {}
         self._weight: Optional[dict[str, Tensor]] = None
         self._constant = 0.0
-        self._workspace: list[Tensor] = []
+        # The same state as lists in the order of the model's parameters, made once per
+        # _set_penalty so that a training step builds none.
         self._penalized: list[torch.nn.Parameter] = []
+        self._anchors: list[Tensor] = []
+        self._weights: Optional[list[Tensor]] = None
+        self._workspace: list[Tensor] = []
 
     def _penalty_scale(self) -> float:
         raise NotImplementedError
@@ -68,7 +73,9 @@ class QuadraticPenaltyMethod(ContinualCallback):
                 f"{type(self).__name__} holds state for parameters the model no longer has: {missing}"
             )
         self._penalized = [params[name] for name in self._anchor]
-        self._workspace = [torch.empty_like(a) for a in self._anchor.values()]
+        self._anchors = list(self._anchor.values())
+        self._weights = None if self._weight is None else [self._weight[name] for name in self._anchor]
+        self._workspace = [torch.empty_like(a) for a in self._anchors]
 
     @property
     def has_penalty(self) -> bool:
@@ -79,8 +86,7 @@ class QuadraticPenaltyMethod(ContinualCallback):
         if not self._anchor:
             return torch.zeros((), device=self.device)
         scale = self._penalty_scale()
-        weight = list(self._weight.values()) if self._weight is not None else None
-        value = CF.quadratic_penalty(self._penalized, list(self._anchor.values()), weight, scale)
+        value = CF.quadratic_penalty(self._penalized, self._anchors, self._weights, scale)
         value = value + scale * self._constant
         if not torch.isfinite(value):
             raise FloatingPointError(f"{type(self).__name__} {self.penalty_name} is {value.item()}: {self._first_non_finite()}")
@@ -98,10 +104,10 @@ class QuadraticPenaltyMethod(ContinualCallback):
     def add_penalty_gradients(self) -> None:
         if not self._anchor:
             return
-        params, anchors, workspace = self._penalized, list(self._anchor.values()), self._workspace
-        weights = list(self._weight.values()) if self._weight is not None else None
-        if any(p.grad is None for p in params):
-            if all(p.grad is None for p in params):  # no backward this step: nothing to add to
+        params, anchors, weights, workspace = self._penalized, self._anchors, self._weights, self._workspace
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            if all(g is None for g in grads):  # no backward this step: nothing to add to
                 return
             # Parameters this step's loss did not reach still feel the penalty, as they would if
             # it were part of the loss; frozen ones (requires_grad=False) are left alone.
@@ -111,7 +117,7 @@ class QuadraticPenaltyMethod(ContinualCallback):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
+            grads = [p.grad for p in params]
         CF.add_quadratic_penalty_grad_(grads, params, anchors, weights, self._penalty_scale(), workspace)
 
     # ---------------------------------------------------------------------------- device & state

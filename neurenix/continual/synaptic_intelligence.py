@@ -66,7 +66,13 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._params: list[torch.nn.Parameter] = []
         #: Per-task path-integral state, by name; ``pending_*`` hold the gradient and the
         #: parameters of the last observed step, whose Δθ is known only after it is taken.
-        self._state: dict[str, dict[str, Tensor]] = {key: {} for key in _TRACKED}
+        self._state: dict[str, dict[str, Tensor]] = {}
+        #: ``_state``'s tensors as lists in the order of ``_params`` (made once per task, so that
+        #: a training step builds nothing).
+        self._omegas: list[Tensor] = []
+        self._pending_grads: list[Tensor] = []
+        self._pending_params: list[Tensor] = []
+        self._set_path_state({key: {} for key in _TRACKED})
         self._has_pending = False
         self._big_omega: dict[str, Tensor] = {}
 
@@ -116,35 +122,32 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         params = trainable_parameters(self.model)
         self._names, self._params = list(params), list(params.values())
         start = snapshot(params, self.device)
-        self._state = {
+        self._set_path_state({
             "omega": {name: torch.zeros_like(s) for name, s in start.items()},
             "task_start": start,
             "pending_grad": {name: torch.zeros_like(s) for name, s in start.items()},
             "pending_params": {name: torch.zeros_like(s) for name, s in start.items()},
-        }
+        })
         self._has_pending = False
+
+    def _set_path_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        self._state = state
+        names = self._names if state["task_start"] else []  # empty between tasks
+        self._omegas = [state["omega"][name] for name in names]
+        self._pending_grads = [state["pending_grad"][name] for name in names]
+        self._pending_params = [state["pending_params"][name] for name in names]
 
     @override
     def observe_gradients(self) -> None:
         if self.active_task is None or not self._params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        pending_grad = list(self._state["pending_grad"].values())
-        pending_params = list(self._state["pending_params"].values())
-        if self._has_pending:
-            CF.si_accumulate_(self._state["omega"].values(), pending_grad, pending_params, self._params)
-        torch._foreach_copy_(pending_grad, grads)
-        torch._foreach_copy_(pending_params, [p.detach() for p in self._params])
+        params = self._params
+        CF.si_step_(self._omegas, self._pending_grads, self._pending_params, [p.grad for p in params], params, self._has_pending)
         self._has_pending = True
 
     def _flush_pending_step(self) -> None:
         if self._has_pending:
-            CF.si_accumulate_(
-                self._state["omega"].values(),
-                self._state["pending_grad"].values(),
-                self._state["pending_params"].values(),
-                self._params,
-            )
+            CF.si_accumulate_(self._omegas, self._pending_grads, self._pending_params, self._params)
             self._has_pending = False
 
     def _consolidate(self, task_id: int, data: Any) -> None:
@@ -156,7 +159,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
             previous = self._big_omega.get(name)
             self._big_omega[name] = contribution if previous is None else previous + contribution
         self._set_penalty(end, dict(self._big_omega), 0.0)
-        self._state = {key: {} for key in _TRACKED}
+        self._set_path_state({key: {} for key in _TRACKED})
 
     # ---------------------------------------------------------------------------- device & state
     @property
@@ -182,7 +185,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         device = self.device
         start = self._state["task_start"]
         if start and next(iter(start.values())).device != device:
-            self._state = {key: {n: t.to(device) for n, t in values.items()} for key, values in self._state.items()}
+            self._set_path_state({key: {n: t.to(device) for n, t in values.items()} for key, values in self._state.items()})
 
     def _move_state(self, device: torch.device) -> None:
         self._big_omega = {name: t.to(device) for name, t in self._big_omega.items()}
@@ -204,10 +207,11 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         anchor = {n: t.to(device) for n, t in state_dict.get("anchor", {}).items()}
         self._set_penalty(anchor, dict(self._big_omega) if anchor else None, 0.0)
         task_state = state_dict.get("task_state", {})
-        self._state = {key: {n: t.to(device) for n, t in task_state.get(key, {}).items()} for key in _TRACKED}
+        state = {key: {n: t.to(device) for n, t in task_state.get(key, {}).items()} for key in _TRACKED}
         params = dict(self.model.named_parameters())
-        self._names = list(self._state["task_start"])
+        self._names = list(state["task_start"])
         self._params = [params[name] for name in self._names]
+        self._set_path_state(state)
         self._has_pending = bool(state_dict.get("has_pending", False))
         if self.active_task is not None and not self._state["task_start"]:
             # A checkpoint from before SI kept its path integral: restart it from here.

@@ -430,6 +430,51 @@ def test_task_ids_go_to_models_whose_forward_takes_them():
     assert model_arguments(MultiHead(), x, t) == (x, t) and model_arguments(MultiHead(), x, None) == (x,)
 
 
+def test_takes_task_ids_is_asked_again_when_the_forward_changes():
+    from neurenix.continual.base import takes_task_ids
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class MultiHead(Net):
+        def forward(self, x, task_ids):
+            return x
+
+    class Unhashable(MultiHead):
+        __hash__ = None  # type: ignore[assignment]
+
+    model = Net()
+    assert not takes_task_ids(model) and not takes_task_ids(model)  # the second from the cache
+    model.forward = lambda x, task_ids: x  # a callable set on the instance
+    assert takes_task_ids(model)
+    del model.forward
+    assert not takes_task_ids(model)
+    model.__class__ = MultiHead  # another class's forward
+    assert takes_task_ids(model)
+    assert takes_task_ids(Unhashable())
+
+
+def test_device_follows_the_first_parameter_as_model_parameters_orders_them():
+    from neurenix.continual import L2Regularization
+    from neurenix.continual.base import _first_parameter
+
+    class Own(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(2, 2))
+            self.scale = torch.nn.Parameter(torch.ones(1))  # its own parameter comes first
+
+    models = [
+        torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 3)), torch.nn.Linear(3, 1)),
+        Own(),
+        torch.nn.Sequential(torch.nn.ReLU()),
+    ]
+    for model in models:
+        assert _first_parameter(model) is next(model.parameters(), None)
+    assert L2Regularization(models[0]).device == torch.device("cpu")
+
+
 def test_train_step_gives_a_multi_head_model_each_samples_task_id():
     from neurenix.continual import ExperienceReplay
 

@@ -148,13 +148,22 @@ def test_quadratic_penalty_without_parameters_raises():
         CF.quadratic_penalty([], [], None, scale=1.0)
 
 
+@pytest.fixture(params=["one-tensor-at-a-time", "multi-tensor"])
+def kernel_path(request, monkeypatch):
+    """Run a test on both code paths of the in-place updates: the CPU's one call per tensor and
+    the multi-tensor (``torch._foreach_*``) calls that GPUs get."""
+    if request.param == "multi-tensor":
+        monkeypatch.setattr(CF, "_one_tensor_at_a_time", lambda tensors: False)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "weights, expected",
     [(WEIGHTS, [t(1.0 + 3.0, 1.0 - 6.0), t(-1.0 + 1.5).reshape(1, 1)]),
      (None, [t(1.0 + 1.5, 1.0 - 1.5), t(-1.0 + 6.0).reshape(1, 1)])],
     ids=["weights", "no-weights"],
 )
-def test_add_quadratic_penalty_grad_adds_to_existing_grads(weights, expected):
+def test_add_quadratic_penalty_grad_adds_to_existing_grads(weights, expected, kernel_path):
     grads = [t(1.0, 1.0), t(-1.0).reshape(1, 1)]
     workspace = [torch.empty_like(p) for p in PARAMS]
     params_before = [p.clone() for p in PARAMS]
@@ -165,7 +174,7 @@ def test_add_quadratic_penalty_grad_adds_to_existing_grads(weights, expected):
         assert torch.equal(p, before)
 
 
-def test_add_quadratic_penalty_grad_equals_autograd_of_penalty_on_random_tensors():
+def test_add_quadratic_penalty_grad_equals_autograd_of_penalty_on_random_tensors(kernel_path):
     gen = torch.Generator().manual_seed(3)
     shapes = [(4, 3), (3,), (2, 2, 2)]
     params = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
@@ -180,6 +189,24 @@ def test_add_quadratic_penalty_grad_equals_autograd_of_penalty_on_random_tensors
         torch.testing.assert_close(g, s + a, rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["weights", "no-weights"])
+def test_add_quadratic_penalty_grad_paths_agree_bit_for_bit_on_parameters(weighted, monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(40, 30), (30,), (3, 4, 5), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]  # require grad, as in training
+    anchors = [p.detach() + 1e-3 * torch.randn(p.shape, generator=gen) for p in params]
+    weights = [torch.rand(s, generator=gen) for s in shapes] if weighted else None
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    results = []
+    for one_at_a_time in (True, False):
+        monkeypatch.setattr(CF, "_one_tensor_at_a_time", lambda tensors, answer=one_at_a_time: answer)
+        grads = [g.clone() for g in start]
+        CF.add_quadratic_penalty_grad_(grads, params, anchors, weights, 1000.0, [torch.empty_like(p) for p in params])
+        results.append(grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b) and a.grad_fn is None and not a.requires_grad
+
+
 # ------------------------------------------------------------------------- synaptic intelligence
 def test_si_accumulate_by_hand():
     omega, grads = [t(0.5, -1.0)], [t(2.0, 3.0)]
@@ -188,6 +215,38 @@ def test_si_accumulate_by_hand():
     # Δθ = [0.5, -0.5]; −g·Δθ = [-1, 1.5]
     torch.testing.assert_close(omega[0], t(-0.5, 0.5), rtol=0, atol=1e-15)
     assert torch.equal(grads[0], t(2.0, 3.0)) and torch.equal(after[0], t(1.5, 0.5))
+
+
+def test_si_step_closes_the_pending_step_then_records_this_one(kernel_path):
+    omega = [t(0.5, -1.0), t(0.0)]
+    pending_grads, pending_params = [t(2.0, 3.0), t(4.0)], [t(1.0, 1.0), t(2.0)]
+    grads, params = [t(-1.0, 0.25), None], [t(1.5, 0.5), t(1.0)]
+    CF.si_step_(omega, pending_grads, pending_params, grads, params, close_pending=True)
+    # Δθ = [0.5, -0.5], [-1]; ω −= g_prev·Δθ: [0.5 − 1, −1 + 1.5], [0 + 4]
+    torch.testing.assert_close(omega[0], t(-0.5, 0.5), rtol=0, atol=1e-15)
+    torch.testing.assert_close(omega[1], t(4.0), rtol=0, atol=1e-15)
+    assert torch.equal(pending_grads[0], t(-1.0, 0.25)) and torch.equal(pending_grads[1], t(0.0))  # None: zero
+    assert torch.equal(pending_params[0], t(1.5, 0.5)) and torch.equal(pending_params[1], t(1.0))
+    assert torch.equal(grads[0], t(-1.0, 0.25)) and torch.equal(params[0], t(1.5, 0.5))  # inputs untouched
+    # Without a pending step (the first of a task) only the recording happens.
+    CF.si_step_(omega, pending_grads, pending_params, [t(7.0, 8.0), t(9.0)], [t(0.0, 0.0), t(3.0)], close_pending=False)
+    torch.testing.assert_close(omega[0], t(-0.5, 0.5), rtol=0, atol=1e-15)
+    assert torch.equal(pending_grads[1], t(9.0)) and torch.equal(pending_params[0], t(0.0, 0.0))
+
+
+def test_si_step_equals_si_accumulate_then_copies_on_parameters(kernel_path):
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(40, 30), (30,), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    omega, pending_grads = [torch.randn(s, generator=gen) for s in shapes], [torch.randn(s, generator=gen) for s in shapes]
+    pending_params = [p.detach() + 0.01 * torch.randn(p.shape, generator=gen) for p in params]
+    expected = [o.clone() for o in omega]
+    CF.si_accumulate_(expected, pending_grads, [q.clone() for q in pending_params], [p.detach() for p in params])
+    CF.si_step_(omega, pending_grads, pending_params, grads, params, close_pending=True)
+    for o, e, pg, g, pp, p in zip(omega, expected, pending_grads, grads, pending_params, params):
+        assert torch.equal(o, e) and torch.equal(pg, g) and torch.equal(pp, p.detach())
+        assert not (o.requires_grad or pg.requires_grad or pp.requires_grad)
 
 
 def test_si_importance_by_hand_including_negative_omega():
