@@ -208,6 +208,19 @@ class ContinualMethod:
             self._task_data = data
         self._finish_active_task()
 
+    def set_task_data(self, data: Any) -> None:
+        """Give the task being trained the data its consolidation will read, replacing any.
+
+        EWC computes its Fisher from it when the task ends; the other methods ignore it. A
+        boundary detector hands over the batches of the task that just ended this way.
+
+        Raises:
+            ValueError: no task is being trained.
+        """
+        if self.active_task is None:
+            raise ValueError(f"{type(self).__name__}.set_task_data: no task is being trained (enter_task first)")
+        self._task_data = data
+
     def _check_new_or_active(self, task_id: object) -> int:
         task_id = check_task_id(task_id)
         if task_id in self.finished_tasks:

@@ -323,12 +323,12 @@ class TaskBoundaryDetector(Callback):
         next_task = max([self.current_task or 0, *(t for m in methods for t in m.finished_tasks)]) + 1
         for method in methods:
             if method.active_task is not None:
-                _set_task_data(method, ended if len(ended) else None)
+                method.set_task_data(ended if len(ended) else None)
                 method.finish_task()
             method.enter_task(next_task)
             # Should this task end otherwise (the fit ends: the loader spans several tasks),
             # its data are the batches kept then.
-            _set_task_data(method, _Batches(self._recent))
+            method.set_task_data(_Batches(self._recent))
         self.current_task = next_task
         self.boundaries.append(step)
         self.change_points.append(change)
@@ -383,11 +383,6 @@ def _shuffled_by_lightning(trainer: "pl.Trainer") -> bool:
     loader = trainer.train_dataloader
     sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None) or getattr(loader, "sampler", None)
     return isinstance(sampler, DistributedSampler) and bool(sampler.shuffle)
-
-
-def _set_task_data(method: ContinualMethod, data: Any) -> None:
-    """Give the task being trained the data its consolidation reads (replacing what it had)."""
-    method._task_data = data
 
 
 def _checked_methods(methods: Sequence[Any]) -> list[ContinualMethod]:

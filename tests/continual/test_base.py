@@ -496,3 +496,19 @@ def test_train_step_gives_a_multi_head_model_each_samples_task_id():
     replay.train_step(optimizer, torch.nn.functional.cross_entropy, x[4:], y[4:], task_id=1)
     (task_ids,) = model.seen
     assert task_ids.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # the new batch, then the replayed task-0 samples
+
+
+def test_set_task_data_gives_the_active_task_the_data_its_consolidation_reads(task_a, task_b):
+    net = make_mlp()
+    ewc = EWC(net, fisher_sample_size=10)
+    with pytest.raises(ValueError, match=r"EWC.set_task_data: no task is being trained \(enter_task first\)"):
+        ewc.set_task_data(loader(task_a))
+    ewc.enter_task(0, data=loader(task_a))
+    ewc.set_task_data(loader(task_b))  # replaces task_a
+    ewc.finish_task()
+
+    reference = EWC(make_mlp(), fisher_sample_size=10)
+    reference.enter_task(0)
+    reference.finish_task(loader(task_b))
+    for name, fisher in reference._tasks[0]["fisher"].items():
+        assert torch.equal(ewc._tasks[0]["fisher"][name], fisher), name
