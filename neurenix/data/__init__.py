@@ -12,7 +12,17 @@ from neurenix.data.download import DownloadError, download_file
 from neurenix.data.idx import IDXFormatError, read_idx
 from neurenix.data.mnist import MNIST, FashionMNIST
 from neurenix.data.stream import StreamDataset, StreamSampler, TaskStream, task_free_stream
-from neurenix.data.tasks import AddChannel, Compose, Flatten, PermutePixels, TaskDataset, TensorBatchSampler, ToFloat, collate_batch
+from neurenix.data.tasks import (
+    AddChannel,
+    Compose,
+    Flatten,
+    PermutePixels,
+    TaskDataLoader,
+    TaskDataset,
+    TensorBatchSampler,
+    ToFloat,
+    collate_batch,
+)
 
 __all__ = [
     "StreamDataset",
@@ -34,6 +44,7 @@ __all__ = [
     "TaskDataset",
     "TaskSequence",
     "TaskSequenceDataModule",
+    "TaskDataLoader",
     "TensorBatchSampler",
     "TensorDataset",
     "ToFloat",

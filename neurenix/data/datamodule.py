@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from typing_extensions import override
 
 from neurenix.continual._checks import check_int
-from neurenix.data.tasks import TaskDataset, TensorBatchSampler, collate_batch
+from neurenix.data.tasks import TaskDataLoader, TaskDataset, TensorBatchSampler, collate_batch
 
 __all__ = ["TaskSequenceDataModule", "fit_sequence"]
 
@@ -162,7 +162,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         batch_sampler_cls = TensorBatchSampler if self.num_workers == 0 else BatchSampler
         batches = batch_sampler_cls(sampler, batch_size=batch_size, drop_last=False)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, **options)
+        return TaskDataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, **options)
 
     # ---------------------------------------------------------------------------- checkpoints
     @override

@@ -13,6 +13,7 @@ from neurenix.data.tasks import (
     Compose,
     Flatten,
     PermutePixels,
+    TaskDataLoader,
     TaskDataset,
     TensorBatchSampler,
     ToFloat,
@@ -125,6 +126,23 @@ def test_loader_with_workers_gives_the_same_batches():
         assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+@pytest.mark.parametrize("options", [{}, {"num_workers": 2}, {"pin_memory": True}], ids=["lean", "workers", "pinned"])
+def test_task_data_loader_gives_the_batches_of_a_data_loader(options):
+    task = make_task()
+
+    def batches(loader_class):
+        sampler = TensorBatchSampler(RandomSampler(task, generator=torch.Generator().manual_seed(5)), 4, False)
+        loader = loader_class(task, batch_sampler=sampler, collate_fn=collate_batch, **options)
+        return [list(loader) for _ in range(2)]  # two epochs: the sampler's generator goes on
+
+    ours, theirs = batches(TaskDataLoader), batches(DataLoader)
+    assert [len(epoch) for epoch in ours] == [6, 6] and len(TaskDataLoader(task, batch_size=4)) == 6
+    for our_epoch, their_epoch in zip(ours, theirs):
+        for a, b in zip(our_epoch, their_epoch):
+            assert len(a) == len(b) == 3 and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(*ours))  # each epoch reshuffles
+
+
 # ---------------------------------------------------------------------------- TensorBatchSampler
 def test_tensor_batch_sampler_shuffles_every_index_once_per_epoch():
     task = make_task()
@@ -153,11 +171,12 @@ def test_lightning_injects_a_distributed_sampler():
 
     images, _ = make_images()
     task = TaskDataset(images, torch.arange(23), 0)  # labels name the samples
-    loader = DataLoader(task, batch_sampler=TensorBatchSampler(RandomSampler(task), 4, False), collate_fn=collate_batch)
+    loader = TaskDataLoader(task, batch_sampler=TensorBatchSampler(RandomSampler(task), 4, False), collate_fn=collate_batch)
     seen = []
     for rank in range(2):
         distributed = DistributedSampler(task, num_replicas=2, rank=rank, shuffle=True, seed=0)
         replaced = _update_dataloader(loader, distributed)
+        assert type(replaced) is TaskDataLoader
         assert isinstance(replaced.batch_sampler, TensorBatchSampler) and replaced.batch_sampler.sampler is distributed
         seen += [y for _, labels in replaced for y in labels.tolist()]
     assert len(seen) == 24 and set(seen) == set(range(23))  # DistributedSampler pads 23 to 2 x 12
