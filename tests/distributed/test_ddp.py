@@ -151,3 +151,23 @@ def test_spawn_based_strategies_are_refused():
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
     with pytest.raises(Exception, match="does not support spawn-based strategies .*'spawn'.*use strategy='ddp'"):
         trainer.fit(module, DataLoader(data, batch_size=8))
+
+
+def test_ranks_agree_on_every_detected_boundary_under_a_ddp_trainer(tmp_path):
+    """TaskBoundaryDetector as a callback of a 2-process DDP Trainer: each rank sees its share of
+    every batch, the signal is reduced across ranks, and both ranks switch tasks at the same steps."""
+    from tests.continual.test_boundary import DETECTION_DELAY, rule_stream
+
+    done = subprocess.run(
+        [sys.executable, str(WORKER.with_name("boundary_worker.py")), str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _load(tmp_path, 0), _load(tmp_path, 1)
+    _, true_boundaries = rule_stream(batch=16)  # in global batches, which are each rank's steps
+    assert first["boundaries"] == second["boundaries"] and len(first["boundaries"]) == len(true_boundaries) == 2
+    assert all(0 <= found - true <= DETECTION_DELAY for found, true in zip(first["boundaries"], true_boundaries))
+    assert first["signals"] == second["signals"]  # one global signal, bitwise equal on both ranks
+    assert first["finished_tasks"] == second["finished_tasks"] == [0, 1, 2]
+    _assert_close(first["fisher"], second["fisher"], atol=0)  # each task's Fisher from both ranks' data
+    assert first["samples"] == second["samples"] and all(count > 0 for count in first["samples"].values())
+    _assert_close(first["params"], second["params"], atol=0)
