@@ -24,6 +24,7 @@ from neurenix.continual import (
 )
 from neurenix.data import TaskSequenceDataModule, fit_sequence
 from neurenix.metrics import ForgettingCurves
+from tests.continual.test_callback import _reference_module
 from tests.helpers import lit_classifier, make_task, quiet_trainer
 
 pytestmark = [
@@ -59,25 +60,6 @@ def _fit(module, callbacks, dataset, *, on_gpu: bool = True, **kwargs):
     return trainer
 
 
-def _reference_module(net: nn.Module, penalty_of):
-    """A LightningModule whose loss is task loss + penalty, back-propagated by autograd."""
-    import lightning as L
-
-    class Reference(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y) + penalty_of()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    return Reference()
-
-
 @pytest.mark.parametrize(
     "trainer_kwargs",
     [
@@ -103,7 +85,7 @@ def test_closed_form_penalty_equals_the_penalty_in_the_loss(method_class, traine
     frozen.model = reference_net
     frozen._bind_parameters()
 
-    _fit(_reference_module(reference_net, frozen.penalty), [], _task(2), max_epochs=2, **trainer_kwargs)
+    _fit(_reference_module(reference_net, lambda _net: frozen.penalty()), [], _task(2), max_epochs=2, **trainer_kwargs)
     _fit(lit_classifier(net, lr=0.1), [method], _task(2), max_epochs=2, **trainer_kwargs)
 
     tolerance = 1e-5 if trainer_kwargs["precision"] == "32-true" else 2e-3
