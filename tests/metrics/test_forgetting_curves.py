@@ -133,3 +133,22 @@ def test_state_round_trip_and_a_datamodule_without_tasks(tmp_path):
 def test_every_n_epochs_is_checked():
     with pytest.raises(ValueError, match="every_n_epochs must be >= 1, got 0"):
         ForgettingCurves(every_n_epochs=0)
+
+
+def test_the_shares_of_a_test_loader_cover_each_sample_once():
+    """Under DDP each rank evaluates loader samples rank, rank + world_size, ... (a TaskDataset
+    through the datamodule's own loader, batched by tensor index)."""
+    from neurenix.data import TaskSequenceDataModule
+    from neurenix.data.tasks import TaskDataset
+    from neurenix.metrics.forgetting_curves import _share, _splittable
+
+    task = TaskDataset(torch.arange(23.0).unsqueeze(1), torch.arange(23), 0)  # inputs name the samples
+    loader = TaskSequenceDataModule([task], [task], eval_batch_size=4).test_dataloader()[0]
+    assert _splittable(loader)
+    seen = []
+    for rank in range(3):
+        batches = list(_share(loader, rank, 3))
+        assert all(len(x) <= 4 and torch.equal(x[:, 0].long(), y) for x, y in batches)
+        seen.append(torch.cat([y for _, y in batches]).tolist())
+    assert seen == [list(range(r, 23, 3)) for r in range(3)]
+    assert not _splittable([(torch.zeros(2, 1), torch.zeros(2))])  # not a DataLoader: every rank evaluates all
