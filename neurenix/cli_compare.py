@@ -37,7 +37,7 @@ from neurenix.metrics import ForgettingCurves
 
 __all__ = [
     "METHODS", "METHOD_SETTINGS", "CompareError", "CurveRecorder", "MLPClassifier", "MethodRun",
-    "SequenceTensorBoardLogger", "UsageError", "run_compare",
+    "UsageError", "run_compare",
 ]
 
 
@@ -238,27 +238,6 @@ class CurveRecorder(Logger):
         pass
 
 
-class SequenceTensorBoardLogger(TensorBoardLogger):
-    """A ``TensorBoardLogger`` that writes a whole task sequence into one event file.
-
-    Lightning finalizes its loggers at the end of every ``fit``, which closes TensorBoard's
-    writer, and the next task's first value opens a new event file. Event files are numbered by
-    a process-wide counter and TensorBoard reads a run's files in name order, so ``....10``
-    comes before ``....9``: the curves of later tasks arrive before earlier ones, and TensorBoard
-    drops the "orphaned" points. Here the end of a fit only flushes; :meth:`close` ends the run.
-    """
-
-    @override
-    def finalize(self, status: str) -> None:
-        if self._experiment is not None:
-            self.experiment.flush()
-        if status == "success":
-            self.save()
-
-    def close(self) -> None:
-        super().finalize("success")
-
-
 class SequenceProgressBar(TQDMProgressBar):
     """Lightning's bar, labelled ``method: task t/T, epoch e/E``, cleared after each task."""
 
@@ -372,16 +351,13 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path) -> tuple[
     model = MLPClassifier(inputs, benchmark.num_classes, settings.hidden, heads, settings.lr)
     methods = method_callbacks(name, model, settings, benchmark.scenario)
     curves, recorder = ForgettingCurves(every_n_epochs=1), CurveRecorder()
-    tensorboard = SequenceTensorBoardLogger(output / "tensorboard", name=name, default_hp_metric=False)
+    tensorboard = TensorBoardLogger(output / "tensorboard", name=name, default_hp_metric=False)
     trainer = make_trainer(
         settings, callbacks=[*methods, curves, SequenceProgressBar(name, settings.epochs)], logger=[tensorboard, recorder]
     )
     datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=settings.batch_size, eval_batch_size=512, seed=settings.seed)
     start = time.perf_counter()
-    try:
-        fit_sequence(trainer, model, datamodule, epochs_per_task=settings.epochs)
-    finally:
-        tensorboard.close()
+    fit_sequence(trainer, model, datamodule, epochs_per_task=settings.epochs)  # one event file per run
     wall_time = time.perf_counter() - start
     if trainer.interrupted:
         raise CompareError(f"training with {name} stopped before the last task")

@@ -9,8 +9,10 @@ the trainer's global step, epoch counter and logger run on across tasks as one t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from numbers import Integral
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -241,17 +243,54 @@ def fit_sequence(
     if ckpt_path is not None:
         datamodule.load_state_dict(_checkpointed_datamodule_state(trainer, datamodule, ckpt_path))
     first = datamodule.current_task
-    for task in range(first, datamodule.num_tasks):
-        resuming = ckpt_path is not None and task == first
-        if not resuming:  # a resumed task keeps the start it had before the interruption
-            datamodule.set_task(task)
-        _check_task_yields_batches(trainer, datamodule)
-        if not resuming:
-            datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
-        if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
-            return
+    with _loggers_open_across_fits(trainer):
+        for task in range(first, datamodule.num_tasks):
+            resuming = ckpt_path is not None and task == first
+            if not resuming:  # a resumed task keeps the start it had before the interruption
+                datamodule.set_task(task)
+            _check_task_yields_batches(trainer, datamodule)
+            if not resuming:
+                datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+            _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
+            if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
+                return
+
+
+@contextlib.contextmanager
+def _loggers_open_across_fits(trainer: "pl.Trainer") -> Iterator[None]:
+    """The trainer's loggers only save at the end of each task's fit, and finalize once, at the end.
+
+    Lightning finalizes its loggers at the end of every ``fit``: a ``TensorBoardLogger`` closes
+    its writer, and the next task opens a new event file. Event files are named by the second
+    they were opened and a process-wide counter, so within one second ``....10`` sorts before
+    ``....9``, TensorBoard reads later tasks' points first and drops the earlier ones as orphans.
+    Kept open, the whole sequence is one event file (one timeline, as the global step is).
+    """
+    loggers = list(trainer.loggers)
+    own = [logger.__dict__.get("finalize") for logger in loggers]  # normally none: the class's method
+    for logger in loggers:
+        logger.finalize = functools.partial(_save_only, logger)  # type: ignore[method-assign]
+    status = "failed"
+    try:
+        yield
+        status = "failed" if trainer.interrupted else "success"
+    finally:
+        for logger, finalize in zip(loggers, own):
+            if finalize is None:
+                del logger.finalize
+            else:
+                logger.finalize = finalize  # type: ignore[method-assign]
+            logger.finalize(status)
+
+
+def _save_only(logger: Any, status: str) -> None:
+    """What a logger does at the end of one task's fit: write out what it holds, stay open."""
+    experiment = getattr(logger, "_experiment", None)
+    if experiment is not None and hasattr(experiment, "flush"):
+        experiment.flush()
+    if status == "success":
+        logger.save()
 
 
 def _limit_fit(trainer: "pl.Trainer", unit: str, end: int) -> None:

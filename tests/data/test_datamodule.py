@@ -142,6 +142,54 @@ def test_fit_sequence_logs_one_continuous_timeline(split_digits, tmp_path):
     assert logged == list(range(9))  # the step never restarts at a new task
 
 
+def test_a_sequence_of_many_tasks_is_one_tensorboard_event_file_with_every_point(split_digits, tmp_path):
+    """Lightning closes a TensorBoard writer at the end of each fit; a new event file per task,
+    named within the same second, sorts ``...10`` before ``...9`` and TensorBoard drops points.
+    fit_sequence keeps the loggers open until the sequence ends."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tasks = 12
+    train, test = split_digits.train, split_digits.test
+    datamodule = TaskSequenceDataModule([train[t % 3] for t in range(tasks)], [test[t % 3] for t in range(tasks)], batch_size=BATCH)
+
+    class Logging(type(make_model())):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    trainer = quiet_trainer(logger=logger, log_every_n_steps=1)
+    fit_sequence(trainer, Logging(), datamodule, steps_per_task=2)
+    files = list(Path(logger.log_dir).glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert [event.step for event in events.Scalars("train_loss")] == list(range(2 * tasks))
+    assert logger._experiment is None or logger._experiment.file_writer is None  # finalized at the end
+
+
+def test_a_failing_sequence_still_finalizes_its_loggers(split_digits, tmp_path):
+    finalized = []
+
+    class Recording(CSVLogger):
+        def finalize(self, status):
+            finalized.append(status)
+            super().finalize(status)
+
+    class Failing(Callback):
+        def on_train_end(self, trainer, pl_module):
+            if trainer.datamodule.current_task == 1:
+                raise RuntimeError("task 1 failed")
+
+    trainer = quiet_trainer(logger=Recording(tmp_path, name="run"), callbacks=[Failing()])
+    with pytest.raises(RuntimeError, match="task 1 failed"):
+        fit_sequence(trainer, make_model(), TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH), steps_per_task=2)
+    assert finalized == ["failed"]  # once, at the end, not after task 0
+    assert "finalize" not in trainer.logger.__dict__  # the logger is as it was
+
+
 def test_fit_sequence_by_steps_starts_each_task_on_a_fresh_epoch(split_digits):
     recorder = Recorder()
     datamodule = TaskSequenceDataModule.from_benchmark(split_digits, batch_size=BATCH)
