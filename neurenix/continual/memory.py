@@ -32,9 +32,10 @@ class ReservoirMemory:
     Storage is allocated on the first insert (its shapes and dtypes come from that batch) on
     ``device``, and every later insert and draw is a handful of vectorized tensor operations.
     Randomness comes from the memory's own generator, so a run is repeatable from its seed and
-    a checkpoint resumes the same stream of decisions. The generator stays on the CPU wherever the
-    samples are: the same seed makes the same decisions on a CPU and on a GPU, and a checkpoint
-    written on one resumes its stream on the other. Only small index tensors cross over.
+    a checkpoint resumes the same stream of decisions. The generator lives on ``device`` with the
+    samples, so a training step copies nothing between host and device; the price is that a CUDA
+    generator makes other decisions than a CPU one from the same seed, and a checkpoint resumed on
+    another kind of device continues from a generator reseeded with ``seed + num_seen``.
     """
 
     def __init__(self, capacity: int, device: torch.device, seed: int) -> None:
@@ -43,7 +44,7 @@ class ReservoirMemory:
         self.num_seen = 0
         self.size = 0
         self._seed = seed
-        self._generator = _generator(seed)
+        self._generator = _generator(device, seed)
         self._inputs: Optional[Tensor] = None
         self._targets: Optional[Tensor] = None
         self._task_ids: Optional[Tensor] = None
@@ -61,7 +62,9 @@ class ReservoirMemory:
         else:
             self._check_like_stored("inputs", inputs, self._inputs)
             self._check_like_stored("targets", targets, self._targets)
-        positions, slots = self._on_device(*CF.reservoir_slots(self.num_seen, inputs.shape[0], self.capacity, self._generator))
+        positions, slots = CF.reservoir_slots(
+            self.num_seen, inputs.shape[0], self.capacity, self._generator, self.device
+        )
         self._inputs[slots] = inputs.to(self.device)[positions]  # type: ignore[index]
         self._targets[slots] = targets.to(self.device)[positions]  # type: ignore[index]
         self._task_ids[slots] = task_ids.to(self.device, torch.long)[positions]  # type: ignore[index]
@@ -72,14 +75,8 @@ class ReservoirMemory:
         """``min(count, len(self))`` distinct stored samples, uniformly at random."""
         if self.size == 0 or self._inputs is None:
             raise ValueError("cannot draw a replay batch: the replay memory is empty (add_to_memory first)")
-        (chosen,) = self._on_device(torch.randperm(self.size, generator=self._generator)[:count])
+        chosen = torch.randperm(self.size, generator=self._generator, device=self.device)[:count]
         return ReplayBatch(self._inputs[chosen], self._targets[chosen], self._task_ids[chosen])  # type: ignore[index]
-
-    def _on_device(self, *indices: Tensor) -> tuple[Tensor, ...]:
-        """Index tensors drawn on the CPU, moved to the storage's device without a host sync."""
-        if self.device.type != "cuda":
-            return tuple(index.to(self.device) for index in indices)
-        return tuple(index.pin_memory().to(self.device, non_blocking=True) for index in indices)
 
     def _allocate(self, inputs: Tensor, targets: Tensor) -> None:
         self._inputs = torch.empty((self.capacity, *inputs.shape[1:]), dtype=inputs.dtype, device=self.device)
@@ -118,7 +115,7 @@ class ReservoirMemory:
             "targets": None if self._targets is None else self._targets[:size].clone(),
             "task_ids": None if self._task_ids is None else self._task_ids[:size].clone(),
             "generator": self._generator.get_state(),
-            "generator_device": "cpu",  # older checkpoints may hold a CUDA generator's state
+            "generator_device": self.device.type,
             "seed": self._seed,
         }
 
@@ -135,11 +132,12 @@ class ReservoirMemory:
             self._targets[:kept] = targets[:kept].to(self.device)  # type: ignore[index]
             self._task_ids[:kept] = task_ids[:kept].to(self.device)  # type: ignore[index]
             self.size = kept
+        self._generator = _generator(self.device, self._seed)
         generator = state.get("generator")
-        if generator is not None and state.get("generator_device", "cpu") == "cpu":
+        if generator is not None and state.get("generator_device", "cpu") == self.device.type:
             self._generator.set_state(generator.cpu())
-        else:  # a CUDA generator's stream (older checkpoints) cannot continue on the CPU: reseed it
-            self._generator = _generator(self._seed + self.num_seen)
+        else:  # the stream cannot move across device types; reseed it deterministically
+            self._generator = _generator(self.device, self._seed + self.num_seen)
 
 
 class ClassBalancedMemory(ReservoirMemory):
@@ -205,8 +203,8 @@ class ClassBalancedMemory(ReservoirMemory):
 
     def _add_to_class(self, label: int, positions: Tensor, inputs: Tensor, targets: Tensor, task_ids: Tensor) -> None:
         held = self._slots_of(label)
-        chosen, local_slots = self._on_device(
-            *CF.reservoir_slots(self.class_seen[label], positions.shape[0], self.quota(label), self._generator)
+        chosen, local_slots = CF.reservoir_slots(
+            self.class_seen[label], positions.shape[0], self.quota(label), self._generator, self.device
         )
         # Local slots below the class's holding replace one of its samples; the others (only while
         # the class is below its quota) are the next free slots, in order, at the end of storage.
@@ -234,7 +232,7 @@ class ClassBalancedMemory(ReservoirMemory):
             excess = held - self.quota(label)
             if excess > 0:
                 slots = self._slots_of(label)
-                (dropped,) = self._on_device(torch.randperm(held, generator=self._generator)[:excess])
+                dropped = torch.randperm(held, generator=self._generator, device=self.device)[:excess]
                 keep[slots[dropped]] = False
         if bool(keep.all()):
             return
@@ -278,5 +276,5 @@ class ClassBalancedMemory(ReservoirMemory):
         self._shrink_to_quotas()
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)

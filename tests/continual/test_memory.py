@@ -268,9 +268,10 @@ def test_state_round_trip_restores_samples_and_the_next_draws():
     assert_same_state(snapshot(replay), snapshot(restored))
 
 
-def test_a_cuda_generator_state_from_an_older_checkpoint_reseeds_from_seed_and_stream_position():
-    """Memories kept their generator on the samples' device before; such a stream cannot go on
-    on the CPU generator, so it restarts from ``seed + num_seen`` (deterministic, documented)."""
+def test_a_generator_state_from_another_device_type_reseeds_from_seed_and_stream_position():
+    """A memory's generator lives on its samples' device; a checkpoint written on a GPU holds a
+    CUDA generator's state, whose stream cannot go on on the CPU, so it restarts from
+    ``seed + num_seen`` (deterministic, documented)."""
     replay = new_replay(30, seed=9)
     for start, stop in stream_batches(100):
         replay.add_to_memory(*id_batch(start, stop), task_id=0)

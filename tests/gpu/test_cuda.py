@@ -94,19 +94,19 @@ def test_closed_form_penalty_equals_the_penalty_in_the_loss(method_class, traine
     assert not torch.allclose(net[0].weight.cpu(), frozen._anchor["0.weight"].cpu())
 
 
-def _all_methods(net: nn.Module) -> list:
+def _deterministic_methods(net: nn.Module) -> list:
+    """Every method whose result does not depend on a device's random generator (not replay)."""
     return [
         EWC(net, importance=50.0, fisher_sample_size=20, seed=11),
         L2Regularization(net, importance=2.0),
         SynapticIntelligence(net, importance=1.0, xi=0.1),
-        ExperienceReplay(net, memory_size=12, replay_ratio=0.5, seed=12),
         KnowledgeDistillation(net, temperature=2.0, alpha=0.5),
     ]
 
 
-def test_every_method_on_one_trainer_gives_the_cpu_result():
+def test_every_method_but_replay_on_one_trainer_gives_the_cpu_result():
     cpu_net, gpu_net = _net(seed=5), _net(seed=5)
-    cpu_methods, gpu_methods = _all_methods(cpu_net), _all_methods(gpu_net)
+    cpu_methods, gpu_methods = _deterministic_methods(cpu_net), _deterministic_methods(gpu_net)
     for seed in (1, 2, 3):
         _fit(lit_classifier(cpu_net, lr=0.1), cpu_methods, _task(seed), on_gpu=False)
         trainer = _fit(lit_classifier(gpu_net, lr=0.1), gpu_methods, _task(seed))
@@ -118,6 +118,26 @@ def test_every_method_on_one_trainer_gives_the_cpu_result():
     for cpu_method, gpu_method in zip(cpu_methods, gpu_methods):
         assert gpu_method.finished_tasks == cpu_method.finished_tasks == [0, 1, 2]
         _assert_states_close(gpu_method.state_dict(), cpu_method.state_dict(), type(cpu_method).__name__)
+
+
+def test_replay_on_cuda_keeps_memory_and_generator_on_the_device_and_repeats_from_its_seed():
+    """Replay's generator lives with its samples (no host-device copy per step): a CUDA stream of
+    decisions, so the same seed repeats the same run on the GPU (not the CPU's run)."""
+    runs = []
+    for _ in range(2):
+        net = _net(seed=5)
+        replay = ExperienceReplay(net, memory_size=12, replay_ratio=0.5, seed=12)
+        for seed in (1, 2):
+            _fit(lit_classifier(net, lr=0.1), [replay, L2Regularization(net, importance=2.0)], _task(seed))
+        runs.append((net, replay.memory))
+    (net_a, memory_a), (net_b, memory_b) = runs
+    assert memory_a.device.type == "cuda" and memory_a._generator.device.type == "cuda"
+    state_a, state_b = memory_a.state_dict(), memory_b.state_dict()
+    assert state_a["inputs"].device.type == "cuda" and state_a["num_seen"] == 96 and len(memory_a) == 12
+    assert torch.equal(state_a["inputs"], state_b["inputs"]) and torch.equal(state_a["task_ids"], state_b["task_ids"])
+    assert set(state_a["task_ids"].tolist()) == {0, 1}
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)  # the same replayed batches
 
 
 def _assert_states_close(ours, theirs, where: str) -> None:
