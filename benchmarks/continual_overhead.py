@@ -69,6 +69,7 @@ from neurenix.continual import (
     L2Regularization,
     SynapticIntelligence,
 )
+from neurenix.continual.footprint import held_bytes, state_bytes
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -591,58 +592,10 @@ def measure_sequence(setup: Setup, data: Data) -> tuple[dict[str, Any], dict[str
     result["steps_per_task"] = steps_per_task
     memory = {}
     for name, (method, net) in finished.items():
-        state, held, params = state_dict_bytes(method.state_dict()), resident_bytes(method, net), parameter_bytes(net)
+        state, held, params = state_bytes(method.state_dict()), held_bytes(method), parameter_bytes(net)
         memory[name] = {"state_dict_bytes": state, "state_dict_vs_parameters": state / params,
                         "resident_bytes": held, "resident_vs_parameters": held / params}
     return result, memory
-
-
-def state_dict_bytes(state: Any) -> int:
-    """``Σ numel · element_size`` over every tensor in a nested state dict."""
-    if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_dict_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_dict_bytes(v) for v in state)
-    return 0
-
-
-def resident_bytes(method: Any, model: nn.Module) -> int:
-    """Bytes of the distinct tensor storages the method holds, the model's own left out.
-
-    Counts what ``state_dict`` leaves out (EWC's folded penalty, the quadratic penalties'
-    workspace, SI's references) and counts shared storage once.
-    """
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    storages: dict[int, int] = {}
-    visited: set[int] = set()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, Tensor):
-            pointer = obj.untyped_storage().data_ptr()
-            if pointer not in own:
-                storages[pointer] = obj.untyped_storage().nbytes()
-            return
-        if id(obj) in visited:
-            return
-        visited.add(id(obj))
-        if isinstance(obj, nn.Module):
-            for tensor in itertools.chain(obj.parameters(), obj.buffers()):
-                visit(tensor)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                visit(value)
-        elif isinstance(obj, (list, tuple, set)):
-            for value in obj:
-                visit(value)
-        elif type(obj).__module__.startswith("neurenix"):
-            visit(vars(obj))
-
-    for name, value in vars(method).items():
-        if name != "model":
-            visit(value)
-    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------- targets and report

@@ -15,7 +15,6 @@ replay memory's size and storage.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 import warnings
@@ -25,9 +24,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
+from torch import nn
 
 from neurenix.continual import EWC, ContinualLossMixin, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence
+from neurenix.continual.footprint import held_bytes, state_bytes
 from neurenix.data import TaskSequenceDataModule, fit_sequence, permuted_benchmark
 from neurenix.metrics import ForgettingCurves
 
@@ -73,50 +73,6 @@ class Classifier(ContinualLossMixin, L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def tensor_bytes(state: Any) -> int:
-    """Bytes of every tensor in a nested container (a ``state_dict``)."""
-    if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(tensor_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(tensor_bytes(v) for v in state)
-    return 0
-
-
-def held_bytes(method: Any) -> int:
-    """Bytes of the distinct tensor storages reachable from the method object, the model's own
-    parameters and buffers left out: what the method costs, whatever ``state_dict`` shows."""
-    model = method.model
-    own = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    storages: dict[int, int] = {}
-    seen: set[int] = set()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, Tensor):
-            pointer = obj.untyped_storage().data_ptr()
-            if pointer not in own:
-                storages[pointer] = obj.untyped_storage().nbytes()
-            return
-        if id(obj) in seen or obj is model:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, nn.Module):
-            for tensor in itertools.chain(obj.parameters(), obj.buffers()):
-                visit(tensor)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                visit(value)
-        elif isinstance(obj, (list, tuple, set)):
-            for value in obj:
-                visit(value)
-        elif type(obj).__module__.startswith("neurenix"):
-            visit(vars(obj))
-
-    visit(method)
-    return sum(storages.values())
-
-
 def resident_bytes() -> int:
     """The process's resident set size (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as file:
@@ -136,10 +92,10 @@ class Recorder(Callback):
         memory = getattr(self.method, "memory", None)
         if memory is not None and memory._inputs is not None:
             storage = [memory._inputs, memory._targets, memory._task_ids]
-            self.replay.append((len(memory), sum(tensor_bytes(t) for t in storage), memory._inputs.data_ptr()))
+            self.replay.append((len(memory), sum(state_bytes(t) for t in storage), memory._inputs.data_ptr()))
 
     def on_train_end(self, trainer, pl_module):  # listed after the method: the task is consolidated
-        self.tasks.append({"state": tensor_bytes(self.method.state_dict()), "held": held_bytes(self.method), "rss": resident_bytes()})
+        self.tasks.append({"state": state_bytes(self.method.state_dict()), "held": held_bytes(self.method), "rss": resident_bytes()})
 
 
 def soak(name: str, benchmark: Any) -> dict[str, Any]:
@@ -206,8 +162,8 @@ def test_replay_memory_never_exceeds_its_bytes(soaked):
     assert max(count for count, _, _ in records) == MEMORY_SIZE
     assert {size for _, size, _ in records} == {budget}  # the storage, from the first batch to the last
     assert len({address for _, _, address in records}) == 1  # never reallocated
-    saved = tensor_bytes(replay["method"].state_dict()["memory"])
-    assert saved == budget + tensor_bytes(sample._generator.get_state())  # the samples held, and the generator
+    saved = state_bytes(replay["method"].state_dict()["memory"])
+    assert saved == budget + state_bytes(sample._generator.get_state())  # the samples held, and the generator
 
 
 @pytest.mark.parametrize("name", ["online_ewc", "si", "l2", "distillation", "replay"])
