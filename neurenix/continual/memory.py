@@ -187,7 +187,8 @@ class ClassBalancedMemory(ReservoirMemory):
         self.check_batch(inputs, targets)
         if self.capacity > 0 and self._inputs is None:
             self._allocate(inputs, targets)
-        labels = targets.to(self.device)
+        # Moved once, not once per class below.
+        inputs, labels, task_ids = inputs.to(self.device), targets.to(self.device), task_ids.to(self.device, torch.long)
         present = torch.unique(labels).tolist()  # sorted: ties between new classes go by label
         new_classes = [label for label in present if label not in self.class_seen]
         if new_classes:
@@ -197,11 +198,12 @@ class ClassBalancedMemory(ReservoirMemory):
         for label in present:
             positions = torch.nonzero(labels == label).squeeze(1)
             if self.capacity > 0:
-                self._add_to_class(label, positions, inputs, targets, task_ids)
+                self._add_to_class(label, positions, inputs, labels, task_ids)
             self.class_seen[label] += positions.shape[0]
         self.num_seen += inputs.shape[0]
 
     def _add_to_class(self, label: int, positions: Tensor, inputs: Tensor, targets: Tensor, task_ids: Tensor) -> None:
+        """Class ``label``'s samples (``positions`` of the batch, already on the memory's device)."""
         held = self._slots_of(label)
         chosen, local_slots = CF.reservoir_slots(
             self.class_seen[label], positions.shape[0], self.quota(label), self._generator, self.device
@@ -212,9 +214,9 @@ class ClassBalancedMemory(ReservoirMemory):
         slots = self.size + local_slots - held.shape[0]
         slots[~filling] = held[local_slots[~filling]]
         source = positions[chosen]
-        self._inputs[slots] = inputs.to(self.device)[source]  # type: ignore[index]
-        self._targets[slots] = targets.to(self.device)[source]  # type: ignore[index]
-        self._task_ids[slots] = task_ids.to(self.device, torch.long)[source]  # type: ignore[index]
+        self._inputs[slots] = inputs[source]  # type: ignore[index]
+        self._targets[slots] = targets[source]  # type: ignore[index]
+        self._task_ids[slots] = task_ids[source]  # type: ignore[index]
         self.size += int(filling.sum())
 
     def _slots_of(self, label: int) -> Tensor:
