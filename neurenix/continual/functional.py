@@ -254,6 +254,11 @@ def si_step_(
     ``θ_prev``); then ``pending_grads`` and ``pending_params`` take this step's gradient (zero for a
     ``None`` gradient) and parameters ``θ``, whose change is known only after the step.
 
+    Non-finite gradient entries are recorded as zero. A gradient scaler (AMP ``16-mixed``) skips
+    the optimizer step whose gradient overflowed, so that step's true contribution is zero, while
+    ``inf · 0`` would turn ``ω`` into NaN for the rest of the task (and Ω, the penalty and every
+    later gradient with it).
+
     Eleven reads or writes of parameter-sized memory (four without ``close_pending``): the
     product needs copies of ``θ_prev``, which the optimizer overwrites, and of ``g_prev``, which
     the next backward (and a penalty's gradient) overwrites.
@@ -263,17 +268,23 @@ def si_step_(
             if close_pending:
                 pending_param.sub_(p)  # −Δθ
                 om.addcmul_(pending_grad, pending_param)
-            if g is None:
-                pending_grad.zero_()
-            else:
-                pending_grad.copy_(g)
+            _record_gradient(pending_grad, g)
             pending_param.copy_(p)
         return
     pending_grads, pending_params, params = list(pending_grads), list(pending_params), list(params)
     if close_pending:
         si_accumulate_(omega, pending_grads, pending_params, params)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    torch._foreach_copy_(pending_grads + pending_params, grads + params)
+    for pending_grad, g in zip(pending_grads, grads):  # no multi-tensor nan_to_num exists
+        _record_gradient(pending_grad, g)
+    torch._foreach_copy_(pending_params, params)
+
+
+def _record_gradient(pending: Tensor, grad: Optional[Tensor]) -> None:
+    """``pending = grad`` with non-finite entries as zero (see :func:`si_step_`); zero for ``None``."""
+    if grad is None:
+        pending.zero_()
+    else:
+        torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=pending)
 
 
 @torch.no_grad()

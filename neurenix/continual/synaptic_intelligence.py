@@ -95,7 +95,9 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         """Record this step for the path integral: call after ``loss.backward()``, before ``optimizer.step()``.
 
         Reads the gradients in ``.grad``, which must be those of the task ``loss`` without SI's
-        penalty. The step's parameter change is taken at the next call (or when the task ends).
+        penalty (with a ``GradScaler``: after ``scaler.unscale_(optimizer)``). The step's parameter
+        change is taken at the next call (or when the task ends). Non-finite gradient entries
+        count as zero: the scaler skips such a step, which then adds nothing to ``ω``.
 
         Raises:
             TypeError: ``loss`` is not a tensor.

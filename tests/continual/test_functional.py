@@ -249,6 +249,22 @@ def test_si_step_equals_si_accumulate_then_copies_on_parameters(kernel_path):
         assert not (o.requires_grad or pg.requires_grad or pp.requires_grad)
 
 
+def test_si_step_records_a_non_finite_gradient_as_zero(kernel_path):
+    # A gradient scaler skips the step whose gradient overflowed: θ does not move, and the step
+    # must add nothing to ω (recorded as is, inf · 0 would make ω NaN for the rest of the task).
+    omega = [t(0.5, -1.0, 2.0)]
+    pending_grads, pending_params = [t(0.0, 0.0, 0.0)], [t(0.0, 0.0, 0.0)]
+    params = [t(1.0, 2.0, 3.0)]
+    CF.si_step_(omega, pending_grads, pending_params, [t(float("inf"), float("nan"), 4.0)], params, close_pending=False)
+    assert torch.equal(pending_grads[0], t(0.0, 0.0, 4.0))
+    CF.si_step_(omega, pending_grads, pending_params, [t(1.0, 1.0, 1.0)], params, close_pending=True)  # skipped: Δθ = 0
+    assert torch.equal(omega[0], t(0.5, -1.0, 2.0))
+    CF.si_step_(omega, pending_grads, pending_params, [t(float("-inf"), 1.0, 1.0)], [t(2.0, 2.0, 2.0)], close_pending=True)
+    # Δθ = [1, 0, −1] after the step recorded with g = [1, 1, 1]: ω −= [1, 0, −1]
+    torch.testing.assert_close(omega[0], t(-0.5, -1.0, 3.0), rtol=0, atol=1e-15)
+    assert torch.equal(pending_grads[0], t(0.0, 1.0, 1.0))
+
+
 def test_si_importance_by_hand_including_negative_omega():
     result = CF.si_importance(t(2.0, -1.0, 0.3), t(1.0, 2.0, 0.0), xi=0.1)
     torch.testing.assert_close(result, t(2.0 / 1.1, 0.0, 3.0), rtol=1e-15, atol=1e-15)

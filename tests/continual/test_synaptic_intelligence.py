@@ -9,6 +9,7 @@ penalty ``c·ΣΩ(θ − θ*)²`` with gradient ``2cΩ(θ − θ*)``.
 from __future__ import annotations
 
 import copy
+import math
 import io
 
 import lightning as L
@@ -200,14 +201,17 @@ def test_task_trained_without_the_method_anchors_its_end_with_no_importance():
         si.update_importance(_mse(model(_batches(1)[0][0]), _batches(1)[0][1]))
 
 
-def _si_module(w):
+def _si_module(w, overflow_at=None):
+    """A Lightning linear model; its loss overflows (× inf) at batch ``overflow_at``."""
+
     class LitLinear(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = _linear(w)
+            self.overflow_at = overflow_at
 
         def training_step(self, batch, batch_idx):
-            return _mse(self.net(batch[0]), batch[1])
+            return _mse(self.net(batch[0]), batch[1]) * (math.inf if batch_idx == self.overflow_at else 1.0)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR)
@@ -236,6 +240,55 @@ def test_lightning_callback_matches_the_hand_trace():
     assert si.finished_tasks == [0, 1]
     _close(_weight(module.net), w_1)
     _close(si.big_omega["weight"], big_0 + _importance(omega_1, w_0, w_1, xi))
+
+
+# A gradient scaler (AMP "16-mixed") skips every step whose gradient overflowed; SI must then
+# add nothing to ω. Recording inf and closing with Δθ = 0 gave NaN (inf · 0) for the rest of the
+# task: Ω, the penalty and every later gradient. The float64 models are exact under the scaler
+# (powers of two) and under CPU autocast (which leaves float64 alone).
+def test_a_step_skipped_by_the_gradient_scaler_adds_nothing():
+    batches = _batches(1, count=4)
+    model = _linear(W0)
+    si = SynapticIntelligence(model, importance=1.5, xi=0.05)
+    si.register_task(task_id=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu")
+    for index, (x, y) in enumerate(batches):
+        optimizer.zero_grad()
+        loss = _mse(model(x), y) * (math.inf if index == 1 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        si.update_importance(loss)
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() < 2.0**16  # the step was skipped
+    w_start = torch.tensor(W0, dtype=torch.float64)
+    omega, w_end = _trace(w_start, [batches[0]] + batches[2:])
+    _close(si.omega["weight"], omega)
+    si.register_task(task_id=2)
+    _close(si.big_omega["weight"], _importance(omega, w_start, w_end, 0.05))
+
+
+def test_lightning_16_mixed_with_a_skipped_step_matches_the_hand_trace():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    c, xi = 1.5, 0.05
+    batches = _batches(1, count=4)
+    module = _si_module(W0, overflow_at=2)
+    si = SynapticIntelligence(module.net, importance=c, xi=xi)
+    scaler = torch.amp.GradScaler("cpu")
+    quiet_trainer(callbacks=[si], plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(module, _as_loader(batches))
+    assert scaler.get_scale() < 2.0**16
+    w_start = torch.tensor(W0, dtype=torch.float64)
+    omega, w_end = _trace(w_start, batches[:2] + batches[3:])
+    _close(_weight(module.net), w_end)
+    big = _importance(omega, w_start, w_end, xi)
+    _close(si.big_omega["weight"], big)
+    # The penalty of the next task is finite and pulls towards θ*.
+    module.overflow_at = None
+    quiet_trainer(callbacks=[si]).fit(module, _as_loader(_batches(2)))
+    _, w_next = _trace(w_end, _batches(2), lambda w: 2 * c * big * (w - w_end))
+    _close(_weight(module.net), w_next)
 
 
 class _Recorder(L.Callback):

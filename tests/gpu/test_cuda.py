@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -138,6 +139,29 @@ def test_replay_on_cuda_keeps_memory_and_generator_on_the_device_and_repeats_fro
     assert set(state_a["task_ids"].tolist()) == {0, 1}
     for a, b in zip(net_a.parameters(), net_b.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)  # the same replayed batches
+
+
+def test_si_under_16_mixed_adds_nothing_for_a_step_the_scaler_skipped():
+    """The grad scaler skips a step whose gradient overflowed: SI's importance must equal that of
+    the same run without the batch (recording the inf gave NaN for the rest of the task)."""
+    x, y = _task(1).tensors
+    kept = torch.cat([torch.arange(0, 16), torch.arange(24, 48)])  # batch 2 (of 8) left out
+    results = []
+    for overflow_at, dataset in ((2, TensorDataset(x, y)), (None, TensorDataset(x[kept], y[kept]))):
+        net = _net(seed=7)
+        module = lit_classifier(net, lr=0.1)
+        step = type(module).training_step
+        module.training_step = lambda batch, index, step=step, module=module, at=overflow_at: (
+            step(module, batch, index) * (math.inf if index == at else 1.0)
+        )
+        si = SynapticIntelligence(net, importance=1.0, xi=0.1)
+        trainer = _fit(module, [si], dataset, precision="16-mixed")
+        results.append((si.big_omega, trainer.precision_plugin.scaler.get_scale()))
+    (skipped, scale_skipped), (reference, scale_reference) = results
+    assert scale_skipped == scale_reference / 2  # one skipped step halves the scale
+    for name, omega in skipped.items():
+        assert torch.isfinite(omega).all(), name
+        assert torch.allclose(omega.cpu(), reference[name].cpu(), rtol=2e-3, atol=1e-6), name
 
 
 def _assert_states_close(ours, theirs, where: str) -> None:
