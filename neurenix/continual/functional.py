@@ -19,6 +19,7 @@ __all__ = [
     "as_arguments",
     "distillation_loss",
     "linear_squared_gradient_sum",
+    "packed",
     "quadratic_penalty",
     "reservoir_slots",
     "sample_model_labels",
@@ -246,6 +247,7 @@ def si_step_(
     grads: Sequence[Optional[Tensor]],
     params: Sequence[Tensor],
     close_pending: bool,
+    pending_grads_storage: Optional[Tensor] = None,
 ) -> None:
     """SI's work for one optimizer step, in place: close the step taken, then record this one.
 
@@ -257,7 +259,9 @@ def si_step_(
     Non-finite gradient entries are recorded as zero. A gradient scaler (AMP ``16-mixed``) skips
     the optimizer step whose gradient overflowed, so that step's true contribution is zero, while
     ``inf · 0`` would turn ``ω`` into NaN for the rest of the task (and Ω, the penalty and every
-    later gradient with it).
+    later gradient with it). On a GPU, where each kernel is a launch and no multi-tensor
+    ``nan_to_num`` exists, ``pending_grads_storage`` (one tensor of which ``pending_grads`` are
+    views, covering all of it) lets one kernel do it for every tensor.
 
     Eleven reads or writes of parameter-sized memory (four without ``close_pending``): the
     product needs copies of ``θ_prev``, which the optimizer overwrites, and of ``g_prev``, which
@@ -274,9 +278,10 @@ def si_step_(
     pending_grads, pending_params, params = list(pending_grads), list(pending_params), list(params)
     if close_pending:
         si_accumulate_(omega, pending_grads, pending_params, params)
-    for pending_grad, g in zip(pending_grads, grads):  # no multi-tensor nan_to_num exists
-        _record_gradient(pending_grad, g)
-    torch._foreach_copy_(pending_params, params)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    torch._foreach_copy_(pending_grads + pending_params, grads + params)
+    for storage in [pending_grads_storage] if pending_grads_storage is not None else pending_grads:
+        torch.nan_to_num_(storage, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _record_gradient(pending: Tensor, grad: Optional[Tensor]) -> None:
@@ -285,6 +290,23 @@ def _record_gradient(pending: Tensor, grad: Optional[Tensor]) -> None:
         pending.zero_()
     else:
         torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=pending)
+
+
+def packed(tensors: Mapping[str, Tensor]) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+    """Copies of ``tensors`` as views of one new flat tensor, which is returned with them.
+
+    One kernel over the flat tensor then updates them all. ``(None, dict(tensors))`` (no copy)
+    when there are none or they differ in device or dtype.
+    """
+    values = list(tensors.values())
+    if not values or len({(t.device, t.dtype) for t in values}) > 1:
+        return None, dict(tensors)
+    storage = torch.cat([t.detach().reshape(-1) for t in values])
+    views, offset = {}, 0
+    for name, tensor in tensors.items():
+        views[name] = storage[offset : offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
+    return storage, views
 
 
 @torch.no_grad()

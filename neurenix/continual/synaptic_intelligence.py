@@ -72,6 +72,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._omegas: list[Tensor] = []
         self._pending_grads: list[Tensor] = []
         self._pending_params: list[Tensor] = []
+        self._pending_grads_storage: Optional[Tensor] = None
         self._set_path_state({key: {} for key in _TRACKED})
         self._has_pending = False
         self._big_omega: dict[str, Tensor] = {}
@@ -133,6 +134,9 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._has_pending = False
 
     def _set_path_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        # The pending gradients share one buffer, so that one kernel clears their non-finite
+        # entries on a GPU (see CF.si_step_).
+        self._pending_grads_storage, state["pending_grad"] = CF.packed(state["pending_grad"])
         self._state = state
         names = self._names if state["task_start"] else []  # empty between tasks
         self._omegas = [state["omega"][name] for name in names]
@@ -144,7 +148,8 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         if self.active_task is None or not self._params:
             return
         params = self._params
-        CF.si_step_(self._omegas, self._pending_grads, self._pending_params, [p.grad for p in params], params, self._has_pending)
+        grads = [p.grad for p in params]
+        CF.si_step_(self._omegas, self._pending_grads, self._pending_params, grads, params, self._has_pending, self._pending_grads_storage)
         self._has_pending = True
 
     def _flush_pending_step(self) -> None:

@@ -265,6 +265,34 @@ def test_si_step_records_a_non_finite_gradient_as_zero(kernel_path):
     assert torch.equal(pending_grads[0], t(0.0, 1.0, 1.0))
 
 
+@pytest.mark.parametrize("packed_storage", [False, True], ids=["tensors", "one-storage"])
+def test_si_step_clears_non_finite_entries_of_packed_pending_gradients(kernel_path, packed_storage):
+    storage, pending = CF.packed({"w": t(9.0, 9.0), "b": t(9.0)})
+    assert storage.shape == (3,) and pending["w"].data_ptr() == storage.data_ptr()
+    omega, pending_params = [t(0.0, 0.0), t(0.0)], [t(0.0, 0.0), t(0.0)]
+    grads = [t(float("nan"), 2.0), t(float("-inf"))]
+    CF.si_step_(omega, list(pending.values()), pending_params, grads, [t(1.0, 1.0), t(1.0)], False, storage if packed_storage else None)
+    assert torch.equal(storage, t(0.0, 2.0, 0.0))
+    assert torch.equal(pending["w"], t(0.0, 2.0)) and torch.equal(pending["b"], t(0.0))
+
+
+def test_packed_copies_tensors_into_views_of_one_flat_tensor():
+    tensors = {"w": torch.arange(6.0, dtype=D).reshape(2, 3), "s": torch.tensor(7.0, dtype=D), "b": t(8.0, 9.0)}
+    storage, views = CF.packed(tensors)
+    assert torch.equal(storage, t(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 8.0, 9.0))
+    assert list(views) == ["w", "s", "b"]
+    for name, tensor in tensors.items():
+        assert torch.equal(views[name], tensor) and views[name].shape == tensor.shape
+        assert views[name].untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+    views["b"].fill_(0.0)
+    assert torch.equal(storage[-2:], t(0.0, 0.0)) and torch.equal(tensors["b"], t(8.0, 9.0))  # copies
+    # Nothing to pack, or tensors of several dtypes: no storage and the tensors as they are.
+    assert CF.packed({}) == (None, {})
+    mixed = {"a": t(1.0), "b": torch.ones(2, dtype=torch.float32)}
+    storage, views = CF.packed(mixed)
+    assert storage is None and views["a"] is mixed["a"] and views["b"] is mixed["b"]
+
+
 def test_si_importance_by_hand_including_negative_omega():
     result = CF.si_importance(t(2.0, -1.0, 0.3), t(1.0, 2.0, 0.0), xi=0.1)
     torch.testing.assert_close(result, t(2.0 / 1.1, 0.0, 3.0), rtol=1e-15, atol=1e-15)

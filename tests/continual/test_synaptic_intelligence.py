@@ -344,6 +344,10 @@ def test_state_dict_round_trip_in_the_middle_of_task_2():
     model_copy = copy.deepcopy(model)
     restored = SynapticIntelligence(model_copy, importance=c, xi=xi)
     restored.load_state_dict(state)
+    for method in (si, restored):  # the pending gradients are views of one buffer (one kernel on a GPU)
+        storage = method._pending_grads_storage
+        assert storage is not None and storage.numel() == 2
+        assert method._state["pending_grad"]["weight"].data_ptr() == storage.data_ptr()
 
     runs = [(model, si, optimizer), (model_copy, restored, torch.optim.SGD(model_copy.parameters(), lr=LR))]
     for net, method, opt in runs:
