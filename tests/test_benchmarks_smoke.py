@@ -23,8 +23,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "continual_overhea
 METHODS = ("ewc", "l2", "si", "replay", "distillation")
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("continual_overhead", SCRIPT)
+def load_script(path: Path = SCRIPT) -> ModuleType:
+    """The benchmark script at ``path`` as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
