@@ -18,6 +18,10 @@ __all__ = ["SynapticIntelligence"]
 _TRACKED = ("omega", "task_start", "pending_grad", "pending_params")
 
 
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 class SynapticIntelligence(QuadraticPenaltyMethod):
     """Synaptic Intelligence: importance from each parameter's contribution to the loss decrease.
 
@@ -134,6 +138,10 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._has_pending = False
 
     def _set_path_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        # The path integral and the parameters it subtracts are kept in at least float32: in a
+        # 16-bit model's precision, ω would stop taking up steps much smaller than itself.
+        for key in ("omega", "task_start", "pending_params"):
+            state[key] = {name: _at_least_float32(t) for name, t in state[key].items()}
         # The pending gradients share one buffer, so that one kernel clears their non-finite
         # entries on a GPU (see CF.si_step_).
         self._pending_grads_storage, state["pending_grad"] = CF.packed(state["pending_grad"])
