@@ -14,7 +14,7 @@ from neurenix.continual._checks import check_choice, check_int, check_model, che
 from neurenix.continual.base import default_seed, evaluation_mode, model_arguments, trainable_parameters
 from neurenix.continual.callback import split_batch
 from neurenix.continual.distributed import broadcast_, rank_and_world_size, sum_across_ranks_
-from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
+from neurenix.continual.quadratic import QuadraticPenaltyMethod, accumulation_dtype, snapshot
 
 __all__ = ["EWC"]
 
@@ -206,7 +206,7 @@ class EWC(QuadraticPenaltyMethod):
         """
         others = {n: p.detach() for n, p in self.model.named_parameters() if n not in at}
         others.update(dict(self.model.named_buffers()) if buffers is None else buffers)
-        sums = {name: torch.zeros_like(a) for name, a in at.items()}
+        sums = {name: torch.zeros_like(a, dtype=accumulation_dtype(a.dtype)) for name, a in at.items()}
         closed_form = True  # until the network turns out not to be all nn.Linear
         samples = 0
         not_finite = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -234,7 +234,7 @@ class EWC(QuadraticPenaltyMethod):
                 f"dataloader must yield finite inputs, got NaN or infinity in {int(not_finite.item())} of the "
                 f"{samples} samples drawn for {whose} Fisher: EWC would consolidate a NaN Fisher"
             )
-        fisher = {name: s / samples for name, s in sums.items()}
+        fisher = {name: (s / samples).to(at[name].dtype) for name, s in sums.items()}
         self._check_finite_fisher(fisher)
         return fisher, samples
 

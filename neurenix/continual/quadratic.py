@@ -31,6 +31,12 @@ def _pick(items: list, indices: list[int]) -> list:
     return [items[i] for i in indices]
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which sums of many terms of ``dtype`` are kept: at least float32 (in a 16-bit
+    float, a sum stops taking up terms much smaller than itself)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def snapshot(params: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """Detached copies of ``params`` on ``device``."""
     return {name: p.detach().to(device, copy=True) for name, p in params.items()}

@@ -11,15 +11,11 @@ from typing_extensions import override
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_model, check_real
 from neurenix.continual.base import trainable_parameters
-from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
+from neurenix.continual.quadratic import QuadraticPenaltyMethod, accumulation_dtype, snapshot
 
 __all__ = ["SynapticIntelligence"]
 
 _TRACKED = ("omega", "task_start", "pending_grad", "pending_params")
-
-
-def _at_least_float32(tensor: Tensor) -> Tensor:
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class SynapticIntelligence(QuadraticPenaltyMethod):
@@ -141,7 +137,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         # The path integral and the parameters it subtracts are kept in at least float32: in a
         # 16-bit model's precision, ω would stop taking up steps much smaller than itself.
         for key in ("omega", "task_start", "pending_params"):
-            state[key] = {name: _at_least_float32(t) for name, t in state[key].items()}
+            state[key] = {name: t.to(accumulation_dtype(t.dtype)) for name, t in state[key].items()}
         # The pending gradients share one buffer, so that one kernel clears their non-finite
         # entries on a GPU (see CF.si_step_).
         self._pending_grads_storage, state["pending_grad"] = CF.packed(state["pending_grad"])
