@@ -119,6 +119,11 @@ def default_seed(salt: str) -> int:
     return (torch.initial_seed() + zlib.crc32(salt.encode())) % 2**63
 
 
+def inputs_as_given(inputs: Any) -> Any:
+    """The identity: a method's inputs need no conversion outside a Lightning fit."""
+    return inputs
+
+
 class ContinualMethod:
     """Task bookkeeping and the training step shared by every continual-learning method.
 
@@ -140,6 +145,9 @@ class ContinualMethod:
         self.finished_tasks: list[int] = []
         self.steps_in_active_task = 0
         self._task_data: Any = None
+        #: Applied to the inputs of batches the method reads itself (EWC's Fisher): under a
+        #: Lightning fit, its precision's conversion (``bf16-true`` casts inputs to bfloat16).
+        self._convert_inputs: Callable[[Any], Any] = inputs_as_given
         self._untouched_fingerprint = _fingerprint(model)
 
     # ---------------------------------------------------------------------------- device

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from neurenix.continual.base import ContinualMethod
+from neurenix.continual.base import ContinualMethod, inputs_as_given
 
 __all__ = ["ContinualCallback", "continual_methods", "split_batch", "join_batch"]
 
@@ -154,7 +154,7 @@ class ContinualCallback(ContinualMethod, Callback):
         # already complete and skips the training loop with its start/end hooks: the task must
         # still be consolidated here, while its data is at hand.
         if not getattr(self, "_training_ran", True) and self.active_task is not None:
-            self.finish_task(data=trainer.train_dataloader)
+            self._finish_task_of_fit(trainer)
 
     @override
     def on_before_optimizer_step(
@@ -179,7 +179,16 @@ class ContinualCallback(ContinualMethod, Callback):
             rank_zero_warn(
                 f"{type(self).__name__}: task {self.active_task} ended without a single optimizer step"
             )
-        self.finish_task(data=trainer.train_dataloader)
+        self._finish_task_of_fit(trainer)
+
+    def _finish_task_of_fit(self, trainer: "pl.Trainer") -> None:
+        """Consolidate the task with the fit's training data, whose inputs the method converts as
+        the fit's precision converts its batches (``bf16-true``, ``64-true``: to the model's dtype)."""
+        self._convert_inputs = trainer.precision_plugin.convert_input
+        try:
+            self.finish_task(data=trainer.train_dataloader)
+        finally:
+            self._convert_inputs = inputs_as_given
 
     def _task_of_this_fit(self, trainer: "pl.Trainer") -> int:
         datamodule = getattr(trainer, "datamodule", None)

@@ -213,7 +213,7 @@ class EWC(QuadraticPenaltyMethod):
         self._generator.set_state(broadcast_(self._generator.get_state()))  # every rank draws one subset...
         with evaluation_mode(self.model):
             for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):  # ...its share of it
-                inputs, targets = tuple(a.to(self.device) for a in inputs), targets.to(self.device)
+                inputs, targets = self._convert_inputs(tuple(a.to(self.device) for a in inputs)), targets.to(self.device)
                 not_finite += _samples_not_finite(inputs)
                 if self.fisher == "true":
                     targets = self._labels_from_model(at, others, inputs)

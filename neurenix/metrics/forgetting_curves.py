@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -127,7 +127,8 @@ class ForgettingCurves(Callback):
         split = world_size > 1 and all(_splittable(loader) for loader in loaders)  # the same on every rank
         scratch = _matrix(len(loaders)).to(pl_module.device)
         for task, loader in enumerate(loaders):
-            for preds, targets in _predictions(pl_module, _share(loader, rank, world_size) if split else loader):
+            shard = _share(loader, rank, world_size) if split else loader
+            for preds, targets in _predictions(pl_module, shard, trainer.precision_plugin.convert_input):
                 scratch.update(preds, targets, task=task, after_task=None)
         counts = torch.stack([scratch.initial_correct, scratch.initial_total])
         if split:
@@ -219,14 +220,16 @@ def _task_loaders(trainer: "pl.Trainer") -> Sequence[Any]:
     return loaders
 
 
-def _predictions(pl_module: "pl.LightningModule", loader: Any):
-    """``(outputs, targets)`` per batch, in eval mode without gradients, on the module's device."""
+def _predictions(pl_module: "pl.LightningModule", loader: Any, convert_inputs: Callable[[Any], Any]):
+    """``(outputs, targets)`` per batch, in eval mode without gradients, on the module's device,
+    the inputs converted as the fit's precision converts its batches (``bf16-true``: to bfloat16)."""
     device = pl_module.device
     with evaluation_mode(pl_module), torch.no_grad():
         for batch in loader:
             inputs, targets, task_ids = split_batch(batch)
             task_ids = None if task_ids is None else task_ids.to(device)
-            yield pl_module(*model_arguments(pl_module, inputs.to(device), task_ids)), targets.to(device)
+            inputs = convert_inputs(inputs.to(device))
+            yield pl_module(*model_arguments(pl_module, inputs, task_ids)), targets.to(device)
 
 
 def accuracy_heatmap(matrix: Tensor, cell: int = 24) -> Tensor:

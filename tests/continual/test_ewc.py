@@ -107,6 +107,28 @@ def test_a_bfloat16_model_sums_its_fisher_in_float32():
         assert ((ours.float() - theirs).norm() / theirs.norm()).item() < 0.01, name
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_under_a_true_precision_the_fisher_reads_inputs_converted_as_the_fit_s_batches(precision, dtype):
+    # Lightning casts the module and every batch; the Fisher, which reads the task's loader
+    # itself, must cast the same way (float32 inputs reached the converted model: a dtype error).
+    from neurenix.continual.base import inputs_as_given
+    from tests.helpers import lit_classifier, quiet_trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = make_task(seed=1).tensors
+    data = TensorDataset(x.float(), y)
+    ewc = EWC(net, fisher_sample_size=1000, seed=0)
+    quiet_trainer(callbacks=[ewc], precision=precision).fit(lit_classifier(net), loader(data))
+    assert net[0].weight.dtype == dtype and ewc.finished_tasks == [0]
+
+    reference = EWC(copy.deepcopy(net), fisher_sample_size=1000, seed=0)
+    reference.enter_task(0)
+    reference.finish_task(loader(TensorDataset(x.float().to(dtype), y)))
+    assert_dicts_close(ewc._tasks[0]["fisher"], reference._tasks[0]["fisher"], rtol=0, atol=0)
+    assert ewc._convert_inputs is inputs_as_given  # the fit's conversion only while it consolidates
+
+
 @pytest.mark.parametrize("form", ["loader", "batches"])
 def test_fisher_sample_size_smaller_than_dataset_uses_exactly_that_many_samples(form):
     model, (x, y) = make_mlp(), make_task(seed=1).tensors

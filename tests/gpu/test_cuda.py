@@ -197,6 +197,37 @@ def test_fisher_on_cuda_equals_the_fisher_on_the_cpu(hidden_layer):
         assert torch.allclose(got.cpu(), expected, rtol=1e-4, atol=1e-7), name
 
 
+def test_a_bf16_true_model_on_cuda_keeps_si_sums_in_float32_and_penalties_in_closed_form():
+    """``bf16-true``: the parameters are bfloat16. SI's path integral and EWC's Fisher sums are
+    float32; the closed-form penalty gradients (multi-tensor kernels over mixed dtypes) equal
+    autograd's."""
+    net = _net(seed=9)
+    si, ewc = SynapticIntelligence(net, importance=1.0), EWC(net, importance=50.0, fisher_sample_size=40, seed=1)
+    for seed in (1, 2):
+        trainer = _fit(lit_classifier(net, lr=0.1), [si, ewc], _task(seed), precision="bf16-true")
+        assert trainer.strategy.root_device.type == "cuda"
+    assert net[0].weight.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in si._state["omega"].values()) or not si._state["omega"]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in si.big_omega.values())
+    fisher = ewc.state_dict()["tasks"][1]["fisher"]
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in fisher.values())
+    net.to(CUDA)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05)
+    for method in (si, ewc):
+        method.prepare_for_device()
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        method.add_penalty_gradients()
+        closed = [p.grad.float() for p in net.parameters()]
+        for p in net.parameters():
+            p.grad = None
+        method.penalty().backward()
+        for ours, theirs in zip(closed, (p.grad.float() for p in net.parameters())):
+            assert torch.allclose(ours, theirs, rtol=2e-2, atol=1e-3 * theirs.abs().max().item())
+
+
 def test_state_saved_on_cuda_loads_on_the_cpu_with_weights_only():
     gpu_net = _net().to(CUDA)
     ewc = EWC(gpu_net, fisher_sample_size=30)

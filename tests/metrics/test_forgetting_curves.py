@@ -38,9 +38,9 @@ def _float(dataset: TensorDataset) -> TensorDataset:
     return TensorDataset(x.float(), y)
 
 
-def _accuracies(net: torch.nn.Module, tasks: _Tasks) -> list[float]:
+def _accuracies(net: torch.nn.Module, tasks: _Tasks, dtype: torch.dtype = torch.float32) -> list[float]:
     with torch.no_grad():
-        return [(net(d.tensors[0]).argmax(1) == d.tensors[1]).float().mean().item() for d in tasks.test]
+        return [(net(d.tensors[0].to(dtype)).argmax(1) == d.tensors[1]).float().mean().item() for d in tasks.test]
 
 
 def _run_sequence(tmp_path, curves: ForgettingCurves, epochs_per_task: int = 1):
@@ -91,6 +91,25 @@ def test_matrix_curves_and_summaries_match_an_independent_evaluation(tmp_path):
         assert [e.step for e in logged] == steps[1:]
         assert [e.value for e in logged] == pytest.approx([metric(k).item() for k in (1, 2)], abs=1e-6)
     assert [e.step for e in events.Images("continual/accuracy_matrix")] == steps
+
+
+def test_a_bf16_true_fit_is_evaluated_on_inputs_converted_as_its_batches_are():
+    # Lightning casts the module and each batch to bfloat16; the test sets' float32 inputs must
+    # be cast the same way (they used to reach the bfloat16 model as they were: a dtype error).
+    tasks, net = _Tasks(), make_mlp(seed=3).float()
+    expected = [_accuracies(copy.deepcopy(net).bfloat16(), tasks, torch.bfloat16)]
+    curves = ForgettingCurves()
+    trainer = L.Trainer(callbacks=[curves], precision="bf16-true", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_epochs=1)
+    for task in range(tasks.num_tasks):
+        tasks.current_task = task
+        trainer.fit_loop.max_epochs = task + 1
+        trainer.fit(lit_classifier(net), datamodule=tasks)
+        expected.append(_accuracies(net, tasks, torch.bfloat16))
+    assert net[0].weight.dtype == torch.bfloat16
+    expected = torch.tensor(expected, dtype=torch.float64)
+    assert torch.allclose(curves.matrix.initial, expected[0], atol=1e-6)
+    assert torch.allclose(curves.matrix.compute(), expected[1:], atol=1e-6)
 
 
 def test_curves_inside_tasks_every_n_epochs(tmp_path):
