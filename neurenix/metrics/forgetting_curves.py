@@ -46,7 +46,9 @@ class ForgettingCurves(Callback):
 
     Evaluation batches are ``(inputs, targets)`` or ``(inputs, targets, task_ids)``; the model
     is called as ``model(inputs, task_ids)`` where its ``forward`` takes a second positional
-    argument (a multi-head task-incremental model), else as ``model(inputs)``.
+    argument (a multi-head task-incremental model), else as ``model(inputs)``. It runs as in
+    Lightning's test loop: in eval mode, without gradients, its inputs converted and its forward
+    under the fit's precision (autocast for ``16-mixed`` and ``bf16-mixed``).
 
     Args:
         every_n_epochs: also log every task's accuracy every ``n`` epochs inside a task
@@ -126,10 +128,14 @@ class ForgettingCurves(Callback):
         rank, world_size = trainer.global_rank, trainer.world_size
         split = world_size > 1 and all(_splittable(loader) for loader in loaders)  # the same on every rank
         scratch = _matrix(len(loaders)).to(pl_module.device)
-        for task, loader in enumerate(loaders):
-            shard = _share(loader, rank, world_size) if split else loader
-            for preds, targets in _predictions(pl_module, shard, trainer.precision_plugin.convert_input):
-                scratch.update(preds, targets, task=task, after_task=None)
+        precision = trainer.precision_plugin
+        # Evaluated as Lightning's test loop evaluates: the inputs converted, the forward under the
+        # fit's precision context (autocast for 16-mixed and bf16-mixed).
+        with precision.test_step_context():
+            for task, loader in enumerate(loaders):
+                shard = _share(loader, rank, world_size) if split else loader
+                for preds, targets in _predictions(pl_module, shard, precision.convert_input):
+                    scratch.update(preds, targets, task=task, after_task=None)
         counts = torch.stack([scratch.initial_correct, scratch.initial_total])
         if split:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")

@@ -285,8 +285,8 @@ def test_forgetting_curves_on_cuda_count_what_an_independent_evaluation_counts(p
 
     matrix = curves.matrix.compute().cpu()
     assert matrix.shape == (3, 3) and torch.isfinite(matrix).all()
-    # The last row, measured on the GPU, against the trained model evaluated on the CPU in
-    # float64 (training runs under autocast, evaluation does not): at most a near-tie flips.
+    # The last row, measured on the GPU (under the fit's autocast, as Lightning's test loop),
+    # against the trained model evaluated on the CPU in float64: at most a near-tie flips.
     model = copy.deepcopy(net).cpu().double().eval()
     with torch.no_grad():
         expected = torch.stack(

@@ -112,6 +112,36 @@ def test_a_bf16_true_fit_is_evaluated_on_inputs_converted_as_its_batches_are():
     assert torch.allclose(curves.matrix.compute(), expected[1:], atol=1e-6)
 
 
+class _Recording(torch.nn.Module):
+    """``net``, noting for each evaluation-mode forward whether CPU autocast was on."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.autocast_in_eval = net, []
+
+    def forward(self, x):
+        if not self.training:
+            self.autocast_in_eval.append(torch.is_autocast_enabled("cpu"))
+        return self.net(x)
+
+
+def test_a_bf16_mixed_fit_is_evaluated_under_its_autocast_as_lightning_tests_it():
+    tasks, net = _Tasks(num_tasks=2), _Recording(make_mlp(seed=3).float())
+    curves = ForgettingCurves()
+    trainer = L.Trainer(callbacks=[curves], precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_epochs=1)
+    expected = []
+    for task in range(tasks.num_tasks):
+        tasks.current_task = task
+        trainer.fit_loop.max_epochs = task + 1
+        trainer.fit(lit_classifier(net), datamodule=tasks)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected.append(_accuracies(net.net, tasks))  # the inner net: not recorded
+    # Three evaluations (before training, after each task) of two test sets of 3 batches each.
+    assert net.autocast_in_eval == [True] * 3 * 2 * 3
+    assert torch.allclose(curves.matrix.compute(), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+
+
 def test_curves_inside_tasks_every_n_epochs(tmp_path):
     trainer, r, _, steps = _run_sequence(tmp_path, ForgettingCurves(every_n_epochs=1), epochs_per_task=2)
     logged = _scalars(trainer).Scalars("accuracy/task_0")
