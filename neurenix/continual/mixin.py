@@ -18,6 +18,7 @@ __all__ = ["ContinualLossMixin"]
 
 _INSIDE_STEP = "_neurenix_inside_training_step"
 _WRAPPED = "_neurenix_wraps_training_step"
+_TERMS_FOR_BACKWARD = "_neurenix_terms_for_manual_backward"
 
 
 class ContinualLossMixin:
@@ -32,6 +33,11 @@ class ContinualLossMixin:
       (``KnowledgeDistillation``: ``(1 − α)·loss + α·T²·KL``) before Lightning back-propagates it.
 
     Without neurenix callbacks on the trainer, ``training_step`` runs untouched.
+
+    With manual optimization (``self.automatic_optimization = False``) the loss is
+    back-propagated inside ``training_step``: the methods' terms join the loss of the step's
+    first ``self.manual_backward(loss)``, computed from the model's outputs in that step; later
+    ``manual_backward`` calls of the same step are left as they are.
 
     Example::
 
@@ -55,6 +61,14 @@ class ContinualLossMixin:
         if step is not None and not getattr(step, _WRAPPED, False):
             cls.training_step = _with_continual_terms(step)  # type: ignore[attr-defined]
 
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.manual_backward``, the methods' terms added to the step's first loss."""
+        terms = self.__dict__.pop(_TERMS_FOR_BACKWARD, None)
+        if terms is not None:
+            methods, batch = terms
+            loss = _apply_terms(methods, loss, batch)
+        super().manual_backward(loss, *args, **kwargs)  # type: ignore[misc]
+
 
 def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
@@ -70,11 +84,17 @@ def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
             batch = method.extend_lightning_batch(batch)
         for method in methods:
             method.before_training_forward()
+        manual = not self.automatic_optimization
+        if manual:  # back-propagated inside the step: the terms go to its first manual_backward
+            self.__dict__[_TERMS_FOR_BACKWARD] = (methods, batch)
         self.__dict__[_INSIDE_STEP] = True
         try:
             output = step(self, batch, *args, **kwargs)
         finally:
             self.__dict__[_INSIDE_STEP] = False
+            self.__dict__.pop(_TERMS_FOR_BACKWARD, None)
+        if manual:
+            return output
         return _map_loss(output, lambda loss: _apply_terms(methods, loss, batch))
 
     setattr(training_step, _WRAPPED, True)

@@ -75,3 +75,57 @@ def test_loss_dicts_and_skipped_batches():
     assert out["loss"].item() == 3.0 and out["extra"] == 3
     with pytest.raises(TypeError, match="got str"):
         _map_loss("nope", double)
+
+
+# ------------------------------------------------------------------------- manual optimization
+class _Manual(ContinualLossMixin, L.LightningModule):
+    """Manual optimization: the loss is back-propagated inside training_step."""
+
+    def __init__(self, net: nn.Module, extra_backward: bool = False) -> None:
+        super().__init__()
+        self.net, self.extra_backward = net, extra_backward
+        self.automatic_optimization = False
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.manual_backward(loss, retain_graph=self.extra_backward)
+        if self.extra_backward:  # a second backward of the step gets no second term
+            self.manual_backward(loss * 0.0)
+        optimizer.step()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("extra_backward", [False, True], ids=["one-backward", "two-backwards"])
+def test_manual_optimization_trains_as_automatic_optimization_does(extra_backward):
+    # The distillation term used to be added to the loss training_step returned, which manual
+    # optimization has already back-propagated: the term never reached the gradient.
+    from torch.utils.data import DataLoader
+
+    from neurenix.continual import EWC, ExperienceReplay, L2Regularization, SynapticIntelligence
+    from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer
+
+    nets = []
+    for manual in (False, True):
+        net = make_mlp(seed=2)
+        methods = [
+            EWC(net, importance=20.0, fisher_sample_size=16, seed=0),
+            L2Regularization(net, importance=0.5),
+            SynapticIntelligence(net, importance=0.5),
+            ExperienceReplay(net, memory_size=12, replay_ratio=0.5, seed=3),
+            KnowledgeDistillation(net, temperature=2.0, alpha=0.5),
+        ]
+        for seed in (1, 2, 3):
+            module = _Manual(net, extra_backward) if manual else lit_classifier(net, lr=0.1)
+            quiet_trainer(callbacks=methods).fit(module, DataLoader(make_task(seed=seed), batch_size=8))
+        assert [m.finished_tasks for m in methods] == [[0, 1, 2]] * 5
+        nets.append(net)
+    for automatic, manual in zip(*(net.parameters() for net in nets)):
+        torch.testing.assert_close(manual, automatic, rtol=0, atol=1e-12)
