@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_model, check_real
+from neurenix.continual.base import takes_task_ids
 from neurenix.continual.callback import ContinualCallback, split_batch
 
 __all__ = ["KnowledgeDistillation"]
@@ -37,6 +38,14 @@ class KnowledgeDistillation(ContinualCallback):
 
     Under a Trainer the LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`;
     the student's outputs are those of the last forward of ``model`` inside ``training_step``.
+
+    A multi-head model (its forward takes the task ids: ``model(inputs, task_ids)``) is distilled
+    as in Learning without Forgetting: on every sample of the batch, the heads of the tasks the
+    teacher learned (:attr:`finished_tasks`), student against teacher, averaged over those heads.
+    The head of the task being learned is left to the task loss (its teacher head was never
+    trained). This costs one extra forward of the student over the batch repeated once per
+    learned task, and as much of the teacher; batch-norm running statistics are updated by the
+    step's own forward only.
 
     Example::
 
@@ -86,7 +95,10 @@ class KnowledgeDistillation(ContinualCallback):
         """``T²·KL(softmax(teacher(inputs)/T) ‖ softmax(outputs/T))``, batch mean; 0 without a teacher.
 
         Unweighted: ``train_step`` uses ``(1 − alpha)·task_loss + alpha·`` this. ``inputs`` is
-        the model's input, or a tuple of its arguments (``(inputs, task_ids)``).
+        the model's input, or a tuple of its arguments (``(inputs, task_ids)``). For a multi-head
+        model given ``(inputs, task_ids)`` the term is taken over the heads of the learned tasks
+        (see the class), from a forward of the model that this call runs: ``outputs`` is then
+        only checked.
 
         Raises:
             TypeError: ``inputs`` or ``outputs`` is not a tensor.
@@ -97,6 +109,8 @@ class KnowledgeDistillation(ContinualCallback):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if self.teacher is None:
             return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
+        if len(arguments) == 2 and takes_task_ids(self.model):
+            return self._learned_heads_loss(arguments[0])
         with torch.no_grad():
             teacher_outputs = self.teacher(*(a.to(self.device) for a in arguments))
         units = None
@@ -105,6 +119,17 @@ class KnowledgeDistillation(ContinualCallback):
             if not bool(units.any()):
                 return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
         return CF.distillation_loss(outputs, teacher_outputs.to(outputs.device), self.temperature, units)
+
+    def _learned_heads_loss(self, inputs: Tensor) -> Tensor:
+        """LwF's term: every sample through the head of every task the teacher learned."""
+        heads = sorted(set(self.finished_tasks))
+        task_ids = torch.tensor(heads, device=inputs.device).repeat_interleave(inputs.shape[0])
+        repeated = inputs.repeat(len(heads), *([1] * (inputs.dim() - 1)))
+        with torch.no_grad():
+            teacher_outputs = self.teacher(repeated.to(self.device), task_ids.to(self.device))
+        with self._capture_paused(), running_statistics_kept(self.model):
+            student_outputs = self.model(repeated, task_ids)
+        return CF.distillation_loss(student_outputs, teacher_outputs.to(student_outputs.device), self.temperature)
 
     # ---------------------------------------------------------------------------- shared core
     @override
@@ -220,6 +245,31 @@ class KnowledgeDistillation(ContinualCallback):
         seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
         self._seen_units = None if seen is None else seen.to(device)
         self._teacher_units = None if taught is None else taught.to(device)
+
+
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Run an extra forward of ``model`` without it moving batch-norm running statistics.
+
+    The forward updates copies; the originals are put back untouched (restoring them in place
+    would change tensors that the step's own forward saved for its backward).
+    """
+    kept = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.running_mean is not None:
+            originals = {name: getattr(module, name) for name in _RUNNING_STATISTICS}
+            kept.append((module, originals))
+            for name, tensor in originals.items():
+                setattr(module, name, None if tensor is None else tensor.clone())
+    try:
+        yield
+    finally:
+        for module, originals in kept:
+            for name, tensor in originals.items():
+                setattr(module, name, tensor)
 
 
 def _widened(mask: Optional[Tensor], width: int, device: Optional[torch.device] = None) -> Tensor:
