@@ -6,19 +6,42 @@
 
 from __future__ import annotations
 
+import importlib
 import random
-from typing import Optional
-
-import torch
-
-from neurenix import automl, continual, data, metrics, nn, optim
+from typing import TYPE_CHECKING, Any, Optional
 
 __version__ = "0.1.0"
 
-#: ``neurenix.Device`` is ``torch.device``: ``nx.Device("cpu")``, ``nx.Device("cuda", 0)``.
-Device = torch.device
-
 __all__ = ["Device", "automl", "continual", "data", "init", "metrics", "nn", "optim", "__version__"]
+
+#: Imported on first use (``nx.continual``, ``from neurenix import data``): ``import neurenix`` and
+#: the ``neurenix`` command's help need neither torch nor Lightning.
+_SUBMODULES = ("automl", "continual", "data", "metrics", "nn", "optim")
+
+if TYPE_CHECKING:
+    import torch
+
+    from neurenix import automl, continual, data, metrics, nn, optim
+
+    #: ``neurenix.Device`` is ``torch.device``: ``nx.Device("cpu")``, ``nx.Device("cuda", 0)``.
+    Device = torch.device
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value: Any = importlib.import_module(f"neurenix.{name}")
+    elif name == "Device":  # ``torch.device``: ``nx.Device("cpu")``, ``nx.Device("cuda", 0)``
+        import torch
+
+        value = torch.device
+    else:
+        raise AttributeError(f"module 'neurenix' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def init(seed: Optional[int] = None) -> int:
@@ -37,6 +60,8 @@ def init(seed: Optional[int] = None) -> int:
         TypeError: ``seed`` is not an ``int``.
         ValueError: ``seed`` is negative or does not fit in 64 bits.
     """
+    import torch
+
     if seed is None:
         return torch.initial_seed()
     if isinstance(seed, bool) or not isinstance(seed, int):

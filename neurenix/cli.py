@@ -5,7 +5,9 @@ method on the same task sequence from the same seed, plain fine-tuning (``none``
 reports what each method kept: a table, ``results.json``, TensorBoard logs and a plot of the
 forgetting curves. Every option can also come from a YAML file (``--config``); ``--print_config``
 prints one. The parser is jsonargparse's; this module holds the options and their checks, the
-runs are in :mod:`neurenix.cli_compare` and the reports in :mod:`neurenix.cli_report`.
+settings they fill are in :mod:`neurenix.cli_settings`, the runs in :mod:`neurenix.cli_compare`
+(imported only for a run: help and option errors need neither torch nor Lightning) and the
+reports in :mod:`neurenix.cli_report`.
 
 Exit codes: 0 success, 2 a bad option (one line on stderr, ``neurenix: error: ...``), 1 a
 failure at run time that the options could not foresee (missing data, a failed download).
@@ -20,7 +22,7 @@ from typing import Optional, Sequence, Union
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter, Namespace
 
-from neurenix.cli_compare import METHOD_SETTINGS, METHODS, CompareError, UsageError, run_compare
+from neurenix.cli_settings import METHOD_SETTINGS, METHODS, CompareError, UsageError
 
 __all__ = ["build_parser", "main"]
 
@@ -130,6 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(_one_line(str(error))) from None
         settings = config[config.command]  # a Namespace; the method groups are nested Namespaces
         check_settings(settings)
+        from neurenix.cli_compare import run_compare  # torch and Lightning: only for a run
+
         # config.yaml of the run: what --config reads back (the subcommand's settings, no `compare:` level)
         run_compare(settings, config_yaml=parser.compare_parser.dump(settings))
     except UsageError as error:

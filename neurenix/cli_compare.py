@@ -33,103 +33,21 @@ from neurenix.continual import (
     SynapticIntelligence,
 )
 from neurenix.data import DownloadError, IDXFormatError, TaskSequenceDataModule, fit_sequence, permuted_benchmark, split_benchmark
+from neurenix.cli_settings import (
+    METHOD_SETTINGS,
+    METHODS,
+    CompareError,
+    DistillationSettings,
+    EWCSettings,
+    OnlineEWCSettings,
+    UsageError,
+)
 from neurenix.metrics import ForgettingCurves
 
 __all__ = [
     "METHODS", "METHOD_SETTINGS", "CompareError", "CurveRecorder", "MLPClassifier", "MethodRun",
     "UsageError", "run_compare",
 ]
-
-
-class UsageError(Exception):
-    """An option no run could use (exit status 2)."""
-
-
-class CompareError(Exception):
-    """A run failed for a reason the options could not foresee, such as missing data (exit status 1)."""
-
-
-# ---------------------------------------------------------------------------- method settings
-# Defaults: the best average accuracy of a coarse grid (importance ×2-5 apart) on the default
-# benchmark (split digits, domain-incremental, 5 tasks, 4 epochs) over seeds 10-14, so that the
-# default run (seed 0) is not the data they were chosen on. Other benchmarks want other values.
-@dataclass
-class EWCSettings:
-    """EWC (Kirkpatrick et al. 2017): importance/2 · Σ_t F_t·(θ − θ*_t)², a penalty per task.
-
-    Args:
-        importance: the penalty's weight λ.
-        fisher_sample_size: samples of each task the diagonal Fisher is estimated from.
-        fisher: empirical (dataset labels) or true (labels sampled from the model).
-    """
-
-    importance: float = 2000.0
-    fisher_sample_size: int = 200
-    fisher: str = "empirical"  # checked by EWC itself, whose message names the choices
-
-
-@dataclass
-class OnlineEWCSettings(EWCSettings):
-    """Online EWC (Schwarz et al. 2018): one running Fisher F ← γF + F_new, one anchor.
-
-    Args:
-        importance: the penalty's weight λ.
-        fisher_sample_size: samples of each task the diagonal Fisher is estimated from.
-        fisher: empirical (dataset labels) or true (labels sampled from the model).
-        gamma: how much of the running Fisher each new task keeps, in [0, 1].
-    """
-
-    gamma: float = 0.9
-
-
-@dataclass
-class SISettings:
-    """Synaptic Intelligence (Zenke et al. 2017): importance · Σ Ω·(θ − θ*)².
-
-    Args:
-        importance: the penalty's weight c.
-        xi: the damping ξ of Ω = ω / ((Δθ)² + ξ).
-    """
-
-    importance: float = 200.0
-    xi: float = 0.1
-
-
-@dataclass
-class L2Settings:
-    """L2 towards the previous task's parameters: importance/2 · Σ (θ − θ*)².
-
-    Args:
-        importance: the penalty's weight.
-    """
-
-    importance: float = 1.0
-
-
-@dataclass
-class DistillationSettings:
-    """Knowledge distillation (LwF-style): (1 − α)·loss + α·T²·KL(teacher ‖ student).
-
-    Args:
-        temperature: the softmax temperature T, > 0.
-        alpha: the weight α of the distillation term, in [0, 1].
-    """
-
-    temperature: float = 2.0
-    alpha: float = 0.7
-
-
-@dataclass
-class ReplaySettings:
-    """Experience replay: a reservoir memory, replayed samples added to every batch.
-
-    Args:
-        memory_size: samples the memory holds.
-        replay_ratio: replayed samples per new sample in a batch.
-    """
-
-    memory_size: int = 200
-    replay_ratio: float = 1.0
 
 
 def _ewc(model: nn.Module, s: EWCSettings, scenario: str) -> list:
@@ -145,28 +63,25 @@ def _distillation(model: nn.Module, s: DistillationSettings, scenario: str) -> l
     return [KnowledgeDistillation(model, s.temperature, s.alpha, units="seen" if scenario == "class" else "all")]
 
 
-#: name -> (settings class, builder of the callbacks); ``none`` is plain fine-tuning.
-_METHODS: dict[str, Optional[tuple[type, Callable[..., list]]]] = {
-    "none": None,
-    "ewc": (EWCSettings, _ewc),
-    "online_ewc": (OnlineEWCSettings, _online_ewc),
-    "si": (SISettings, lambda model, s, scenario: [SynapticIntelligence(model, s.importance, s.xi)]),
-    "l2": (L2Settings, lambda model, s, scenario: [L2Regularization(model, s.importance)]),
-    "distillation": (DistillationSettings, _distillation),
-    "replay": (ReplaySettings, lambda model, s, scenario: [ExperienceReplay(model, s.memory_size, s.replay_ratio)]),
+#: name -> builder of the callbacks; ``none`` (plain fine-tuning) has none.
+_BUILDERS: dict[str, Callable[..., list]] = {
+    "ewc": _ewc,
+    "online_ewc": _online_ewc,
+    "si": lambda model, s, scenario: [SynapticIntelligence(model, s.importance, s.xi)],
+    "l2": lambda model, s, scenario: [L2Regularization(model, s.importance)],
+    "distillation": _distillation,
+    "replay": lambda model, s, scenario: [ExperienceReplay(model, s.memory_size, s.replay_ratio)],
 }
-METHODS = tuple(_METHODS)
-METHOD_SETTINGS = {name: entry[0] for name, entry in _METHODS.items() if entry is not None}
 
 
 def method_callbacks(name: str, model: nn.Module, settings: Any, scenario: str) -> list:
     """The callbacks of method ``name``; a bad hyper-parameter raises :class:`UsageError` naming its flag."""
-    entry = _METHODS[name]
-    if entry is None:
+    build = _BUILDERS.get(name)
+    if build is None:
         return []
     options = getattr(settings, name)
     try:
-        return entry[1](model, options, scenario)
+        return build(model, options, scenario)
     except (TypeError, ValueError) as error:
         message = str(error)
         known = message.split(" ", 1)[0] in vars(options)

@@ -184,3 +184,20 @@ def test_the_installed_console_script_shows_its_help():
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: neurenix") and "--methods" in result.stdout and "--replay.memory_size" in result.stdout
+
+
+def test_help_and_option_errors_import_neither_torch_nor_lightning():
+    # They answered after ~3 s of imports; only a run needs the libraries (cli_compare).
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from neurenix.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert main(['--epochs', '0']) == 2\n"
+        "print('torch' in sys.modules, 'lightning' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False False"
+    assert "--epochs must be >= 1, got 0" in done.stderr

@@ -318,3 +318,23 @@ def test_synaptic_intelligence_example(datasets):
     omega = torch.cat([o.flatten() for o in si.big_omega.values()])
     assert bool((omega >= 0).all()) and bool((omega > 0).any())
     assert si.get_regularization_loss() > 0
+
+
+def test_submodules_load_on_first_use_and_unknown_names_are_errors():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import neurenix as nx\n"
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules\n"
+        "assert nx.continual.EWC.__name__ == 'EWC' and nx.Device('cpu').type == 'cpu'\n"
+        "from neurenix import data\n"
+        "assert data is nx.data and set(nx.__all__) <= set(dir(nx))\n"
+        "try:\n"
+        "    nx.no_such_name\n"
+        "except AttributeError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "module 'neurenix' has no attribute 'no_such_name'"
