@@ -24,15 +24,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
-from neurenix.continual import (
-    EWC,
-    ContinualLossMixin,
-    ExperienceReplay,
-    KnowledgeDistillation,
-    L2Regularization,
-    SynapticIntelligence,
-)
-from neurenix.data import DownloadError, IDXFormatError, TaskSequenceDataModule, fit_sequence, permuted_benchmark, split_benchmark
 from neurenix.cli_settings import (
     METHOD_SETTINGS,
     METHODS,
@@ -42,6 +33,15 @@ from neurenix.cli_settings import (
     OnlineEWCSettings,
     UsageError,
 )
+from neurenix.continual import (
+    EWC,
+    ContinualLossMixin,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    SynapticIntelligence,
+)
+from neurenix.data import DownloadError, IDXFormatError, TaskSequenceDataModule, fit_sequence, permuted_benchmark, split_benchmark
 from neurenix.metrics import ForgettingCurves
 
 __all__ = [
@@ -76,12 +76,11 @@ _BUILDERS: dict[str, Callable[..., list]] = {
 
 def method_callbacks(name: str, model: nn.Module, settings: Any, scenario: str) -> list:
     """The callbacks of method ``name``; a bad hyper-parameter raises :class:`UsageError` naming its flag."""
-    build = _BUILDERS.get(name)
-    if build is None:
+    if name == "none":
         return []
     options = getattr(settings, name)
     try:
-        return build(model, options, scenario)
+        return _BUILDERS[name](model, options, scenario)
     except (TypeError, ValueError) as error:
         message = str(error)
         known = message.split(" ", 1)[0] in vars(options)
