@@ -77,6 +77,7 @@ class KnowledgeDistillation(ContinualCallback):
         self._teacher_units: Optional[Tensor] = None
         self._captured: Optional[tuple[tuple[Tensor, ...], Tensor]] = None
         self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
+        self._heads: Optional[tuple[tuple[int, ...], Tensor]] = None  # see _learned_heads
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "alpha": self.alpha, "units": self.units}
@@ -122,14 +123,21 @@ class KnowledgeDistillation(ContinualCallback):
 
     def _learned_heads_loss(self, inputs: Tensor) -> Tensor:
         """LwF's term: every sample through the head of every task the teacher learned."""
-        heads = sorted(set(self.finished_tasks))
-        task_ids = torch.tensor(heads, device=inputs.device).repeat_interleave(inputs.shape[0])
+        heads = self._learned_heads(inputs.device)
+        task_ids = heads.repeat_interleave(inputs.shape[0])
         repeated = inputs.repeat(len(heads), *([1] * (inputs.dim() - 1)))
         with torch.no_grad():
             teacher_outputs = self.teacher(repeated.to(self.device), task_ids.to(self.device))
         with self._capture_paused(), running_statistics_kept(self.model):
             student_outputs = self.model(repeated, task_ids)
         return CF.distillation_loss(student_outputs, teacher_outputs.to(student_outputs.device), self.temperature)
+
+    def _learned_heads(self, device: torch.device) -> Tensor:
+        """The learned tasks' ids on ``device``, copied there only when they change (not every step)."""
+        heads = tuple(sorted(set(self.finished_tasks)))
+        if self._heads is None or self._heads[0] != heads or self._heads[1].device != device:
+            self._heads = (heads, torch.tensor(heads, device=device))
+        return self._heads[1]
 
     # ---------------------------------------------------------------------------- shared core
     @override
