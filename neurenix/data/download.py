@@ -5,6 +5,8 @@ is it renamed onto the destination (``os.replace``, atomic on POSIX and Windows)
 destination either does not exist or holds verified bytes; a crash, a dropped connection or a
 corrupt mirror never leaves a partial file under the final name. Several processes downloading
 the same file at once each write their own temporary file, and the last verified one wins.
+A download that fails removes the folders it created for the file, when they are still empty,
+and only those: a failed first download leaves no empty ``data/MNIST/raw/`` behind.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.request
 from collections.abc import Sequence
 from http.client import HTTPException
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Optional, Union
 
 __all__ = ["DownloadError", "download_file", "file_md5"]
 
@@ -37,11 +39,13 @@ class _ChecksumMismatch(ValueError):
 
 
 class DownloadError(RuntimeError):
-    """Every mirror failed. ``failures`` lists ``(url, reason)`` in the order they were tried."""
+    """Every mirror failed. ``failures`` lists ``(url, reason)`` in the order they were tried;
+    ``note`` is what the message adds after them (what was left as it was, what to do)."""
 
     def __init__(self, path: Path, failures: list[tuple[str, str]], note: str = "") -> None:
         self.path = path
         self.failures = failures
+        self.note = note
         lines = [f"could not download {path.name} to {path}: every mirror failed"]
         lines += [f"  {url}: {reason}" for url, reason in failures]
         if note:
@@ -79,7 +83,8 @@ def download_file(
     Args:
         urls: the mirrors, tried in order. A failure (an HTTP error, a refused connection, a
             timeout, a truncated response, a checksum mismatch) moves on to the next.
-        path: the destination; missing parent directories are created.
+        path: the destination; missing parent directories are created (and removed again, if
+            still empty, when the download fails).
         md5: the expected MD5, 32 hex digits.
         timeout: seconds to wait for a connection or for the next bytes of a response.
 
@@ -105,7 +110,18 @@ def download_file(
     if existing_md5 == md5:
         return path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
+    try:
+        _make_folders(path.parent, created)
+        _download_from_mirrors(urls, path, md5, timeout, existing_md5)
+    except BaseException:  # including KeyboardInterrupt: a failed download leaves no empty folder
+        _remove_if_empty(created)
+        raise
+    return path
+
+
+def _download_from_mirrors(urls: list[str], path: Path, md5: str, timeout: float, existing_md5: Optional[str]) -> None:
+    """Try each mirror in turn until one delivers the verified file; ``DownloadError`` if none does."""
     failures: list[tuple[str, str]] = []
     for url in urls:
         try:
@@ -114,12 +130,38 @@ def download_file(
             log.warning("Downloading %s failed: %s", url, _reason(error))
             failures.append((url, _reason(error)))
             continue
-        return path
-
+        return
     note = ""
     if existing_md5 is not None:
         note = f"The existing {path} (md5 {existing_md5}, expected {md5}) was left as it was; delete it or try again."
     raise DownloadError(path, failures, note)
+
+
+def _make_folders(folder: Path, created: list[Path]) -> None:
+    """Create ``folder`` and its missing parents, appending each one made here to ``created``
+    (outermost first) as soon as it exists, so that a failure halfway still knows them all.
+
+    A folder that appears meanwhile (another process downloading too) is not counted as ours.
+    """
+    for candidate in [*reversed(folder.parents), folder]:
+        if candidate.is_dir():
+            continue
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            if candidate.is_dir():
+                continue
+            raise
+        created.append(candidate)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` innermost first, each only if empty (another download may be using it)."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone: either way, not ours to remove now
+            return
 
 
 def _download_verified(url: str, path: Path, md5: str, timeout: float) -> None:

@@ -9,10 +9,17 @@ The files are looked for where torchvision keeps them, so an existing torchvisio
 
 and, failing that, directly in ``root`` (a flat folder such as Debian's
 ``/usr/share/datasets/fashion-mnist``). Each file may be plain or gzip-compressed.
+
+The two datasets share their file names and format, so a folder of one is easily given as the
+other. A split is recognized by its labels, which are exact fingerprints of the full datasets:
+Fashion-MNIST's by a digest of the label sequence, MNIST's by its class counts (uneven, and the
+same in every copy). The compressed files' MD5s cannot serve: recompressed copies (Debian's) hold
+the same data under other checksums.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from neurenix.data.download import download_file
+from neurenix.data.download import DownloadError, download_file
 from neurenix.data.idx import IDXFormatError, read_idx
 
 __all__ = ["FashionMNIST", "MNIST"]
@@ -30,6 +37,20 @@ __all__ = ["FashionMNIST", "MNIST"]
 _TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 _TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _ARCHIVE_SUFFIX = ".gz"  # what the mirrors serve, and what a download stores
+
+#: Each full split's class counts (labels 0..9), by dataset and ``train``.
+_CLASS_COUNTS: dict[tuple[str, bool], tuple[int, ...]] = {
+    ("MNIST", True): (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+    ("MNIST", False): (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
+    ("Fashion-MNIST", True): (6000,) * 10,
+    ("Fashion-MNIST", False): (1000,) * 10,
+}
+#: SHA-256 of each full split's labels as uint8 bytes. Balanced counts alone would not tell
+#: Fashion-MNIST from other balanced sets of this format (Kuzushiji-MNIST); its label order does.
+_LABEL_DIGESTS: dict[tuple[str, bool], str] = {
+    ("Fashion-MNIST", True): "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",
+    ("Fashion-MNIST", False): "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
+}
 
 
 class MNIST(Dataset):
@@ -55,13 +76,22 @@ class MNIST(Dataset):
             same shape, it is called on each distinct label as an ``int``. So it must be free of
             side effects.
 
+    Attributes:
+        recognized_as: ``"MNIST"`` or ``"Fashion-MNIST"`` when the split read is that dataset's
+            full split (recognized by its labels), ``None`` for anything else (a subset, other
+            data in this format). Given Fashion-MNIST's files, ``MNIST`` reads them with a
+            warning: Fashion-MNIST was made as MNIST's drop-in replacement, so running MNIST
+            code on it is a legitimate use, but the results are not about digits.
+
     Raises:
         FileNotFoundError: files are missing (or ``root`` does not exist) and ``download`` is
             ``False``; the message lists the paths looked at.
         IDXFormatError: a file is not valid IDX (corrupt, truncated).
         ValueError: the files do not form a dataset of this kind (images and labels of
-            different counts, labels out of range).
-        DownloadError: ``download`` is ``True`` and no mirror delivered a verified file.
+            different counts, labels out of range; for :class:`FashionMNIST`, MNIST's files).
+        DownloadError: ``download`` is ``True`` and no mirror delivered a verified file; the
+            message says how to use a copy you have (``root=``). Folders the download created
+            are removed again if it left them empty.
         TypeError: an argument has the wrong type.
 
     Example::
@@ -75,6 +105,8 @@ class MNIST(Dataset):
 
     #: The folder under ``root`` in torchvision's layout.
     folder: ClassVar[str] = "MNIST"
+    #: The dataset's name, as messages and ``recognized_as`` give it.
+    dataset_name: ClassVar[str] = "MNIST"
     #: Base URLs tried in order; a file's URL is the base followed by its ``.gz`` name.
     mirrors: ClassVar[tuple[str, ...]] = (
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -113,6 +145,8 @@ class MNIST(Dataset):
             self._download_missing_files()
         images_path, labels_path = self._find_split_files()
         images, labels = self._read_split(images_path, labels_path)
+        self.recognized_as: Optional[str] = _recognize(labels, self.train)
+        self._check_recognized(labels_path)
         if filter_labels is not None:
             images, labels = self._keep_accepted(filter_labels, images, labels)
         self.data: Tensor = images
@@ -162,12 +196,35 @@ class MNIST(Dataset):
     def _candidates(self, name: str) -> list[Path]:
         return [folder / file for folder in (self.raw_folder, self.root) for file in (name, name + _ARCHIVE_SUFFIX)]
 
+    def _check_recognized(self, labels_path: Path) -> None:
+        """Warn when the files are Fashion-MNIST's: a legitimate stand-in for MNIST, but not digits."""
+        if self.recognized_as == "Fashion-MNIST":
+            warnings.warn(
+                f"{self._description()} holds Fashion-MNIST (clothing), not MNIST's digits: {labels_path} has "
+                "Fashion-MNIST's labels. It is read as given (Fashion-MNIST is made as MNIST's drop-in "
+                "replacement), so results are about clothing classes; use neurenix.data.FashionMNIST for its "
+                "class names, or point root= at MNIST's files",
+                stacklevel=3,
+            )
+
     def _download_missing_files(self) -> None:
         for name in _TRAIN_FILES + _TEST_FILES:
             if self._find(name) is None:
                 archive = name + _ARCHIVE_SUFFIX
                 urls = [f"{mirror.rstrip('/')}/{archive}" for mirror in self.mirrors]
-                download_file(urls, self.raw_folder / archive, md5=self.checksums[archive])
+                try:
+                    download_file(urls, self.raw_folder / archive, md5=self.checksums[archive])
+                except DownloadError as error:
+                    raise DownloadError(error.path, error.failures, self._use_a_copy_note(error.note)) from error
+
+    def _use_a_copy_note(self, note: str) -> str:
+        """The way out of a failed download (after ``note``, if any): a copy of the files the user has."""
+        files = ", ".join(f"{name}[.gz]" for name in _TRAIN_FILES + _TEST_FILES)
+        way_out = (
+            f"{self.dataset_name} could not be downloaded into {self.raw_folder}. If you have its files (no network "
+            f"here?), pass root= a folder that holds them ({files}), in ROOT/{self.folder}/raw/ or in ROOT itself."
+        )
+        return f"{note}\n{way_out}" if note else way_out
 
     def _find_split_files(self) -> tuple[Path, Path]:
         names = self._split_files()
@@ -217,6 +274,7 @@ class FashionMNIST(MNIST):
     """
 
     folder: ClassVar[str] = "FashionMNIST"
+    dataset_name: ClassVar[str] = "Fashion-MNIST"
     mirrors: ClassVar[tuple[str, ...]] = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
     #: MD5 of the ``.gz`` files upstream serves (Debian's package recompresses them, so its
     #: ``.gz`` files differ while holding the same data; they are used as found, not downloaded).
@@ -230,6 +288,26 @@ class FashionMNIST(MNIST):
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
     ]  # fmt: skip
+
+    def _check_recognized(self, labels_path: Path) -> None:
+        """Refuse MNIST's digits: nobody wants them named as clothing, so it can only be a mistake."""
+        if self.recognized_as == "MNIST":
+            raise ValueError(
+                f"{self._description()}: {labels_path} holds MNIST's digits (its exact class counts), not "
+                "Fashion-MNIST; read them with neurenix.data.MNIST, or point root= at Fashion-MNIST's files"
+            )
+
+
+def _recognize(labels: Tensor, train: bool) -> Optional[str]:
+    """``"MNIST"`` or ``"Fashion-MNIST"`` if ``labels`` are that dataset's full ``train`` or test split, else ``None``."""
+    counts = tuple(torch.bincount(labels, minlength=10).tolist()) if len(labels) else ()
+    for name in ("MNIST", "Fashion-MNIST"):
+        if counts != _CLASS_COUNTS[name, train]:
+            continue
+        digest = _LABEL_DIGESTS.get((name, train))
+        if digest is None or hashlib.sha256(labels.to(torch.uint8).numpy().tobytes()).hexdigest() == digest:
+            return name
+    return None
 
 
 def _labels_accepted_by(predicate: Callable[[Any], Any], labels: Tensor) -> Tensor:

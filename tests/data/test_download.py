@@ -145,6 +145,38 @@ def test_checksum_mismatch_everywhere_raises_and_leaves_no_file(server: LocalSer
     assert files_in(tmp_path) == []  # neither the final file nor a temporary one
 
 
+def test_a_failed_download_removes_the_empty_folders_it_created_and_only_those(server: LocalServer, tmp_path: Path) -> None:
+    kept = tmp_path / "data"
+    kept.mkdir()  # the user's own folder: empty, but not the download's to remove
+    with pytest.raises(DownloadError):
+        download_file([server.url("/missing.bin"), closed_port_url()], kept / "MNIST" / "raw" / "data.bin", PAYLOAD_MD5)
+    assert files_in(tmp_path) == ["data"] and files_in(kept) == []
+
+
+def test_a_download_interrupted_by_the_user_removes_its_folders(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("neurenix.data.download._download_verified", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download_file([server.serve("/data.bin", PAYLOAD)], tmp_path / "new" / "folder" / "data.bin", PAYLOAD_MD5)
+    assert files_in(tmp_path) == []
+
+
+def test_a_created_folder_that_holds_something_else_is_kept(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another download (another file, another process) may be using a folder this one created."""
+    raw = tmp_path / "MNIST" / "raw"
+
+    def other_file_arrives_then_this_fails(url: str, path: Path, md5: str, timeout: float) -> None:
+        (raw / "other.bin").write_bytes(b"x")
+        raise ValueError("md5 mismatch")
+
+    monkeypatch.setattr("neurenix.data.download._download_verified", other_file_arrives_then_this_fails)
+    with pytest.raises(DownloadError):
+        download_file([server.url("/data.bin")], raw / "data.bin", PAYLOAD_MD5)
+    assert files_in(raw) == ["other.bin"]
+
+
 def test_the_error_says_why_each_mirror_failed(server: LocalServer, tmp_path: Path) -> None:
     missing, refused = server.url("/missing.bin"), closed_port_url()
     with pytest.raises(DownloadError) as caught:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,72 @@ def test_download_with_a_wrong_checksum_leaves_nothing(mirror, tmp_path: Path, m
     with pytest.raises(DownloadError, match="md5 mismatch"):
         MNIST(tmp_path, download=True)
     assert not list((tmp_path / "MNIST" / "raw").glob("train-images*"))
+
+
+def test_a_failed_download_says_how_to_use_a_copy_and_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(MNIST, "mirrors", (closed_port_url("/mnist/"),))
+    root = tmp_path / "data"
+    with pytest.raises(DownloadError) as caught:
+        MNIST(root, download=True)
+    message = str(caught.value)
+    assert f"MNIST could not be downloaded into {root / 'MNIST' / 'raw'}" in message
+    assert "pass root= a folder that holds them (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]" in message
+    assert "in ROOT/MNIST/raw/ or in ROOT itself" in message
+    assert not root.exists()  # root, root/MNIST and root/MNIST/raw were made for the download: all gone
+    root.mkdir()
+    with pytest.raises(DownloadError, match="Fashion-MNIST could not be downloaded"):
+        FashionMNIST(root, download=True, train=False)
+    assert files_in_folder(root) == []  # the user's root stays; FashionMNIST/raw, made for the download, does not
+
+
+def files_in_folder(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def write_labels_with_counts(folder: Path, counts: list[int], seed: int = 0) -> np.ndarray:
+    """A test split (black images) whose labels have exactly ``counts``, in shuffled order."""
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(10), counts)).astype(np.uint8)
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((len(labels), 28, 28), np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels)
+    return labels
+
+
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # every copy of MNIST's test set
+
+
+def test_mnist_files_are_recognized_and_refused_as_fashion_mnist(tmp_path: Path) -> None:
+    write_labels_with_counts(tmp_path, MNIST_TEST_COUNTS)
+    with pytest.raises(ValueError, match=r"holds MNIST's digits \(its exact class counts\), not Fashion-MNIST; read them with neurenix.data.MNIST"):
+        FashionMNIST(tmp_path, train=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MNIST reads its own files without a word
+        assert MNIST(tmp_path, train=False).recognized_as == "MNIST"
+
+
+def test_other_data_in_the_format_is_not_taken_for_either_dataset(tmp_path: Path) -> None:
+    write_labels_with_counts(tmp_path, [1000] * 10)  # balanced like Fashion-MNIST, but not its labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MNIST(tmp_path, train=False).recognized_as is None
+        assert FashionMNIST(tmp_path, train=False).recognized_as is None
+    write_dataset(tmp_path)
+    assert MNIST(tmp_path).recognized_as is None
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize("train", [True, False])
+def test_fashion_mnist_given_as_mnist_is_read_with_a_warning_that_names_it(train: bool) -> None:
+    """Fashion-MNIST is made as MNIST's drop-in replacement, so this is allowed, but said."""
+    labels = DEBIAN_FASHION_MNIST / f"{'train' if train else 't10k'}-labels-idx1-ubyte.gz"
+    expected = f"holds Fashion-MNIST (clothing), not MNIST's digits: {labels} has Fashion-MNIST's labels"
+    with pytest.warns(UserWarning, match=re.escape(expected)) as caught:
+        as_mnist = MNIST(DEBIAN_FASHION_MNIST, train=train, filter_labels=lambda y: y < 5)
+    assert "use neurenix.data.FashionMNIST for its class names" in str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning points at the line that made the dataset
+    assert as_mnist.recognized_as == "Fashion-MNIST" and len(as_mnist) == (30_000 if train else 5_000)
+    fashion = FashionMNIST(DEBIAN_FASHION_MNIST, train=train)
+    assert fashion.recognized_as == "Fashion-MNIST"
+    assert torch.equal(as_mnist.data, fashion.data[fashion.targets < 5])
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
