@@ -11,6 +11,11 @@ from torch import nn
 
 
 def check_model(model: object) -> nn.Module:
+    if isinstance(model, torch.Tensor):  # its repr would print every value
+        raise TypeError(
+            f"model must be a torch.nn.Module, got a {type(model).__name__} of shape {tuple(model.shape)}: "
+            "pass the module that holds it (the model, or a layer of it)"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
     return model

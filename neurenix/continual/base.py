@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from neurenix.continual._checks import check_batch, check_device, check_model, check_task_id
 
-__all__ = ["ContinualMethod", "evaluation_mode", "model_arguments", "takes_task_ids", "trainable_parameters"]
+__all__ = [
+    "ContinualMethod",
+    "evaluation_mode",
+    "global_generator_kept",
+    "model_arguments",
+    "takes_task_ids",
+    "trainable_parameters",
+]
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -44,6 +51,18 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, was_training in modes:
             module.training = was_training
+
+
+@contextlib.contextmanager
+def global_generator_kept() -> Iterator[None]:
+    """Leave PyTorch's global CPU generator as it was, whatever draws from it inside.
+
+    A method reading a task's data (EWC's Fisher) iterates DataLoaders, which draw a seed (and a
+    shuffled order) from the global generator unless given their own: without this, adding a
+    method would shift the user's later shuffles and dropout masks.
+    """
+    with torch.random.fork_rng(devices=[]):
+        yield
 
 
 #: model -> (the function of its forward method when last inspected, whether it takes task ids).
@@ -230,15 +249,37 @@ class ContinualMethod:
         self._task_data = data
 
     def _check_new_or_active(self, task_id: object) -> int:
+        """``task_id`` as an int, refused if that task was already consolidated."""
         task_id = check_task_id(task_id)
         if task_id in self.finished_tasks:
+            so_far = self.finished_tasks + ([self.active_task] if self.active_task is not None else [])
+            being_trained = "" if self.active_task is None else f"; task {self.active_task} is being trained"
             raise ValueError(
-                f"task_id={task_id} was already trained and consolidated (tasks so far: "
-                f"{self.finished_tasks}); a later task needs a new task_id. (register_task counts a "
+                f"task_id={task_id} was already trained and consolidated (tasks so far: {so_far}"
+                f"{being_trained}); a later task needs a new task_id. (register_task counts a "
                 "task as trained when the parameters changed since the method was created or since "
                 "the last task: create the method after loading pretrained weights.)"
             )
         return task_id
+
+    def _check_registered_task_is_trained(self, task_id: int) -> None:
+        """Refuse a train_step whose id would end a registered task that nothing has trained.
+
+        ``register_task(0, ...)`` then ``train_step(..., task_id=1)`` is almost always a task
+        numbering mismatch (a loop counting from 1, a sequence from 0): going on would consolidate
+        task 0 at parameters that never learned it. A task trained before the method existed
+        (pretrained weights) is ended explicitly with ``register_task`` of the next task.
+        """
+        active = self.active_task
+        if active is None or task_id == active or self._active_task_was_trained():
+            return
+        raise ValueError(
+            f"train_step got task_id={task_id} while task {active} is registered and no step has trained it: "
+            f"going on would consolidate task {active} at parameters that never learned it. Give train_step "
+            f"the id the task was registered with (task_id={active}): ids are yours to choose, register_task "
+            f"and train_step must agree. If task {active} was learned before this method existed (pretrained "
+            f"weights), end it first with register_task({task_id}, ...)"
+        )
 
     def _active_task_was_trained(self) -> bool:
         return self.steps_in_active_task > 0 or self._trained_outside_view()
@@ -295,6 +336,7 @@ class ContinualMethod:
         """
         check_batch(inputs, targets)
         task_id = self._check_new_or_active(task_id)
+        self._check_registered_task_is_trained(task_id)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self._check_model_device()

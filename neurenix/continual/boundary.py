@@ -32,7 +32,7 @@ from typing_extensions import override
 from neurenix.continual._checks import check_batch, check_choice, check_int, check_model, check_real
 from neurenix.continual.base import ContinualMethod, evaluation_mode, model_arguments
 from neurenix.continual.callback import continual_methods, split_batch
-from neurenix.continual.distributed import sum_across_ranks_
+from neurenix.continual.distributed import StaysInItsProcess, sum_across_ranks_
 
 __all__ = ["SIGNALS", "ShiftDetector", "TaskBoundaryDetector"]
 
@@ -141,7 +141,7 @@ class ShiftDetector:
         self._values = deque(state.get("values", torch.zeros(0)).tolist(), maxlen=self.window + self.test_window)
 
 
-class TaskBoundaryDetector(Callback):
+class TaskBoundaryDetector(StaysInItsProcess, Callback):
     """Finds task boundaries in a stream without task labels, and consolidates the methods there.
 
     Every incoming training batch is first evaluated (``torch.no_grad``, eval mode: one extra

@@ -28,6 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from neurenix.continual.base import ContinualMethod, inputs_as_given
+from neurenix.continual.distributed import StaysInItsProcess, spawn_refusal
 
 __all__ = ["ContinualCallback", "continual_methods", "split_batch", "join_batch"]
 
@@ -68,7 +69,7 @@ def _orphaned_state_keys(cls: type, trainer: "pl.Trainer", states: dict[Any, Any
     return [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
 
 
-class ContinualCallback(ContinualMethod, Callback):
+class ContinualCallback(StaysInItsProcess, ContinualMethod, Callback):
     """A continual-learning method driven by a Lightning ``Trainer`` (one fit per task)."""
 
     #: Whether the method changes batches or losses and so needs ContinualLossMixin.
@@ -77,6 +78,12 @@ class ContinualCallback(ContinualMethod, Callback):
     def __init__(self, model: Any, device: Any = None) -> None:
         super().__init__(model, device)
         self._last_gradient_round: Optional[tuple[int, int]] = None
+        self._training_ran = False
+        self._first_batch_checked = False
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters().items())
+        return f"{type(self).__name__}({type(self.model).__name__}{', ' if settings else ''}{settings})"
 
     # ---------------------------------------------------------------------------- identity
     def hyperparameters(self) -> dict[str, Any]:
@@ -118,15 +125,11 @@ class ContinualCallback(ContinualMethod, Callback):
                 f"{type(self).__name__} supports single-device and DDP strategies, got "
                 f"{type(strategy).__name__}: strategies that shard parameters are not supported"
             )
-        if getattr(strategy, "_start_method", "popen") != "popen":
-            # Each fit would run in child processes whose copies of this callback (Fisher,
-            # anchors, memory, task bookkeeping) vanish when the fit returns, and Lightning
-            # cannot fit a spawn-based Trainer twice: a task sequence needs strategy="ddp".
-            raise ValueError(
-                f"{type(self).__name__} does not support spawn-based strategies "
-                f"(start_method={strategy._start_method!r}): the state it learns in the spawned "
-                "processes would be lost when the fit returns; use strategy='ddp'"
-            )
+        start_method = getattr(strategy, "_start_method", "popen")
+        if start_method != "popen":
+            # Reached under fork-based strategies (ddp_fork, ddp_notebook), in the children:
+            # spawn-based ones are refused in the parent, when the Trainer is pickled.
+            raise ValueError(spawn_refusal(type(self).__name__, start_method))
         if self.needs_loss_mixin:
             from neurenix.continual.mixin import ContinualLossMixin
 
@@ -146,15 +149,48 @@ class ContinualCallback(ContinualMethod, Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._training_ran = True
+        self._first_batch_checked = False
         self.enter_task(self._task_of_this_fit(trainer))
 
     @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        # What the task's end will need from its batches is checked on the first one, not after
+        # the whole task has trained.
+        if not self._first_batch_checked:
+            self.check_task_batch(batch)
+            self._first_batch_checked = True
+
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Resumed from a checkpoint written at a task's last epoch end, Lightning finds the fit
-        # already complete and skips the training loop with its start/end hooks: the task must
-        # still be consolidated here, while its data is at hand.
-        if not getattr(self, "_training_ran", True) and self.active_task is not None:
+        if self._training_ran:
+            return
+        if self.active_task is not None:
+            # Resumed from a checkpoint written at a task's last epoch end, Lightning finds the
+            # fit already complete and skips the training loop with its start/end hooks: the
+            # task must still be consolidated here, while its data is at hand.
             self._finish_task_of_fit(trainer)
+        elif self._task_of_this_fit(trainer) not in self.finished_tasks:
+            raise RuntimeError(self._no_training_message(trainer))
+
+    def _no_training_message(self, trainer: "pl.Trainer") -> str:
+        """Why a fit of a new task trained nothing, and how to train a sequence instead."""
+        if trainer.limit_train_batches == 0:
+            reason = "the Trainer was built with limit_train_batches=0"
+        elif trainer.num_training_batches == 0:
+            reason = "the fit's training loader yields no batches"
+        else:
+            reason = (
+                f"the Trainer had already reached its limits (epoch {trainer.current_epoch} of "
+                f"max_epochs={trainer.max_epochs}, step {trainer.global_step} of max_steps={trainer.max_steps}), "
+                "as a Trainer does after its first fit"
+            )
+        return (
+            f"{type(self).__name__}: this fit trained no step for task {self._task_of_this_fit(trainer)} "
+            f"(tasks trained so far: {self.finished_tasks}): {reason}. Train each task with a new Trainer "
+            "(`L.Trainer(max_epochs=..., callbacks=[*methods])`), or a whole TaskSequenceDataModule with "
+            "neurenix.data.fit_sequence(trainer, model, datamodule, epochs_per_task=...), which extends the "
+            "limits task by task"
+        )
 
     @override
     def on_before_optimizer_step(
@@ -198,6 +234,13 @@ class ContinualCallback(ContinualMethod, Callback):
         if self.active_task is not None:  # resumed in the middle of a task
             return self.active_task
         return max(self.finished_tasks) + 1 if self.finished_tasks else 0
+
+    def check_task_batch(self, batch: Any) -> None:
+        """Refuse, at a task's first training batch, a batch that its consolidation could not read.
+
+        Raises:
+            TypeError / ValueError: the method names what it needs.
+        """
 
     # ---------------------------------------------------------------------------- mixin side
     def extend_lightning_batch(self, batch: Any) -> Any:

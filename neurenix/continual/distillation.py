@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_model, check_real
-from neurenix.continual.base import takes_task_ids
+from neurenix.continual.base import global_generator_kept, takes_task_ids
 from neurenix.continual.callback import ContinualCallback, split_batch
 
 __all__ = ["KnowledgeDistillation"]
@@ -154,10 +154,11 @@ class KnowledgeDistillation(ContinualCallback):
 
     def _record_units_from(self, data: Any) -> None:
         """Mark the labels of a task's data (its training happened outside our view)."""
-        for batch in data:
-            targets = split_batch(batch)[1].to(self.device)
-            self._seen_units = _widened(self._seen_units, int(targets.max()) + 1, self.device)
-            self._seen_units[targets] = True
+        with global_generator_kept():  # a shuffling loader's draws would shift the user's later ones
+            for batch in data:
+                targets = split_batch(batch)[1].to(self.device)
+                self._seen_units = _widened(self._seen_units, int(targets.max()) + 1, self.device)
+                self._seen_units[targets] = True
 
     def _consolidate(self, task_id: int, data: Any) -> None:
         if self.units == "seen" and self.steps_in_active_task == 0:
@@ -195,16 +196,28 @@ class KnowledgeDistillation(ContinualCallback):
 
     @override
     def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
-        if self.teacher is None and self.units == "all":
-            return loss
+        # Checked from the first step on, not only once a teacher exists: a model that
+        # training_step never calls would otherwise fail at the second task, after the first trained.
         if self._captured is None:
-            raise RuntimeError(
-                f"KnowledgeDistillation saw no forward of its model ({type(self.model).__name__}) in "
-                "training_step: the student's outputs must come from the model given to it"
-            )
+            raise RuntimeError(self._no_forward_message())
         inputs, outputs = self._captured
         self._captured = None
+        if self.teacher is None and self.units == "all":
+            return loss
         return self.transform_loss(loss, inputs, outputs, split_batch(batch)[1])
+
+    def _no_forward_message(self) -> str:
+        name = type(self.model).__name__
+        hint = (
+            f" {name} is the LightningModule: if training_step calls a submodule (`self.net(x)`) rather than "
+            "`self(x)`, give that submodule, e.g. KnowledgeDistillation(model.net)"
+            if isinstance(self.model, pl.LightningModule)
+            else " Give KnowledgeDistillation the module whose outputs training_step turns into the loss"
+        )
+        return (
+            f"KnowledgeDistillation saw no forward of its model ({name}) in training_step: the student's "
+            f"outputs must come from the model given to it (with gradients enabled).{hint}"
+        )
 
     def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module is self.model and torch.is_grad_enabled() and args and isinstance(output, Tensor):

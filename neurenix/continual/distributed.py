@@ -8,13 +8,43 @@ Every function is a no-op in a single process, and every rank must call it (a co
 
 from __future__ import annotations
 
+from multiprocessing.context import get_spawning_popen
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_objects", "broadcast_", "rank_and_world_size", "sum_across_ranks_"]
+__all__ = ["StaysInItsProcess", "all_gather_objects", "broadcast_", "rank_and_world_size", "spawn_refusal", "sum_across_ranks_"]
+
+
+def spawn_refusal(owner: str, start_method: str) -> str:
+    """Why ``owner`` cannot run under a strategy that starts its processes with ``start_method``."""
+    return (
+        f"{owner} does not support strategies that run each fit in new processes (start method "
+        f"{start_method!r}: ddp_spawn, ddp_fork, ddp_notebook and the like): the state it learns there "
+        "(Fisher, anchors, memory, teacher, curves, task bookkeeping) would be lost when the fit returns, "
+        "and Lightning cannot fit such a Trainer twice. Use strategy='ddp', which runs the script once per "
+        "device (see the multi-GPU page of the docs)"
+    )
+
+
+class StaysInItsProcess:
+    """A callback whose state must stay in the process that trains: refused by spawn-based strategies.
+
+    A spawn-based strategy (``ddp_spawn``, a forkserver) pickles the ``Trainer`` with its
+    callbacks into each new process. Refusing the pickling refuses in the parent, before any
+    process starts: ``setup`` only runs in the children, and some die unpickling PyTorch's
+    shared-memory tensors before any check can speak. Other pickling (``copy.deepcopy``, a user's
+    ``pickle.dumps``) is unaffected: ``multiprocessing`` marks the spawning the way its own locks
+    detect it.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        spawning = get_spawning_popen()
+        if spawning is not None:
+            raise RuntimeError(spawn_refusal(type(self).__name__, getattr(spawning, "method", "spawn")))
+        return self.__dict__.copy()
 
 
 def rank_and_world_size() -> tuple[int, int]:

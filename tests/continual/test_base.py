@@ -512,3 +512,50 @@ def test_set_task_data_gives_the_active_task_the_data_its_consolidation_reads(ta
     reference.finish_task(loader(task_b))
     for name, fisher in reference._tasks[0]["fisher"].items():
         assert torch.equal(ewc._tasks[0]["fisher"][name], fisher), name
+
+
+# ---------------------------------------------------------------------------- task ids that do not match
+@pytest.mark.parametrize("cls", ALL)
+def test_train_step_with_another_id_than_the_untrained_registered_task_is_refused_before_any_change(cls):
+    model = make_mlp()
+    method = make(cls, model)
+    method.register_task(0, loader(make_task()))
+    before = params_of(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_task(seed=2).tensors
+    with pytest.raises(ValueError) as raised:
+        method.train_step(optimizer, F.cross_entropy, x, y, task_id=1)  # a loop counting from 1
+    assert str(raised.value).startswith(
+        "train_step got task_id=1 while task 0 is registered and no step has trained it: going on would consolidate "
+        "task 0 at parameters that never learned it. Give train_step the id the task was registered with (task_id=0)"
+    )
+    assert method.active_task == 0 and method.finished_tasks == [] and method.steps_in_active_task == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    method.train_step(optimizer, F.cross_entropy, x, y, task_id=0)  # the registered id trains
+    method.train_step(optimizer, F.cross_entropy, x, y, task_id=1)  # and a trained task then ends
+    assert method.finished_tasks == [0] and method.active_task == 1
+
+
+def test_a_pretrained_task_is_ended_explicitly_by_registering_the_next():
+    model = make_mlp()
+    ewc = make(EWC, model)
+    ewc.register_task(0, loader(make_task()))  # the weights already know task 0
+    ewc.register_task(1)  # ends it where it stands (the API's own task-boundary example does this)
+    x, y = make_task(seed=2).tensors
+    ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, task_id=1)
+    assert ewc.finished_tasks == [0] and ewc.active_task == 1 and ewc._tasks[0]["samples"] == 40
+
+
+@pytest.mark.parametrize("cls", [EWC, KnowledgeDistillation])
+def test_reading_a_task_s_shuffled_loader_leaves_the_global_generator_alone(cls):
+    # EWC's Fisher (and distillation's labels, for a task trained out of view) iterate DataLoaders,
+    # which draw their seed and order from PyTorch's global generator unless given their own.
+    model = make_mlp()
+    method = make(cls, model, **({"units": "seen"} if cls is KnowledgeDistillation else {}))
+    with torch.no_grad():
+        model[0].weight.add_(0.1)  # trained outside: register_task consolidates now, reading the loader
+    task_loader = loader(make_task(), shuffle=True)  # no generator of its own
+    state = torch.get_rng_state()
+    method.register_task(0, task_loader)
+    assert method.finished_tasks == [0]
+    assert torch.equal(torch.get_rng_state(), state)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from neurenix.continual import EWC, ExperienceReplay, L2Regularization, SynapticIntelligence
-from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer
+from tests.helpers import lit_classifier, loader, make_mlp, make_task, quiet_trainer
 
 
 def _float_task(seed: int, samples: int = 48) -> TensorDataset:
@@ -165,3 +165,160 @@ def test_si_reads_the_unregularized_gradient_whatever_the_callback_order():
         assert torch.allclose(omega_a[name], omega_b[name], atol=1e-7, rtol=1e-5), name
     for a, b in zip(params_a, params_b):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- mistakes caught at once
+class _DictBatches(torch.utils.data.Dataset):
+    """Samples as dicts: Lightning collates them into dict batches."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        x, y = self.dataset[index]
+        return {"x": x, "y": y}
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.heads = nn.Linear(6, 5).double(), nn.ModuleList([nn.Linear(5, 3).double() for _ in range(2)])
+
+    def forward(self, x, task_ids):
+        hidden = torch.tanh(self.body(x))
+        return torch.stack([self.heads[int(t)](h) for h, t in zip(hidden, task_ids)])
+
+
+class _StepCounter(L.Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+
+
+def _first_batch_failure(module: L.LightningModule, method, dataset) -> tuple[BaseException, int]:
+    counter = _StepCounter()
+    with pytest.raises((TypeError, ValueError)) as raised:
+        _fit(module, [method, counter], dataset, max_epochs=3)
+    return raised.value, counter.steps
+
+
+def test_ewc_refuses_dict_batches_at_the_first_batch_not_after_the_task():
+    net = make_mlp()
+
+    class DictModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    error, steps = _first_batch_failure(DictModule(), EWC(net), _DictBatches(make_task()))
+    assert steps == 0  # the first batch, before any training
+    assert isinstance(error, TypeError)
+    assert str(error).startswith("EWC computes task 0's Fisher from the fit's training batches when the task ends, and cannot read them")
+    assert "got dict" in str(error) and "ewc.register_task(0, dataloader)" in str(error)
+
+
+def test_ewc_with_its_own_fisher_data_accepts_batches_it_does_not_read():
+    net = make_mlp()
+    ewc = EWC(net, fisher_sample_size=8)
+    ewc.register_task(0, loader(make_task()))  # the Fisher's data, given: the fit's batches are not read
+
+    class DictModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    _fit(DictModule(), [ewc], _DictBatches(make_task()))
+    assert ewc.finished_tasks == [0] and ewc._tasks[0]["samples"] == 8
+
+
+def test_ewc_refuses_pairs_for_a_multi_head_model_at_the_first_batch():
+    net = _TwoHeads()
+
+    class FixedHead(L.LightningModule):  # trains head 0 from (x, y) pairs
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x, torch.zeros_like(y)), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    error, steps = _first_batch_failure(FixedHead(), EWC(net), make_task())
+    assert steps == 0 and isinstance(error, ValueError)
+    assert str(error).startswith("EWC's model (_TwoHeads) takes task ids (forward(inputs, task_ids): a multi-head model), "
+                                 "but the training batches are (inputs, targets) pairs")
+
+
+def test_ewc_refuses_floating_point_targets_of_unknown_likelihood_at_the_first_batch():
+    torch.manual_seed(0)
+    net = nn.Linear(6, 1).double()
+
+    class Regressor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x = make_task().tensors[0]
+    data = TensorDataset(x, x.sum(1, keepdim=True))
+    error, steps = _first_batch_failure(Regressor(), EWC(net), data)
+    assert steps == 0 and isinstance(error, ValueError)
+    assert "EWC cannot tell the likelihood of floating-point targets (torch.float64, from the training batches): pass " \
+           "EWC(..., likelihood='gaussian')" in str(error)
+    ewc = EWC(net, likelihood="gaussian", fisher_sample_size=16)  # told: trains, and the Fisher is not zero
+    _fit(Regressor(), [ewc], data)
+    assert ewc.finished_tasks == [0] and all(bool((f > 0).any()) for f in ewc._tasks[0]["fisher"].values())
+
+
+def test_a_trainer_fit_again_after_its_first_fit_is_refused_with_how_to_run_a_sequence():
+    net = make_mlp()
+    module, methods = lit_classifier(net), [EWC(net)]
+    trainer = quiet_trainer(callbacks=[*methods], max_epochs=1)
+    trainer.fit(module, loader(make_task(seed=1)))
+    with pytest.raises(RuntimeError) as raised:
+        trainer.fit(module, loader(make_task(seed=2)))  # max_epochs already reached: Lightning trains nothing
+    assert str(raised.value).startswith(
+        "EWC: this fit trained no step for task 1 (tasks trained so far: [0]): the Trainer had already reached its "
+        "limits (epoch 1 of max_epochs=1, step 5 of max_steps=-1)"
+    )
+    assert "Train each task with a new Trainer" in str(raised.value) and "fit_sequence(" in str(raised.value)
+    assert methods[0].finished_tasks == [0] and methods[0].active_task is None
+
+
+def test_every_method_shows_its_class_and_hyper_parameters():
+    from neurenix.continual import KnowledgeDistillation
+
+    net = make_mlp()
+    assert repr(EWC(net, importance=5.0)) == (
+        "EWC(Sequential, importance=5.0, fisher_sample_size=1000, online=False, gamma=1.0, fisher='empirical')"
+    )
+    assert repr(ExperienceReplay(net, memory_size=50)) == "ExperienceReplay(Sequential, memory_size=50, replay_ratio=0.5)"
+    assert repr(L2Regularization(net, importance=0.5)) == "L2Regularization(Sequential, importance=0.5)"
+    assert repr(SynapticIntelligence(net)) == "SynapticIntelligence(Sequential, importance=1.0, xi=0.1)"
+    assert repr(KnowledgeDistillation(net)) == "KnowledgeDistillation(Sequential, temperature=2.0, alpha=0.5, units='all')"

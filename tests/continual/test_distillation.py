@@ -332,6 +332,25 @@ def test_lightning_training_step_that_skips_the_model_is_refused():
         fit(module, [kd], make_task(seed=2))
 
 
+def test_given_the_lightning_module_while_training_step_calls_a_submodule_it_fails_at_the_first_step():
+    # The first task has no teacher yet: the mistake used to surface only at task 2, after task 1 trained.
+    module = Classifier()
+    kd, steps = KnowledgeDistillation(module), []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(batch_idx)
+
+    with pytest.raises(RuntimeError) as raised:
+        fit(module, [kd, Steps()], make_task(seed=2))
+    assert steps == [] and kd.teacher is None
+    assert str(raised.value) == (
+        "KnowledgeDistillation saw no forward of its model (Classifier) in training_step: the student's outputs must "
+        "come from the model given to it (with gradients enabled). Classifier is the LightningModule: if training_step "
+        "calls a submodule (`self.net(x)`) rather than `self(x)`, give that submodule, e.g. KnowledgeDistillation(model.net)"
+    )
+
+
 # ------------------------------------------------------------------------------------ multi-head
 class MultiHead(nn.Module):
     """A shared trunk (with batch norm) and one 2-way head per task: ``model(x, task_ids)``."""

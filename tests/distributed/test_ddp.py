@@ -5,6 +5,7 @@ Each test launches tests/distributed/sequence_worker.py as a real Lightning DDP 
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from neurenix.continual import ExperienceReplay, L2Regularization
+from neurenix.continual import (
+    EWC,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    SynapticIntelligence,
+    TaskBoundaryDetector,
+)
 from neurenix.continual.replay import redistributed_memory
 
 WORKER = Path(__file__).with_name("sequence_worker.py")
@@ -141,16 +149,32 @@ class _Spawnable(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_spawn_based_strategies_are_refused():
-    """Under ddp_spawn the method's state would stay in the child processes: refused, loudly."""
+_EVERY_STATEFUL_CALLBACK = {
+    "EWC": lambda net: EWC(net),
+    "ExperienceReplay": lambda net: ExperienceReplay(net, memory_size=8),
+    "L2Regularization": lambda net: L2Regularization(net),
+    "SynapticIntelligence": lambda net: SynapticIntelligence(net),
+    "KnowledgeDistillation": lambda net: KnowledgeDistillation(net),
+    "TaskBoundaryDetector": lambda net: TaskBoundaryDetector(net),
+}
+
+
+@pytest.mark.parametrize("name", list(_EVERY_STATEFUL_CALLBACK))
+def test_spawn_based_strategies_are_refused_in_the_parent_before_any_process_starts(name):
+    """Under ddp_spawn the method's state would stay in the child processes: refused, loudly, in the
+    parent (the children died unpickling shared-memory tensors before setup() could speak)."""
     module = _Spawnable()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, callbacks=[L2Regularization(module.net)], max_epochs=1,
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, callbacks=[_EVERY_STATEFUL_CALLBACK[name](module.net)], max_epochs=1,
     )
     data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
-    with pytest.raises(Exception, match="does not support spawn-based strategies .*'spawn'.*use strategy='ddp'"):
+    # RuntimeError itself: a child that had started and failed would surface as torch's ProcessRaisedException.
+    with pytest.raises(RuntimeError, match=rf"^{name} does not support strategies that run each fit in new processes "
+                       r"\(start method 'spawn'.*Use strategy='ddp'") as raised:
         trainer.fit(module, DataLoader(data, batch_size=8))
+    assert type(raised.value) is RuntimeError
+    assert multiprocessing.active_children() == []
 
 
 def test_ranks_agree_on_every_detected_boundary_under_a_ddp_trainer(tmp_path):
