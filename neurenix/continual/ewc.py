@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -11,7 +11,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
-from neurenix.continual.base import default_seed, evaluation_mode, model_arguments, trainable_parameters
+from neurenix.continual.base import (
+    default_seed,
+    evaluation_mode,
+    global_generator_kept,
+    model_arguments,
+    takes_task_ids,
+    trainable_parameters,
+)
 from neurenix.continual.callback import split_batch
 from neurenix.continual.distributed import broadcast_, rank_and_world_size, sum_across_ranks_
 from neurenix.continual.quadratic import QuadraticPenaltyMethod, accumulation_dtype, snapshot
@@ -33,9 +40,17 @@ class EWC(QuadraticPenaltyMethod):
     (one penalty per task), or, with ``online=True``, ``importance/2 · Σ F·(θ − θ*)²`` with
     ``F ← gamma·F + F_t`` and the single anchor of the last task.
 
+    The Fisher is that of the likelihood the model is trained with (``likelihood``): by default
+    read from the loss given to ``train_step`` (``cross_entropy``/``CrossEntropyLoss``/``NLLLoss``:
+    categorical; ``mse_loss``/``MSELoss``: Gaussian; ``binary_cross_entropy_with_logits``/
+    ``BCEWithLogitsLoss``: Bernoulli), else from the targets: class indices mean categorical, and
+    floating-point targets must be told (``likelihood="gaussian"`` for regression). A model with
+    one output under a categorical likelihood is refused (its Fisher would be zero).
+
     Args:
         model: the network whose parameters are protected (for a Lightning run: the
-            LightningModule or a submodule of it). Its outputs are read as class logits.
+            LightningModule or a submodule of it). Its outputs are the likelihood's parameters
+            (class logits by default).
         importance: ``λ`` in the penalty, ``>= 0``.
         fisher_sample_size: samples per task for the Fisher, ``> 0`` (all of them if the task
             has fewer); drawn at random (``seed``) from a map-style dataset.
@@ -45,7 +60,12 @@ class EWC(QuadraticPenaltyMethod):
         fisher: ``"empirical"`` (gradients at the dataset's labels) or ``"true"`` (at labels
             drawn from the model's own predictive distribution).
         seed: seeds the sampling of Fisher data and labels; ``None`` derives one from PyTorch's
-            initial seed (so ``seed_everything`` makes runs repeatable).
+            initial seed (so ``seed_everything`` makes runs repeatable). PyTorch's global
+            generator is left as it was (the Fisher's DataLoaders draw from it otherwise).
+        likelihood: ``None`` (inferred, above), ``"categorical"`` (logits; cross-entropy),
+            ``"gaussian"`` (means of a unit-variance Gaussian; squared error: the Fisher scales
+            with ``1/σ²``, which ``importance`` absorbs) or ``"bernoulli"`` (one logit per
+            output; binary cross-entropy with logits).
 
     Raises:
         TypeError / ValueError: an argument outside its range (named in the message).
@@ -72,6 +92,7 @@ class EWC(QuadraticPenaltyMethod):
         gamma: float = 1.0,
         fisher: str = "empirical",
         seed: Optional[int] = None,
+        likelihood: Optional[str] = None,
     ) -> None:
         check_model(model)
         self.importance = check_real("importance", importance, minimum=0.0)
@@ -81,6 +102,7 @@ class EWC(QuadraticPenaltyMethod):
         self.online = online
         self.gamma = check_real("gamma", gamma, minimum=0.0, maximum=1.0)
         self.fisher = check_choice("fisher", fisher, ("empirical", "true"))
+        self.likelihood = None if likelihood is None else check_choice("likelihood", likelihood, CF.LIKELIHOODS)
         seed = default_seed("EWC") if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self._generator = torch.Generator().manual_seed(seed)
@@ -88,15 +110,20 @@ class EWC(QuadraticPenaltyMethod):
         #: (buffers: BatchNorm statistics and the like at the task's end); in online mode
         #: a single entry (the last task) holding the running Fisher.
         self._tasks: dict[int, dict[str, Any]] = {}
+        #: The likelihood of the last loss function given to train_step, where it names one.
+        self._loss_likelihood: Optional[str] = None
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {
+        settings: dict[str, Any] = {
             "importance": self.importance,
             "fisher_sample_size": self.fisher_sample_size,
             "online": self.online,
             "gamma": self.gamma,
             "fisher": self.fisher,
         }
+        if self.likelihood is not None:  # a key added later joins only when set: old checkpoints load
+            settings["likelihood"] = self.likelihood
+        return settings
 
     def _penalty_scale(self) -> float:
         return self.importance
@@ -150,6 +177,54 @@ class EWC(QuadraticPenaltyMethod):
             fisher = {name: term["fisher"][name] + f for name, f in fisher.items()}
         self._tasks[task_id] = {**term, "fisher": fisher, "samples": samples}
         self._rebuild_penalty()
+
+    def train_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        task_id: int,
+    ) -> Tensor:
+        """:meth:`ContinualMethod.train_step`; ``loss_fn`` also tells the Fisher's likelihood (see the class)."""
+        likelihood = likelihood_of_loss(loss_fn)
+        if likelihood is None and self.likelihood is None and isinstance(targets, Tensor):
+            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            _refuse_unknown_likelihood(targets, f"train_step's targets, with a loss_fn ({name}) that names none")
+        loss = super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        # Set after the step: a new task_id consolidates the previous task with its own loss's.
+        self._loss_likelihood = likelihood or self._loss_likelihood
+        return loss
+
+    def check_task_batch(self, batch: Any) -> None:
+        """At a fit's first batch: the Fisher will read the fit's batches at the task's end; can it?"""
+        if self._task_data is not None:  # the user gave the Fisher's data (register_task, update_fisher)
+            return
+        try:
+            inputs, targets, task_ids = split_batch(batch)
+        except TypeError as error:
+            raise TypeError(
+                f"EWC computes task {self.active_task}'s Fisher from the fit's training batches when the task "
+                f"ends, and cannot read them: {error}. Give batches as such tuples, or the Fisher's data with "
+                f"ewc.register_task({self.active_task}, dataloader) before the fit"
+            ) from None
+        if task_ids is None and takes_task_ids(self.model):
+            raise ValueError(
+                f"EWC's model ({type(self.model).__name__}) takes task ids (forward(inputs, task_ids): a multi-head "
+                "model), but the training batches are (inputs, targets) pairs: the Fisher at the task's end could "
+                "not call it. Give batches of (inputs, targets, task_ids) (split_benchmark(..., scenario='task') "
+                "builds them)"
+            )
+        if self.likelihood is None:
+            _refuse_unknown_likelihood(targets, "the training batches")
+
+    def _likelihood_of(self, targets: Tensor) -> str:
+        """The likelihood whose Fisher is taken: given, else the train_step loss's, else from the targets."""
+        likelihood = self.likelihood or self._loss_likelihood
+        if likelihood is None:
+            _refuse_unknown_likelihood(targets, "the Fisher's data")
+            likelihood = "categorical"
+        return likelihood
 
     # ---------------------------------------------------------------------------- consolidation
     def _consolidate(self, task_id: int, data: Any) -> None:
@@ -211,16 +286,18 @@ class EWC(QuadraticPenaltyMethod):
         samples = 0
         not_finite = torch.zeros(1, dtype=torch.float64, device=self.device)
         self._generator.set_state(broadcast_(self._generator.get_state()))  # every rank draws one subset...
-        with evaluation_mode(self.model):
+        with evaluation_mode(self.model), global_generator_kept():
             for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):  # ...its share of it
                 inputs, targets = self._convert_inputs(tuple(a.to(self.device) for a in inputs)), targets.to(self.device)
                 not_finite += _samples_not_finite(inputs)
+                likelihood = self._likelihood_of(targets)
                 if self.fisher == "true":
-                    targets = self._labels_from_model(at, others, inputs)
-                batch_sums = CF.linear_squared_gradient_sum(self.model, at, others, inputs, targets) if closed_form else None
+                    targets = self._labels_from_model(at, others, inputs, likelihood)
+                args = (self.model, at, others, inputs, targets, likelihood)
+                batch_sums = CF.linear_squared_gradient_sum(*args) if closed_form else None
                 if batch_sums is None:
                     closed_form = False
-                    batch_sums = _vmapped_squared_gradient_sum(self.model, at, others, inputs, targets)
+                    batch_sums = _vmapped_squared_gradient_sum(*args)
                 torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
                 samples += targets.shape[0]
         count = torch.tensor([float(samples)], dtype=torch.float64, device=self.device)
@@ -238,13 +315,15 @@ class EWC(QuadraticPenaltyMethod):
         self._check_finite_fisher(fisher)
         return fisher, samples
 
-    def _labels_from_model(self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+    def _labels_from_model(
+        self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...], likelihood: str
+    ) -> Tensor:
         with torch.no_grad():
             logits = torch.func.functional_call(self.model, (at, others), inputs)
         # Non-finite logits (NaN inputs or parameters) cannot be sampled from; zeros can, and such
         # a Fisher is refused after the sum (its inputs are counted, its values are checked).
         logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
-        return CF.sample_model_labels(logits.cpu(), self._generator).to(logits.device)
+        return CF.sample_model_labels(logits.cpu(), self._generator, likelihood).to(logits.device)
 
     @staticmethod
     def _check_finite_fisher(fisher: dict[str, Tensor]) -> None:
@@ -265,10 +344,16 @@ class EWC(QuadraticPenaltyMethod):
         self._rebuild_penalty()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tasks": dict(self._tasks), "generator": self._generator.get_state()}
+        return {
+            **super().state_dict(),
+            "tasks": dict(self._tasks),
+            "generator": self._generator.get_state(),
+            "loss_likelihood": self._loss_likelihood,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._loss_likelihood = state_dict.get("loss_likelihood")
         device = self.device
         self._tasks = {
             int(task): {
@@ -284,8 +369,44 @@ class EWC(QuadraticPenaltyMethod):
         self._rebuild_penalty()
 
 
+#: Loss functions that name their likelihood: the Fisher of the loss the user trains with.
+_LOSS_LIKELIHOODS: dict[Any, str] = {
+    torch.nn.CrossEntropyLoss: "categorical",
+    torch.nn.functional.cross_entropy: "categorical",
+    torch.nn.NLLLoss: "categorical",  # of log-probabilities, whose log-softmax is themselves
+    torch.nn.functional.nll_loss: "categorical",
+    torch.nn.MSELoss: "gaussian",
+    torch.nn.functional.mse_loss: "gaussian",
+    torch.nn.BCEWithLogitsLoss: "bernoulli",
+    torch.nn.functional.binary_cross_entropy_with_logits: "bernoulli",
+}
+
+
+def likelihood_of_loss(loss_fn: Any) -> Optional[str]:
+    """The likelihood behind one of PyTorch's losses (a class instance or the function), else ``None``."""
+    try:
+        return _LOSS_LIKELIHOODS.get(loss_fn) or _LOSS_LIKELIHOODS.get(type(loss_fn))
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def _refuse_unknown_likelihood(targets: Tensor, source: str) -> None:
+    """Floating-point targets leave the likelihood open (regression? binary? soft labels?): ask."""
+    if targets.is_floating_point():
+        raise ValueError(
+            f"EWC cannot tell the likelihood of floating-point targets ({targets.dtype}, from {source}): pass "
+            "EWC(..., likelihood='gaussian') for squared-error regression, 'bernoulli' for binary "
+            "cross-entropy with logits, or 'categorical' for class probabilities (soft labels)"
+        )
+
+
 def _vmapped_squared_gradient_sum(
-    model: torch.nn.Module, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...], targets: Tensor
+    model: torch.nn.Module,
+    at: dict[str, Tensor],
+    others: dict[str, Tensor],
+    inputs: tuple[Tensor, ...],
+    targets: Tensor,
+    likelihood: str,
 ) -> dict[str, Tensor]:
     """:func:`~neurenix.continual.functional.squared_gradient_sum` in chunks that bound its memory."""
     numel = sum(a.numel() for a in at.values())
@@ -293,7 +414,7 @@ def _vmapped_squared_gradient_sum(
     total: Optional[dict[str, Tensor]] = None
     for start in range(0, targets.shape[0], chunk):
         part_inputs = tuple(a[start : start + chunk] for a in inputs)
-        part = CF.squared_gradient_sum(model, at, others, part_inputs, targets[start : start + chunk])
+        part = CF.squared_gradient_sum(model, at, others, part_inputs, targets[start : start + chunk], likelihood)
         total = part if total is None else {name: total[name] + g for name, g in part.items()}
     assert total is not None  # inputs is never empty here
     return total

@@ -18,7 +18,9 @@ __all__ = [
     "add_quadratic_penalty_grad_",
     "as_arguments",
     "distillation_loss",
+    "LIKELIHOODS",
     "linear_squared_gradient_sum",
+    "negative_log_likelihood",
     "packed",
     "quadratic_penalty",
     "reservoir_slots",
@@ -43,6 +45,47 @@ def as_arguments(inputs: ModelInputs) -> tuple[Tensor, ...]:
 # EWC: diagonal Fisher from per-sample gradients
 # --------------------------------------------------------------------------------------------
 
+#: The output distributions p(y | x; θ) whose Fisher EWC takes: the model's outputs are the
+#: logits of a categorical (softmax; cross-entropy), the means of a unit-variance Gaussian
+#: (squared error), or the logits of independent Bernoullis (binary cross-entropy with logits).
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
+
+
+def negative_log_likelihood(outputs: Tensor, targets: Tensor, likelihood: str = "categorical") -> Tensor:
+    """``−Σ_n log p(y_n | x_n; θ)`` over a batch, up to a constant: summed, so per-sample gradients are unscaled.
+
+    - ``"categorical"``: ``cross_entropy(outputs, targets)``; targets are class indices ``(N,)``
+      or class probabilities ``(N, C)``. Needs at least two output units (over one, the
+      likelihood is constant and its Fisher zero).
+    - ``"gaussian"``: ``½‖targets − outputs‖²``, the Gaussian of unit variance around the outputs
+      (the likelihood behind a squared-error loss); targets hold one value per output.
+    - ``"bernoulli"``: ``binary_cross_entropy_with_logits(outputs, targets)``; targets in
+      ``[0, 1]``, one per output.
+
+    Raises:
+        ValueError: an unknown ``likelihood``, a categorical one over a single output unit, or
+            targets that do not hold one value per output (Gaussian, Bernoulli).
+    """
+    if likelihood == "categorical":
+        if outputs.dim() < 2 or outputs.shape[1] < 2:  # classes along dim 1, as cross_entropy reads them
+            raise ValueError(
+                f"a categorical likelihood needs at least two output units, got outputs of shape "
+                f"{tuple(outputs.shape)}: over one unit it is constant and its Fisher is zero (for a one-output "
+                "model use likelihood='gaussian' for regression or 'bernoulli' for binary classification)"
+            )
+        return F.cross_entropy(outputs, targets, reduction="sum")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}; got {likelihood!r}")
+    if targets.numel() != outputs.numel():
+        raise ValueError(
+            f"a {likelihood} likelihood needs one target per output, got targets of shape {tuple(targets.shape)} "
+            f"for outputs of shape {tuple(outputs.shape)}"
+        )
+    targets = targets.reshape(outputs.shape).to(outputs.dtype)
+    if likelihood == "gaussian":
+        return 0.5 * (targets - outputs).square().sum()
+    return F.binary_cross_entropy_with_logits(outputs, targets, reduction="sum")
+
 
 def squared_gradient_sum(
     model: nn.Module,
@@ -50,12 +93,14 @@ def squared_gradient_sum(
     others: Mapping[str, Tensor],
     inputs: ModelInputs,
     targets: Tensor,
+    likelihood: str = "categorical",
 ) -> dict[str, Tensor]:
     """``Σ_n (∂/∂θ log p(y_n | x_n; θ))²`` over the samples of a batch, per parameter.
 
     Each sample's gradient is its own (``torch.func.vmap`` over ``grad``), so this is the diagonal
     of the Fisher information times the batch size, not the square of a mini-batch mean.
-    ``log p`` is the log-softmax of the model's outputs (logits) at the label.
+    ``log p`` is the ``likelihood`` of :func:`negative_log_likelihood` (by default the
+    log-softmax of the model's outputs at the label).
 
     Args:
         model: evaluated with ``functional_call``; its own tensors are not used for ``params``.
@@ -63,13 +108,14 @@ def squared_gradient_sum(
         others: every other parameter and buffer the forward needs, by name.
         inputs: a batch of inputs ``(N, ...)``, or a tuple of the model's batched arguments
             (``(inputs, task_ids)`` for a multi-head model).
-        targets: the labels ``(N,)`` (dataset labels: empirical Fisher; labels sampled from the
-            model: true Fisher).
+        targets: the labels ``(N, ...)`` (dataset labels: empirical Fisher; labels sampled from
+            the model: true Fisher).
+        likelihood: one of :data:`LIKELIHOODS`.
     """
 
     def sample_nll(sample_params: dict[str, Tensor], args: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        logits = functional_call(model, (sample_params, dict(others)), tuple(a.unsqueeze(0) for a in args))
-        return F.cross_entropy(logits, y.unsqueeze(0))
+        outputs = functional_call(model, (sample_params, dict(others)), tuple(a.unsqueeze(0) for a in args))
+        return negative_log_likelihood(outputs, y.unsqueeze(0), likelihood)
 
     per_sample = vmap(grad(sample_nll), in_dims=(None, 0, 0))(dict(params), as_arguments(inputs), targets)
     return {name: g.square().sum(0) for name, g in per_sample.items()}
@@ -81,6 +127,7 @@ def linear_squared_gradient_sum(
     others: Mapping[str, Tensor],
     inputs: ModelInputs,
     targets: Tensor,
+    likelihood: str = "categorical",
 ) -> Optional[dict[str, Tensor]]:
     """:func:`squared_gradient_sum` in closed form for networks whose parameters are all in ``nn.Linear``.
 
@@ -112,7 +159,7 @@ def linear_squared_gradient_sum(
     calls = list(seen.values())
     if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][0].shape[0] != batch for c in calls):
         return None
-    loss = F.cross_entropy(logits, targets, reduction="sum")  # per-sample gradients, unscaled
+    loss = negative_log_likelihood(logits, targets, likelihood)  # summed: per-sample gradients, unscaled
     output_grads = torch.autograd.grad(loss, [c[0][1] for c in calls])
     squared = {}
     for (layer, ((layer_input, _),)), delta in zip(seen.items(), output_grads):
@@ -139,10 +186,20 @@ def _names_of(layer: nn.Module, owners: Mapping[str, nn.Module]) -> list[tuple[s
     return [(name, name.rpartition(".")[2]) for name, owner in owners.items() if owner is layer]
 
 
-def sample_model_labels(logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """One label per row drawn from ``softmax(logits)`` (the model's predictive distribution)."""
-    probabilities = torch.softmax(logits.detach().float(), dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+def sample_model_labels(
+    logits: Tensor, generator: Optional[torch.Generator] = None, likelihood: str = "categorical"
+) -> Tensor:
+    """Targets drawn from the model's predictive distribution (the ``likelihood`` at ``logits``).
+
+    One label per row from ``softmax(logits)`` (categorical); ``logits + ε``, ``ε ~ N(0, I)``
+    (Gaussian); a 0/1 value per output from ``sigmoid(logits)`` (Bernoulli).
+    """
+    outputs = logits.detach().float()
+    if likelihood == "gaussian":
+        return outputs + torch.randn(outputs.shape, generator=generator, device=outputs.device)
+    if likelihood == "bernoulli":
+        return torch.bernoulli(torch.sigmoid(outputs), generator=generator)
+    return torch.multinomial(torch.softmax(outputs, dim=-1), 1, generator=generator).squeeze(1)
 
 
 # --------------------------------------------------------------------------------------------

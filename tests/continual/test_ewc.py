@@ -444,3 +444,94 @@ def test_fisher_of_a_multi_head_model_gets_the_task_ids_of_each_sample():
             total += g.square() / 12
     for (name, _), expected in zip(model.named_parameters(), reference):
         torch.testing.assert_close(ewc._tasks[0]["fisher"][name], expected, rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------- likelihoods other than softmax
+def regression_task(samples: int = 40, seed: int = 3) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 2, generator=generator, dtype=torch.float64)
+    return TensorDataset(x, x @ torch.tensor([[1.5], [-0.5]], dtype=torch.float64) + 0.3)
+
+
+def one_output_model(nonlinear: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(2, 1)] + ([torch.nn.Tanh()] if nonlinear else [])
+    return torch.nn.Sequential(*layers).double()
+
+
+def hand_fisher(model, x, residual):
+    """A one-layer model's per-sample gradients are residual_n · (x_n, 1): F = mean(r² x²), mean(r²)."""
+    r2 = residual.detach().square().reshape(-1, 1)
+    return {"0.weight": (r2 * x.square()).mean(0, keepdim=True), "0.bias": r2.mean(0)}
+
+
+@pytest.mark.parametrize("how", ["named", "MSELoss in train_step", "mse_loss in train_step"])
+def test_regression_fisher_is_the_gaussian_one_by_hand(how):
+    model = one_output_model()
+    x, y = regression_task().tensors
+    ewc = EWC(model, fisher_sample_size=40, seed=0, **({"likelihood": "gaussian"} if how == "named" else {}))
+    ewc.register_task(0, loader(TensorDataset(x, y)))
+    loss = {"named": F.mse_loss, "MSELoss in train_step": torch.nn.MSELoss(), "mse_loss in train_step": F.mse_loss}[how]
+    ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.01), loss, x[:8], y[:8], task_id=0)
+    with torch.no_grad():
+        residual = model(x) - y  # ∂/∂f of ½(f − y)²
+    ewc.register_task(1)
+    assert_dicts_close(ewc._tasks[0]["fisher"], hand_fisher(model, x, residual))
+
+
+def test_binary_fisher_is_the_bernoulli_one_by_hand_on_the_vmap_path_too():
+    x = regression_task().tensors[0]
+    y = (x[:, :1] > 0).double()
+    for nonlinear in (False, True):  # Linear alone: the closed form; with Tanh after it: vmap
+        model = one_output_model(nonlinear)
+        ewc = EWC(model, fisher_sample_size=40, seed=0)
+        ewc.register_task(0, loader(TensorDataset(x, y)))
+        ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.BCEWithLogitsLoss(), x[:8], y[:8], 0)
+        ewc.register_task(1)
+        with torch.no_grad():
+            f = model(x)
+            residual = (torch.sigmoid(f) - y) * ((1 - f.square()) if nonlinear else 1)  # chain rule through tanh
+        assert_dicts_close(ewc._tasks[0]["fisher"], hand_fisher(model, x, residual))
+
+
+def test_true_fisher_of_a_gaussian_has_the_expected_value():
+    # Targets drawn as f(x) + ε make E[F] = mean(x²) for the weight and 1 for the bias (seeded: the
+    # 5% tolerance is 2.5 standard errors of the 20,000-sample mean).
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(20000, 2, generator=generator, dtype=torch.float64)
+    model = one_output_model()
+    ewc = EWC(model, fisher_sample_size=20000, fisher="true", likelihood="gaussian", seed=0)
+    ewc.register_task(0, (x, torch.zeros(20000, 1, dtype=torch.float64)))
+    ewc.register_task(1)  # consolidates the (pretrained) task 0 now
+    fisher = ewc._tasks[0]["fisher"]
+    torch.testing.assert_close(fisher["0.weight"], x.square().mean(0, keepdim=True), rtol=0.05, atol=0)
+    torch.testing.assert_close(fisher["0.bias"], torch.ones(1, dtype=torch.float64), rtol=0.05, atol=0)
+
+
+def test_a_one_output_model_with_class_labels_is_refused_not_given_a_zero_fisher():
+    model = one_output_model()
+    ewc = EWC(model, seed=0)
+    x = regression_task().tensors[0]
+    ewc.register_task(0, loader(TensorDataset(x, torch.zeros(40, dtype=torch.long))))
+    with pytest.raises(ValueError, match=r"a categorical likelihood needs at least two output units, got outputs of shape "
+                                         r"\(8, 1\).*use likelihood='gaussian' for regression or 'bernoulli'"):
+        ewc.register_task(1)
+
+
+def test_floating_point_targets_without_a_known_loss_are_refused_before_the_step():
+    model = one_output_model()
+    before = snap(model)
+    ewc = EWC(model)
+    x, y = regression_task().tensors
+    with pytest.raises(ValueError, match=r"EWC cannot tell the likelihood of floating-point targets \(torch.float64, from "
+                                         r"train_step's targets, with a loss_fn \(<lambda>\) that names none\)"):
+        ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.1), lambda f, t: (f - t).square().mean(), x, y, 0)
+    assert ewc.active_task is None and all(torch.equal(p, before[n]) for n, p in trainable(model).items())
+
+
+def test_likelihood_joins_the_state_key_only_when_given():
+    model = one_output_model()
+    assert "likelihood" not in EWC(model).state_key  # checkpoints written before it existed still load
+    assert "'likelihood': 'gaussian'" in EWC(model, likelihood="gaussian").state_key
+    with pytest.raises(ValueError, match=r"likelihood must be one of 'categorical', 'gaussian', 'bernoulli'; got 'mse'"):
+        EWC(model, likelihood="mse")

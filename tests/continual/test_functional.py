@@ -19,6 +19,44 @@ def t(*values):
     return torch.tensor(values, dtype=D)
 
 
+# ------------------------------------------------------------------------- negative_log_likelihood
+def test_negative_log_likelihood_of_each_distribution_by_hand():
+    outputs, targets = t(0.5, -1.0, 2.0).reshape(3, 1), t(1.0, 0.0, 2.5)
+    # Gaussian of unit variance: ½ Σ (y − f)² = ½ (0.25 + 1 + 0.25)
+    assert CF.negative_log_likelihood(outputs, targets, "gaussian").item() == pytest.approx(0.75, abs=1e-15)
+    # Bernoulli with logits: −Σ [y log σ(f) + (1 − y) log(1 − σ(f))], targets 1, 0 and (for the third) 1
+    probabilities = [1 / (1 + math.exp(-f)) for f in (0.5, -1.0, 2.0)]
+    hand = -(math.log(probabilities[0]) + math.log(1 - probabilities[1]) + math.log(probabilities[2]))
+    assert CF.negative_log_likelihood(outputs, t(1.0, 0.0, 1.0), "bernoulli").item() == pytest.approx(hand, abs=1e-14)
+    # categorical: −Σ log softmax(f)_y
+    logits = t(1.0, 2.0, 0.0, 0.0, 0.0, 3.0).reshape(2, 3)
+    hand = -(1.0 - math.log(math.e + math.e**2 + 1)) - (3.0 - math.log(2 + math.e**3))
+    assert CF.negative_log_likelihood(logits, torch.tensor([0, 2]), "categorical").item() == pytest.approx(hand, abs=1e-14)
+
+
+def test_negative_log_likelihood_refuses_what_has_no_fisher_or_does_not_fit():
+    with pytest.raises(ValueError, match=r"a categorical likelihood needs at least two output units, got outputs of shape \(4, 1\)"):
+        CF.negative_log_likelihood(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"a gaussian likelihood needs one target per output, got targets of shape \(4,\) for outputs of shape \(4, 2\)"):
+        CF.negative_log_likelihood(torch.zeros(4, 2), torch.zeros(4), "gaussian")
+    with pytest.raises(ValueError, match=r"likelihood must be one of 'categorical', 'gaussian', 'bernoulli'; got 'poisson'"):
+        CF.negative_log_likelihood(torch.zeros(4, 2), torch.zeros(4, 2), "poisson")
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_model_targets_are_drawn_from_the_likelihood_at_the_outputs(likelihood):
+    outputs = torch.full((20000, 1), 0.7, dtype=D)
+    drawn = CF.sample_model_labels(outputs, torch.Generator().manual_seed(0), likelihood)
+    assert drawn.shape == outputs.shape
+    if likelihood == "gaussian":  # N(0.7, 1): mean and variance within 4 standard errors
+        assert abs(drawn.mean().item() - 0.7) < 4 / math.sqrt(20000)
+        assert abs(drawn.var().item() - 1.0) < 4 * math.sqrt(2 / 20000)
+    else:  # Bernoulli(σ(0.7)) in {0, 1}
+        assert set(drawn.unique().tolist()) == {0.0, 1.0}
+        p = 1 / (1 + math.exp(-0.7))
+        assert abs(drawn.mean().item() - p) < 4 * math.sqrt(p * (1 - p) / 20000)
+
+
 # ------------------------------------------------------------------------- squared_gradient_sum
 def per_sample_reference(model, x, y):
     """Σ_n (∂ CE(model(x_n), y_n) / ∂θ)², one autograd.grad per sample."""
