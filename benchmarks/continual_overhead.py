@@ -76,7 +76,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 #: The benchmark of issue 7: five tasks of two classes each.
 NUM_TASKS = 5
 LEARNING_RATE = 1e-3
-#: Each method with its documented defaults (EWC's importance is the API document's 1000).
+#: Each method with its documented defaults (EWC's importance is the continual-learning API's 1000).
 EWC_IMPORTANCE, FISHER_SAMPLES = 1000.0, 1000
 L2_IMPORTANCE = 1.0
 SI_IMPORTANCE, SI_XI = 1.0, 0.1
@@ -427,7 +427,7 @@ def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
     for name in METHODS:
         net = build_net(setup, data.inputs, data.classes)
         optimizer, method = _adam(net), make_method(name, net, setup)
-        method.register_task(0, task0)  # EWC's Fisher data, as in the API document's flow
+        method.register_task(0, task0)  # EWC's Fisher data, as in the continual-learning API's flow
         for x, y in task0_batches:
             method_step(method, optimizer, 0, setup)(x, y)
             if isinstance(method, ExperienceReplay):

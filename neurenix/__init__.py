@@ -1,6 +1,6 @@
 """neurenix: continual learning for PyTorch Lightning.
 
-``import neurenix as nx`` gives the names of the API document: ``nx.nn``, ``nx.optim``,
+``import neurenix as nx`` gives the names of the Neurenix continual-learning API: ``nx.nn``, ``nx.optim``,
 ``nx.data``, ``nx.continual``, ``nx.Device`` and ``nx.init()``.
 """
 

@@ -1,4 +1,4 @@
-"""``neurenix.nn``: PyTorch's own ``torch.nn`` classes under the names the API document uses.
+"""``neurenix.nn``: PyTorch's own ``torch.nn`` classes under the names the Neurenix continual-learning API uses.
 
 Nothing here wraps or changes PyTorch: ``neurenix.nn.Linear is torch.nn.Linear``.
 """

@@ -1,6 +1,6 @@
 """Hyperparameter search for continual-learning methods.
 
-Example (the API document's)::
+Example (as in the Neurenix continual-learning API)::
 
     from neurenix.automl import GridSearch
 

@@ -4,7 +4,7 @@
 builds a fresh continual method, which is trained through its own ``train_step`` and scored on
 held-out data, fold by fold. Two kinds of data:
 
-- ``fit(X, y)``: one task, stratified k-fold cross-validation (the API document's example);
+- ``fit(X, y)``: one task, stratified k-fold cross-validation (the Neurenix continual-learning API's form);
 - ``fit(tasks=[...])``: a task sequence. Fold ``k`` holds out part ``k`` of *every* task, trains
   the tasks in order on the rest, and scores the average accuracy over all tasks' held-out parts
   after the last task: the number a continual-learning user needs, which on a single task no

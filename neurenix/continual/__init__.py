@@ -4,7 +4,7 @@ Lightning::
 
     trainer = L.Trainer(callbacks=[EWC(module, importance=1000.0)])
 
-Plain PyTorch (the API document)::
+Plain PyTorch (the Neurenix continual-learning API)::
 
     ewc = EWC(model, importance=1000.0)
     ewc.train_step(optimizer, loss_fn, inputs, targets, task_id=1)

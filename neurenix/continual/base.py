@@ -1,9 +1,10 @@
 """The framework-free core every method shares: task bookkeeping, the training step, state.
 
-Nothing here imports Lightning. :class:`ContinualMethod` is what the standalone API of the API
-document runs on; :mod:`neurenix.continual.callback` adapts the same object to Lightning's hooks.
+Nothing here imports Lightning. :class:`ContinualMethod` is what the standalone door of the
+Neurenix continual-learning API (``register_task``, ``train_step``, ...) runs on;
+:mod:`neurenix.continual.callback` adapts the same object to Lightning's hooks.
 
-Task registration is order-tolerant (see SPEC): a task is *consolidated* (Fisher, anchors, SI's
+Task registration is order-tolerant: a task is *consolidated* (Fisher, anchors, SI's
 importance, the teacher) at the parameters it ended with, which is when
 
 - the next task starts (``register_task`` or ``train_step`` with a new ``task_id``, or the next

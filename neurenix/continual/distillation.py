@@ -82,7 +82,7 @@ class KnowledgeDistillation(ContinualCallback):
     def hyperparameters(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "alpha": self.alpha, "units": self.units}
 
-    # ---------------------------------------------------------------------------- API document
+    # ---------------------------------------------------------------------------- the continual-learning API
     def register_task(self, task_id: int, dataloader: Any = None) -> None:
         """Register a task; when it has been trained, the model is snapshotted as the teacher.
 

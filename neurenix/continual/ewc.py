@@ -128,7 +128,7 @@ class EWC(QuadraticPenaltyMethod):
     def _penalty_scale(self) -> float:
         return self.importance
 
-    # ---------------------------------------------------------------------------- API document
+    # ---------------------------------------------------------------------------- the continual-learning API
     def get_ewc_loss(self) -> Tensor:
         """``importance/2 · Σ_t Σ F_t·(θ − θ*_t)²``, differentiable in the model's parameters.
 

@@ -91,7 +91,7 @@ class ExperienceReplay(ContinualCallback):
         balance = {} if self.balance is None else {"balance": self.balance}
         return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **balance}
 
-    # ---------------------------------------------------------------------------- API document
+    # ---------------------------------------------------------------------------- the continual-learning API
     def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
         """Offer a batch of samples of task ``task_id`` to the memory.
 

@@ -83,7 +83,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
     def _penalty_scale(self) -> float:
         return 2.0 * self.importance  # the penalty has no 1/2: c·ΣΩ(θ−θ*)² = (2c)/2·ΣΩ(θ−θ*)²
 
-    # ---------------------------------------------------------------------------- API document
+    # ---------------------------------------------------------------------------- the continual-learning API
     def register_task(self, task_id: int, dataloader: Any = None) -> None:
         """Register a task before training it (or after: it is consolidated then).
 
