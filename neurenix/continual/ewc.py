@@ -132,7 +132,8 @@ class EWC(QuadraticPenaltyMethod):
     def get_ewc_loss(self) -> Tensor:
         """``importance/2 · Σ_t Σ F_t·(θ − θ*_t)²``, differentiable in the model's parameters.
 
-        Zero before the first task is consolidated.
+        Zero before the first task is consolidated. A tensor to add to a loss in your own loop.
+        To read it as a number use ``.item()`` (PyTorch warns on ``float()`` of a tensor that requires grad).
 
         Raises:
             FloatingPointError: the penalty is NaN or infinite (the message names the parameter).

@@ -57,7 +57,10 @@ class L2Regularization(QuadraticPenaltyMethod):
         super().register_task(task_id, dataloader)
 
     def get_regularization_loss(self) -> Tensor:
-        """``importance/2 · Σ (θ − θ*)²``, differentiable; zero before the first task ends."""
+        """``importance/2 · Σ (θ − θ*)²``, differentiable; zero before the first task ends.
+
+        A tensor to add to a loss in your own loop. To read it as a number use ``.item()`` (PyTorch warns on ``float()`` of a tensor that requires grad).
+        """
         return self.penalty()
 
     def _consolidate(self, task_id: int, data: Any) -> None:

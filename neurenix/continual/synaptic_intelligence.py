@@ -117,7 +117,10 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self.steps_in_active_task += 1
 
     def get_regularization_loss(self) -> Tensor:
-        """``importance · Σ Ω·(θ − θ*)²``, differentiable; zero before the first task ends."""
+        """``importance · Σ Ω·(θ − θ*)²``, differentiable; zero before the first task ends.
+
+        A tensor to add to a loss in your own loop. To read it as a number use ``.item()`` (PyTorch warns on ``float()`` of a tensor that requires grad).
+        """
         return self.penalty()
 
     # ---------------------------------------------------------------------------- path integral
