@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import pickle
+import re
+import warnings
 from numbers import Integral
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.data import sized_len
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
@@ -155,8 +161,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
     ) -> DataLoader:
         options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        # Every loader is a TaskDataLoader: Lightning saves and restores where a training epoch
+        # stands through its `state_dict`, so a checkpoint written mid-epoch resumes exactly.
         if not isinstance(dataset, TaskDataset):  # PyTorch's per-sample batching and collation
-            return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **options)
+            return TaskDataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **options)
         # A TaskDataset builds a whole batch from one index tensor (`__getitems__`), and
         # TensorBatchSampler hands it one; the sampler inside stays a standard one, so Lightning
         # still swaps in its DistributedSampler under DDP. Worker processes get plain index lists:
@@ -243,7 +251,7 @@ def fit_sequence(
     if ckpt_path is not None:
         datamodule.load_state_dict(_checkpointed_datamodule_state(trainer, datamodule, ckpt_path))
     first = datamodule.current_task
-    with _loggers_open_across_fits(trainer):
+    with _loggers_open_across_fits(trainer), _LightningNotesOnce() as notes:
         for task in range(first, datamodule.num_tasks):
             resuming = ckpt_path is not None and task == first
             if not resuming:  # a resumed task keeps the start it had before the interruption
@@ -252,9 +260,127 @@ def fit_sequence(
             if not resuming:
                 datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
             _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
+            notes.cover_new_loggers()
+            with _exception_checkpoints_as_plain_callbacks(trainer, active=not resuming):
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
             if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
                 return
+
+
+@contextlib.contextmanager
+def _exception_checkpoints_as_plain_callbacks(trainer: "pl.Trainer", active: bool) -> Iterator[None]:
+    """For a fit that starts from the state in memory: each ``OnExceptionCheckpoint`` behind a stand-in.
+
+    Given an ``OnExceptionCheckpoint``, Lightning resumes every ``trainer.fit(ckpt_path=None)``
+    from the newest "last" checkpoint it finds (its fault-tolerant mode): in a sequence, each task
+    would restart from the checkpoint the previous task left, in the previous task. Behind a
+    stand-in that passes every hook on, the callback still writes its checkpoint on an exception
+    (a ``SIGTERM`` included), and the fit continues from the model and methods as they are.
+    """
+    callbacks = trainer.callbacks
+    wrapped = [(index, callback) for index, callback in enumerate(callbacks) if isinstance(callback, OnExceptionCheckpoint)]
+    if not active or not wrapped:
+        yield
+        return
+    for index, callback in wrapped:
+        callbacks[index] = _CallbackStandIn(callback)
+    try:
+        yield
+    finally:
+        for index, callback in wrapped:
+            if isinstance(callbacks[index], _CallbackStandIn) and callbacks[index].callback is callback:
+                callbacks[index] = callback
+
+
+class _CallbackStandIn(Callback):
+    """A callback that forwards every hook (and its state) to another one, under its own class."""
+
+    def __init__(self, callback: Callback) -> None:
+        self.callback = callback
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self.callback.state_key
+
+
+def _forwarding(hook: str) -> Any:
+    def forward(self: _CallbackStandIn, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.callback, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in [name for name, value in vars(Callback).items() if callable(value) and not name.startswith("_")]:
+    setattr(_CallbackStandIn, _hook, _forwarding(_hook))
+
+
+class _LightningNotesOnce:
+    """Lightning's own log lines and warnings at most once per sequence (a context manager).
+
+    Every fit repeats Lightning's set-up output: the model summary, "Checkpoint directory ...
+    exists and is not empty" (shown again whenever the warning filters are reset, as under
+    ``-W always`` or in a notebook), the device lines (``LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES``).
+    Inside the context, a log record of a ``lightning.*`` logger whose level and text were shown
+    already, or a warning issued from Lightning's code whose category and text were, is dropped;
+    every line that differs (a new model summary, another value in a message) is shown, and
+    nothing that is not Lightning's is touched.
+    """
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()
+        self._filter = _FirstTimeOnly(self._seen)
+        self._loggers: list[logging.Logger] = []
+        self._showwarning: Any = None
+
+    def __enter__(self) -> "_LightningNotesOnce":
+        self.cover_new_loggers()
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._show_once
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if warnings.showwarning == self._show_once:  # unless someone replaced it since
+            warnings.showwarning = self._showwarning
+        for logger in self._loggers:
+            logger.removeFilter(self._filter)
+
+    def cover_new_loggers(self) -> None:
+        """Filter Lightning's loggers, those created since the last call included."""
+        for name, logger in list(logging.Logger.manager.loggerDict.items()):
+            if isinstance(logger, logging.Logger) and name.split(".")[0] == "lightning" and logger not in self._loggers:
+                logger.addFilter(self._filter)
+                self._loggers.append(logger)
+
+    def _show_once(self, message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        key = ("warning", category, str(message))
+        if _is_lightning_file(filename):
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        self._showwarning(message, category, filename, lineno, file, line)
+
+
+class _FirstTimeOnly(logging.Filter):
+    def __init__(self, seen: set[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    @override
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = ("log", record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _is_lightning_file(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(_LIGHTNING_DIR)
+
+
+_LIGHTNING_DIR = Path(pl.__file__).resolve().parents[1]  # the `lightning` package
 
 
 @contextlib.contextmanager
@@ -341,7 +467,7 @@ def _checked_budget(epochs_per_task: object, steps_per_task: object) -> tuple[st
 def _checkpointed_datamodule_state(trainer: "pl.Trainer", datamodule: TaskSequenceDataModule, ckpt_path: str) -> dict:
     # Read before the fit: the task (and so the fit's length) must be known before Lightning
     # restores the rest of the checkpoint inside `trainer.fit`.
-    checkpoint = trainer.strategy.load_checkpoint(ckpt_path)
+    checkpoint = _read_checkpoint(trainer, ckpt_path)
     key = type(datamodule).__qualname__
     if key not in checkpoint:
         raise ValueError(f"ckpt_path={ckpt_path!r} holds no {key} state: it was not written while fitting a {key}")
@@ -354,6 +480,48 @@ def _checkpointed_datamodule_state(trainer: "pl.Trainer", datamodule: TaskSequen
             "than this datamodule has"
         )
     return state
+
+
+def _read_checkpoint(trainer: "pl.Trainer", ckpt_path: str) -> dict:
+    """The checkpoint at ``ckpt_path``, or an error that names the file and says what is wrong with it.
+
+    ``torch.load`` reports a truncated or corrupt file as ``OSError: [Errno 22]``, an ``EOFError``,
+    a ``KeyError`` or an ``UnpicklingError`` that advises ``weights_only=False`` (advice for a
+    file of trusted Python objects, not for a damaged one).
+    """
+    try:
+        checkpoint = trainer.strategy.load_checkpoint(ckpt_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file: pass a .ckpt file in it") from None
+    except PermissionError:
+        raise PermissionError(f"ckpt_path={ckpt_path!r} cannot be read: permission denied") from None
+    except Exception as error:  # noqa: BLE001 - whatever torch.load met, the file is not a checkpoint it can read
+        objects = re.findall(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else []
+        if objects:
+            raise ValueError(
+                f"ckpt_path={ckpt_path!r} holds Python objects that torch.load does not load by default "
+                f"({', '.join(dict.fromkeys(objects))}); if you trust the file, allow them with "
+                "torch.serialization.add_safe_globals([...]) before resuming"
+            ) from None
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} cannot be read as a checkpoint: the file is truncated or corrupt, or is not a "
+            f"checkpoint written by Lightning ({_load_failure(error)})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        held = f"a dict with keys {list(checkpoint)[:6]}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise ValueError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (it holds {held})")
+    return checkpoint
+
+
+def _load_failure(error: Exception) -> str:
+    """What ``torch.load`` met, in one line, without its advice about ``weights_only``."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _checked_tasks(name: str, tasks: object, expected: Optional[int] = None) -> list:

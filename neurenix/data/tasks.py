@@ -14,6 +14,8 @@ classes so that datasets pickle into ``DataLoader`` worker processes.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from numbers import Integral
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -80,27 +82,161 @@ class TensorBatchSampler(BatchSampler):
 
 
 class TaskDataLoader(DataLoader):
-    """A ``DataLoader`` that, in the main process, hands each batch of indices straight to the dataset.
+    """A ``DataLoader`` that serves a :class:`TaskDataset` fast and can resume an epoch where it stopped.
 
-    ``DataLoader``'s single-process iterator passes every batch through a fetcher, a profiler
-    record and checks that matter for per-sample datasets; over a :class:`TaskDataset`, which
-    builds a whole batch from one index tensor, that machinery costs about a quarter of the
-    batch's time at batch size 32 (``benchmarks/datamodule_epoch.py``). Without worker
-    processes and pinned memory this class iterates its batch sampler and calls the dataset's
+    **Fast.** ``DataLoader``'s single-process iterator passes every batch through a fetcher, a
+    profiler record and checks that matter for per-sample datasets; over a :class:`TaskDataset`,
+    which builds a whole batch from one index tensor, that machinery costs about a quarter of the
+    batch's time at batch size 32 (``benchmarks/datamodule_epoch.py``). Without worker processes
+    and pinned memory this class iterates its batch sampler and calls the dataset's
     ``__getitems__`` and the ``collate_fn`` itself: the same batches, in the same order. With
-    workers or ``pin_memory=True`` it is a plain ``DataLoader``. Its constructor is
+    workers or ``pin_memory=True`` it iterates as a plain ``DataLoader``. Its constructor is
     ``DataLoader``'s, so Lightning can rebuild it with a ``DistributedSampler`` under DDP.
+
+    **Resumable.** :meth:`state_dict` says where the epoch in progress stands: how many batches
+    it has served, and what its order was drawn from (the state of the sampler's
+    ``torch.Generator`` when the epoch began, and the epoch a ``DistributedSampler`` was set to).
+    After :meth:`load_state_dict` the next iteration draws that same order and continues after
+    the batches already served, skipping them as indices (no data is read for them). Lightning
+    calls both for any training loader that has them: a checkpoint written in the middle of an
+    epoch (``ModelCheckpoint(every_n_train_steps=...)``, a checkpoint on an exception or
+    ``SIGTERM``) resumes with the batches the uninterrupted run would have seen. Between epochs
+    the state holds the generator as it stands (the next epoch draws from it).
+
+    The order is drawn when the first batch is asked for, not when ``iter()`` is called, so a
+    ``DistributedSampler``'s order is the one of the epoch Lightning sets after creating the
+    iterator. The order of a sampler is taken to follow from its ``generator`` and ``epoch``
+    alone (true of PyTorch's ``SequentialSampler``, ``RandomSampler``, ``DistributedSampler``);
+    a ``RandomSampler`` without a generator, which seeds itself from PyTorch's global generator,
+    resumes at the right batch count but with a new order (a warning says so).
     """
 
-    def __iter__(self) -> Iterator[Any]:
-        if self.num_workers > 0 or self.pin_memory or not hasattr(self.dataset, "__getitems__") or self.batch_sampler is None:
-            return super().__iter__()
-        return self._batches()
+    # Where the epoch in progress stands; instance attributes shadow these once iteration begins.
+    # (No __init__ of its own: Lightning rebuilds the loader from DataLoader's signature.)
+    _served: int = 0  # batches handed out in the epoch in progress
+    _origin: Optional[dict[str, Any]] = None  # the sampler's state when the epoch began (_sampler_state)
+    _pending: Optional[dict[str, Any]] = None  # a loaded state the next iteration starts from
+    _skip: int = 0  # batches of indices to skip while the next iterator is built
 
-    def _batches(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:
+        return self._epoch()
+
+    def _epoch(self) -> Iterator[Any]:
+        # A generator: none of this runs before the first batch is asked for (see the class docstring).
+        self._served = self._start_epoch()
+        if self._lean():
+            batches = self._lean_batches()
+        else:
+            self._skip = self._served  # read by `_index_sampler` while DataLoader builds its iterator
+            try:
+                batches = super().__iter__()
+            finally:
+                self._skip = 0
+        for batch in batches:
+            self._served += 1  # counted when handed out: a checkpoint in `on_train_batch_end` counts it
+            yield batch
+
+    def _lean(self) -> bool:
+        return not (self.num_workers > 0 or self.pin_memory or not hasattr(self.dataset, "__getitems__") or self.batch_sampler is None)
+
+    def _lean_batches(self) -> Iterator[Any]:
         dataset, collate = self.dataset, self.collate_fn
-        for indices in self.batch_sampler:  # type: ignore[union-attr]
+        for indices in itertools.islice(iter(self.batch_sampler), self._served, None):  # type: ignore[arg-type]
             yield collate(dataset.__getitems__(indices))  # type: ignore[attr-defined]
+
+    @property
+    def _index_sampler(self) -> Any:
+        # DataLoader's iterators read their batches of indices from this property (PyTorch's own
+        # name for "batch_sampler, or sampler without automatic batching"); while an iterator that
+        # resumes an epoch is built, it skips the batches the epoch had already served.
+        index_sampler = super()._index_sampler
+        return index_sampler if not self._skip else _SkippedBatches(index_sampler, self._skip)
+
+    def _start_epoch(self) -> int:
+        """Apply a loaded position, remember where this epoch's order comes from; batches to skip."""
+        pending, self._pending = self._pending, None
+        sampler = self._order_sampler()
+        if pending is not None:
+            _restore_sampler(sampler, pending.get("sampler", {}))
+        self._origin = _sampler_state(sampler)
+        return 0 if pending is None else int(pending.get("batches", 0))
+
+    def _order_sampler(self) -> Any:
+        """The sampler whose state decides the order (the one inside the batch sampler)."""
+        return self.sampler if self.batch_sampler is None else getattr(self.batch_sampler, "sampler", self.sampler)
+
+    def _in_epoch(self) -> bool:
+        if self._served == 0:
+            return False
+        try:
+            return self._served < len(self)
+        except TypeError:  # no length: an epoch that has served batches is taken to be in progress
+            return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next iteration starts: ``{"batches": served, "sampler": {...}}``.
+
+        In the middle of an epoch, the batches it has served and the sampler's state when it
+        began; otherwise no batches and the sampler's state as it stands.
+        """
+        if self._pending is not None:  # loaded and not started yet: still where the state says
+            return {"batches": int(self._pending.get("batches", 0)), "sampler": dict(self._pending.get("sampler", {}))}
+        if self._in_epoch():
+            return {"batches": self._served, "sampler": dict(self._origin or {})}
+        sampler_state = _sampler_state(self._order_sampler())
+        sampler_state.pop("epoch", None)  # the next epoch's number is the trainer's to set
+        return {"batches": 0, "sampler": sampler_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Start the next iteration where ``state_dict`` (from :meth:`state_dict`) says.
+
+        Raises:
+            ValueError: ``state_dict`` does not come from :meth:`state_dict`.
+        """
+        batches = state_dict.get("batches") if isinstance(state_dict, dict) else None
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise ValueError(f"state_dict must be a TaskDataLoader.state_dict() with a batch count >= 0, got {state_dict!r:.120}")
+        sampler = self._order_sampler()
+        if batches and type(sampler) is RandomSampler and sampler.generator is None:
+            warnings.warn(
+                f"TaskDataLoader resumes its epoch after {batches} batches, but its RandomSampler has no generator "
+                "(it seeds itself from PyTorch's global generator), so the rest of the epoch is a new order: give "
+                "the sampler a torch.Generator to resume with the same batches",
+                stacklevel=2,
+            )
+        self._pending = {"batches": batches, "sampler": dict(state_dict.get("sampler", {}))}
+
+
+class _SkippedBatches:
+    """A batch sampler without its first ``skip`` batches (the order is drawn as usual)."""
+
+    def __init__(self, batch_sampler: Any, skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
+
+
+def _sampler_state(sampler: Any) -> dict[str, Any]:
+    """What a sampler's order is drawn from: its generator's state, its epoch (plain containers)."""
+    state: dict[str, Any] = {}
+    generator = getattr(sampler, "generator", None)
+    if isinstance(generator, torch.Generator):
+        state["generator"] = generator.get_state()
+    if callable(getattr(sampler, "set_epoch", None)) and isinstance(getattr(sampler, "epoch", None), int):
+        state["epoch"] = sampler.epoch
+    return state
+
+
+def _restore_sampler(sampler: Any, state: dict[str, Any]) -> None:
+    generator = getattr(sampler, "generator", None)
+    if "generator" in state and isinstance(generator, torch.Generator):
+        generator.set_state(state["generator"].cpu())
+    if "epoch" in state and callable(getattr(sampler, "set_epoch", None)):
+        sampler.set_epoch(int(state["epoch"]))
 
 
 # ---------------------------------------------------------------------------- batch transforms

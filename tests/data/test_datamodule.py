@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -324,3 +326,48 @@ def test_fit_sequence_refuses_a_checkpoint_of_a_longer_sequence_before_loading_i
         fit_sequence(quiet_trainer(), lit_classifier(nn.Linear(2, 2)), datamodule, epochs_per_task=1, ckpt_path=str(path))
     after = datamodule.state_dict()
     assert after.pop("shuffle_generator").equal(before.pop("shuffle_generator")) and after == before
+
+
+# ---------------------------------------------------------------------------- output
+class _SameWarningEveryTask(Callback):
+    def on_train_start(self, trainer, pl_module):
+        warnings.warn("not Lightning's: shown every time")
+
+
+def _sequence_output(tmp_path: Path, run: int) -> tuple[list[str], list[str]]:
+    """Lightning's log lines and every warning shown over a 3-task sequence; warnings are shown
+    every time they are issued (as under ``-W always``), so only fit_sequence can drop repeats."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    (tmp_path / "checkpoints" / "old.ckpt").touch()  # "Checkpoint directory ... exists and is not empty"
+    sizes = [8, 12, 16]  # 2, 3 and 4 batches: "The number of training batches (N) ..." differs by task
+    tasks = [TaskDataset(torch.randn(n, 2), torch.zeros(n, dtype=torch.long), t) for t, n in enumerate(sizes)]
+    trainer = quiet_trainer(
+        callbacks=[_SameWarningEveryTask(), ModelCheckpoint(dirpath=tmp_path / "checkpoints")], enable_checkpointing=True,
+        enable_model_summary=True, logger=CSVLogger(tmp_path, name=f"run{run}"), log_every_n_steps=50,
+    )  # fmt: skip
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit_sequence(trainer, lit_classifier(nn.Linear(2, 2)), TaskSequenceDataModule(tasks, tasks, batch_size=4), epochs_per_task=1)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return [record.getMessage() for record in records], [str(warning.message) for warning in caught]
+
+
+def test_lightning_notes_are_shown_once_per_sequence_and_notes_that_differ_each_time(tmp_path):
+    for run in range(2):  # a second sequence shows them again, once
+        lines, shown = _sequence_output(tmp_path, run)
+        assert sum("Trainable params" in line for line in lines) == 1  # the model summary
+        assert [line for line in lines if "`Trainer.fit` stopped" in line] == [
+            f"`Trainer.fit` stopped: `max_epochs={epoch}` reached." for epoch in (1, 2, 3)
+        ]
+        assert sum("exists and is not empty" in text for text in shown) == 1
+        assert [re.search(r"training batches \((\d)\)", text)[1] for text in shown if "training batches" in text] == ["2", "3", "4"]
+        assert shown.count("not Lightning's: shown every time") == 3
