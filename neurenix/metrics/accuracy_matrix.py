@@ -19,7 +19,9 @@ class AccuracyMatrix(Metric):
 
     ``R[i, j]`` (:meth:`compute`) is the accuracy on task ``j``'s evaluation data after training
     task ``i``; row ``initial`` holds the accuracies of the untrained model (forward transfer
-    needs them). Counts, not accuracies, are the states, so that each process adds its share of
+    needs them). Rows and columns are the tasks' places in the sequence, from 0: the task ids of
+    a sequence the library builds; :class:`~neurenix.metrics.ForgettingCurves` keeps the ids of
+    other sequences (``task_ids``) and labels its outputs with them. Counts, not accuracies, are the states, so that each process adds its share of
     the data and the sums are reduced before dividing (``dist_reduce_fx="sum"``). The states are
     persistent: they are part of ``state_dict`` and of Lightning checkpoints.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ from neurenix.continual._checks import check_int
 from neurenix.continual.base import evaluation_mode, model_arguments
 from neurenix.continual.callback import continual_methods, split_batch
 from neurenix.metrics.accuracy_matrix import AccuracyMatrix, accuracy_ratio
+from neurenix.metrics.drawing import draw_accuracy_matrix
 
 __all__ = ["ForgettingCurves", "accuracy_heatmap"]
 
@@ -28,13 +30,19 @@ class ForgettingCurves(Callback):
     returns one loader per task (``neurenix.data.TaskSequenceDataModule``). Logs, with any
     Lightning logger, at the trainer's global step:
 
-    - ``accuracy/task_{j}``: task ``j``'s test accuracy, one curve per task, starting with the
+    - ``accuracy/task_{id}``: each task's test accuracy, one curve per task, starting with the
       untrained model at the first task's start; forgetting shows as a falling curve;
     - ``continual/average_accuracy``, ``continual/backward_transfer``,
       ``continual/forward_transfer``, ``continual/forgetting`` after each task (the last three
       from the second task on: they are undefined before);
-    - with a ``TensorBoardLogger``: the accuracy matrix as a heatmap image and as a text table,
-      and the run's hyper-parameters (the methods' and this callback's).
+    - with a ``TensorBoardLogger``: the accuracy matrix as a labelled heatmap image
+      (:func:`accuracy_heatmap`) and as a text table, and the run's hyper-parameters (the
+      methods' and this callback's).
+
+    Every output names a task by its id, the number the methods read from the datamodule's
+    ``current_task``: ``0 .. num_tasks-1`` in the order of ``test_dataloader()`` by default (the
+    numbering of ``TaskSequenceDataModule`` and of the benchmarks), or the ids given as
+    ``task_ids`` for a datamodule of your own that numbers its tasks otherwise (e.g. ``1, 2``).
 
     The accuracy matrix (:attr:`matrix`) is part of the callback's checkpointed state.
 
@@ -50,13 +58,32 @@ class ForgettingCurves(Callback):
     Lightning's test loop: in eval mode, without gradients, its inputs converted and its forward
     under the fit's precision (autocast for ``16-mixed`` and ``bf16-mixed``).
 
+    Attributes:
+        matrix: the :class:`AccuracyMatrix`, row and column ``k`` for the task ``task_ids[k]``.
+        task_ids: the id of each row and column of :attr:`matrix` (known from the fit's setup).
+
     Args:
         every_n_epochs: also log every task's accuracy every ``n`` epochs inside a task
             (``None``: only at task ends).
+        task_ids: the id of each task, in the order of the datamodule's ``test_dataloader()``
+            loaders: the values its ``current_task`` takes. ``None``: ``0 .. num_tasks-1``.
+
+    Raises:
+        TypeError: ``task_ids`` is not a sequence of ints.
+        ValueError: ``every_n_epochs < 1``, or ``task_ids`` is empty or names a task twice.
+            At the fit's setup: ``task_ids`` does not name one task per test loader; at a
+            task's start, before it trains: a ``current_task`` that is not one of the tasks.
+
+    Example::
+
+        # A datamodule of your own whose current_task is 1, then 2, as in the API's examples:
+        curves = ForgettingCurves(task_ids=[1, 2])   # logs accuracy/task_1 and accuracy/task_2
     """
 
-    def __init__(self, every_n_epochs: Optional[int] = None) -> None:
+    def __init__(self, every_n_epochs: Optional[int] = None, task_ids: Optional[Sequence[int]] = None) -> None:
         self.every_n_epochs = None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs, minimum=1)
+        self._given_task_ids = None if task_ids is None else _checked_task_ids(task_ids)
+        self.task_ids: list[int] = [] if task_ids is None else list(self._given_task_ids)
         self.matrix: Optional[AccuracyMatrix] = None
         self._pending_state: Optional[dict[str, Any]] = None
         self._hparams_logged = False
@@ -73,6 +100,7 @@ class ForgettingCurves(Callback):
                 "ForgettingCurves needs a task-sequence datamodule (neurenix.data.TaskSequenceDataModule): "
                 f"{type(datamodule).__name__} lacks {missing}"
             )
+        self.task_ids = self._task_ids_of(datamodule)
         if self.matrix is None or self.matrix.num_tasks != datamodule.num_tasks:
             self.matrix = _matrix(datamodule.num_tasks)
         if self._pending_state is not None:
@@ -93,6 +121,7 @@ class ForgettingCurves(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         assert self.matrix is not None  # setup ran
+        self._row_of(trainer.datamodule.current_task)  # a task id it cannot place: said before the task trains
         self._training_ran = True
         self.matrix.to(pl_module.device)
         if int(self.matrix.total.sum()) == 0 and int(self.matrix.initial_total.sum()) == 0:
@@ -107,17 +136,44 @@ class ForgettingCurves(Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        task = int(trainer.datamodule.current_task)
-        self._evaluate(trainer, pl_module, after_task=task)
-        self._log_summary(trainer, task)
+        row = self._row_of(trainer.datamodule.current_task)
+        self._evaluate(trainer, pl_module, after_task=row)
+        self._log_summary(trainer, row)
+
+    # ---------------------------------------------------------------------------- task ids
+    def _task_ids_of(self, datamodule: Any) -> list[int]:
+        if self._given_task_ids is None:
+            return list(range(datamodule.num_tasks))
+        if len(self._given_task_ids) != datamodule.num_tasks:
+            raise ValueError(
+                f"ForgettingCurves: task_ids={self._given_task_ids} names {len(self._given_task_ids)} tasks, but "
+                f"{type(datamodule).__name__} has {datamodule.num_tasks}: give one id per test loader, in their order"
+            )
+        return list(self._given_task_ids)
+
+    def _row_of(self, task_id: Any) -> int:
+        """The matrix row (and column) of the task whose id is ``task_id``."""
+        if isinstance(task_id, Integral) and not isinstance(task_id, bool) and int(task_id) in self.task_ids:
+            return self.task_ids.index(int(task_id))
+        if self._given_task_ids is None:
+            advice = (
+                f"number the tasks 0..{len(self.task_ids) - 1} in the order of test_dataloader(), or pass "
+                "their ids in that order as ForgettingCurves(task_ids=[...])"
+            )
+        else:
+            advice = "make current_task one of them, or fix task_ids"
+        raise ValueError(
+            f"ForgettingCurves: the datamodule's current_task is {task_id!r}, which is not one of its tasks "
+            f"{self.task_ids} (the ids of test_dataloader()'s loaders): {advice}"
+        )
 
     # ---------------------------------------------------------------------------- evaluation
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", after_task: Optional[int]) -> None:
         assert self.matrix is not None
         # A resumed task end re-measures its row: the row is replaced, never added to.
         self.matrix.record(*self._counts(trainer, pl_module), after_task=after_task)
-        row = self.matrix.initial if after_task is None else self.matrix.accuracies()[after_task]
-        self._log_accuracies(trainer, row)
+        accuracies = self.matrix.initial if after_task is None else self.matrix.accuracies()[after_task]
+        self._log_accuracies(trainer, accuracies)
 
     def _accuracies(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
         return accuracy_ratio(*self._counts(trainer, pl_module))
@@ -142,36 +198,37 @@ class ForgettingCurves(Callback):
         return counts[0], counts[1]
 
     # ---------------------------------------------------------------------------- logging
-    @staticmethod
-    def _log_accuracies(trainer: "pl.Trainer", accuracies: Tensor) -> None:
-        values = {f"accuracy/task_{j}": float(a) for j, a in enumerate(accuracies.tolist()) if not math.isnan(a)}
+    def _log_accuracies(self, trainer: "pl.Trainer", accuracies: Tensor) -> None:
+        values = {f"accuracy/task_{task}": a for task, a in zip(self.task_ids, accuracies.tolist()) if not math.isnan(a)}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
-    def _log_summary(self, trainer: "pl.Trainer", task: int) -> None:
+    def _log_summary(self, trainer: "pl.Trainer", row: int) -> None:
         matrix = self.matrix
         assert matrix is not None
         summary = {
-            "continual/average_accuracy": matrix.average_accuracy(task),
-            "continual/backward_transfer": matrix.backward_transfer(task),
-            "continual/forward_transfer": matrix.forward_transfer(task),
-            "continual/forgetting": matrix.forgetting(task),
+            "continual/average_accuracy": matrix.average_accuracy(row),
+            "continual/backward_transfer": matrix.backward_transfer(row),
+            "continual/forward_transfer": matrix.forward_transfer(row),
+            "continual/forgetting": matrix.forgetting(row),
         }
         values = {name: float(v) for name, v in summary.items() if not math.isnan(float(v))}
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                self._log_to_tensorboard(logger, trainer, task)
+                self._log_to_tensorboard(logger, trainer, row)
         if not self._hparams_logged:
             for logger in trainer.loggers:
                 logger.log_hyperparams(_run_hyperparameters(trainer, self))
             self._hparams_logged = True
 
-    def _log_to_tensorboard(self, logger: TensorBoardLogger, trainer: "pl.Trainer", task: int) -> None:
+    def _log_to_tensorboard(self, logger: TensorBoardLogger, trainer: "pl.Trainer", row: int) -> None:
         matrix = self.matrix.accuracies()  # type: ignore[union-attr]
         writer = logger.experiment
-        writer.add_image("continual/accuracy_matrix", accuracy_heatmap(matrix), trainer.global_step, dataformats="HWC")
-        writer.add_text("continual/accuracy_matrix", _markdown_table(matrix, task), trainer.global_step)
+        title = f"Test accuracy after task {self.task_ids[row]}"
+        image = accuracy_heatmap(matrix, task_ids=self.task_ids, title=title)
+        writer.add_image("continual/accuracy_matrix", image, trainer.global_step, dataformats="HWC")
+        writer.add_text("continual/accuracy_matrix", _markdown_table(matrix, row, self.task_ids), trainer.global_step)
 
     # ---------------------------------------------------------------------------- state
     @override
@@ -238,24 +295,52 @@ def _predictions(pl_module: "pl.LightningModule", loader: Any, convert_inputs: C
             yield pl_module(*model_arguments(pl_module, inputs, task_ids)), targets.to(device)
 
 
-def accuracy_heatmap(matrix: Tensor, cell: int = 24) -> Tensor:
-    """An ``(H, W, 3)`` float image of ``R``: dark blue (0) to yellow (1), grey where not measured."""
-    values = matrix.float().clamp(0, 1)
-    low, high = torch.tensor([0.13, 0.10, 0.40]), torch.tensor([0.99, 0.91, 0.15])
-    rgb = low + values.nan_to_num(0).unsqueeze(-1) * (high - low)
-    rgb[matrix.isnan()] = 0.5
-    return rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+def accuracy_heatmap(
+    matrix: Tensor,
+    cell: int = 48,
+    *,
+    task_ids: Optional[Sequence[int]] = None,
+    title: str = "Test accuracy after each task",
+) -> Tensor:
+    """The accuracy matrix ``R`` as a figure to read: an ``(H, W, 3)`` float image in [0, 1].
+
+    Rows are the task just trained ("after training task"), columns the task evaluated, both
+    labelled with the task ids; each cell is coloured by its accuracy (viridis, 0 to 1) and shows
+    it; unmeasured (``nan``) cells are grey, with a legend; a colour bar shows the scale. See
+    :func:`neurenix.metrics.drawing.accuracy_matrix_layout`.
+
+    Args:
+        matrix: ``R``, square, ``nan`` where not measured.
+        cell: the side of a cell in pixels (the figure grows with the number of tasks).
+        task_ids: the id of each row's and column's task (default ``0 .. n-1``).
+        title: the figure's title.
+    """
+    image = draw_accuracy_matrix(matrix, task_ids, title=title, cell=cell)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
+    return pixels.float() / 255
 
 
-def _markdown_table(matrix: Tensor, task: int) -> str:
-    tasks = matrix.shape[0]
-    header = "| after \\ on | " + " | ".join(f"task {j}" for j in range(tasks)) + " |"
-    rule = "|" + "---|" * (tasks + 1)
+def _markdown_table(matrix: Tensor, row: int, task_ids: Sequence[int]) -> str:
+    """Rows ``0..row`` of ``R`` as a Markdown table, every task named by its id."""
+    header = "| after \\ on | " + " | ".join(f"task {task}" for task in task_ids) + " |"
+    rule = "|" + "---|" * (len(task_ids) + 1)
     rows = [
-        f"| task {i} | " + " | ".join("" if math.isnan(v) else f"{v:.3f}" for v in matrix[i].tolist()) + " |"
-        for i in range(task + 1)
+        f"| task {task_ids[i]} | " + " | ".join("" if math.isnan(v) else f"{v:.3f}" for v in matrix[i].tolist()) + " |"
+        for i in range(row + 1)
     ]
     return "\n".join([header, rule, *rows])
+
+
+def _checked_task_ids(task_ids: object) -> list[int]:
+    if isinstance(task_ids, (str, bytes)) or not isinstance(task_ids, Sequence):
+        raise TypeError(f"task_ids must be a sequence of ints, got {type(task_ids).__name__}: {task_ids!r}")
+    for task in task_ids:
+        if isinstance(task, bool) or not isinstance(task, Integral):
+            raise TypeError(f"task_ids must hold ints, got {type(task).__name__} {task!r} in {list(task_ids)!r}")
+    ids = [int(task) for task in task_ids]
+    if not ids or len(set(ids)) != len(ids):
+        raise ValueError(f"task_ids must name each task once (at least one), got {ids!r}")
+    return ids
 
 
 def _run_hyperparameters(trainer: "pl.Trainer", curves: ForgettingCurves) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Continual-learning metrics from an accuracy matrix, as pure functions.
 
-``R[i, j]`` is the accuracy on task ``j`` after training tasks ``0..i`` (0-based), ``b[j]`` the
-accuracy on task ``j`` of the model at its random initialization. Every function takes the
+``R[i, j]`` is the accuracy on task ``j`` after training tasks ``0..i`` (0-based places in the
+sequence: the task ids of a sequence the library builds), ``b[j]`` the accuracy on task ``j`` of
+the model at its random initialization. Every function takes the
 matrix and the task after which the metric is wanted (``after_task``, default: the last row).
 
 Where a metric is undefined, after the first task (there is no earlier task to transfer to or to
