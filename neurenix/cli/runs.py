@@ -1,8 +1,10 @@
-"""The runs behind ``neurenix compare``: a model, the methods, one Trainer per method.
+"""The runs behind ``neurenix compare``: the data, a model, the methods, one Trainer per method.
 
 Each method gets the same benchmark, the same seed (so the same initial weights and batch
 order) and a fresh model; a ``ForgettingCurves`` callback measures every task after every
-epoch, and the values it logs are kept (:class:`CurveRecorder`) for the plot.
+epoch, and the values it logs are kept (:class:`CurveRecorder`) for the plot. This module
+imports torch and Lightning; it knows nothing of the reports (:mod:`neurenix.cli.report` reads
+what it returns).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from typing_extensions import override
 
-from neurenix.cli_settings import (
-    METHOD_SETTINGS,
-    METHODS,
+from neurenix.cli.output import TENSORBOARD
+from neurenix.cli.settings import (
     CompareError,
     DistillationSettings,
     EWCSettings,
@@ -42,12 +44,18 @@ from neurenix.continual import (
     SynapticIntelligence,
 )
 from neurenix.data import DownloadError, IDXFormatError, TaskSequenceDataModule, fit_sequence, permuted_benchmark, split_benchmark
+from neurenix.data.benchmarks import TaskSequence
 from neurenix.metrics import ForgettingCurves
 
 __all__ = [
-    "METHODS", "METHOD_SETTINGS", "CompareError", "CurveRecorder", "MLPClassifier", "MethodRun",
-    "UsageError", "run_compare",
+    "CurveRecorder", "DataSource", "MLPClassifier", "MethodRun", "SequenceProgressBar", "cpu_threads",
+    "load_benchmark", "make_trainer", "method_callbacks", "quiet_lightning", "run_method", "task_label",
 ]
+
+
+def task_label(task: int) -> str:
+    """A task as every output of the command names it: by the id the API uses, from 0 (``task 0``)."""
+    return f"task {task}"
 
 
 def _ewc(model: nn.Module, s: EWCSettings, scenario: str) -> list:
@@ -153,7 +161,7 @@ class CurveRecorder(Logger):
 
 
 class SequenceProgressBar(TQDMProgressBar):
-    """Lightning's bar, labelled ``method: task t/T, epoch e/E``, cleared after each task."""
+    """Lightning's bar, labelled ``method: task t of 0-N, epoch e/E``, cleared after each task."""
 
     def __init__(self, label: str, epochs_per_task: int) -> None:
         super().__init__()
@@ -171,7 +179,7 @@ class SequenceProgressBar(TQDMProgressBar):
         data = trainer.datamodule
         epoch = trainer.current_epoch - data.task_start["epoch"] + 1
         self.train_progress_bar.set_description(
-            f"{self.label}: task {data.current_task + 1}/{data.num_tasks}, epoch {epoch}/{self.epochs_per_task}"
+            f"{self.label}: {task_label(data.current_task)} of 0-{data.num_tasks - 1}, epoch {epoch}/{self.epochs_per_task}"
         )
 
 
@@ -224,50 +232,156 @@ class MethodRun:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-def load_benchmark(settings: Any):
-    """The task sequence the settings name; missing data raises :class:`CompareError`."""
-    options = dict(num_tasks=settings.num_tasks, seed=settings.seed, scenario=settings.scenario,
-                   root=settings.data_root, download=settings.download)
+@dataclass
+class DataSource:
+    """What a benchmark was read from, for the description line and the reports.
+
+    Attributes:
+        name: the data the files hold: ``digits``, ``MNIST``, ``Fashion-MNIST``, or ``--dataset``
+            when the reader cannot tell (a subset, another dataset in this format).
+        folder: the folder the IDX files were read from; ``None`` for digits (scikit-learn's).
+        requested: ``--dataset``, when the files are another dataset's.
+        warnings: what the reader warned about, one line each, for stderr.
+    """
+
+    name: str
+    folder: Optional[Path] = None
+    requested: Optional[str] = None
+    warnings: list[str] = field(default_factory=list)
+
+
+#: ``--dataset`` -> the name the MNIST reader recognizes its files by (its ``recognized_as``).
+_DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+
+def load_benchmark(settings: Any) -> tuple[TaskSequence, DataSource]:
+    """The task sequence the settings name, and what it was read from.
+
+    Raises:
+        CompareError: the data is missing, unreadable, or not the dataset asked for.
+        UsageError: the settings do not fit the data (the benchmark's own checks).
+    """
+    source, data = _read_source(settings)
+    options = dict(num_tasks=settings.num_tasks, seed=settings.seed, scenario=settings.scenario)
     try:
         if settings.benchmark == "split":
-            return split_benchmark(settings.dataset, classes_per_task=10 // settings.num_tasks, **options)
-        return permuted_benchmark(settings.dataset, **options)
-    except FileNotFoundError:
-        root = Path(settings.data_root)
-        raw = root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[settings.dataset] / "raw"
-        where = "does not exist" if not root.is_dir() else f"lacks its IDX files (looked in {root} and {raw})"
-        raise CompareError(
-            f"no {settings.dataset} data: --data_root {str(root)!r} {where}; point --data_root at the folder with "
-            "the IDX files, or add --download to fetch them"
-        ) from None
-    except (DownloadError, IDXFormatError, OSError) as error:
-        raise CompareError(f"{settings.dataset} data: {str(error).splitlines()[0]}") from None
+            return split_benchmark(source, classes_per_task=10 // settings.num_tasks, **options), data
+        return permuted_benchmark(source, **options), data
     except ValueError as error:
         raise UsageError(str(error)) from None
 
 
-def make_trainer(settings: Any, **options: Any) -> "L.Trainer":
-    """A Trainer on the settings' hardware; a configuration Lightning refuses raises :class:`UsageError`."""
+def _read_source(settings: Any) -> tuple[Any, DataSource]:
+    """The (train, test) datasets of ``--dataset`` (``"digits"``: its name), each error as :class:`CompareError`."""
+    if settings.dataset == "digits":
+        return "digits", DataSource("digits")
+    from neurenix.data import MNIST, FashionMNIST
+
+    reader = MNIST if settings.dataset == "mnist" else FashionMNIST
+    root = Path(settings.data_root)
     try:
-        return L.Trainer(
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, test = (reader(root, train=part, download=settings.download) for part in (True, False))
+    except FileNotFoundError:
+        raise CompareError(_missing_data_message(settings.dataset, root, reader.folder)) from None
+    except DownloadError as error:
+        raise CompareError(
+            f"--download: {_first_line(error)}; if you have the {settings.dataset} files, point --data_root at their "
+            f"folder (it is {str(root)!r})"
+        ) from None
+    except (IDXFormatError, OSError, ValueError) as error:
+        raise CompareError(f"{settings.dataset} data in --data_root {str(root)!r}: {_first_line(error)}") from None
+    return (train, test), _data_source(settings.dataset, train, [str(w.message) for w in caught])
+
+
+def _data_source(dataset: str, train: Any, warned: list[str]) -> DataSource:
+    folder = train.raw_folder if any(train.raw_folder.glob("*-ubyte*")) else train.root  # the reader's order
+    recognized = getattr(train, "recognized_as", None)  # the reader's fingerprint of full splits, if it has one
+    data = DataSource(recognized or _DATASET_NAMES[dataset], folder)
+    if recognized not in (None, _DATASET_NAMES[dataset]):
+        data.requested = dataset
+        data.warnings.append(
+            f"--data_root {str(train.root)!r} holds {recognized}, not {_DATASET_NAMES[dataset]}: it is read as given "
+            f"(--dataset {dataset}); the results are about {recognized}"
+        )
+        warned = [message for message in warned if recognized not in message]  # the reader's own words for it
+    data.warnings += [_first_line(message) for message in warned]
+    return data
+
+
+def _missing_data_message(dataset: str, root: Path, folder: str) -> str:
+    raw = root / folder / "raw"
+    where = "does not exist" if not root.is_dir() else f"lacks its IDX files (looked in {root} and {raw})"
+    return (
+        f"no {dataset} data: --data_root {str(root)!r} {where}; point --data_root at the folder with "
+        "the IDX files, or add --download to fetch them"
+    )
+
+
+def _first_line(error: Any) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def make_trainer(settings: Any, **options: Any) -> "L.Trainer":
+    """A Trainer on the settings' hardware (no process started yet).
+
+    Raises:
+        UsageError: a configuration Lightning refuses, or a strategy that starts its processes
+            from this one (see :func:`_refuse_multiprocessing`).
+    """
+    try:
+        trainer = L.Trainer(
             accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy,
             enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10, **options,
         )
     except Exception as error:  # Lightning's MisconfigurationException, ValueError, ...: a bad hardware option
-        raise UsageError(f"--accelerator/--devices/--strategy: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"--accelerator/--devices/--strategy: {_first_line(error)}") from None
+    _refuse_multiprocessing(trainer, settings.strategy)
+    return trainer
 
 
-def run_method(name: str, settings: Any, benchmark: Any, output: Path) -> tuple[MethodRun, bool]:
-    """Train a fresh model on the benchmark with method ``name``; returns its run and whether this is rank zero."""
+def _refuse_multiprocessing(trainer: "L.Trainer", strategy: str) -> None:
+    """Refuse a strategy whose launcher starts the device processes with ``multiprocessing``.
+
+    Those strategies (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``, their ``*_find_unused_*``
+    variants, XLA's) pickle the model, the methods and the data into children that the methods do
+    not support, and they died there with a message that did not say why. ``ddp`` (Lightning's
+    script launcher) runs the whole command once per device, which works. Checked on the
+    Trainer, before any process starts, so that ``auto`` resolving to ``ddp_fork`` (in a notebook)
+    is refused too.
+    """
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher):
+        start = getattr(launcher, "_start_method", "spawn")
+        raise UsageError(
+            f"--strategy {strategy}: its processes start from this one (multiprocessing, {start!r}), which the "
+            "continual-learning methods cannot run in; use --strategy ddp"
+        )
+
+
+def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress: bool) -> tuple[MethodRun, bool]:
+    """Train a fresh model on the benchmark with method ``name``; returns its run and whether this is rank zero.
+
+    Args:
+        name: the method (``none``: plain fine-tuning).
+        settings: the command's settings.
+        benchmark: the tasks.
+        output: the run's folder; the TensorBoard logs go to ``output/tensorboard/<name>``.
+        progress: show Lightning's progress bar (on a terminal only: redirected, its redraws
+            would fill the file).
+    """
     L.seed_everything(settings.seed, verbose=False)
     heads = benchmark.num_tasks if benchmark.scenario == "task" else 1
     inputs = math.prod(benchmark.input_shape)
     model = MLPClassifier(inputs, benchmark.num_classes, settings.hidden, heads, settings.lr)
     methods = method_callbacks(name, model, settings, benchmark.scenario)
     curves, recorder = ForgettingCurves(every_n_epochs=1), CurveRecorder()
-    tensorboard = TensorBoardLogger(output / "tensorboard", name=name, default_hp_metric=False)
+    # One run per folder (neurenix.cli.output): the method's own folder, no version_N below it.
+    tensorboard = TensorBoardLogger(output / TENSORBOARD, name="", version=name, default_hp_metric=False)
+    bars = [SequenceProgressBar(name, settings.epochs)] if progress else []
     trainer = make_trainer(
-        settings, callbacks=[*methods, curves, SequenceProgressBar(name, settings.epochs)], logger=[tensorboard, recorder]
+        settings, callbacks=[*methods, curves, *bars], logger=[tensorboard, recorder], enable_progress_bar=progress
     )
     datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=settings.batch_size, eval_batch_size=512, seed=settings.seed)
     start = time.perf_counter()
@@ -283,30 +397,3 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path) -> tuple[
         float(matrix.forward_transfer()), wall_time, tensorboard.log_dir, recorder.history,
     )
     return run, trainer.is_global_zero
-
-
-def run_compare(settings: Any, config_yaml: str = "") -> list[MethodRun]:
-    """Run every method of ``settings``; rank zero prints the table and writes the reports."""
-    from neurenix.cli_report import describe, method_line, results_table, write_reports
-
-    output = Path(settings.output)
-    benchmark = load_benchmark(settings)
-    for name in settings.methods:  # every option checked before the first run starts
-        method_callbacks(name, MLPClassifier(1, 1), settings, benchmark.scenario)
-    with quiet_lightning():
-        make_trainer(settings, logger=False, enable_progress_bar=False)
-    if rank_zero_only.rank == 0:
-        print(describe(settings, benchmark), flush=True)
-    runs, zero = [], True
-    with quiet_lightning(), cpu_threads(settings.threads):
-        for name in settings.methods:
-            run, zero = run_method(name, settings, benchmark, output)
-            runs.append(run)
-            if zero:
-                print(method_line(run), flush=True)
-    if zero:
-        print()
-        print(results_table(runs))
-        for label, path in write_reports(settings, benchmark, runs, output, config_yaml).items():
-            print(f"{label:<12} {path}")
-    return runs

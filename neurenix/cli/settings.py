@@ -1,8 +1,9 @@
 """What the ``neurenix`` command can be told, without the libraries its runs need.
 
 The errors, the methods' names and their settings (one dataclass per method: the parser turns
-their fields into ``--<method>.<field>`` flags). Kept apart from :mod:`neurenix.cli_compare`, which
-imports torch and Lightning, so that ``neurenix --help`` and option errors answer at once.
+their fields into ``--<method>.<field>`` flags). The first module of :mod:`neurenix.cli`: it
+imports none of the others, and neither torch nor Lightning, so that ``neurenix --help`` and
+option errors answer at once.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The plot is drawn with Pillow (which TensorBoard already brings), so the command needs no
 plotting library: one panel per method, each task's test accuracy against the training step,
-task boundaries dashed.
+task boundaries dashed. Tasks are named by their ids, from 0 (:func:`~neurenix.cli.runs.task_label`),
+as TensorBoard's ``accuracy/task_0`` and the Neurenix continual-learning API name them.
 """
 
 from __future__ import annotations
@@ -15,23 +16,34 @@ from typing import Any, Optional, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 import neurenix
-from neurenix.cli_compare import MethodRun
+from neurenix.cli.output import RUN_FILES, TENSORBOARD
+from neurenix.cli.runs import DataSource, MethodRun, task_label
 
-__all__ = ["describe", "draw_forgetting_curves", "method_line", "results_table", "write_reports"]
+__all__ = ["describe", "draw_forgetting_curves", "method_line", "results_document", "results_table", "write_reports"]
 
 _SCENARIO_NAMES = {"task": "task-incremental", "domain": "domain-incremental", "class": "class-incremental"}
 #: Matplotlib's "tab10" colours: one per task, distinct for up to ten tasks.
 _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def describe(settings: Any, benchmark: Any) -> str:
-    """One line: benchmark, scenario, tasks and their classes, epochs, seed."""
-    title = f"{settings.benchmark} {settings.dataset}, {_SCENARIO_NAMES[settings.scenario]}"
-    tasks = f"{benchmark.num_tasks} tasks"
+def describe(settings: Any, benchmark: Any, data: DataSource) -> str:
+    """One line: benchmark, the data read (and from where), scenario, task ids and their classes, epochs, seed."""
+    title = f"{settings.benchmark} {_data(data)}, {_SCENARIO_NAMES[settings.scenario]}"
+    tasks = f"tasks 0-{benchmark.num_tasks - 1}"
     if settings.benchmark == "split":
         tasks += " (classes " + " | ".join(",".join(map(str, group)) for group in benchmark.task_classes) + ")"
     epochs = f"{settings.epochs} epoch{'' if settings.epochs == 1 else 's'} per task"
     return f"{title}, {tasks}, {epochs}, seed {settings.seed}"
+
+
+def _data(data: DataSource) -> str:
+    """``digits``, ``MNIST from data/MNIST/raw``, ``Fashion-MNIST (--dataset mnist) from ...``."""
+    text = data.name
+    if data.requested is not None:
+        text += f" (--dataset {data.requested})"
+    if data.folder is not None:
+        text += f" from {data.folder}"
+    return text
 
 
 def method_line(run: MethodRun) -> str:
@@ -65,13 +77,17 @@ def _matrix(values: Any) -> Any:
     return [_matrix(v) for v in values] if isinstance(values, list) else _number(values)
 
 
-def results_document(settings: Any, benchmark: Any, runs: Sequence[MethodRun]) -> dict[str, Any]:
-    """``results.json``: settings, the benchmark, and per method its metrics, matrix and curves (``null`` for nan)."""
+def results_document(settings: Any, benchmark: Any, data: DataSource, runs: Sequence[MethodRun]) -> dict[str, Any]:
+    """``results.json``: settings, the benchmark, and per method its metrics, matrix and curves (``null`` for nan).
+
+    Lists per task are indexed by task id (from 0); the matrix is ``[after task i][on task j]``.
+    """
     return {
         "neurenix": neurenix.__version__,
         "settings": {key: value for key, value in settings.as_dict().items() if key != "config"},
         "benchmark": {
             "name": settings.benchmark, "dataset": settings.dataset, "scenario": benchmark.scenario,
+            "data": data.name, "data_folder": None if data.folder is None else str(data.folder),
             "num_tasks": benchmark.num_tasks, "num_classes": benchmark.num_classes, "task_classes": benchmark.task_classes,
             "train_sizes": [len(task) for task in benchmark.train], "test_sizes": [len(task) for task in benchmark.test],
         },
@@ -93,19 +109,16 @@ def results_document(settings: Any, benchmark: Any, runs: Sequence[MethodRun]) -
     }
 
 
-def write_reports(settings: Any, benchmark: Any, runs: Sequence[MethodRun], output: Path, config_yaml: str) -> dict[str, Path]:
-    """Write ``results.json``, ``config.yaml`` and ``forgetting_curves.png``; returns label -> path."""
+def write_reports(
+    settings: Any, benchmark: Any, data: DataSource, runs: Sequence[MethodRun], output: Path, config_yaml: str
+) -> dict[str, Path]:
+    """Write ``results.json``, ``config.yaml`` and ``forgetting_curves.png``; returns label -> path of all the run wrote."""
     output.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "TensorBoard": output / "tensorboard",
-        "results": output / "results.json",
-        "config": output / "config.yaml",
-        "plot": output / "forgetting_curves.png",
-    }
-    paths["results"].write_text(json.dumps(results_document(settings, benchmark, runs), indent=1) + "\n")
-    paths["config"].write_text(config_yaml)
-    title = describe(settings, benchmark)
-    draw_forgetting_curves(runs, benchmark.num_tasks, title).save(paths["plot"])
+    results, config, plot = (output / name for name in RUN_FILES)
+    paths = {"TensorBoard": output / TENSORBOARD, "results": results, "config": config, "plot": plot}
+    results.write_text(json.dumps(results_document(settings, benchmark, data, runs), indent=1) + "\n")
+    config.write_text(config_yaml)
+    draw_forgetting_curves(runs, benchmark.num_tasks, describe(settings, benchmark, data)).save(plot)
     return paths
 
 
@@ -133,7 +146,7 @@ def draw_forgetting_curves(runs: Sequence[MethodRun], num_tasks: int, title: str
     x = 12
     for task in range(num_tasks):  # the legend: one colour per task
         draw.line((x, 40, x + 18, 40), fill=_PALETTE[task % len(_PALETTE)], width=3)
-        draw.text((x + 22, 33), f"task {task + 1}", fill="black", font=_font(12))
+        draw.text((x + 22, 33), task_label(task), fill="black", font=_font(12))
         x += 80
     for index, run in enumerate(runs):
         left = 10 + (index % columns) * _PANEL_W
@@ -167,7 +180,7 @@ def _panel(draw: ImageDraw.ImageDraw, run: MethodRun, num_tasks: int, origin: tu
             x = px(end, 0)[0]
             for y in range(int(y1), int(y0), 8):
                 draw.line((x, y, x, min(y + 4, y0)), fill="#999999")
-        label = f"task {task + 1}"
+        label = task_label(task)
         middle = (px(start, 0)[0] + px(end, 0)[0]) / 2
         draw.text((middle - draw.textlength(label, font=small) / 2, y0 + 6), label, fill="#555555", font=small)
     draw.rectangle((x0, y1, x1, y0), outline="#888888")
