@@ -1,25 +1,30 @@
 """A three-task sequence under ``fit_sequence`` that kills itself at a chosen point, then resumes.
 
-    python tests/reliability/resume_worker.py OUT --methods ewc,replay [--kill POINT]
-    python tests/reliability/resume_worker.py OUT --methods ewc,replay --resume
+    python tests/reliability/resume_worker.py OUT --methods ewc,replay [--every-n-steps N] [--kill POINT]
+    python tests/reliability/resume_worker.py OUT --methods ewc,replay --resume [--resume-from FILE]
 
 The first form trains from scratch, checkpointing at every epoch end (``OUT/checkpoints``, with
-``last.ckpt``), logging to ``OUT/logs`` (a ``CSVLogger`` that writes every row as it is logged) and
+``last.ckpt``; with ``--every-n-steps N`` every ``N`` optimizer steps instead, wherever in an epoch
+the step falls), logging to ``OUT/logs`` (a ``CSVLogger`` that writes every row as it is logged) and
 appending to ``OUT/timeline.jsonl`` the sequence position of every epoch start and the tasks each
 method has finished at every fit's end. With ``--kill POINT`` it sends itself SIGKILL at that
-point (nothing after it runs: no ``finally``, no flush, no exit hook); without, it writes
-``OUT/result.pt`` at the end. ``POINT`` is one of
+point (nothing after it runs: no ``finally``, no flush, no exit hook), or SIGTERM; without, it
+writes ``OUT/result.pt`` at the end. ``POINT`` is one of
 
 - ``epoch:T:E``: inside task ``T``, after its epoch ``E`` (counted from 0 within the task) has
   ended and been checkpointed, before the next epoch starts;
 - ``batch:T:E:B``: inside epoch ``E`` of task ``T``, after its batch ``B`` (the last checkpoint is
   the end of the epoch before);
 - ``between:T``: after task ``T`` has ended (its methods consolidated it, ForgettingCurves measured
-  it), before task ``T+1`` starts.
+  it), before task ``T+1`` starts;
+- ``sigterm:T:E:B``: SIGTERM after batch ``B`` of epoch ``E`` of task ``T``, the signal a scheduler
+  or ``kill`` sends: Lightning ends the fit after that batch, ``OnExceptionCheckpoint`` writes
+  ``OUT/checkpoints/on_exception.ckpt`` there, and the process ends with the exception (Lightning's
+  ``SIGTERMException``, a ``SystemExit``: status 0, and no ``result.pt``).
 
 The second form builds every object anew, with other seeds and other initial weights (what the
-checkpoint holds must win), calls ``fit_sequence(..., ckpt_path=OUT/checkpoints/last.ckpt)`` and
-writes ``OUT/result.pt``: the parameters, every method's ``state_dict``, the ForgettingCurves
+checkpoint holds must win), calls ``fit_sequence(..., ckpt_path=OUT/checkpoints/FILE)`` (``FILE``
+is ``last.ckpt`` unless ``--resume-from`` names another) and writes ``OUT/result.pt``: the parameters, every method's ``state_dict``, the ForgettingCurves
 matrix, and the curves of every log of ``OUT/logs`` (the killed run's and the resumed run's).
 
 ``tests/reliability/test_resume.py`` runs :func:`main` in fresh child processes (and, once, this
@@ -41,7 +46,7 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
@@ -122,9 +127,9 @@ class KillPoint:
 
     def __init__(self, text: str) -> None:
         kind, *numbers = text.split(":")
-        sizes = {"epoch": 2, "batch": 3, "between": 1}
+        sizes = {"epoch": 2, "batch": 3, "between": 1, "sigterm": 3}
         if kind not in sizes or len(numbers) != sizes[kind]:
-            raise SystemExit(f"--kill: expected epoch:T:E, batch:T:E:B or between:T, got {text!r}")
+            raise SystemExit(f"--kill: expected epoch:T:E, batch:T:E:B, sigterm:T:E:B or between:T, got {text!r}")
         self.kind, self.numbers = kind, tuple(int(n) for n in numbers)
 
     def __repr__(self) -> str:
@@ -166,8 +171,10 @@ class Timeline(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         kill = self.kill
-        if kill is not None and kill.kind == "batch" and (*self._position(trainer), batch_idx) == kill.numbers:
-            die()
+        if kill is not None and kill.kind in ("batch", "sigterm") and (*self._position(trainer), batch_idx) == kill.numbers:
+            if kill.kind == "batch":
+                die()
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: the fit stops after this batch
 
     def on_fit_end(self, trainer, pl_module):
         finished = {name: list(method.finished_tasks) for name, method in self.methods.items()}
@@ -211,8 +218,22 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
+def checkpoint_callbacks(directory: Path, every_n_steps: Optional[int], kill: Optional[KillPoint]) -> list[Callback]:
+    """Checkpoints at every epoch end, or every ``every_n_steps`` steps; on an exception for SIGTERM kills."""
+    if every_n_steps is None:
+        when: dict[str, Any] = dict(every_n_epochs=1, save_on_train_epoch_end=True)
+    else:
+        when = dict(every_n_train_steps=every_n_steps)
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=directory, filename="{epoch}-{step}", save_top_k=-1, save_last=True, **when)
+    ]
+    if kill is not None and kill.kind == "sigterm":
+        callbacks.append(OnExceptionCheckpoint(directory))
+    return callbacks
+
+
 def run(out: Path, names: Sequence[str], kill: Optional[KillPoint] = None, resume: bool = False,
-        ckpt_path: Optional[Path] = None) -> dict[str, Any]:
+        ckpt_path: Optional[Path] = None, every_n_steps: Optional[int] = None) -> dict[str, Any]:
     """Train (or resume) the sequence; return what ``result.pt`` holds."""
     shift = RESUME_SEED_SHIFT if resume else 0
     out.mkdir(parents=True, exist_ok=True)
@@ -221,18 +242,11 @@ def run(out: Path, names: Sequence[str], kill: Optional[KillPoint] = None, resum
     model = Classifier(seed=shift)
     methods = build_methods(names, model.net, seed=7 + shift)
     curves = ForgettingCurves(every_n_epochs=1)
-    checkpoints = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        filename="{epoch}-{step}",
-        every_n_epochs=1,
-        save_on_train_epoch_end=True,
-        save_top_k=-1,
-        save_last=True,
-    )
+    checkpoints = checkpoint_callbacks(out / "checkpoints", every_n_steps, kill)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        callbacks=[*methods.values(), curves, Timeline(out / "timeline.jsonl", kill, methods), checkpoints],
+        callbacks=[*methods.values(), curves, Timeline(out / "timeline.jsonl", kill, methods), *checkpoints],
         logger=CSVLogger(out / "logs", name="run", flush_logs_every_n_steps=1),
         log_every_n_steps=1,
         enable_progress_bar=False,
@@ -258,14 +272,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--methods", required=True, help=f"comma-separated, from {','.join(METHODS)}")
-    parser.add_argument("--kill", type=KillPoint, default=None, help="epoch:T:E, batch:T:E:B or between:T")
+    parser.add_argument("--every-n-steps", type=int, default=None, help="checkpoint every N steps, not at epoch ends")
+    parser.add_argument("--kill", type=KillPoint, default=None, help="epoch:T:E, batch:T:E:B, sigterm:T:E:B or between:T")
     parser.add_argument("--resume", action="store_true", help="resume from OUT/checkpoints/last.ckpt")
+    parser.add_argument("--resume-from", default="last.ckpt", help="with --resume: the file in OUT/checkpoints")
     args = parser.parse_args(argv)
     if args.kill is not None and args.resume:
         parser.error("--kill and --resume go to different invocations")
     torch.set_num_threads(1)  # exact repeats, and the machine's cores are shared
     _quiet()
-    result = run(args.out, args.methods.split(","), args.kill, args.resume)
+    ckpt_path = args.out / "checkpoints" / args.resume_from if args.resume else None
+    result = run(args.out, args.methods.split(","), args.kill, args.resume, ckpt_path, args.every_n_steps)
     torch.save(result, args.out / "result.pt")
 
 

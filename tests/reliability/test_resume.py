@@ -1,6 +1,8 @@
 """A task sequence killed by SIGKILL resumes from its last checkpoint to the end an uninterrupted
 run reaches: parameters, every method's state, the accuracy matrix, the logged curves, and the
 sequence of epochs and task ends (no finished task trained again, no unfinished one skipped).
+The last checkpoint is an epoch end's, or one written in the middle of an epoch (every N steps,
+or on SIGTERM by ``OnExceptionCheckpoint``): every one resumes exactly.
 
 Every kill and every resume is its own process running ``resume_worker.main``: children of a fork
 server that imported torch and Lightning once, so that some fifty runs take seconds rather than
@@ -11,6 +13,7 @@ launches), the way the docs tell users to resume.
 from __future__ import annotations
 
 import copy
+import math
 import multiprocessing
 import shutil
 import signal
@@ -46,6 +49,16 @@ KILLS = {
     "epoch:1:0": (1, 2),  # inside task 1, with task 0's state to carry
     "batch:2:1:1": (2, 4),  # in the middle of the last task's second epoch
 }
+#: Kills whose last checkpoint was written inside an epoch. Kill -> (the killed run's checkpoint
+#: flags, the file resumed from, (task, global epoch, batches the checkpoint's loader state says
+#: were served)). Three batches an epoch: step 4k is a different batch of an epoch each time.
+MID_EPOCH_KILLS = {
+    "steps4/batch:1:0:2": (["--every-n-steps", "4"], "last.ckpt", (1, 2, 2)),  # step 8: batch 1 of task 1's epoch 0
+    # step 12: task 1's last batch, written before the task ended (a finished epoch: nothing to skip)
+    "steps4/between:1": (["--every-n-steps", "4"], "last.ckpt", (1, 3, 0)),
+    "sigterm:2:0:1": ([], "on_exception.ckpt", (2, 4, 2)),  # SIGTERM at step 14: batch 1 of task 2's epoch 0
+}
+ALL_KILLS = [*KILLS, *MID_EPOCH_KILLS]
 SCRIPT_CASE = ("ewc+replay", "epoch:1:0")
 
 #: Where the library fails the requirement (see docs/reliability.md, "Known failures").
@@ -60,7 +73,7 @@ KNOWN_FAILURES: dict[tuple[str, str], Callable[[str], bool]] = {}  # none left: 
 def cases(aspect: str) -> list:
     params = []
     for config in CONFIGS:
-        for kill in KILLS:
+        for kill in ALL_KILLS:
             fails = KNOWN_FAILURES.get((aspect, kill), lambda _: False)(config)
             marks = [pytest.mark.xfail(strict=True, reason=_SKIPPED_TASK_END)] if fails else []
             params.append(pytest.param(config, kill, marks=marks, id=f"{config}-{kill}"))
@@ -97,7 +110,7 @@ class Runs:
         return self.root / config / "reference"
 
     def resumed(self, config: str, kill: str, script: bool = False) -> Path:
-        return self.root / config / (kill.replace(":", "_") + ("_script" if script else ""))
+        return self.root / config / (kill.replace(":", "_").replace("/", "_") + ("_script" if script else ""))
 
     def run_reference(self, config: str) -> None:
         out = self.reference(config)
@@ -109,18 +122,20 @@ class Runs:
         out = self.resumed(config, kill, script)
         out.mkdir(parents=True)
         launch = _as_script if script else _in_child
-        methods = ["--methods", ",".join(CONFIGS[config])]
-        codes: dict[str, Any] = {"killed": launch([str(out), *methods, "--kill", kill], out / "output.log")}
+        flags, resume_from, _ = MID_EPOCH_KILLS.get(kill, ([], "last.ckpt", None))
+        methods = ["--methods", ",".join(CONFIGS[config]), *flags]
+        point = kill.split("/")[-1]
+        codes: dict[str, Any] = {"killed": launch([str(out), *methods, "--kill", point], out / "output.log")}
         codes["result_left_by_killed_run"] = (out / "result.pt").exists()
-        last = out / "checkpoints" / "last.ckpt"
+        last = out / "checkpoints" / resume_from
         if last.exists():  # the resumed run overwrites it: keep the one the kill left
             shutil.copy(last, out / "killed_last.ckpt")
-        if codes["killed"] == SIGKILLED:
-            codes["resumed"] = launch([str(out), *methods, "--resume"], out / "output.log")
+        if codes["killed"] == _killed_exit_code(kill):
+            codes["resumed"] = launch([str(out), *methods, "--resume", "--resume-from", resume_from], out / "output.log")
         self.exit_codes[out] = codes
 
-    def result(self, out: Path) -> dict[str, Any]:
-        expected = {"run": 0} if out.name == "reference" else {"killed": SIGKILLED, "result_left_by_killed_run": False, "resumed": 0}
+    def result(self, out: Path, kill: str = "") -> dict[str, Any]:
+        expected = {"run": 0} if not kill else {"killed": _killed_exit_code(kill), "result_left_by_killed_run": False, "resumed": 0}
         log = (out / "output.log").read_text(errors="replace") if (out / "output.log").exists() else ""
         assert self.exit_codes.get(out) == expected, f"{out}: {self.exit_codes.get(out)}\n{log[-3000:]}"
         return torch.load(out / "result.pt", weights_only=True)
@@ -134,7 +149,7 @@ def runs(tmp_path_factory) -> Runs:
     runs = Runs(tmp_path_factory.mktemp("resume"))
     jobs: list[Callable[[], None]] = [lambda: runs.run_killed_then_resumed(*SCRIPT_CASE, script=True)]
     jobs += [lambda config=config: runs.run_reference(config) for config in CONFIGS]
-    jobs += [lambda c=config, k=kill: runs.run_killed_then_resumed(c, k) for config in CONFIGS for kill in KILLS]
+    jobs += [lambda c=config, k=kill: runs.run_killed_then_resumed(c, k) for config in CONFIGS for kill in ALL_KILLS]
     with ThreadPoolExecutor(max_workers=2) as pool:  # the development machine has two cores
         for future in [pool.submit(job) for job in jobs]:
             future.result()
@@ -142,7 +157,7 @@ def runs(tmp_path_factory) -> Runs:
 
 
 def assert_close(got: Any, want: Any, path: str = "") -> None:
-    """Equal structure; tensors ``torch.allclose`` (floats) or equal (integers, generator states)."""
+    """Equal structure, and equal values: tensors bit for bit (NaN where NaN), numbers exactly."""
     if isinstance(want, dict):
         assert got.keys() == want.keys(), f"{path}: keys {sorted(map(str, got))} != {sorted(map(str, want))}"
         for key in want:
@@ -154,17 +169,29 @@ def assert_close(got: Any, want: Any, path: str = "") -> None:
     elif isinstance(want, torch.Tensor):
         assert got.shape == want.shape and got.dtype == want.dtype, f"{path}: {got.shape} {got.dtype} != {want.shape} {want.dtype}"
         if want.is_floating_point():
-            assert torch.allclose(got, want, rtol=0, atol=1e-6, equal_nan=True), f"{path}: largest difference {(got - want).abs().max()}"
+            same = torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+            assert same, f"{path}: largest difference {(got - want).abs().nan_to_num().max()}"
         else:
             assert torch.equal(got, want), f"{path}: {got} != {want}"
     elif isinstance(want, float):
-        assert got == pytest.approx(want, abs=1e-6, nan_ok=True), f"{path}: {got} != {want}"
+        assert got == want or (math.isnan(got) and math.isnan(want)), f"{path}: {got} != {want}"
     else:
         assert got == want, f"{path}: {got!r} != {want!r}"
 
 
+def _killed_exit_code(kill: str) -> int:
+    """SIGKILL ends a process at once; on SIGTERM Lightning ends the fit once the batch is done, with
+    its ``SIGTERMException``, a ``SystemExit`` without a code: status 0, and no ``result.pt``."""
+    return 0 if kill.startswith("sigterm") else SIGKILLED
+
+
+def _checkpoint_position(kill: str) -> tuple[int, int]:
+    """(task, global epoch) of the checkpoint a killed run resumes from."""
+    return MID_EPOCH_KILLS[kill][2][:2] if kill in MID_EPOCH_KILLS else KILLS[kill]
+
+
 def _both(runs: Runs, config: str, kill: str, key: str) -> tuple[Any, Any]:
-    return runs.result(runs.resumed(config, kill))[key], runs.result(runs.reference(config))[key]
+    return runs.result(runs.resumed(config, kill), kill)[key], runs.result(runs.reference(config))[key]
 
 
 # ---------------------------------------------------------------------------- what must match
@@ -200,11 +227,12 @@ def test_resume_neither_retrains_a_finished_task_nor_skips_an_unfinished_one(run
     """The resumed process runs exactly the epochs the uninterrupted run had left after the
     checkpoint's position, and at the end of each fit its methods have finished the same tasks."""
     out = runs.resumed(config, kill)
-    runs.result(out)  # both processes ended as they should
+    runs.result(out, kill)  # both processes ended as they should
     (reference,) = read_timeline(runs.reference(config))
     killed, resumed = read_timeline(out)
     assert killed == reference[: len(killed)]  # the killed run followed the same path, up to the kill
-    checkpoint_epoch = KILLS[kill][1]
+    # A checkpoint inside an epoch resumes that epoch (no epoch start again) where it stood.
+    checkpoint_epoch = _checkpoint_position(kill)[1]
     after = 1 + next(i for i, r in enumerate(reference) if r["event"] == "epoch" and r["global_epoch"] == checkpoint_epoch)
     assert resumed == reference[after:]
 
@@ -212,20 +240,23 @@ def test_resume_neither_retrains_a_finished_task_nor_skips_an_unfinished_one(run
 @pytest.mark.parametrize("config,kill", cases("position"))
 def test_the_checkpoint_holds_the_sequence_position(runs, config, kill):
     out = runs.resumed(config, kill)
-    runs.result(out)
+    runs.result(out, kill)
     checkpoint = torch.load(out / "killed_last.ckpt", weights_only=True)
-    task, epoch = KILLS[kill]
+    task, epoch = _checkpoint_position(kill)
     sequence = checkpoint["TaskSequenceDataModule"]
     assert (sequence["current_task"], checkpoint["epoch"]) == (task, epoch)
     assert sequence["task_start"]["epoch"] == task * worker.EPOCHS_PER_TASK
     assert sequence["tasks_seen"] == list(range(task + 1))
+    if kill in MID_EPOCH_KILLS:  # the training loader's place in the epoch, saved by Lightning's fit loop
+        (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        assert loader["batches"] == MID_EPOCH_KILLS[kill][2][2] and set(loader["sampler"]) == {"generator"}
 
 
 def test_the_worker_resumes_as_a_script(runs):
     """Two interpreter launches (python resume_worker.py ... --kill, then --resume) end where the
     uninterrupted run ends."""
     config, kill = SCRIPT_CASE
-    resumed = runs.result(runs.resumed(config, kill, script=True))
+    resumed = runs.result(runs.resumed(config, kill, script=True), kill)
     reference = runs.result(runs.reference(config))
     for key in ("params", "methods", "matrix", "curves"):
         assert_close(resumed[key], reference[key], key)
