@@ -23,7 +23,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import neurenix as nx
 from neurenix.automl import GridSearch
-from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence
+from neurenix.continual import (
+    EWC,
+    ContinualLossMixin,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    SynapticIntelligence,
+)
 from neurenix.data import (
     IDXFormatError,
     MNIST,
@@ -105,6 +112,92 @@ def fit_sequence_with(tmp: Path, method: Optional[Callable[[nn.Module], Any]] = 
 
 
 # ---------------------------------------------------------------------------- composite cases
+class _Spawnable(L.LightningModule):
+    """At module level: ddp_spawn pickles the module (it is refused before that, with the callbacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def spawned_with(cls: type) -> Callable[[Any], Any]:
+    def call(_):
+        module = _Spawnable()
+        trainer = quiet_trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[cls(module.net)])
+        trainer.fit(module, loader())
+    return call
+
+
+def train_step_with_another_id(_):
+    method = EWC(mlp())
+    method.register_task(0, loader())
+    step(method, 1)
+
+
+def fit_again(_):
+    net = mlp()
+    module, trainer = lit_classifier(net), quiet_trainer(callbacks=[EWC(net)])
+    trainer.fit(module, loader())
+    trainer.fit(module, loader())
+
+
+class _DictSamples(Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> dict:
+        x, y = data()
+        return {"x": x[index], "y": y[index]}
+
+
+def dict_batches_with_ewc(_):
+    net = mlp()
+
+    class DictModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch["x"]), batch["y"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    fit([EWC(net)], DictModule(), DataLoader(_DictSamples(), batch_size=4))
+
+
+class _CallsItsNet(ContinualLossMixin, L.LightningModule):
+    """``training_step`` calls ``self.net(x)``, not ``self(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def distillation_of_the_lightning_module(_):
+    module = _CallsItsNet()
+    fit([KnowledgeDistillation(module)], module, loader())
+
+
+def regression_with_ewc(_):
+    method = EWC(nn.Linear(4, 1))
+    x, _ = data()
+    method.train_step(torch.optim.SGD(method.model.parameters(), lr=0.1), lambda f, t: (f - t).square().mean(), x, x[:, :1], 0)
+
+
 def reuse_with_register_task(_):
     method = trained(EWC)
     method.register_task(1)
@@ -217,11 +310,9 @@ def nan_fit_runs_on(cls: type) -> Callable[[Any], Any]:
     return call
 
 
-def empty_fit_is_skipped(_):
+def empty_fit_is_refused(_):
     net = mlp()
-    method = EWC(net)
-    trainer = fit([method], lit_classifier(net), DataLoader(TensorDataset(*data(0)), batch_size=4))
-    return trainer.global_step == 0 and method.active_task is None and method.finished_tasks == []
+    fit([EWC(net)], lit_classifier(net), DataLoader(TensorDataset(*data(0)), batch_size=4))
 
 
 class SilentTask(TaskSequenceDataModule):
@@ -361,6 +452,11 @@ ROWS: list[Row] = [
     row(E, "`fisher=\"fast\"`", ValueError, "fisher must be one of 'empirical', 'true'; got 'fast'", lambda _: EWC(mlp(), fisher="fast")),
     row(E, "`online=\"yes\"`", TypeError, "online must be a bool, got str: 'yes'", lambda _: EWC(mlp(), online="yes")),
     row(E, "`seed=-1`", ValueError, "seed must be >= 0, got -1", lambda _: EWC(mlp(), seed=-1)),
+    row(E, "`likelihood=\"mse\"`", ValueError, "likelihood must be one of 'categorical', 'gaussian', 'bernoulli'; got 'mse'",
+        lambda _: EWC(mlp(), likelihood="mse")),
+    row(ALL_METHODS, "`model` a parameter (`model.weight`)", TypeError,
+        "model must be a torch.nn.Module, got a Parameter of shape (5, 4): pass the module that holds it",
+        *each_method(lambda cls: cls(mlp()[0].weight))),
     row("`ExperienceReplay(model, ...)`", "`memory_size=-1`", ValueError, "memory_size must be >= 0, got -1", lambda _: ExperienceReplay(mlp(), memory_size=-1)),
     row("`ExperienceReplay(model, ...)`", "`replay_ratio=-0.5`", ValueError, "replay_ratio must be >= 0.0, got -0.5", lambda _: ExperienceReplay(mlp(), replay_ratio=-0.5)),
     row("`L2Regularization(model, ...)`", "`importance=inf`", ValueError, "importance must be finite, got inf", lambda _: L2Regularization(mlp(), importance=float("inf"))),
@@ -371,8 +467,12 @@ ROWS: list[Row] = [
     # the API document's calls
     row("`register_task(task_id, dataloader)`", "`task_id=\"1\"`", TypeError, "task_id must be an int, got str: '1'", *each_method(lambda cls: cls(mlp()).register_task("1"))),
     row("`register_task(task_id, dataloader)`", "a task id reused out of order (0 after 1)", ValueError,
-        "task_id=0 was already trained and consolidated (tasks so far: [0])", reuse_with_register_task),
+        "task_id=0 was already trained and consolidated (tasks so far: [0, 1]; task 1 is being trained)", reuse_with_register_task),
     row(TS, "a task id reused out of order (0 after 1)", ValueError, "task_id=0 was already trained and consolidated", reuse_with_train_step),
+    row(TS, "`task_id=1` after `register_task(0, ...)`, task 0 not trained", ValueError,
+        "train_step got task_id=1 while task 0 is registered and no step has trained it", train_step_with_another_id),
+    row("`EWC.train_step(...)`", "floating-point targets, a `loss_fn` of no known likelihood (a lambda)", ValueError,
+        "EWC cannot tell the likelihood of floating-point targets (torch.float32, from train_step's targets", regression_with_ewc),
     row(TS, "`inputs` a list", TypeError, "inputs must be a torch.Tensor, got list",
         lambda _: EWC(mlp()).train_step(torch.optim.SGD(mlp().parameters()), F.cross_entropy, [1.0], Y, 0)),
     row(TS, "0-dimensional `inputs`", ValueError, "inputs must have a batch dimension, got a 0-dimensional tensor",
@@ -448,7 +548,17 @@ ROWS: list[Row] = [
         "not scanned: the loss and then the parameters become NaN (the replay memory keeps the batches it is offered); "
         "the penalty getters raise FloatingPointError when read",
         *(nan_fit_runs_on(cls) for cls in METHODS if cls is not EWC)),
-    row(FIT, "a training loader that yields nothing", None, "Lightning skips the fit (No training batches); the method sees no task", empty_fit_is_skipped),
+    row(FIT, "`strategy=\"ddp_spawn\"` (refused in the parent, before any process starts)", RuntimeError,
+        "does not support strategies that run each fit in new processes (start method 'spawn'", *(spawned_with(cls) for cls in METHODS)),
+    row(FIT, "the same `Trainer` fit again (its `max_epochs` already reached)", RuntimeError,
+        "EWC: this fit trained no step for task 1 (tasks trained so far: [0]): the Trainer had already reached its limits", fit_again),
+    row(FIT, "`EWC` with dict batches (refused at the first batch)", TypeError,
+        "EWC computes task 0's Fisher from the fit's training batches when the task ends, and cannot read them", dict_batches_with_ewc),
+    row(FIT, "`KnowledgeDistillation(lightning_module)`, `training_step` calling `self.net(x)` (refused at the first step)", RuntimeError,
+        "KnowledgeDistillation saw no forward of its model (_CallsItsNet) in training_step", distillation_of_the_lightning_module),
+    row(FIT, "a training loader that yields nothing", RuntimeError,
+        "EWC: this fit trained no step for task 0 (tasks trained so far: []): the fit's training loader yields no batches",
+        empty_fit_is_refused),
     row(FS, "a task id reused out of order (`set_task(0)` after the sequence)", ValueError, "task_id=0 was already trained and consolidated",
         task_reused_in_sequence),
     row(FS, "a task whose training loader yields nothing", ValueError, "task 1's training loader yields no batches (train_dataloader() has length 0)",
@@ -465,7 +575,7 @@ ROWS: list[Row] = [
     row(FS, "both `epochs_per_task` and `steps_per_task`", ValueError, "give exactly one of epochs_per_task and steps_per_task",
         lambda _: fit_sequence(quiet_trainer(), None, sequence(), epochs_per_task=1, steps_per_task=1)),
     row(FS, "`epochs_per_task=0`", ValueError, "epochs_per_task must be >= 1, got 0", lambda _: fit_sequence(quiet_trainer(), None, sequence(), epochs_per_task=0)),
-    row(FS, "`ckpt_path` a file that does not exist", FileNotFoundError, "Checkpoint file not found: ", resume_from(lambda tmp: tmp / "missing.ckpt")),
+    row(FS, "`ckpt_path` a file that does not exist", FileNotFoundError, "missing.ckpt' does not exist", resume_from(lambda tmp: tmp / "missing.ckpt")),
     row(FS, "`ckpt_path` a checkpoint not written by `fit_sequence`", ValueError,
         "holds no TaskSequenceDataModule state: it was not written while fitting a TaskSequenceDataModule", resume_from(plain_checkpoint)),
     row(FS, "`ckpt_path` a checkpoint of a longer sequence (task 2 of a 2-task datamodule)", ValueError,
