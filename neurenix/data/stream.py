@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from neurenix.continual._checks import check_int
 from neurenix.continual.distributed import rank_and_world_size
 from neurenix.data.benchmarks import TaskSequence
-from neurenix.data.tasks import TaskDataset, collate_batch
+from neurenix.data.tasks import TaskDataLoader, TaskDataset, collate_batch
 
 __all__ = ["StreamDataset", "StreamSampler", "TaskStream", "task_free_stream"]
 
@@ -146,7 +146,9 @@ class TaskStream:
         stream's). Under DDP pass ``batch_size=global // world_size`` and
         ``Trainer(use_distributed_sampler=False)`` (see :class:`StreamSampler`)."""
         size = self.batch_size if batch_size is None else check_int("batch_size", batch_size, minimum=1)
-        return DataLoader(self.train, batch_size=size, sampler=StreamSampler(len(self.train)), collate_fn=collate_batch)
+        # A TaskDataLoader saves how far the stream got: a checkpoint written in the middle of the
+        # stream (it is one long epoch) resumes at its next batch, not at the stream's start.
+        return TaskDataLoader(self.train, batch_size=size, sampler=StreamSampler(len(self.train)), collate_fn=collate_batch)
 
 
 def task_free_stream(benchmark: TaskSequence, *, batch_size: int = 32, passes: int = 1, seed: int = 0) -> TaskStream:
