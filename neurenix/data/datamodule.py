@@ -483,39 +483,45 @@ def _checkpointed_datamodule_state(trainer: "pl.Trainer", datamodule: TaskSequen
 
 
 def _read_checkpoint(trainer: "pl.Trainer", ckpt_path: str) -> dict:
-    """The checkpoint at ``ckpt_path``, or an error that names the file and says what is wrong with it.
-
-    ``torch.load`` reports a truncated or corrupt file as ``OSError: [Errno 22]``, an ``EOFError``,
-    a ``KeyError`` or an ``UnpicklingError`` that advises ``weights_only=False`` (advice for a
-    file of trusted Python objects, not for a damaged one).
-    """
+    """The checkpoint at ``ckpt_path``, or an error that names the file and says what is wrong with it."""
     try:
         checkpoint = trainer.strategy.load_checkpoint(ckpt_path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file: pass a .ckpt file in it") from None
-    except PermissionError:
-        raise PermissionError(f"ckpt_path={ckpt_path!r} cannot be read: permission denied") from None
     except Exception as error:  # noqa: BLE001 - whatever torch.load met, the file is not a checkpoint it can read
-        objects = re.findall(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else []
-        if objects:
-            raise ValueError(
-                f"ckpt_path={ckpt_path!r} holds Python objects that torch.load does not load by default "
-                f"({', '.join(dict.fromkeys(objects))}); if you trust the file, allow them with "
-                "torch.serialization.add_safe_globals([...]) before resuming"
-            ) from None
-        raise ValueError(
-            f"ckpt_path={ckpt_path!r} cannot be read as a checkpoint: the file is truncated or corrupt, or is not a "
-            f"checkpoint written by Lightning ({_load_failure(error)})"
-        ) from None
+        raise unreadable_checkpoint_error(ckpt_path, error) from None
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         held = f"a dict with keys {list(checkpoint)[:6]}" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
         raise ValueError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (it holds {held})")
     return checkpoint
 
 
-def _load_failure(error: Exception) -> str:
+def unreadable_checkpoint_error(ckpt_path: Any, error: BaseException) -> Exception:
+    """The error to raise when loading ``ckpt_path`` failed with ``error``: it names the file and the cause.
+
+    ``torch.load`` reports a truncated or corrupt file as ``OSError: [Errno 22]``, an ``EOFError``,
+    a ``KeyError`` or an ``UnpicklingError`` that advises ``weights_only=False``: advice for a file
+    of trusted Python objects, not for a damaged one. (Also for callbacks that see such an error
+    in ``on_exception`` of a ``trainer.fit(ckpt_path=...)``.)
+    """
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+    if isinstance(error, IsADirectoryError):
+        return IsADirectoryError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file: pass a .ckpt file in it")
+    if isinstance(error, PermissionError):
+        return PermissionError(f"ckpt_path={ckpt_path!r} cannot be read: permission denied")
+    objects = re.findall(r"GLOBAL ([\w.]+)", str(error)) if isinstance(error, pickle.UnpicklingError) else []
+    if objects:
+        return ValueError(
+            f"ckpt_path={ckpt_path!r} holds Python objects that torch.load does not load by default "
+            f"({', '.join(dict.fromkeys(objects))}); if you trust the file, allow them with "
+            "torch.serialization.add_safe_globals([...]) before resuming"
+        )
+    return ValueError(
+        f"ckpt_path={ckpt_path!r} cannot be read as a checkpoint: the file is truncated or corrupt, or is not a "
+        f"checkpoint written by Lightning ({_load_failure(error)})"
+    )
+
+
+def _load_failure(error: BaseException) -> str:
     """What ``torch.load`` met, in one line, without its advice about ``weights_only``."""
     text = str(error)
     if "WeightsUnpickler error:" in text:
