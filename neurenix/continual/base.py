@@ -32,6 +32,7 @@ __all__ = [
     "evaluation_mode",
     "global_generator_kept",
     "model_arguments",
+    "requires_task_ids",
     "takes_task_ids",
     "trainable_parameters",
 ]
@@ -96,6 +97,16 @@ def _forward_takes_task_ids(forward: Callable[..., Any]) -> bool:
         return False
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in positional)
+
+
+def requires_task_ids(model: nn.Module) -> bool:
+    """Whether ``model``'s forward cannot run without task ids: a second positional parameter with no default."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
 
 
 def model_arguments(model: nn.Module, inputs: Tensor, task_ids: Optional[Tensor]) -> tuple[Tensor, ...]:

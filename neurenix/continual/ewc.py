@@ -16,7 +16,7 @@ from neurenix.continual.base import (
     evaluation_mode,
     global_generator_kept,
     model_arguments,
-    takes_task_ids,
+    requires_task_ids,
     trainable_parameters,
 )
 from neurenix.continual.callback import split_batch
@@ -209,9 +209,9 @@ class EWC(QuadraticPenaltyMethod):
                 f"ends, and cannot read them: {error}. Give batches as such tuples, or the Fisher's data with "
                 f"ewc.register_task({self.active_task}, dataloader) before the fit"
             ) from None
-        if task_ids is None and takes_task_ids(self.model):
+        if task_ids is None and requires_task_ids(self.model):
             raise ValueError(
-                f"EWC's model ({type(self.model).__name__}) takes task ids (forward(inputs, task_ids): a multi-head "
+                f"EWC's model ({type(self.model).__name__}) needs task ids (forward(inputs, task_ids): a multi-head "
                 "model), but the training batches are (inputs, targets) pairs: the Fisher at the task's end could "
                 "not call it. Give batches of (inputs, targets, task_ids) (split_benchmark(..., scenario='task') "
                 "builds them)"

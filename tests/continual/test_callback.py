@@ -265,8 +265,25 @@ def test_ewc_refuses_pairs_for_a_multi_head_model_at_the_first_batch():
 
     error, steps = _first_batch_failure(FixedHead(), EWC(net), make_task())
     assert steps == 0 and isinstance(error, ValueError)
-    assert str(error).startswith("EWC's model (_TwoHeads) takes task ids (forward(inputs, task_ids): a multi-head model), "
+    assert str(error).startswith("EWC's model (_TwoHeads) needs task ids (forward(inputs, task_ids): a multi-head model), "
                                  "but the training batches are (inputs, targets) pairs")
+
+
+def test_ewc_takes_pairs_for_a_model_whose_task_ids_are_optional():
+    net = make_mlp()
+
+    class OptionalIds(nn.Module):  # one head; forward(x, task_ids=None), as the neurenix command's MLP
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, task_ids=None):
+            return self.net(x)
+
+    model = OptionalIds()
+    ewc = EWC(model, fisher_sample_size=16)
+    _fit(lit_classifier(model), [ewc], make_task())
+    assert ewc.finished_tasks == [0] and ewc._tasks[0]["samples"] == 16
 
 
 def test_ewc_refuses_floating_point_targets_of_unknown_likelihood_at_the_first_batch():
