@@ -57,8 +57,11 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         num_workers: ``DataLoader`` worker processes.
         shuffle: whether training batches are shuffled (through the loader's sampler, so
             Lightning's ``DistributedSampler`` replaces it under DDP).
-        seed: the seed of the shuffling; the shuffling generator is saved in checkpoints, so a
-            resumed run sees the batches an uninterrupted one would.
+        seed: the seed of the shuffling; the shuffling generator is saved in checkpoints, and
+            the training loader's place in its epoch too (a :class:`~neurenix.data.TaskDataLoader`),
+            so a run resumed from a checkpoint written anywhere sees the batches an uninterrupted
+            one would. (Under DDP, Lightning's ``DistributedSampler`` shuffles instead, seeded from
+            ``PL_GLOBAL_SEED``.)
         pin_memory: ``DataLoader``'s ``pin_memory``.
 
     Raises:
@@ -220,6 +223,11 @@ def fit_sequence(
     reloads the training loader of the current task, and callbacks see ``on_train_start`` and
     ``on_train_end`` once per task. After the call, ``datamodule.current_task`` is the last task.
 
+    Lightning's own notes that every fit repeats (the model summary, "Checkpoint directory ...
+    exists and is not empty", device lines) are shown once per sequence; notes that differ are
+    all shown. An ``OnExceptionCheckpoint`` writes its checkpoint on an exception (``SIGTERM``
+    included) as usual, but does not make each task's fit resume from the last checkpoint.
+
     Args:
         trainer: the ``Trainer`` for the whole sequence (its ``max_epochs``/``max_steps`` are
             set per task).
@@ -227,15 +235,19 @@ def fit_sequence(
         datamodule: the tasks.
         epochs_per_task: epochs per task; give this or ``steps_per_task``.
         steps_per_task: optimizer steps per task.
-        ckpt_path: a checkpoint file written during an earlier ``fit_sequence`` run; the sequence
-            resumes in the task it was saved in (the task travels in the checkpoint).
+        ckpt_path: a checkpoint file written during an earlier ``fit_sequence`` run, at an epoch
+            end or anywhere inside an epoch; the sequence resumes in the task it was saved in (the
+            task travels in the checkpoint), at the batch it was saved after.
 
     Raises:
         TypeError: ``trainer`` or ``datamodule`` is of the wrong type, or a count is not an int.
         ValueError: neither or both of ``epochs_per_task``/``steps_per_task``, or one ``< 1``;
             a task whose training loader yields no batches (checked before its fit: Lightning
-            would skip the fit and the task with it); ``ckpt_path`` not written while fitting
-            this kind of datamodule, or saved in a task this datamodule does not have.
+            would skip the fit and the task with it); ``ckpt_path`` unreadable (truncated,
+            corrupt, not a Lightning checkpoint), not written while fitting this kind of
+            datamodule, or saved in a task this datamodule does not have.
+        FileNotFoundError: ``ckpt_path`` does not exist (``IsADirectoryError``: it is a directory;
+            ``PermissionError``: it cannot be read).
 
     Example::
 
@@ -314,6 +326,7 @@ def _forwarding(hook: str) -> Any:
 
 for _hook in [name for name, value in vars(Callback).items() if callable(value) and not name.startswith("_")]:
     setattr(_CallbackStandIn, _hook, _forwarding(_hook))
+del _hook
 
 
 class _LightningNotesOnce:
