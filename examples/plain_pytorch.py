@@ -4,7 +4,7 @@
     python examples/plain_pytorch.py --fast       # CI: 1 epoch per task
     python examples/plain_pytorch.py --methods none ewc replay --epochs 8
 
-The standalone API of the API document, in a loop you own. Per task, the same three lines for
+The Neurenix continual-learning API (docs/continual-api.md), in a loop you own. Per task, the same three lines for
 every method:
 
     method.register_task(task_id, dataloader=loader)      # EWC reads the task's data here
