@@ -13,11 +13,12 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import neurenix
 from neurenix.cli.output import RUN_FILES, TENSORBOARD
 from neurenix.cli.runs import DataSource, MethodRun, task_label
+from neurenix.metrics.drawing import font
 
 __all__ = ["describe", "draw_forgetting_curves", "method_line", "results_document", "results_table", "write_reports"]
 
@@ -127,26 +128,19 @@ _PANEL_W, _PANEL_H, _MARGIN_L, _MARGIN_B, _MARGIN_T = 420, 260, 46, 34, 30
 _HEADER = 58
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
 def draw_forgetting_curves(runs: Sequence[MethodRun], num_tasks: int, title: str) -> Image.Image:
     """One panel per method: each task's accuracy (y, 0..1) against the global step (x)."""
     columns = min(len(runs), 3)
     rows = math.ceil(len(runs) / columns)
     image = Image.new("RGB", (columns * _PANEL_W + 20, rows * _PANEL_H + _HEADER + 10), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((12, 8), "Forgetting curves: " + title, fill="black", font=_font(15))
+    draw.text((12, 8), "Forgetting curves: " + title, fill="black", font=font(15))
     caption = "test accuracy of every task (thin before the task is trained) against the training step"
-    draw.text((image.width - 12 - draw.textlength(caption, font=_font(12)), 36), caption, fill="#555555", font=_font(12))
+    draw.text((image.width - 12 - draw.textlength(caption, font=font(12)), 36), caption, fill="#555555", font=font(12))
     x = 12
     for task in range(num_tasks):  # the legend: one colour per task
         draw.line((x, 40, x + 18, 40), fill=_PALETTE[task % len(_PALETTE)], width=3)
-        draw.text((x + 22, 33), task_label(task), fill="black", font=_font(12))
+        draw.text((x + 22, 33), task_label(task), fill="black", font=font(12))
         x += 80
     for index, run in enumerate(runs):
         left = 10 + (index % columns) * _PANEL_W
@@ -159,11 +153,11 @@ def _panel(draw: ImageDraw.ImageDraw, run: MethodRun, num_tasks: int, origin: tu
     left, top = origin
     x0, x1 = left + _MARGIN_L, left + _PANEL_W - 14
     y0, y1 = top + _PANEL_H - _MARGIN_B, top + _MARGIN_T  # y0: accuracy 0, y1: accuracy 1
-    small = _font(11)
+    small = font(11)
     subtitle = f"{run.name}: avg acc {run.average_accuracy:.3f}"
     if not math.isnan(run.backward_transfer):
         subtitle += f", BWT {run.backward_transfer:+.3f}"
-    draw.text((x0, top + 8), subtitle, fill="black", font=_font(13))
+    draw.text((x0, top + 8), subtitle, fill="black", font=font(13))
     ends = [step for step, _ in run.curves.get("continual/average_accuracy", [])]
     last = max([1, *ends, *(step for points in run.curves.values() for step, _ in points)])
 

@@ -17,13 +17,14 @@ from typing_extensions import override
 from neurenix.continual._checks import check_int
 from neurenix.continual.base import evaluation_mode, model_arguments
 from neurenix.continual.callback import continual_methods, split_batch
+from neurenix.continual.distributed import StaysInItsProcess
 from neurenix.metrics.accuracy_matrix import AccuracyMatrix, accuracy_ratio
 from neurenix.metrics.drawing import draw_accuracy_matrix
 
 __all__ = ["ForgettingCurves", "accuracy_heatmap"]
 
 
-class ForgettingCurves(Callback):
+class ForgettingCurves(StaysInItsProcess, Callback):
     """Evaluate every task's test set after each task (and optionally during it) and log it.
 
     Needs a datamodule with ``num_tasks``, ``current_task`` and a ``test_dataloader()`` that

@@ -24,6 +24,7 @@ from neurenix.continual import (
     TaskBoundaryDetector,
 )
 from neurenix.continual.replay import redistributed_memory
+from neurenix.metrics import ForgettingCurves
 
 WORKER = Path(__file__).with_name("sequence_worker.py")
 TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
@@ -156,6 +157,7 @@ _EVERY_STATEFUL_CALLBACK = {
     "SynapticIntelligence": lambda net: SynapticIntelligence(net),
     "KnowledgeDistillation": lambda net: KnowledgeDistillation(net),
     "TaskBoundaryDetector": lambda net: TaskBoundaryDetector(net),
+    "ForgettingCurves": lambda net: ForgettingCurves(),
 }
 
 
