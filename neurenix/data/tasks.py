@@ -116,7 +116,7 @@ class TaskDataLoader(DataLoader):
     _served: int = 0  # batches handed out in the epoch in progress
     _origin: Optional[dict[str, Any]] = None  # the sampler's state when the epoch began (_sampler_state)
     _pending: Optional[dict[str, Any]] = None  # a loaded state the next iteration starts from
-    _skip: int = 0  # batches of indices to skip while the next iterator is built
+    _skipping: Optional["_SkipCount"] = None  # batches of indices to skip while an iterator is built
 
     def __iter__(self) -> Iterator[Any]:
         return self._epoch()
@@ -127,11 +127,12 @@ class TaskDataLoader(DataLoader):
         if self._lean():
             batches = self._lean_batches()
         else:
-            self._skip = self._served  # read by `_index_sampler` while DataLoader builds its iterator
+            skipping = self._skip_count()
+            skipping.batches = self._served  # read through `_index_sampler` while DataLoader builds its iterator
             try:
                 batches = super().__iter__()
             finally:
-                self._skip = 0
+                skipping.batches = 0
         for batch in batches:
             self._served += 1  # counted when handed out: a checkpoint in `on_train_batch_end` counts it
             yield batch
@@ -147,10 +148,18 @@ class TaskDataLoader(DataLoader):
     @property
     def _index_sampler(self) -> Any:
         # DataLoader's iterators read their batches of indices from this property (PyTorch's own
-        # name for "batch_sampler, or sampler without automatic batching"); while an iterator that
-        # resumes an epoch is built, it skips the batches the epoch had already served.
-        index_sampler = super()._index_sampler
-        return index_sampler if not self._skip else _SkippedBatches(index_sampler, self._skip)
+        # name for "batch_sampler, or sampler without automatic batching"), when they are built
+        # and, with persistent workers, again at each epoch's start: they skip the batches an
+        # epoch being resumed had already served.
+        return _SkippedBatches(super()._index_sampler, self._skip_count())
+
+    def _skip_count(self) -> "_SkipCount":
+        # Its own object, not the loader: an iterator of persistent workers keeps the index sampler,
+        # and a reference back to the loader would make a cycle that only the garbage collector
+        # breaks, while the workers wait (seconds) to be shut down.
+        if self._skipping is None:
+            self._skipping = _SkipCount()
+        return self._skipping
 
     def _start_epoch(self) -> int:
         """Apply a loaded position, remember where this epoch's order comes from; batches to skip."""
@@ -207,17 +216,27 @@ class TaskDataLoader(DataLoader):
         self._pending = {"batches": batches, "sampler": dict(state_dict.get("sampler", {}))}
 
 
-class _SkippedBatches:
-    """A batch sampler without its first ``skip`` batches (the order is drawn as usual)."""
+class _SkipCount:
+    """How many batches the iterator being built skips (0 but while a resumed epoch's is built)."""
 
-    def __init__(self, batch_sampler: Any, skip: int) -> None:
-        self.batch_sampler, self.skip = batch_sampler, skip
+    batches = 0
+
+
+class _SkippedBatches:
+    """A loader's batch sampler, without the batches that its resumed epoch had served.
+
+    The count is read at each ``iter()``: it is non-zero only while the loader builds (or, with
+    persistent workers, resets) the iterator of an epoch it resumes.
+    """
+
+    def __init__(self, batch_sampler: Any, skipping: _SkipCount) -> None:
+        self.batch_sampler, self.skipping = batch_sampler, skipping
 
     def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+        return itertools.islice(iter(self.batch_sampler), self.skipping.batches, None)
 
     def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
+        return max(len(self.batch_sampler) - self.skipping.batches, 0)
 
 
 def _sampler_state(sampler: Any) -> dict[str, Any]:

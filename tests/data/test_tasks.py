@@ -233,6 +233,11 @@ def worker_batches(seed: int) -> TaskDataLoader:
     return TaskDataLoader(counting_task(), batch_sampler=BatchSampler(sampler, BATCH, False), collate_fn=collate_batch, num_workers=2)
 
 
+def persistent_workers(seed: int) -> TaskDataLoader:
+    loader = worker_batches(seed)
+    return TaskDataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=collate_batch, num_workers=2, persistent_workers=True)
+
+
 def unshuffled(seed: int) -> TaskDataLoader:
     return TaskDataLoader(counting_task(), batch_sampler=TensorBatchSampler(SequentialSampler(counting_task()), BATCH, False), collate_fn=collate_batch)
 
@@ -248,7 +253,13 @@ def pinned(seed: int) -> TaskDataLoader:
     return TaskDataLoader(counting_task(), batch_sampler=TensorBatchSampler(sampler, BATCH, False), collate_fn=collate_batch, pin_memory=True)
 
 
-LOADERS = {"tensor_batches": tensor_batches, "workers": worker_batches, "unshuffled": unshuffled, "per_sample": per_sample}
+LOADERS = {
+    "tensor_batches": tensor_batches,
+    "workers": worker_batches,
+    "persistent_workers": persistent_workers,
+    "unshuffled": unshuffled,
+    "per_sample": per_sample,
+}
 
 
 def labels(batches) -> list[list[int]]:
