@@ -1,7 +1,7 @@
-"""Continual learning with Experience Replay: the API document's tutorial.
+"""Continual learning with Experience Replay: a tutorial of the Neurenix continual-learning API.
 
     python examples/tutorial_replay.py                      # MNIST under ./data, downloaded if missing
-    python examples/tutorial_replay.py --root ~/datasets    # an existing copy: ROOT/MNIST/raw/*-ubyte[.gz]
+    python examples/tutorial_replay.py --root DIR           # a copy you have: in DIR/MNIST/raw/ or DIR itself
     python examples/tutorial_replay.py --fast               # CI: 1 epoch per phase, 500 images per set
 
 Split MNIST in two tasks that share one output layer: task 1 is digits 0-4, task 2 digits 5-9
@@ -11,18 +11,36 @@ every batch; a second model learns the same two tasks without replay.
 ``experience_replay_comparison.png`` plots both tasks' test accuracy during task 2, with and
 without replay. Needs matplotlib: ``pip install "neurenix[tutorials]"``.
 
-Below the docstring, the code is the API document's, unchanged except for the lines marked
-"not in the API document": the data root, the number of epochs and (``--fast``, ``--samples``)
-the number of images come from the command line, and one line prints the final accuracies.
-tests/test_examples.py checks that nothing else differs.
+Data: MNIST is read from ``ROOT/MNIST/raw/`` or ``ROOT`` itself (plain or ``.gz`` IDX files;
+torchvision's layout, so its downloads are reused) and the missing files are downloaded into
+``ROOT/MNIST/raw/``. Without a network the download fails with a message that says so and
+suggests ``--root DIR``, DIR a folder that holds the four files; the folders made for the
+download are removed again. Fashion-MNIST's files (the same format) are read too, with a
+warning: the first line of the output names the dataset read, since the tutorial's own lines
+say "digits" whatever it is.
+
+Run time on the 2-core development machine, Fashion-MNIST standing in for MNIST (there is no
+MNIST copy there), 5 epochs per phase as published: 103 s (``time python
+examples/tutorial_replay.py --root /usr/share/datasets/fashion-mnist``). ``--fast`` takes
+about 12 s. In that run task 1 kept 0.65 with replay and 0.22 without.
+
+Below the docstring, the code is the published tutorial's, unchanged except for the lines
+marked "not in the published tutorial": the data root, the number of epochs and (``--fast``,
+``--samples``) the number of images come from the command line, a first line names the
+dataset read, and one line prints the final accuracies. tests/test_examples.py checks that
+nothing else differs.
 """
 
-# >>> not in the API document: where MNIST is, how long to train (CI runs --fast)
+# >>> not in the published tutorial: where MNIST is, how long to train (CI runs --fast)
 import argparse
+import warnings
+
+from neurenix.data import DownloadError, FashionMNIST, MNIST as MNISTFiles
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--root", default="./data", help="the MNIST folder: ROOT/MNIST/raw/*-ubyte[.gz] (default: ./data)")
-parser.add_argument("--epochs", type=int, default=5, help="epochs of each training phase (default: 5, as in the document)")
+parser.add_argument("--root", default="./data", help="a folder holding MNIST's four files, in ROOT/MNIST/raw/ or ROOT itself; "
+                    "missing files are downloaded into ROOT/MNIST/raw/ (default: ./data)")  # fmt: skip
+parser.add_argument("--epochs", type=int, default=5, help="epochs of each training phase (default: 5, as published)")
 parser.add_argument("--samples", type=int, default=None, help="keep only the first SAMPLES images of each task's training and test sets")
 parser.add_argument("--fast", action="store_true", help="a smoke run: --epochs 1 --samples 500")
 args = parser.parse_args()
@@ -31,12 +49,32 @@ if args.fast:
 ROOT, EPOCHS = args.root, args.epochs
 
 
+def fetch_and_name_the_data(root):
+    """Download what is missing now, so that a failed download can say what to do, and print
+    which dataset ROOT holds: the tutorial's own lines say "digits" whatever it reads."""
+    try:
+        test_set = MNISTFiles(root, train=False, download=True)
+    except DownloadError as error:
+        parser.exit(1, f"{error}\nNo network? Run again with --root DIR, DIR a folder that holds MNIST's four files.\n")
+    if test_set.recognized_as == "Fashion-MNIST":
+        warnings.filterwarnings("ignore", message=".*holds Fashion-MNIST")  # said once (just above); the tutorial reads it 4 times
+        first, last = ", ".join(FashionMNIST.classes[:5]), ", ".join(FashionMNIST.classes[5:])
+        print(f"Data: Fashion-MNIST from {root}, not MNIST: below, 'digits 0-4' are its classes {first}; 'digits 5-9' are {last}")
+    elif test_set.recognized_as == "MNIST":
+        print(f"Data: MNIST from {root}")
+    else:
+        print(f"Data: MNIST-format files from {root}, neither MNIST nor Fashion-MNIST in full ({len(test_set)} test images)")
+
+
+fetch_and_name_the_data(ROOT)
+
+
 def keep_first(*datasets):
     """--samples N: keep the first N samples of each dataset (MNIST holds them as tensors)."""
     if args.samples is not None:
         for dataset in datasets:
             dataset.data, dataset.targets = dataset.data[: args.samples], dataset.targets[: args.samples]
-# <<< not in the API document
+# <<< not in the published tutorial
 
 import neurenix as nx
 from neurenix.nn import Sequential, Linear, ReLU
@@ -86,7 +124,7 @@ task2_dataset = nx.data.MNIST(
     filter_labels=lambda y: y >= 5
 )
 
-keep_first(task1_dataset, task2_dataset)  # not in the API document
+keep_first(task1_dataset, task2_dataset)  # not in the published tutorial
 
 # Create data loaders
 task1_loader = DataLoader(task1_dataset, batch_size=32, shuffle=True)
@@ -111,7 +149,7 @@ task2_test = nx.data.MNIST(
     filter_labels=lambda y: y >= 5
 )
 
-keep_first(task1_test, task2_test)  # not in the API document
+keep_first(task1_test, task2_test)  # not in the published tutorial
 
 # Create test loaders
 task1_test_loader = DataLoader(task1_test, batch_size=100, shuffle=False)
@@ -218,7 +256,7 @@ for epoch in range(EPOCHS):
 
     print(f"Epoch {epoch+1}, Task 1 accuracy: {task1_acc:.4f}, Task 2 accuracy: {task2_acc:.4f}")
 
-print(f"Task 1 accuracy after task 2: with replay {replay_accuracies[-1][0]:.4f}, without replay {no_replay_accuracies[-1][0]:.4f}")  # not in the API document
+print(f"Task 1 accuracy after task 2: with replay {replay_accuracies[-1][0]:.4f}, without replay {no_replay_accuracies[-1][0]:.4f}")  # not in the published tutorial
 
 # Plot results
 plt.figure(figsize=(12, 5))

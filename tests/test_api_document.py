@@ -1,6 +1,7 @@
-"""Every code block of the API document runs unchanged against the package.
+"""Every code block of the Neurenix continual-learning API's published text runs unchanged against the package.
 
-The document (``shared/seed/continual-learning-api.txt`` beside the repository) is the text of a
+That text ("the document" below; ``shared/seed/continual-learning-api.txt`` beside the
+repository, docs/continual-api.md describes the API in our words) is the text of a
 rendered web page: its code blocks have no fences. :func:`document_blocks` finds them: a block
 starts at ``import neurenix as nx`` and grows paragraph by paragraph while the text still
 compiles as Python (prose does not; a one-word heading such as "Tutorials" would, so a lone
@@ -56,7 +57,7 @@ EXAMPLE_METHODS = {"ewc_example": "ewc", "replay_example": "replay", "l2_example
 
 # ---------------------------------------------------------------------------- the document
 def document_path() -> Optional[Path]:
-    """The API document: ``$NEURENIX_API_DOCUMENT``, else ``shared/seed/`` beside the repository,
+    """The API's published text: ``$NEURENIX_API_DOCUMENT``, else ``shared/seed/`` beside the repository,
     else the copy committed in ``tests/fixtures/`` (so a clone alone runs every test)."""
     candidates = [os.environ.get("NEURENIX_API_DOCUMENT")]
     candidates += [str(base / "shared" / "seed" / DOCUMENT_NAME) for base in (REPO.parent, REPO)]
@@ -67,7 +68,7 @@ def document_path() -> Optional[Path]:
 def document_text() -> str:
     path = document_path()
     if path is None:
-        message = f"the API document ({DOCUMENT_NAME}) is not in shared/seed/ beside the repository"
+        message = f"the published text of the Neurenix continual-learning API ({DOCUMENT_NAME}) is not in shared/seed/ beside the repository"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -129,7 +130,7 @@ def blocks() -> dict[str, str]:
 def run_block(code: str, name: str, **names) -> dict:
     """Execute a document block in a fresh namespace holding ``names``; return the namespace."""
     namespace = {"__name__": f"api_document_{name}", **names}
-    exec(compile(code, f"<API document: {name}>", "exec"), namespace)
+    exec(compile(code, f"<the API's published text: {name}>", "exec"), namespace)
     return namespace
 
 

@@ -5,8 +5,8 @@ their time importing torch and Lightning, which overlaps well) and each test the
 own, with a timeout, and checks its exit status and the output that shows it did its job. A file
 added to examples/ without a fast command here fails :func:`test_every_example_has_a_fast_run`.
 
-The two tutorials are also checked to be the API document's code, unchanged except for the
-lines they mark "not in the API document".
+The two tutorials are also checked to be the published tutorials of the Neurenix
+continual-learning API, unchanged except for the lines they mark "not in the published tutorial".
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from tests.test_api_document import BLOCK_NAMES, document_blocks, document_text, mnist_like, write_mnist_files
+from neurenix.data import MNIST
+from tests.data.test_download import closed_port_url
+from tests.test_api_document import BLOCK_NAMES, FASHION, document_blocks, document_text, mnist_like, pyplot, write_mnist_files
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -58,6 +61,8 @@ def _tutorial(script: str) -> Callable[[Path], list[str]]:
 
 def _check_tutorial(method: str, figure: str) -> Callable[[str, Path], None]:
     def check(out: str, folder: Path) -> None:
+        data = f"Data: MNIST-format files from {folder / 'mnist'}, neither MNIST nor Fashion-MNIST in full (200 test images)\n"
+        assert out.startswith(data), out  # the made-up files are named as what they are
         assert f"Training on task 2 (digits 5-9) with {method}..." in out
         assert re.search(rf"Task 1 accuracy after task 2: with \S.* [01]\.\d{{4}}, without .* [01]\.\d{{4}}$", out, re.MULTILINE), out
         assert out.count("Epoch 1, Task 1 accuracy") == 3 and "Epoch 2" not in out  # --fast: one epoch per phase
@@ -167,8 +172,8 @@ def test_every_example_has_a_fast_run():
 
 
 # ---------------------------------------------------------------------------- the tutorials are the document's
-MARKER = "# not in the API document"
-BEGIN, END = "# >>> not in the API document", "# <<< not in the API document"
+MARKER = "# not in the published tutorial"
+BEGIN, END = "# >>> not in the published tutorial", "# <<< not in the published tutorial"
 #: What a tutorial script writes instead of the document's text.
 SUBSTITUTIONS = {"root=ROOT": "root='./data'", "range(EPOCHS)": "range(5)"}
 
@@ -207,3 +212,40 @@ def test_a_tutorial_script_is_the_documents_code(name):
     documented = dict(zip(BLOCK_NAMES, (code for _, code in document_blocks(document_text()))))[name]
     ours = document_code_of((EXAMPLES / f"{name}.py").read_text(encoding="utf-8"))
     assert ours == documented
+
+
+# ---------------------------------------------------------------------------- the tutorials' data
+def run_script(script: str, *arguments: str) -> None:
+    """Run an example in this process, as ``python examples/SCRIPT ARGUMENTS`` would."""
+    saved = sys.argv
+    sys.argv = [str(EXAMPLES / script), *arguments]
+    try:
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
+@pytest.mark.parametrize("script", ["tutorial_ewc.py", "tutorial_replay.py"])
+def test_a_tutorial_whose_download_fails_says_to_pass_root_and_leaves_no_folder(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(MNIST, "mirrors", (closed_port_url("/mnist/"),))  # no network
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        run_script(script)  # the default root, ./data
+    assert caught.value.code == 1
+    error = capsys.readouterr().err
+    assert "MNIST could not be downloaded into data/MNIST/raw. If you have its files (no network here?), pass root=" in error
+    assert error.endswith("No network? Run again with --root DIR, DIR a folder that holds MNIST's four files.\n")
+    assert list(tmp_path.iterdir()) == []  # no empty data/MNIST/raw/ left behind
+
+
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="no local Fashion-MNIST")
+def test_a_tutorial_given_fashion_mnist_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="holds Fashion-MNIST") as caught, pyplot():
+        run_script("tutorial_replay.py", "--root", str(FASHION), "--fast", "--samples", "100")
+    assert len([w for w in caught if "holds Fashion-MNIST" in str(w.message)]) == 1  # not once per dataset the tutorial makes
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"Data: Fashion-MNIST from {FASHION}, not MNIST: below, 'digits 0-4' are its classes T-shirt/top, Trouser, "
+        "Pullover, Dress, Coat; 'digits 5-9' are Sandal, Shirt, Sneaker, Bag, Ankle boot\nTraining on task 1 (digits 0-4)...\n"
+    ), out
