@@ -75,6 +75,22 @@ def test_the_runnable_examples_of_a_page_run(page, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_the_accuracy_matrix_example_takes_logits_as_its_comment_offers():
+    """metrics.md's AccuracyMatrix example says each ``update`` takes "predicted labels, or logits":
+    with every prediction given as logits (whose argmax is that label) it gives the same matrix."""
+    (code,) = [block for block in runnable_blocks((DOCS / "metrics.md").read_text(encoding="utf-8")) if "AccuracyMatrix(num_tasks=2)" in block]
+    assert "# predicted labels, or logits" in code
+    as_logits, count = re.subn(r"matrix\.update\(torch\.tensor\((\[[\d, ]+\])\)",
+                               r"matrix.update(torch.nn.functional.one_hot(torch.tensor(\1), 2).float() * 4.0 - 2.0", code)  # fmt: skip
+    assert count == 4
+    namespaces = []
+    for variant in (code, as_logits):
+        namespaces.append({})
+        exec(compile(variant, "<docs/metrics.md: AccuracyMatrix>", "exec"), namespaces[-1])
+    labels, logits = (namespace["matrix"].accuracies() for namespace in namespaces)
+    assert torch.equal(labels, logits) and torch.allclose(labels, torch.tensor([[0.75, 0.75], [0.5, 1.0]], dtype=labels.dtype))
+
+
 # ---------------------------------------------------------------------------- the continual-learning API page
 API_PAGE = DOCS / "continual-api.md"
 SIGNATURES = "<!-- signatures -->"
