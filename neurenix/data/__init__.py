@@ -6,7 +6,8 @@
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from neurenix.data.benchmarks import SCENARIOS, TaskSequence, permuted_benchmark, split_benchmark
-from neurenix.data.datamodule import TaskSequenceDataModule, fit_sequence
+from neurenix.data.datamodule import TaskSequenceDataModule
+from neurenix.data.sequence import fit_sequence
 from neurenix.data.digits import Digits
 from neurenix.data.download import DownloadError, download_file
 from neurenix.data.idx import IDXFormatError, read_idx

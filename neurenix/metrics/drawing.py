@@ -12,6 +12,8 @@ without reading pixels.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -54,6 +56,7 @@ _BAR_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _TITLE_SIZE, _AXIS_SIZE, _TICK_SIZE = 16, 13, 12
 
 
+@functools.lru_cache(maxsize=None)  # loading decodes the embedded font: once per size, not per text
 def font(size: int) -> ImageFont.ImageFont:
     """Pillow's own font at ``size`` pixels (Pillow >= 10.1 with FreeType), else its fixed bitmap font."""
     try:

@@ -18,7 +18,8 @@ from torch import nn
 
 from neurenix.continual import EWC
 from neurenix.data.benchmarks import split_benchmark
-from neurenix.data.datamodule import TaskSequenceDataModule, fit_sequence
+from neurenix.data.datamodule import TaskSequenceDataModule
+from neurenix.data.sequence import fit_sequence
 from neurenix.data.tasks import TaskDataset
 from tests.helpers import lit_classifier, quiet_trainer
 

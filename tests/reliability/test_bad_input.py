@@ -569,6 +569,9 @@ ROWS: list[Row] = [
     row(FS, "`Trainer(limit_train_batches=0)`", ValueError,
         "task 0's training loader yields no batches: the Trainer was built with limit_train_batches=0",
         lambda tmp: fit_sequence_with(tmp, EWC, limit_train_batches=0)),
+    row(FS, "a `Trainer(strategy=\"ddp_spawn\")`, no callbacks (refused before the first fit)", ValueError,
+        "fit_sequence does not support strategies that run each fit in new processes (start method 'spawn'",
+        lambda tmp: fit_sequence_with(tmp, accelerator="cpu", devices=2, strategy="ddp_spawn")),
     row(FS, "`trainer` not a `Trainer`", TypeError, "trainer must be a lightning Trainer, got str", lambda _: fit_sequence("t", None, sequence(), epochs_per_task=1)),
     row(FS, "a plain `LightningDataModule`", TypeError, "datamodule must be a TaskSequenceDataModule, got LightningDataModule",
         lambda _: fit_sequence(quiet_trainer(), None, L.LightningDataModule(), epochs_per_task=1)),
@@ -627,6 +630,8 @@ ROWS: list[Row] = [
     row("`forward_transfer(matrix, initial, after_task)`", "3 initial accuracies for 2 tasks", ValueError,
         "initial must hold one accuracy per task, shape (2,), got (3,)", lambda _: forward_transfer(torch.zeros(2, 2), torch.zeros(3))),
     row("`ForgettingCurves(every_n_epochs)`", "`every_n_epochs=0`", ValueError, "every_n_epochs must be >= 1, got 0", lambda _: ForgettingCurves(every_n_epochs=0)),
+    row("`ForgettingCurves(task_ids)`", "`task_ids=[1, 1]`", ValueError, "task_ids must name each task once (at least one), got [1, 1]",
+        lambda _: ForgettingCurves(task_ids=[1, 1])),
     row("`ForgettingCurves` under `Trainer.fit`", "no task-sequence datamodule", ValueError, "ForgettingCurves needs a task-sequence datamodule",
         lambda _: fit([ForgettingCurves()], lit_classifier(mlp()), loader())),
     # search and session
