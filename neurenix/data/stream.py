@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from neurenix.continual._checks import check_int
 from neurenix.continual.distributed import rank_and_world_size
 from neurenix.data.benchmarks import TaskSequence
-from neurenix.data.tasks import TaskDataLoader, TaskDataset, collate_batch
+from neurenix.data.tasks import SampleBatch, TaskDataLoader, TaskDataset, collate_batch
 
 __all__ = ["StreamDataset", "StreamSampler", "TaskStream", "task_free_stream"]
 
@@ -56,11 +56,14 @@ class StreamDataset(Dataset):
         return self.order.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        inputs, targets = self.__getitems__([index])
+        inputs, targets = self._batch([index])
         return inputs[0], targets[0]
 
-    def __getitems__(self, indices: Union[Sequence[int], Tensor]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: Union[Sequence[int], Tensor]) -> SampleBatch:
         """The batch of stream positions ``indices`` (what ``DataLoader`` asks for)."""
+        return SampleBatch(self._batch(indices))
+
+    def _batch(self, indices: Union[Sequence[int], Tensor]) -> tuple[Tensor, Tensor]:
         entries = self.order[torch.as_tensor(indices, dtype=torch.long)]
         task_of = entries[:, 0]
         parts = []

@@ -14,6 +14,8 @@ classes so that datasets pickle into ``DataLoader`` worker processes.
 
 from __future__ import annotations
 
+import collections.abc
+
 import itertools
 import warnings
 from numbers import Integral
@@ -31,6 +33,7 @@ __all__ = [
     "TaskDataLoader",
     "TaskDataset",
     "TensorBatchSampler",
+    "SampleBatch",
     "ToFloat",
     "collate_batch",
 ]
@@ -39,9 +42,32 @@ Index = Union[int, slice, Sequence[int], Tensor]
 Batch = Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-def collate_batch(batch: Batch) -> Batch:
+class SampleBatch(collections.abc.Sequence):
+    """A whole batch built at once by ``__getitems__``, which also reads as a list of samples.
+
+    :func:`collate_batch` hands the batch on as it was built. Any other ``collate_fn``
+    (PyTorch's default one: a plain ``DataLoader(task, batch_size=32)``) sees ``N`` samples and
+    stacks them as it would a dataset's items: the same batch, by the slower per-sample route,
+    rather than an error about tensors of unequal size.
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: Batch) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return tuple(item[index] for item in self.tensors)
+
+
+def collate_batch(batch: Union[SampleBatch, Batch]) -> Batch:
     """``collate_fn`` for a :class:`TaskDataset`: ``__getitems__`` already built the batch."""
-    return batch
+    return batch.tensors if isinstance(batch, SampleBatch) else batch
 
 
 class TensorBatchSampler(BatchSampler):
@@ -399,9 +425,9 @@ class TaskDataset(Dataset):
             return tuple(item[0] for item in batch)  # type: ignore[return-value]
         return self._batch(_index_tensor(index))
 
-    def __getitems__(self, indices: Sequence[int]) -> Batch:
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
         """The batch of ``indices`` (``DataLoader`` calls this instead of one item per index)."""
-        return self._batch(_index_tensor(indices))
+        return SampleBatch(self._batch(_index_tensor(indices)))
 
     def _batch(self, index: Union[Tensor, slice]) -> Batch:
         x = self.inputs[index]

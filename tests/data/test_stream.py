@@ -66,7 +66,7 @@ def test_targets_are_the_benchmarks_labels():
     benchmark = split_benchmark("digits", 5, scenario="class", seed=0)
     stream = task_free_stream(benchmark, batch_size=10)
     for task, start in enumerate([0, *stream.boundaries]):
-        _, targets = stream.train.__getitems__(list(range(start * 10, start * 10 + 10)))
+        _, targets = stream.train.__getitems__(list(range(start * 10, start * 10 + 10))).tensors
         assert set(targets.tolist()) <= set(benchmark.train[task].targets.tolist())
     assert stream.num_classes == 10
 
@@ -75,7 +75,7 @@ def test_a_batch_across_tasks_keeps_each_tasks_own_transform():
     benchmark = permuted_benchmark("digits", 2, scenario="domain", seed=0)
     stream = task_free_stream(benchmark, batch_size=16)
     last_of_task0, first_of_task1 = stream.boundaries[0] * 16 - 1, stream.boundaries[0] * 16
-    inputs, targets = stream.train.__getitems__([first_of_task1, last_of_task0])
+    inputs, targets = stream.train.__getitems__([first_of_task1, last_of_task0]).tensors
     for row, position, task in ((0, first_of_task1, 1), (1, last_of_task0, 0)):
         expected = benchmark.train[task][int(stream.train.order[position, 1])]
         assert torch.equal(inputs[row], expected[0]) and int(targets[row]) == int(expected[1])

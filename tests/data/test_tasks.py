@@ -3,6 +3,8 @@ TaskDataLoader resuming an epoch where its state_dict says."""
 
 from __future__ import annotations
 
+import collections.abc
+
 import itertools
 import pickle
 import warnings
@@ -64,6 +66,20 @@ def test_batch_by_indexing_equals_the_per_sample_reference():
             assert torch.equal(a, b)
 
 
+def test_a_plain_dataloader_with_pytorch_s_default_collate_gives_the_same_batches():
+    # A new user's DataLoader(task, batch_size=...) without collate_fn: it raised "stack expects each
+    # tensor to be equal size" (default_collate stacked the whole batch's tensors together).
+    task = make_task()
+    ours = list(DataLoader(task, batch_size=5, collate_fn=collate_batch))
+    plain = list(DataLoader(task, batch_size=5))
+    assert len(plain) == len(ours) == 5
+    for expected, got in zip(ours, plain):
+        assert isinstance(got, list) and len(got) == 3  # default_collate's own kind of batch
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert isinstance(task.__getitems__([0, 1]), collections.abc.Sequence)
+    assert collate_batch(task.__getitems__([3, 1]))[1].tolist() == task.targets[[3, 1]].tolist()
+
+
 class _PerSample(torch.utils.data.Dataset):
     def __init__(self, task: TaskDataset) -> None:
         self.task = task
@@ -88,7 +104,7 @@ def test_slice_and_getitems():
     task = make_task()
     x, y, _ = task[:]
     assert x.shape == (23, 9) and torch.equal(y, task.targets)
-    assert all(torch.equal(a, b) for a, b in zip(task.__getitems__([1, 2]), task[1:3]))
+    assert all(torch.equal(a, b) for a, b in zip(task.__getitems__([1, 2]).tensors, task[1:3]))
 
 
 def test_task_ids_only_when_asked():
