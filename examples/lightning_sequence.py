@@ -1,7 +1,7 @@
 """The Lightning way: methods as callbacks, a TaskSequenceDataModule, forgetting curves in TensorBoard.
 
     python examples/lightning_sequence.py [--epochs 4] [--output lightning-sequence]
-    tensorboard --logdir lightning-sequence     # accuracy/task_0..4 curves, continual/* scalars, heatmap
+    tensorboard --logdir lightning-sequence     # accuracy/task_0..4 curves, continual/* scalars, the accuracy-matrix figure
 
 Split digits (scikit-learn's load_digits, offline), five domain-incremental tasks of two
 digits each; EWC and experience replay protect the earlier tasks while one Trainer learns them
