@@ -101,7 +101,7 @@ def fit_sequence(
                 datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
             _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
             notes.cover_new_loggers()
-            with _exception_checkpoints_as_plain_callbacks(trainer, active=not resuming):
+            with _exception_checkpoints_as_plain_callbacks(trainer, active=not resuming), _own_checkpoints_unremarked(task != first):
                 trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
             if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
                 return
@@ -155,6 +155,17 @@ def _forwarding(hook: str) -> Any:
 for _hook in [name for name, value in vars(Callback).items() if callable(value) and not name.startswith("_")]:
     setattr(_CallbackStandIn, _hook, _forwarding(_hook))
 del _hook
+
+
+@contextlib.contextmanager
+def _own_checkpoints_unremarked(active: bool) -> Iterator[None]:
+    """After the sequence's first fit, the checkpoint folder holds this sequence's own files:
+    ModelCheckpoint's "exists and is not empty" would warn about them. The first fit still warns
+    about files an earlier run left."""
+    with warnings.catch_warnings():
+        if active:
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        yield
 
 
 class _LightningNotesOnce:

@@ -335,15 +335,16 @@ class _SameWarningEveryTask(Callback):
         warnings.warn("not Lightning's: shown every time")
 
 
-def _sequence_output(tmp_path: Path, run: int) -> tuple[list[str], list[str]]:
+def _sequence_output(tmp_path: Path, run: int, stale_checkpoint: bool = True) -> tuple[list[str], list[str]]:
     """Lightning's log lines and every warning shown over a 3-task sequence; warnings are shown
     every time they are issued (as under ``-W always``), so only fit_sequence can drop repeats."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    (tmp_path / "checkpoints").mkdir(exist_ok=True)
-    (tmp_path / "checkpoints" / "old.ckpt").touch()  # "Checkpoint directory ... exists and is not empty"
+    if stale_checkpoint:
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        (tmp_path / "checkpoints" / "old.ckpt").touch()  # "Checkpoint directory ... exists and is not empty"
     sizes = [8, 12, 16]  # 2, 3 and 4 batches: "The number of training batches (N) ..." differs by task
     tasks = [TaskDataset(torch.randn(n, 2), torch.zeros(n, dtype=torch.long), t) for t, n in enumerate(sizes)]
     trainer = quiet_trainer(
@@ -372,3 +373,11 @@ def test_lightning_notes_are_shown_once_per_sequence_and_notes_that_differ_each_
         assert sum("exists and is not empty" in text for text in shown) == 1
         assert [re.search(r"training batches \((\d)\)", text)[1] for text in shown if "training batches" in text] == ["2", "3", "4"]
         assert shown.count("not Lightning's: shown every time") == 3
+
+
+def test_a_sequence_does_not_remark_on_the_checkpoints_it_wrote_itself(tmp_path):
+    # Task 0's fit writes a checkpoint; ModelCheckpoint then warned at task 1 that the folder "exists
+    # and is not empty", about the sequence's own file.
+    _, shown = _sequence_output(tmp_path, 0, stale_checkpoint=False)
+    assert list((tmp_path / "checkpoints").iterdir())  # the sequence did write there
+    assert not [text for text in shown if "exists and is not empty" in text]
