@@ -64,7 +64,7 @@ def _check_tutorial(method: str, figure: str) -> Callable[[str, Path], None]:
         data = f"Data: MNIST-format files from {folder / 'mnist'}, neither MNIST nor Fashion-MNIST in full (200 test images)\n"
         assert out.startswith(data), out  # the made-up files are named as what they are
         assert f"Training on task 2 (digits 5-9) with {method}..." in out
-        assert re.search(rf"Task 1 accuracy after task 2: with \S.* [01]\.\d{{4}}, without .* [01]\.\d{{4}}$", out, re.MULTILINE), out
+        assert re.search(r"Task 1 accuracy after task 2: with \S.* [01]\.\d{4}, without .* [01]\.\d{4}$", out, re.MULTILINE), out
         assert out.count("Epoch 1, Task 1 accuracy") == 3 and "Epoch 2" not in out  # --fast: one epoch per phase
         assert (folder / figure).stat().st_size > 10_000
         assert sorted(p.name for p in (folder / "mnist" / "MNIST" / "raw").iterdir()) == [

@@ -15,7 +15,6 @@ classes so that datasets pickle into ``DataLoader`` worker processes.
 from __future__ import annotations
 
 import collections.abc
-
 import itertools
 import warnings
 from numbers import Integral
@@ -30,10 +29,10 @@ __all__ = [
     "Compose",
     "Flatten",
     "PermutePixels",
+    "SampleBatch",
     "TaskDataLoader",
     "TaskDataset",
     "TensorBatchSampler",
-    "SampleBatch",
     "ToFloat",
     "collate_batch",
 ]
