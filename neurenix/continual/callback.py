@@ -1,7 +1,8 @@
 """Lightning's door into the methods: the same object as the standalone API, driven by hooks.
 
 Every method class derives from :class:`ContinualCallback`, so ``EWC(model)`` is at once the
-object of the Neurenix continual-learning API (``register_task``, ``train_step``, ...) and a Lightning ``Callback``.
+object of the Neurenix continual-learning API (``register_task``, ``train_step``, ...) and a
+Lightning ``Callback``.
 Each ``Trainer.fit`` is one task:
 
 - ``on_train_start``: the task starts (its id: the datamodule's ``current_task`` if it has one,
