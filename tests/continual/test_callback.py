@@ -182,6 +182,20 @@ class _DictBatches(torch.utils.data.Dataset):
         return {"x": x, "y": y}
 
 
+class _DictModule(L.LightningModule):
+    """Trains ``net`` on dict batches ``{"x": ..., "y": ...}``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 class _TwoHeads(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -210,18 +224,7 @@ def _first_batch_failure(module: L.LightningModule, method, dataset) -> tuple[Ba
 def test_ewc_refuses_dict_batches_at_the_first_batch_not_after_the_task():
     net = make_mlp()
 
-    class DictModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    error, steps = _first_batch_failure(DictModule(), EWC(net), _DictBatches(make_task()))
+    error, steps = _first_batch_failure(_DictModule(net), EWC(net), _DictBatches(make_task()))
     assert steps == 0  # the first batch, before any training
     assert isinstance(error, TypeError)
     assert str(error).startswith("EWC computes task 0's Fisher from the fit's training batches when the task ends, and cannot read them")
@@ -233,18 +236,7 @@ def test_ewc_with_its_own_fisher_data_accepts_batches_it_does_not_read():
     ewc = EWC(net, fisher_sample_size=8)
     ewc.register_task(0, loader(make_task()))  # the Fisher's data, given: the fit's batches are not read
 
-    class DictModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    _fit(DictModule(), [ewc], _DictBatches(make_task()))
+    _fit(_DictModule(net), [ewc], _DictBatches(make_task()))
     assert ewc.finished_tasks == [0] and ewc._tasks[0]["samples"] == 8
 
 

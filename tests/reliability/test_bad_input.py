@@ -147,15 +147,6 @@ def fit_again(_):
     trainer.fit(module, loader())
 
 
-class _DictSamples(Dataset):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, index: int) -> dict:
-        x, y = data()
-        return {"x": x[index], "y": y[index]}
-
-
 def dict_batches_with_ewc(_):
     net = mlp()
 
@@ -170,7 +161,7 @@ def dict_batches_with_ewc(_):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    fit([EWC(net)], DictModule(), DataLoader(_DictSamples(), batch_size=4))
+    fit([EWC(net)], DictModule(), DataLoader(DictBatches(), batch_size=4))
 
 
 class _CallsItsNet(ContinualLossMixin, L.LightningModule):
