@@ -33,6 +33,7 @@ __all__ = [
     "global_generator_kept",
     "model_arguments",
     "requires_task_ids",
+    "running_statistics_kept",
     "takes_task_ids",
     "trainable_parameters",
 ]
@@ -65,6 +66,31 @@ def global_generator_kept() -> Iterator[None]:
     """
     with torch.random.fork_rng(devices=[]):
         yield
+
+
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Run an extra forward of ``model`` without it moving batch-norm running statistics.
+
+    The forward updates copies; the originals are put back untouched (restoring them in place
+    would change tensors that the step's own forward saved for its backward).
+    """
+    kept = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.running_mean is not None:
+            originals = {name: getattr(module, name) for name in _RUNNING_STATISTICS}
+            kept.append((module, originals))
+            for name, tensor in originals.items():
+                setattr(module, name, None if tensor is None else tensor.clone())
+    try:
+        yield
+    finally:
+        for module, originals in kept:
+            for name, tensor in originals.items():
+                setattr(module, name, tensor)
 
 
 #: model -> (the function of its forward method when last inspected, whether it takes task ids).
@@ -165,7 +191,10 @@ class ContinualMethod:
     - :meth:`extend_batch`: add samples to a training batch (replay);
     - :meth:`transform_loss`: change the loss before ``backward`` (distillation);
     - :meth:`observe_gradients`: read the gradient of the unregularized loss (SI);
-    - :meth:`add_penalty_gradients`: add a penalty's closed-form gradient (EWC, L2, SI).
+    - :meth:`add_penalty_gradients`: add a penalty's closed-form gradient (EWC, L2, SI);
+    - :meth:`transform_outputs`: change the outputs the loss sees (ER-ACE);
+    - :meth:`project_gradients`: change the final gradient (A-GEM, GEM);
+    - :meth:`after_optimizer_step`: the step on a batch is taken (A-GEM and GEM remember it).
     """
 
     def __init__(self, model: nn.Module, device: Union[None, str, torch.device] = None) -> None:
@@ -364,12 +393,14 @@ class ContinualMethod:
             task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=inputs.device)
         inputs, targets, task_ids = self.extend_batch(inputs, targets, task_ids)
         arguments = (inputs, task_ids) if multi_head and task_ids is not None else (inputs,)
-        outputs = self.model(*arguments)
+        outputs = self.transform_outputs(arguments, self.model(*arguments), targets)
         loss = self.transform_loss(loss_fn(outputs, targets), arguments, outputs, targets)
         loss.backward()
         self.observe_gradients()
         self.add_penalty_gradients()
+        self.project_gradients()
         optimizer.step()
+        self.after_optimizer_step(arguments, targets)
         self.steps_in_active_task += 1
         return loss.detach()
 
@@ -386,6 +417,11 @@ class ContinualMethod:
         """Return the batch to train on (replay appends remembered samples)."""
         return inputs, targets, task_ids
 
+    def transform_outputs(self, arguments: tuple[Tensor, ...], outputs: Tensor, targets: Tensor) -> Tensor:
+        """Return the model's outputs on the step's batch as the loss should see them (ER-ACE masks
+        the classes absent from the batch). ``arguments`` are those the model was called with."""
+        return outputs
+
     def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
         """Return the loss to back-propagate (distillation mixes in the teacher's term).
 
@@ -399,6 +435,16 @@ class ContinualMethod:
 
     def add_penalty_gradients(self) -> None:
         """Add the penalty's gradient to ``.grad`` (after unscaling, before clipping)."""
+
+    def project_gradients(self) -> None:
+        """Change the final gradient (every penalty added; before clipping): A-GEM, GEM."""
+
+    def after_optimizer_step(self, arguments: tuple[Tensor, ...], targets: Tensor) -> None:
+        """The step on this batch is taken (A-GEM and GEM remember its samples).
+
+        ``arguments`` are those the model was called with (``(inputs,)`` or ``(inputs, task_ids)``),
+        the batch as extended by :meth:`extend_batch`.
+        """
 
     def prepare_for_device(self) -> None:
         """Move the method's state to :attr:`device` if the model has moved."""

@@ -9,7 +9,8 @@ Each ``Trainer.fit`` is one task:
   else the task being resumed, else the next number from 0);
 - ``on_before_optimizer_step``: gradients are final there (accumulated, all-reduced under DDP,
   unscaled under 16-bit AMP) and not yet clipped; SI reads the gradient of the unregularized
-  loss, then every quadratic penalty adds its closed-form gradient. No second ``backward`` and no
+  loss, then every quadratic penalty adds its closed-form gradient, then A-GEM or GEM projects
+  the result. No second ``backward`` of the training loss and no
   change to the loss that the LightningModule owns;
 - ``on_train_end``: the task is consolidated at the parameters it ended with.
 
@@ -208,6 +209,8 @@ class ContinualCallback(StaysInItsProcess, ContinualMethod, Callback):
             method.observe_gradients()
         for method in methods:
             method.add_penalty_gradients()
+        for method in methods:
+            method.project_gradients()
             method.steps_in_active_task += 1
 
     @override

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -13,8 +12,9 @@ from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_model, check_real
-from neurenix.continual.base import global_generator_kept, takes_task_ids
+from neurenix.continual.base import global_generator_kept, running_statistics_kept, takes_task_ids
 from neurenix.continual.callback import ContinualCallback, split_batch
+from neurenix.continual.capture import ForwardCapture, no_forward_message
 
 __all__ = ["KnowledgeDistillation"]
 
@@ -75,8 +75,7 @@ class KnowledgeDistillation(ContinualCallback):
         self.teacher: Optional[nn.Module] = None
         self._seen_units: Optional[Tensor] = None
         self._teacher_units: Optional[Tensor] = None
-        self._captured: Optional[tuple[tuple[Tensor, ...], Tensor]] = None
-        self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
+        self._capture = ForwardCapture(model)
         self._heads: Optional[tuple[tuple[int, ...], Tensor]] = None  # see _learned_heads
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -128,7 +127,7 @@ class KnowledgeDistillation(ContinualCallback):
         repeated = inputs.repeat(len(heads), *([1] * (inputs.dim() - 1)))
         with torch.no_grad():
             teacher_outputs = self.teacher(repeated.to(self.device), task_ids.to(self.device))
-        with self._capture_paused(), running_statistics_kept(self.model):
+        with self._capture.paused(), running_statistics_kept(self.model):
             student_outputs = self.model(repeated, task_ids)
         return CF.distillation_loss(student_outputs, teacher_outputs.to(student_outputs.device), self.temperature)
 
@@ -168,7 +167,7 @@ class KnowledgeDistillation(ContinualCallback):
                     "dataloader to register_task, or train the task with train_step"
                 )
             self._record_units_from(data)
-        with self._capture_paused():
+        with self._capture.paused():
             teacher = copy.deepcopy(self.model)
         self.teacher = _frozen(teacher.to(self.device))
         if self._seen_units is not None:
@@ -178,66 +177,32 @@ class KnowledgeDistillation(ContinualCallback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
-        self._remove_hook()
-        self._hook = self.model.register_forward_hook(self._capture)
+        self._capture.install()
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._remove_hook()
+        self._capture.remove()
         super().on_train_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._remove_hook()
+        self._capture.remove()
 
     @override
     def before_training_forward(self) -> None:
-        self._captured = None
+        self._capture.clear()
 
     @override
     def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
         # Checked from the first step on, not only once a teacher exists: a model that
         # training_step never calls would otherwise fail at the second task, after the first trained.
-        if self._captured is None:
-            raise RuntimeError(self._no_forward_message())
-        inputs, outputs = self._captured
-        self._captured = None
+        inputs, outputs = self._capture.arguments, self._capture.output
+        if inputs is None or outputs is None:
+            raise RuntimeError(no_forward_message("KnowledgeDistillation", self.model, "the student's outputs"))
+        self._capture.clear()
         if self.teacher is None and self.units == "all":
             return loss
         return self.transform_loss(loss, inputs, outputs, split_batch(batch)[1])
-
-    def _no_forward_message(self) -> str:
-        name = type(self.model).__name__
-        hint = (
-            f" {name} is the LightningModule: if training_step calls a submodule (`self.net(x)`) rather than "
-            "`self(x)`, give that submodule, e.g. KnowledgeDistillation(model.net)"
-            if isinstance(self.model, pl.LightningModule)
-            else " Give KnowledgeDistillation the module whose outputs training_step turns into the loss"
-        )
-        return (
-            f"KnowledgeDistillation saw no forward of its model ({name}) in training_step: the student's "
-            f"outputs must come from the model given to it (with gradients enabled).{hint}"
-        )
-
-    def _capture(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if module is self.model and torch.is_grad_enabled() and args and isinstance(output, Tensor):
-            self._captured = (tuple(args), output)
-
-    def _remove_hook(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    @contextlib.contextmanager
-    def _capture_paused(self) -> Iterator[None]:
-        """Copy the model without our hook (a deep copy would otherwise copy this object too)."""
-        hooked = self._hook is not None
-        self._remove_hook()
-        try:
-            yield
-        finally:
-            if hooked:
-                self._hook = self.model.register_forward_hook(self._capture)
 
     @override
     def prepare_for_device(self) -> None:
@@ -258,7 +223,7 @@ class KnowledgeDistillation(ContinualCallback):
         teacher_state = state_dict.get("teacher")
         self.teacher = None
         if teacher_state is not None:
-            with self._capture_paused():
+            with self._capture.paused():
                 teacher = copy.deepcopy(self.model)
             teacher.load_state_dict(teacher_state)
             self.teacher = _frozen(teacher.to(self.device))
@@ -266,31 +231,6 @@ class KnowledgeDistillation(ContinualCallback):
         seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
         self._seen_units = None if seen is None else seen.to(device)
         self._teacher_units = None if taught is None else taught.to(device)
-
-
-_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-@contextlib.contextmanager
-def running_statistics_kept(model: nn.Module) -> Iterator[None]:
-    """Run an extra forward of ``model`` without it moving batch-norm running statistics.
-
-    The forward updates copies; the originals are put back untouched (restoring them in place
-    would change tensors that the step's own forward saved for its backward).
-    """
-    kept = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training and module.running_mean is not None:
-            originals = {name: getattr(module, name) for name in _RUNNING_STATISTICS}
-            kept.append((module, originals))
-            for name, tensor in originals.items():
-                setattr(module, name, None if tensor is None else tensor.clone())
-    try:
-        yield
-    finally:
-        for module, originals in kept:
-            for name, tensor in originals.items():
-                setattr(module, name, tensor)
 
 
 def _widened(mask: Optional[Tensor], width: int, device: Optional[torch.device] = None) -> Tensor:

@@ -15,7 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["StaysInItsProcess", "all_gather_objects", "broadcast_", "rank_and_world_size", "spawn_refusal", "sum_across_ranks_"]
+__all__ = [
+    "StaysInItsProcess",
+    "all_gather_objects",
+    "broadcast_",
+    "mean_across_ranks_",
+    "rank_and_world_size",
+    "spawn_refusal",
+    "sum_across_ranks_",
+]
 
 
 def spawn_refusal(owner: str, start_method: str) -> str:
@@ -63,6 +71,22 @@ def sum_across_ranks_(tensors: Sequence[Tensor]) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         tensor.copy_(part.view_as(tensor))
+
+
+def mean_across_ranks_(tensor: Tensor) -> Tensor:
+    """Replace ``tensor`` by its mean over all ranks, in place, in its own dtype (returned for chaining).
+
+    For gradients (A-GEM's and GEM's reference gradients): the same mean DDP takes of the
+    training gradient, so every rank decides on the same numbers.
+    """
+    _, world_size = rank_and_world_size()
+    if world_size > 1:
+        carrier = tensor.to(_backend_device(tensor))
+        dist.all_reduce(carrier, op=dist.ReduceOp.SUM)
+        carrier.div_(world_size)
+        if carrier is not tensor:
+            tensor.copy_(carrier)
+    return tensor
 
 
 def broadcast_(tensor: Tensor, source: int = 0) -> Tensor:

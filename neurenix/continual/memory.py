@@ -3,19 +3,27 @@
 - :class:`ReservoirMemory`: reservoir sampling over the whole stream (every sample offered is kept
   with the same probability);
 - :class:`ClassBalancedMemory`: the memory split evenly over the classes seen so far, each class's
-  share a reservoir of that class's own stream.
+  share a reservoir of that class's own stream;
+- :class:`TaskBalancedMemory`: the same split over the tasks seen so far (GEM's and A-GEM's
+  episodic memory: each earlier task keeps an equal share).
+
+Every memory stores a sample's inputs, target and task id, and any further per-sample fields a
+method gives :meth:`ReservoirMemory.add` (Dark Experience Replay's logits).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from neurenix.continual import functional as CF
 
-__all__ = ["ClassBalancedMemory", "ReplayBatch", "ReservoirMemory"]
+__all__ = ["BalancedMemory", "ClassBalancedMemory", "ReplayBatch", "ReservoirMemory", "TaskBalancedMemory"]
+
+#: The fields every memory stores, in the order of a :class:`ReplayBatch`.
+SAMPLE_FIELDS = ("inputs", "targets", "task_ids")
 
 
 class ReplayBatch(NamedTuple):
@@ -45,58 +53,98 @@ class ReservoirMemory:
         self.size = 0
         self._seed = seed
         self._generator = _generator(device, seed)
-        self._inputs: Optional[Tensor] = None
-        self._targets: Optional[Tensor] = None
-        self._task_ids: Optional[Tensor] = None
+        #: Storage per field (``inputs``, ``targets``, ``task_ids``, then any extras), allocated
+        #: on the first insert.
+        self._fields: dict[str, Tensor] = {}
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, inputs: Tensor, targets: Tensor, task_ids: Tensor) -> None:
-        """Offer a batch to the memory (shapes and dtypes checked against what it holds)."""
+    @property
+    def _inputs(self) -> Optional[Tensor]:
+        return self._fields.get("inputs")
+
+    @property
+    def _targets(self) -> Optional[Tensor]:
+        return self._fields.get("targets")
+
+    @property
+    def _task_ids(self) -> Optional[Tensor]:
+        return self._fields.get("task_ids")
+
+    def add(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
+        """Offer a batch to the memory (shapes and dtypes checked against what it holds).
+
+        ``extras`` are further per-sample fields (``logits=...``), stored beside the others; every
+        insert must give the same ones.
+        """
         if self.capacity == 0:
             self.num_seen += inputs.shape[0]
             return
-        if self._inputs is None:
-            self._allocate(inputs, targets)
-        else:
-            self._check_like_stored("inputs", inputs, self._inputs)
-            self._check_like_stored("targets", targets, self._targets)
+        batch = self._batch_fields(inputs, targets, task_ids, extras)
         positions, slots = CF.reservoir_slots(
             self.num_seen, inputs.shape[0], self.capacity, self._generator, self.device
         )
-        self._inputs[slots] = inputs.to(self.device)[positions]  # type: ignore[index]
-        self._targets[slots] = targets.to(self.device)[positions]  # type: ignore[index]
-        self._task_ids[slots] = task_ids.to(self.device, torch.long)[positions]  # type: ignore[index]
+        for name, values in batch.items():
+            self._fields[name][slots] = values.to(self.device)[positions]
         self.num_seen += inputs.shape[0]
         self.size = min(self.capacity, self.num_seen)
 
+    def _batch_fields(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, extras: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch as ``{field: values}``, checked against (or allocating) the storage."""
+        batch = {"inputs": inputs, "targets": targets, "task_ids": task_ids.to(torch.long), **extras}
+        if not self._fields:
+            self._allocate(batch)
+        else:
+            self._check_like_stored(batch)
+        return batch
+
+    def draw(self, count: int) -> Tensor:
+        """``min(count, len(self))`` distinct slots, uniformly at random (from the memory's generator)."""
+        if self.size == 0 or not self._fields:
+            raise ValueError("cannot draw a replay batch: the replay memory is empty (add_to_memory first)")
+        return torch.randperm(self.size, generator=self._generator, device=self.device)[:count]
+
+    def take(self, slots: Tensor) -> ReplayBatch:
+        """The samples in ``slots``: ``(inputs, targets, task_ids)``."""
+        return ReplayBatch(*(self._fields[name][slots] for name in SAMPLE_FIELDS))
+
+    def field(self, name: str, slots: Tensor) -> Tensor:
+        """Field ``name`` (an extra such as ``"logits"``) of the samples in ``slots``."""
+        return self._fields[name][slots]
+
     def sample(self, count: int) -> ReplayBatch:
         """``min(count, len(self))`` distinct stored samples, uniformly at random."""
-        if self.size == 0 or self._inputs is None:
-            raise ValueError("cannot draw a replay batch: the replay memory is empty (add_to_memory first)")
-        chosen = torch.randperm(self.size, generator=self._generator, device=self.device)[:count]
-        return ReplayBatch(self._inputs[chosen], self._targets[chosen], self._task_ids[chosen])  # type: ignore[index]
+        return self.take(self.draw(count))
 
-    def _allocate(self, inputs: Tensor, targets: Tensor) -> None:
-        self._inputs = torch.empty((self.capacity, *inputs.shape[1:]), dtype=inputs.dtype, device=self.device)
-        self._targets = torch.empty((self.capacity, *targets.shape[1:]), dtype=targets.dtype, device=self.device)
-        self._task_ids = torch.empty(self.capacity, dtype=torch.long, device=self.device)
+    def _allocate(self, batch: dict[str, Tensor]) -> None:
+        self._fields = {
+            name: torch.empty((self.capacity, *values.shape[1:]), dtype=values.dtype, device=self.device)
+            for name, values in batch.items()
+        }
 
-    @staticmethod
-    def _check_like_stored(name: str, given: Tensor, stored: Optional[Tensor]) -> None:
-        assert stored is not None
-        if given.shape[1:] != stored.shape[1:] or given.dtype != stored.dtype:
+    def _check_like_stored(self, batch: dict[str, Tensor]) -> None:
+        if set(batch) != set(self._fields):
             raise ValueError(
-                f"{name} of shape {tuple(given.shape)} and dtype {given.dtype} do not match the replay "
-                f"memory, which holds samples of shape {tuple(stored.shape[1:])} and dtype {stored.dtype}"
+                f"the memory stores the fields {sorted(self._fields)}, got a batch with {sorted(batch)}"
             )
+        for name, given in batch.items():
+            stored = self._fields[name]
+            if given.shape[1:] != stored.shape[1:] or given.dtype != stored.dtype:
+                raise ValueError(
+                    f"{name} of shape {tuple(given.shape)} and dtype {given.dtype} do not match the replay "
+                    f"memory, which holds samples of shape {tuple(stored.shape[1:])} and dtype {stored.dtype}"
+                )
 
     def check_batch(self, inputs: Tensor, targets: Tensor) -> None:
         """Raise ``ValueError`` if the batch cannot be stored beside what the memory holds."""
-        if self._inputs is not None:
-            self._check_like_stored("inputs", inputs, self._inputs)
-            self._check_like_stored("targets", targets, self._targets)
+        for name, given in (("inputs", inputs), ("targets", targets)):
+            stored = self._fields.get(name)
+            if stored is not None and (given.shape[1:] != stored.shape[1:] or given.dtype != stored.dtype):
+                raise ValueError(
+                    f"{name} of shape {tuple(given.shape)} and dtype {given.dtype} do not match the replay "
+                    f"memory, which holds samples of shape {tuple(stored.shape[1:])} and dtype {stored.dtype}"
+                )
 
     # ---------------------------------------------------------------------------- device & state
     def to(self, device: torch.device) -> None:
@@ -109,11 +157,12 @@ class ReservoirMemory:
 
     def state_dict(self) -> dict[str, Any]:
         size = self.size
+        stored = {name: None for name in SAMPLE_FIELDS}
+        stored.update({name: values[:size].clone() for name, values in self._fields.items()})
         return {
             "num_seen": self.num_seen,
-            "inputs": None if self._inputs is None else self._inputs[:size].clone(),
-            "targets": None if self._targets is None else self._targets[:size].clone(),
-            "task_ids": None if self._task_ids is None else self._task_ids[:size].clone(),
+            **stored,
+            "extra_fields": [name for name in self._fields if name not in SAMPLE_FIELDS],
             "generator": self._generator.get_state(),
             "generator_device": self.device.type,
             "seed": self._seed,
@@ -122,15 +171,14 @@ class ReservoirMemory:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_seen = int(state.get("num_seen", 0))
         self._seed = int(state.get("seed", self._seed))
-        inputs, targets, task_ids = state.get("inputs"), state.get("targets"), state.get("task_ids")
-        self._inputs = self._targets = self._task_ids = None
+        self._fields = {}
         self.size = 0
-        if inputs is not None and self.capacity > 0:
-            self._allocate(inputs, targets)
-            kept = min(inputs.shape[0], self.capacity)
-            self._inputs[:kept] = inputs[:kept].to(self.device)  # type: ignore[index]
-            self._targets[:kept] = targets[:kept].to(self.device)  # type: ignore[index]
-            self._task_ids[:kept] = task_ids[:kept].to(self.device)  # type: ignore[index]
+        stored = stored_fields(state)
+        if stored and self.capacity > 0:
+            kept = min(stored["inputs"].shape[0], self.capacity)
+            self._allocate(stored)
+            for name, values in stored.items():
+                self._fields[name][:kept] = values[:kept].to(self.device)
             self.size = kept
         self._generator = _generator(self.device, self._seed)
         generator = state.get("generator")
@@ -140,142 +188,227 @@ class ReservoirMemory:
             self._generator = _generator(self.device, self._seed + self.num_seen)
 
 
-class ClassBalancedMemory(ReservoirMemory):
-    """``capacity`` samples split evenly over the classes seen so far, each class a reservoir.
+def stored_fields(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The per-sample fields of a memory's state dict (``inputs``, ``targets``, ``task_ids``, then
+    its ``extra_fields``); empty for a memory that never stored a sample."""
+    if state.get("inputs") is None:
+        return {}
+    names = (*SAMPLE_FIELDS, *state.get("extra_fields", ()))
+    return {name: state[name] for name in names}
 
-    With ``C`` classes seen, the ``k``-th class to arrive (0-based; classes first seen in the same
-    batch arrive in label order) may hold ``quota(k) = floor(M/C) + (k < M mod C)`` samples, so
-    the shares differ by at most one and sum to ``M`` (once ``C > M``, the later classes get no
-    share). Each class's share is a reservoir (Algorithm R) over that class's own stream: every
-    sample of the class offered so far is kept with the same probability. When a new class
-    arrives the quotas shrink, and each class over its new quota keeps a uniformly drawn subset
-    of what it holds (a uniform subset of a uniform sample is a uniform sample), so the
-    invariant holds at every step. A class that has been offered fewer samples than its quota
-    keeps all of them; its unused share stays free.
 
-    Targets must be class labels (1-D integers). Storage stays compact (slots ``0 .. size-1``),
-    so drawing a replay batch is the same uniform draw over the stored samples as for
-    :class:`ReservoirMemory`, and the state dict holds exactly the stored samples in slot order.
+class BalancedMemory(ReservoirMemory):
+    """``capacity`` samples split evenly over the groups seen so far, each group a reservoir.
+
+    A sample's group is one of its fields (:attr:`group_field`): its class label
+    (:class:`ClassBalancedMemory`) or its task id (:class:`TaskBalancedMemory`). With ``G`` groups
+    seen, the ``k``-th group to arrive (0-based; groups first seen in the same batch arrive in
+    order of their key) may hold ``quota(k) = floor(M/G) + (k < M mod G)`` samples, so the shares
+    differ by at most one and sum to ``M`` (once ``G > M``, the later groups get no share). Each
+    group's share is a reservoir (Algorithm R) over that group's own stream: every sample of the
+    group offered so far is kept with the same probability. When a new group arrives the quotas
+    shrink, and each group over its new quota keeps a uniformly drawn subset of what it holds (a
+    uniform subset of a uniform sample is a uniform sample), so the invariant holds at every step.
+    A group that has been offered fewer samples than its quota keeps all of them; its unused
+    share stays free.
+
+    Storage stays compact (slots ``0 .. size-1``), so drawing a replay batch is the same uniform
+    draw over the stored samples as for :class:`ReservoirMemory`, and the state dict holds exactly
+    the stored samples in slot order. Each insert reads which groups the batch holds on the host
+    (a synchronization on a GPU).
     """
+
+    #: The field whose value is a sample's group, and the state dict's names for the groups in
+    #: order of arrival and for how many samples of each were offered.
+    group_field = "targets"
+    state_names = ("groups", "group_seen")
 
     def __init__(self, capacity: int, device: torch.device, seed: int) -> None:
         super().__init__(capacity, device, seed)
-        #: class labels in order of arrival, and how many samples of each were offered.
-        self.classes: list[int] = []
-        self.class_seen: dict[int, int] = {}
+        #: group keys in order of arrival, and how many samples of each were offered.
+        self.groups: list[int] = []
+        self.group_seen: dict[int, int] = {}
+        #: key -> the slots holding that group's samples, while the layout they describe stands.
+        self._slots_cache: dict[int, Tensor] = {}
 
     # ---------------------------------------------------------------------------- quotas
-    def quota(self, label: int) -> int:
-        """The most samples class ``label`` may hold now (0 for a class never offered)."""
-        if label not in self.class_seen:
+    def quota(self, key: int) -> int:
+        """The most samples group ``key`` may hold now (0 for a group never offered)."""
+        if key not in self.group_seen:
             return 0
-        share, remainder = divmod(self.capacity, len(self.classes))
-        return share + int(self.classes.index(label) < remainder)
+        share, remainder = divmod(self.capacity, len(self.groups))
+        return share + int(self.groups.index(key) < remainder)
 
-    def class_sizes(self) -> dict[int, int]:
-        """Samples held per class, for every class seen (in order of arrival)."""
-        sizes = dict.fromkeys(self.classes, 0)
-        if self.size and self._targets is not None:
-            labels, counts = torch.unique(self._targets[: self.size], return_counts=True)
-            sizes.update(zip(labels.tolist(), counts.tolist()))
+    def group_sizes(self) -> dict[int, int]:
+        """Samples held per group, for every group seen (in order of arrival)."""
+        sizes = dict.fromkeys(self.groups, 0)
+        keys = self._fields.get(self.group_field)
+        if self.size and keys is not None:
+            values, counts = torch.unique(keys[: self.size], return_counts=True)
+            sizes.update(zip(values.tolist(), counts.tolist()))
         return sizes
 
+    def slots_of(self, keys: Sequence[int]) -> Tensor:
+        """The slots holding the samples of groups ``keys``, in slot order.
+
+        Kept between calls while those groups' slots stay where they are (they move only when a
+        new group arrives or a state is loaded), so asking at every step costs no synchronization
+        after the first.
+        """
+        parts = [self._cached_slots_of(key) for key in keys]
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        return parts[0] if len(parts) == 1 else torch.sort(torch.cat(parts)).values
+
+    def _cached_slots_of(self, key: int) -> Tensor:
+        slots = self._slots_cache.get(key)
+        if slots is None:
+            slots = self._slots_cache[key] = self._slots_of(key)
+        return slots
+
     # ---------------------------------------------------------------------------- insertion
-    def add(self, inputs: Tensor, targets: Tensor, task_ids: Tensor) -> None:
-        """Offer a batch: new classes first shrink the others' shares, then each class's samples
+    def add(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
+        """Offer a batch: new groups first shrink the others' shares, then each group's samples
         enter its own reservoir."""
         self.check_batch(inputs, targets)
-        if self.capacity > 0 and self._inputs is None:
-            self._allocate(inputs, targets)
-        # Moved once, not once per class below.
-        inputs, labels, task_ids = inputs.to(self.device), targets.to(self.device), task_ids.to(self.device, torch.long)
-        present = torch.unique(labels).tolist()  # sorted: ties between new classes go by label
-        new_classes = [label for label in present if label not in self.class_seen]
-        if new_classes:
-            self.classes.extend(new_classes)
-            self.class_seen.update(dict.fromkeys(new_classes, 0))
+        batch = {"inputs": inputs, "targets": targets, "task_ids": task_ids.to(torch.long), **extras}
+        if self.capacity > 0:
+            self._batch_fields(inputs, targets, task_ids, extras)
+        # Moved once, not once per group below.
+        batch = {name: values.to(self.device) for name, values in batch.items()}
+        keys = batch[self.group_field]
+        present = torch.unique(keys).tolist()  # sorted: ties between new groups go by key
+        new_groups = [key for key in present if key not in self.group_seen]
+        if new_groups:
+            self.groups.extend(new_groups)
+            self.group_seen.update(dict.fromkeys(new_groups, 0))
             self._shrink_to_quotas()
-        for label in present:
-            positions = torch.nonzero(labels == label).squeeze(1)
+        for key in present:
+            positions = torch.nonzero(keys == key).squeeze(1)
             if self.capacity > 0:
-                self._add_to_class(label, positions, inputs, labels, task_ids)
-            self.class_seen[label] += positions.shape[0]
+                self._add_to_group(key, positions, batch)
+            self.group_seen[key] += positions.shape[0]
         self.num_seen += inputs.shape[0]
 
-    def _add_to_class(self, label: int, positions: Tensor, inputs: Tensor, targets: Tensor, task_ids: Tensor) -> None:
-        """Class ``label``'s samples (``positions`` of the batch, already on the memory's device)."""
-        held = self._slots_of(label)
+    def _add_to_group(self, key: int, positions: Tensor, batch: dict[str, Tensor]) -> None:
+        """Group ``key``'s samples (``positions`` of the batch, already on the memory's device)."""
+        held = self._slots_of(key)
         chosen, local_slots = CF.reservoir_slots(
-            self.class_seen[label], positions.shape[0], self.quota(label), self._generator, self.device
+            self.group_seen[key], positions.shape[0], self.quota(key), self._generator, self.device
         )
-        # Local slots below the class's holding replace one of its samples; the others (only while
-        # the class is below its quota) are the next free slots, in order, at the end of storage.
+        # Local slots below the group's holding replace one of its samples; the others (only while
+        # the group is below its quota) are the next free slots, in order, at the end of storage.
         filling = local_slots >= held.shape[0]
         slots = self.size + local_slots - held.shape[0]
         slots[~filling] = held[local_slots[~filling]]
         source = positions[chosen]
-        self._inputs[slots] = inputs[source]  # type: ignore[index]
-        self._targets[slots] = targets[source]  # type: ignore[index]
-        self._task_ids[slots] = task_ids[source]  # type: ignore[index]
-        self.size += int(filling.sum())
+        for name, values in batch.items():
+            self._fields[name][slots] = values[source]
+        appended = int(filling.sum())
+        if appended:
+            self._slots_cache.pop(key, None)
+        self.size += appended
 
-    def _slots_of(self, label: int) -> Tensor:
-        """The storage slots holding class ``label``, in slot order (its reservoir's local slots)."""
-        if self._targets is None or self.size == 0:
+    def _slots_of(self, key: int) -> Tensor:
+        """The storage slots holding group ``key``, in slot order (its reservoir's local slots)."""
+        keys = self._fields.get(self.group_field)
+        if keys is None or self.size == 0:
             return torch.zeros(0, dtype=torch.long, device=self.device)
-        return torch.nonzero(self._targets[: self.size] == label).squeeze(1)
+        return torch.nonzero(keys[: self.size] == key).squeeze(1)
 
     def _shrink_to_quotas(self) -> None:
-        """Every class over its quota keeps a uniform subset of its samples; storage is compacted."""
-        if self.size == 0 or self._targets is None:
+        """Every group over its quota keeps a uniform subset of its samples; storage is compacted."""
+        self._slots_cache.clear()
+        if self.size == 0 or not self._fields:
             return
         keep = torch.ones(self.size, dtype=torch.bool, device=self.device)
-        for label, held in self.class_sizes().items():
-            excess = held - self.quota(label)
+        for key, held in self.group_sizes().items():
+            excess = held - self.quota(key)
             if excess > 0:
-                slots = self._slots_of(label)
+                slots = self._slots_of(key)
                 dropped = torch.randperm(held, generator=self._generator, device=self.device)[:excess]
                 keep[slots[dropped]] = False
         if bool(keep.all()):
             return
         kept = int(keep.sum())
-        for storage in (self._inputs, self._targets, self._task_ids):
-            storage[:kept] = storage[: self.size][keep]  # type: ignore[index]  # a copy: no overlap hazard
+        for storage in self._fields.values():
+            storage[:kept] = storage[: self.size][keep]  # a copy: no overlap hazard
         self.size = kept
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        groups, seen = self.state_names
+        return {
+            **super().state_dict(),
+            groups: torch.tensor(self.groups, dtype=torch.long),
+            seen: torch.tensor([self.group_seen[key] for key in self.groups], dtype=torch.long),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, or a plain reservoir's (pooled DDP memories, older
+        checkpoints): then the groups are those stored, in order of first slot, each counted as
+        seen in proportion to its share of the memory, and the shares are re-balanced."""
+        super().load_state_dict(state)
+        groups, seen = (state.get(name) for name in self.state_names)
+        if groups is not None and seen is not None:
+            self.groups = [int(key) for key in groups.tolist()]
+            self.group_seen = dict(zip(self.groups, (int(n) for n in seen.tolist())))
+        else:
+            keys = self._fields.get(self.group_field)
+            stored = [] if keys is None else keys[: self.size].tolist()
+            self.groups = list(dict.fromkeys(stored))
+            counts = {key: stored.count(key) for key in self.groups}
+            scale = self.num_seen / max(len(stored), 1)
+            self.group_seen = {key: max(count, round(count * scale)) for key, count in counts.items()}
+        self._shrink_to_quotas()
+
+
+class ClassBalancedMemory(BalancedMemory):
+    """``capacity`` samples split evenly over the classes seen so far, each class a reservoir of
+    its own stream (:class:`BalancedMemory` grouped by class label).
+
+    Targets must be class labels (1-D integers).
+    """
+
+    group_field = "targets"
+    state_names = ("classes", "class_seen")
+
+    @property
+    def classes(self) -> list[int]:
+        """Class labels in order of arrival."""
+        return self.groups
+
+    @property
+    def class_seen(self) -> dict[int, int]:
+        """How many samples of each class were offered."""
+        return self.group_seen
+
+    def class_sizes(self) -> dict[int, int]:
+        """Samples held per class, for every class seen (in order of arrival)."""
+        return self.group_sizes()
 
     def check_batch(self, inputs: Tensor, targets: Tensor) -> None:
         """Raise ``ValueError`` unless ``targets`` are class labels and the batch fits what is stored."""
-        if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        if not is_class_labels(targets):
             raise ValueError(
                 "a class-balanced memory needs class labels as targets (a 1-D integer tensor), got "
                 f"targets of shape {tuple(targets.shape)} and dtype {targets.dtype}"
             )
         super().check_batch(inputs, targets)
 
-    # ---------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "classes": torch.tensor(self.classes, dtype=torch.long),
-            "class_seen": torch.tensor([self.class_seen[label] for label in self.classes], dtype=torch.long),
-        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output, or a plain reservoir's (pooled DDP memories, older
-        checkpoints): then the classes are those stored, in order of first slot, each counted as
-        seen in proportion to its share of the memory, and the shares are re-balanced."""
-        super().load_state_dict(state)
-        classes, seen = state.get("classes"), state.get("class_seen")
-        if classes is not None and seen is not None:
-            self.classes = [int(label) for label in classes.tolist()]
-            self.class_seen = dict(zip(self.classes, (int(n) for n in seen.tolist())))
-        else:
-            stored = [] if self._targets is None else self._targets[: self.size].tolist()
-            self.classes = list(dict.fromkeys(stored))
-            counts = {label: stored.count(label) for label in self.classes}
-            scale = self.num_seen / max(len(stored), 1)
-            self.class_seen = {label: max(count, round(count * scale)) for label, count in counts.items()}
-        self._shrink_to_quotas()
+class TaskBalancedMemory(BalancedMemory):
+    """``capacity`` samples split evenly over the tasks seen so far, each task a reservoir of its
+    own stream (:class:`BalancedMemory` grouped by task id): the episodic memory of GEM and A-GEM,
+    where every earlier task keeps an equal share."""
+
+    group_field = "task_ids"
+    state_names = ("tasks", "task_seen")
+
+
+def is_class_labels(targets: Tensor) -> bool:
+    """Whether ``targets`` is a 1-D tensor of integer class labels."""
+    return targets.dim() == 1 and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

@@ -56,7 +56,7 @@ def test_a_subclass_calling_super_applies_the_distillation_term_once():
     trainer = L.Trainer(callbacks=[distillation], logger=False, enable_checkpointing=False)
     module._trainer = trainer
     distillation.before_training_forward()
-    distillation._hook = module.net.register_forward_hook(distillation._capture)
+    distillation._capture.install()
 
     x, y = _batch()
     loss = module.training_step((x, y), 0)

@@ -1,0 +1,191 @@
+"""What every method with a memory of past samples shares: the memory, its API, its checkpoints.
+
+Experience replay, Dark Experience Replay, ER-ACE, A-GEM and GEM differ in what they do with
+remembered samples; the memory itself (a reservoir, or one balanced over classes or tasks), the
+public ``add_to_memory`` / ``get_replay_batch``, the state under DDP (one memory per rank, all of
+them in the checkpoint) and the checks on what may be stored are this one base class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from neurenix.continual._checks import (
+    check_batch,
+    check_finite_samples,
+    check_int,
+    check_model,
+    check_task_id,
+)
+from neurenix.continual.base import default_seed
+from neurenix.continual.callback import ContinualCallback, continual_methods, split_batch
+from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
+from neurenix.continual.memory import ReplayBatch, ReservoirMemory, is_class_labels, stored_fields
+
+__all__ = ["RehearsalMethod", "redistributed_memory"]
+
+
+class RehearsalMethod(ContinualCallback):
+    """A continual-learning method that keeps a fixed-size memory of samples seen so far.
+
+    Subclasses choose the memory (``memory_class``) and what a training step does with it. One
+    rehearsal method per ``Trainer``: two would each keep a memory of the same stream and add
+    their terms to the same step.
+    """
+
+    #: Whether stored targets must be class labels (the memory terms are cross-entropies).
+    needs_class_labels = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        memory_size: int,
+        device: Optional[torch.device],
+        seed: Optional[int],
+        memory_class: type[ReservoirMemory] = ReservoirMemory,
+    ) -> None:
+        check_model(model)
+        self.memory_size = check_int("memory_size", memory_size, minimum=0)
+        seed = default_seed(type(self).__name__) if seed is None else check_int("seed", seed, minimum=0)
+        super().__init__(model, device)
+        self.memory = memory_class(self.memory_size, self.device, seed)
+
+    # ---------------------------------------------------------------------------- the continual-learning API
+    def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
+        """Offer a batch of samples of task ``task_id`` to the memory.
+
+        Raises:
+            TypeError / ValueError: not tensors, different sample counts, a non-int task id,
+                targets that are not class labels where the method needs them, or shapes/dtypes
+                that differ from the samples the memory already holds.
+            ValueError: ``inputs`` (or floating-point ``targets``) hold NaN or infinite values,
+                which the memory would keep and replay until they are replaced. (Training
+                batches that a Trainer offers to the memory are not scanned, as no training
+                step is: docs/reliability.md.)
+        """
+        check_batch(inputs, targets)
+        task_id = check_task_id(task_id)
+        self.check_targets(targets)
+        check_finite_samples("inputs", inputs)
+        check_finite_samples("targets", targets)
+        self.memory.check_batch(inputs, targets)
+        self.prepare_for_device()
+        task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=self.memory.device)
+        self._remember(inputs.detach(), targets.detach(), task_ids, **self._extras_of(inputs, task_ids))
+
+    def get_replay_batch(self, batch_size: int) -> ReplayBatch:
+        """``min(batch_size, len(memory))`` distinct remembered samples: ``(inputs, targets, task_ids)``.
+
+        Raises:
+            ValueError: ``batch_size < 1`` or the memory is empty.
+        """
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.prepare_for_device()
+        return self.memory.sample(batch_size)
+
+    def check_targets(self, targets: Tensor) -> None:
+        """Refuse targets the method cannot learn from (class labels where it needs them)."""
+        if self.needs_class_labels and not is_class_labels(targets):
+            raise ValueError(
+                f"{type(self).__name__} needs class labels as targets (a 1-D integer tensor: its memory terms "
+                f"are cross-entropies), got targets of shape {tuple(targets.shape)} and dtype {targets.dtype}"
+            )
+
+    # ---------------------------------------------------------------------------- shared core
+    def _remember(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
+        """Offer samples the method has already checked (a training batch) to the memory."""
+        self.memory.add(inputs, targets, task_ids, **extras)
+
+    def _extras_of(self, inputs: Tensor, task_ids: Tensor) -> dict[str, Tensor]:
+        """Further fields to store with samples given to :meth:`add_to_memory` (DER: their logits)."""
+        return {}
+
+    def _task_ids_of(self, inputs: Tensor, task_ids: Optional[Tensor]) -> Tensor:
+        """Each sample's task id: the batch's own, else the task being trained."""
+        if task_ids is not None:
+            return task_ids
+        if self.active_task is None:
+            raise RuntimeError(f"{type(self).__name__} got a training batch outside a task (on_train_start did not run)")
+        return torch.full((inputs.shape[0],), self.active_task, dtype=torch.long, device=inputs.device)
+
+    def _remember_batch(self, batch: Any) -> None:
+        """Offer a Lightning training batch's samples to the memory."""
+        inputs, targets, task_ids = split_batch(batch)
+        self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
+
+    @override
+    def prepare_for_device(self) -> None:
+        self.memory.to(self.device)
+
+    # ---------------------------------------------------------------------------- Lightning side
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        others = [m for m in continual_methods(trainer) if isinstance(m, RehearsalMethod) and m is not self]
+        if stage == "fit" and others:
+            raise ValueError(
+                f"{type(self).__name__} and {type(others[0]).__name__} are on one Trainer: each keeps its own "
+                "memory of the same stream and rehearses it in the same steps. Use one rehearsal method "
+                "(ExperienceReplay, DarkExperienceReplay, ERACE, AGEM or GEM); each combines with EWC, L2, "
+                "SynapticIntelligence and KnowledgeDistillation"
+            )
+
+    @override
+    def check_task_batch(self, batch: Any) -> None:
+        self.check_targets(split_batch(batch)[1])
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.memory.device = self.device
+        per_rank = state_dict.get("memory_per_rank")
+        rank, world_size = rank_and_world_size()
+        if per_rank is None:
+            self.memory.load_state_dict(state_dict.get("memory", {}))
+        elif len(per_rank) == world_size:  # the same processes again: each gets its own memory back
+            self.memory.load_state_dict(per_rank[rank])
+        else:
+            self.memory.load_state_dict(redistributed_memory(per_rank, rank, world_size, self.memory.capacity))
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # Under DDP every rank keeps its own memory of its own shard of the stream, and only
+        # rank 0 writes the checkpoint: gather all of them into it, so that nothing is lost.
+        if rank_and_world_size()[1] == 1:
+            return
+        states = all_gather_objects(_on_cpu(self.memory.state_dict()))
+        checkpoint["callbacks"][self.state_key]["memory_per_rank"] = states
+
+
+def _on_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.cpu() if isinstance(value, Tensor) else value for key, value in state.items()}
+
+
+def redistributed_memory(per_rank: list[dict[str, Any]], rank: int, world_size: int, capacity: int) -> dict[str, Any]:
+    """Rank ``rank``'s memory when a run saved by ``len(per_rank)`` processes resumes on ``world_size``.
+
+    The saved samples (every stored field) are pooled and dealt out in turn (``rank::world_size``),
+    so nothing is dropped unless a rank's share exceeds its capacity (then a seeded uniform subset
+    is kept); each rank counts an equal share of the stream seen so far. The sampling generators
+    cannot be carried over between different numbers of processes: they restart from the saved seed.
+    """
+    holding = [state for state in per_rank if stored_fields(state)]
+    stored = [stored_fields(state) for state in holding]
+    if not stored:
+        return {"num_seen": 0, "seed": per_rank[0].get("seed", 0)}
+    pooled = {name: torch.cat([fields[name] for fields in stored])[rank::world_size] for name in stored[0]}
+    seed = int(per_rank[0]["seed"]) + rank
+    if pooled["inputs"].shape[0] > capacity:
+        keep = torch.randperm(pooled["inputs"].shape[0], generator=torch.Generator().manual_seed(seed))[:capacity]
+        pooled = {name: value[keep] for name, value in pooled.items()}
+    num_seen = sum(int(state["num_seen"]) for state in per_rank) // world_size
+    extra_fields = list(holding[0].get("extra_fields", []))
+    return {**pooled, "extra_fields": extra_fields, "num_seen": max(num_seen, pooled["inputs"].shape[0]), "seed": seed}
