@@ -16,12 +16,19 @@ from torch.func import functional_call, grad, vmap
 
 __all__ = [
     "add_quadratic_penalty_grad_",
+    "agem_project_",
     "as_arguments",
     "distillation_loss",
+    "GEM_DIAGONAL_EPS",
+    "gem_dual",
+    "gem_project",
     "LIKELIHOODS",
     "linear_squared_gradient_sum",
+    "logit_matching_loss",
+    "masked_logits",
     "negative_log_likelihood",
     "packed",
+    "present_classes_mask",
     "quadratic_penalty",
     "reservoir_slots",
     "sample_model_labels",
@@ -449,3 +456,298 @@ def reservoir_slots(
     last_of_run = torch.ones_like(slots, dtype=torch.bool)
     last_of_run[:-1] = slots[1:] != slots[:-1]
     return positions[last_of_run], slots[last_of_run]
+
+
+# --------------------------------------------------------------------------------------------
+# Dark Experience Replay (Buzzega et al. 2020)
+# --------------------------------------------------------------------------------------------
+
+
+def logit_matching_loss(outputs: Tensor, stored_logits: Tensor) -> Tensor:
+    """``mean((z − z_stored)²)`` over the batch and the output units: DER's memory term.
+
+    ``z`` are the model's outputs on memory samples now, ``z_stored`` the logits it gave them when
+    they were stored. The paper writes a squared norm over the units; this is its mean, as
+    ``F.mse_loss`` in the authors' code takes it (``alpha`` absorbs the number of units). Computed
+    in float32 (float64 stays float64): 16-bit outputs are cast up first, so the result is float32
+    and differentiable in ``outputs``.
+
+    Raises:
+        ValueError: ``outputs`` and ``stored_logits`` of different shapes.
+    """
+    if outputs.shape != stored_logits.shape:
+        raise ValueError(
+            "outputs and stored_logits must have the same shape, got "
+            f"{tuple(outputs.shape)} and {tuple(stored_logits.shape)}"
+        )
+    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    return F.mse_loss(outputs.to(dtype), stored_logits.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# ER-ACE: asymmetric cross-entropy (Caccia et al. 2022)
+# --------------------------------------------------------------------------------------------
+
+
+def present_classes_mask(targets: Tensor, num_classes: int) -> Tensor:
+    """A boolean ``(num_classes,)`` mask, ``True`` at the labels present in ``targets``.
+
+    ER-ACE's incoming batch is scored by cross-entropy over these classes only. Built on the
+    targets' device with one scatter (no ``unique().tolist()``, so no host-device sync). Labels
+    must lie in ``[0, num_classes)``; they are not checked here, as that check would need a
+    sync (``cross_entropy`` refuses them anyway).
+
+    Raises:
+        ValueError: ``num_classes`` below 1 or ``targets`` that are not integer labels.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer class labels, got dtype {targets.dtype}")
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=targets.device)
+    return mask.index_fill_(0, targets.reshape(-1).long(), True)
+
+
+def masked_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """``logits`` with the units where ``mask`` is ``False`` set to the dtype's lowest finite value.
+
+    Their softmax is then 0 and their gradient 0, so cross-entropy over the result equals
+    cross-entropy over the kept units alone. The lowest finite value rather than ``-inf``: a
+    masked target or a row masked entirely gives a large finite loss, not ``inf`` or NaN.
+
+    Args:
+        logits: ``(N, C)`` outputs.
+        mask: boolean, ``(C,)`` (broadcast over the batch) or ``(N, C)``; ``True`` keeps a unit.
+
+    Raises:
+        ValueError: a mask that is not boolean or does not broadcast to ``logits``' shape.
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a boolean tensor, got dtype {mask.dtype}")
+    if mask.dim() > logits.dim() or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(logits.shape))):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to logits of shape {tuple(logits.shape)}"
+        )
+    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+
+# --------------------------------------------------------------------------------------------
+# A-GEM (Chaudhry et al. 2019)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def agem_project_(grads: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
+    """``g ← g − (g·g_ref / g_ref·g_ref) g_ref`` in place when ``g·g_ref < 0``: A-GEM's projection.
+
+    ``g`` and ``g_ref`` are the whole model's gradients, one tensor per parameter; the dot products
+    run over all of them. ``g`` is unchanged when ``g·g_ref ≥ 0``, when ``g_ref = 0`` and when a
+    dot product is not finite (an overflowed 16-bit step, which the gradient scaler skips).
+
+    No host-device sync: the coefficient stays a 0-d tensor, chosen with ``torch.where``. Dot
+    products and the update are computed in float32 (float64 stays float64); each gradient is
+    written back in its own dtype.
+
+    Args:
+        grads: the gradients to project, in place.
+        reference: the reference gradients, shaped like ``grads``.
+
+    Returns:
+        The 0-d coefficient ``c`` (``g ← g − c·g_ref``; 0 where nothing was projected), for logging.
+
+    Raises:
+        ValueError: no gradients, or ``grads`` and ``reference`` that do not match tensor for tensor.
+    """
+    grads, reference = list(grads), list(reference)
+    _check_same_shapes(grads, reference)
+    dtype = torch.promote_types(torch.promote_types(grads[0].dtype, reference[0].dtype), torch.float32)
+    dot = _total_dot(grads, reference, dtype)
+    reference_norm = _total_dot(reference, reference, dtype)
+    coefficient = dot / reference_norm  # 0/0 = NaN for g_ref = 0: discarded by the where below
+    projects = (dot < 0) & (reference_norm > 0) & torch.isfinite(coefficient)
+    coefficient = torch.where(projects, coefficient, torch.zeros_like(coefficient))
+    step = -coefficient
+    for g, r in zip(grads, reference):
+        g.addcmul_(r.to(dtype), step)  # r in float32: the product in float32, rounded once into g
+    return coefficient
+
+
+def _check_same_shapes(grads: Sequence[Tensor], reference: Sequence[Tensor]) -> None:
+    if not grads or len(grads) != len(reference):
+        raise ValueError(
+            "grads and reference must be non-empty lists of equal length, got "
+            f"{len(grads)} and {len(reference)} tensors"
+        )
+    for i, (g, r) in enumerate(zip(grads, reference)):
+        if g.shape != r.shape:
+            raise ValueError(f"grads[{i}] and reference[{i}] differ in shape: {tuple(g.shape)} and {tuple(r.shape)}")
+
+
+def _total_dot(a: Sequence[Tensor], b: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``Σ_i a_i·b_i`` over lists of tensors, as a 0-d tensor of ``dtype``."""
+    return torch.stack([torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# GEM (Lopez-Paz & Ranzato 2017)
+# --------------------------------------------------------------------------------------------
+
+#: What GEM's authors add to the diagonal of ``G Gᵀ`` (their ``eps``); here only when needed.
+GEM_DIAGONAL_EPS = 1e-3
+_GRAM_CHUNK = 1 << 20  # columns of G per float64 copy: bounds the extra memory to K·8 MiB
+
+
+def gem_dual(gram: Tensor, linear: Tensor) -> Tensor:
+    """The exact ``v ≥ 0`` minimising ``½ vᵀMv + qᵀv``: GEM's dual quadratic program.
+
+    ``M = G Gᵀ`` (``K × K``, positive semi-definite) and ``q = G g``, ``K`` the number of earlier
+    tasks. Solved by Lawson and Hanson's active-set method for non-negative least squares in its
+    Gram form (``min ‖Av − b‖²`` with ``AᵀA = M``, ``Aᵀb = −q``), which needs only ``M`` and ``q``:
+    ``scipy.optimize.nnls`` would need ``A`` itself, ``P × K`` with ``P`` the number of parameters,
+    copied from the device to the host every step. The iterate ``v ≥ 0`` always; at most ``3K``
+    outer iterations (the bound of Lawson and Hanson's code), after which the last iterate is
+    returned.
+
+    A singular ``M`` (duplicate or dependent constraints) needs no regularization: in exact
+    arithmetic the method only factorizes blocks of linearly independent constraints, and ``Gᵀv``, the projection, is unique
+    even where ``v`` is not. Only if such a block is numerically singular in float64 (nearly
+    parallel constraints) is ``GEM_DIAGONAL_EPS · max(1, max diag M)`` added to the diagonal, the
+    authors' ``1e-3`` for gradients of norm up to 1, and the problem solved again.
+
+    Args:
+        gram: ``M``, ``(K, K)``.
+        linear: ``q``, ``(K,)``.
+
+    Returns:
+        ``v``, float64, on the CPU (the solve runs there, in float64).
+
+    Raises:
+        ValueError: shapes that do not fit, values that are not finite, or a ``gram`` that is not
+            positive semi-definite.
+    """
+    M = gram.detach().to("cpu", torch.float64)
+    q = linear.detach().to("cpu", torch.float64)
+    k = q.shape[0] if q.dim() == 1 else -1
+    if k < 0 or M.shape != (k, k):
+        raise ValueError(f"gram must be (K, K) and linear (K,), got {tuple(gram.shape)} and {tuple(linear.shape)}")
+    if not (torch.isfinite(M).all() and torch.isfinite(q).all()):
+        raise ValueError("gram and linear must be finite")
+    v = _gram_nnls(M, q)
+    if v is None:
+        jitter = GEM_DIAGONAL_EPS * max(1.0, M.diagonal().max().item())
+        v = _gram_nnls(M + jitter * torch.eye(k, dtype=torch.float64), q)
+    if v is None:  # even with the diagonal added: M has a clearly negative eigenvalue
+        smallest = torch.linalg.eigvalsh(M)[0].item()
+        raise ValueError(f"gram must be positive semi-definite, got smallest eigenvalue {smallest:.6g}")
+    return v
+
+
+def _gram_nnls(M: Tensor, q: Tensor) -> Optional[Tensor]:
+    """Lawson-Hanson on ``M``, ``q`` (float64, CPU); ``None`` if a passive block is singular."""
+    k = q.shape[0]
+    v = torch.zeros(k, dtype=torch.float64)
+    passive = torch.zeros(k, dtype=torch.bool)
+    for _ in range(3 * k):
+        w = -(M @ v + q)  # the negative gradient; KKT: w ≤ 0 where v = 0, w = 0 where v > 0
+        # the rounding error of w: below it, a positive w_j is noise (a duplicate constraint's)
+        tolerance = 10 * k * torch.finfo(torch.float64).eps * (q.abs().max() + (M.abs() @ v.abs()).max())
+        candidates = torch.where(passive, -torch.inf, w)
+        j = int(candidates.argmax())
+        if candidates[j] <= tolerance:
+            break
+        passive[j] = True
+        v = _inner_loop(M, q, v, passive)
+        if v is None:
+            return None
+    return v
+
+
+def _inner_loop(M: Tensor, q: Tensor, v: Tensor, passive: Tensor) -> Optional[Tensor]:
+    """Lawson-Hanson's inner loop: the passive set's unconstrained minimum, stepping back to keep
+    ``v ≥ 0`` and releasing the variables that reach 0 (at least one per turn, so at most ``K``)."""
+    while passive.any():
+        s = _passive_solution(M, q, passive)
+        if s is None:
+            return None
+        blocking = passive & (s <= 0)
+        if not blocking.any():
+            return s
+        gap = v[blocking] - s[blocking]  # ≥ 0; 0 only for a variable at 0 whose s is 0: it stops at once
+        ratios = torch.where(gap > 0, v[blocking] / gap, torch.zeros_like(gap))
+        alpha = ratios.min()
+        v = v + alpha * (s - v)
+        reached = torch.zeros_like(passive)
+        reached[blocking] = ratios == alpha
+        passive &= ~reached & (v > 0)
+        v = torch.where(passive, v, torch.zeros_like(v))
+    return v
+
+
+def _passive_solution(M: Tensor, q: Tensor, passive: Tensor) -> Optional[Tensor]:
+    """``s`` with ``M_PP s_P = −q_P`` and ``s = 0`` off the passive set ``P``; ``None`` if ``M_PP``
+    is singular."""
+    index = passive.nonzero().squeeze(1)
+    factor, info = torch.linalg.cholesky_ex(M[index][:, index])
+    if info.item() != 0:
+        return None
+    s = torch.zeros_like(q)
+    s[index] = torch.cholesky_solve(-q[index].unsqueeze(1), factor).squeeze(1)
+    return s
+
+
+def gem_project(grad: Tensor, constraints: Tensor, margin: float = 0.5) -> Tensor:
+    """GEM's projection of ``grad`` onto the gradients that increase no earlier task's loss.
+
+    With ``g = grad`` and ``G = constraints`` (one row per earlier task's reference gradient):
+    ``g`` itself (the same tensor) if ``G g ≥ 0``; otherwise ``z = Gᵀv + g``, with ``v`` the
+    solution of the dual ``min ½ vᵀ(GGᵀ)v + (Gg)ᵀv`` subject to ``v ≥ margin``.
+
+    The margin follows the authors' code, which constrains ``v ≥ margin`` in the quadratic
+    program; the paper (Sec. 3) instead adds ``γ ≥ 0`` to the solution ``v*`` of ``v ≥ 0``. The two
+    agree at ``margin = 0``; only the code's keeps every constraint (its KKT conditions give
+    ``G z = GGᵀv + Gg ≥ 0``), while the paper's adds ``γ GGᵀ1`` to ``G z``, negative where earlier
+    tasks' gradients conflict with each other. Avalanche and Mammoth follow the authors' code.
+    Solved as ``v = margin + u``, ``u ≥ 0`` the minimiser of ``½ uᵀMu + (q + margin·M1)ᵀu``
+    (:func:`gem_dual`).
+
+    One host-device sync, which the maths needs: the conflict test and the ``K × K`` solve run on
+    the host. ``GGᵀ`` and ``G g`` are taken in float64 (immune to TF32 matmuls) in column chunks
+    that bound the copy's memory; ``z`` is summed in float32 and returned in ``grad``'s dtype.
+
+    Args:
+        grad: the flattened gradient, ``(P,)``.
+        constraints: ``G``, ``(K, P)``.
+        margin: ``γ ≥ 0``; larger values bias the step towards improving earlier tasks.
+
+    Raises:
+        ValueError: shapes that do not fit, or a ``margin`` that is negative or not finite.
+    """
+    if grad.dim() != 1 or constraints.dim() != 2 or constraints.shape[1] != grad.shape[0]:
+        raise ValueError(
+            f"grad must be (P,) and constraints (K, P), got {tuple(grad.shape)} and {tuple(constraints.shape)}"
+        )
+    if not 0 <= margin < float("inf"):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    gram, dots = _gram_and_dots(constraints, grad)
+    gram, dots = torch.cat([gram, dots.unsqueeze(1)], dim=1).cpu().split([gram.shape[1], 1], dim=1)  # one copy
+    dots = dots.squeeze(1)
+    if not (dots < 0).any() or not (torch.isfinite(gram).all() and torch.isfinite(dots).all()):
+        return grad  # no conflict, or an overflowed 16-bit step that the gradient scaler skips
+    v = margin + gem_dual(gram, dots + margin * gram.sum(1))
+    dtype = torch.promote_types(torch.promote_types(grad.dtype, constraints.dtype), torch.float32)
+    z = grad.to(dtype, copy=True)
+    for row, weight in zip(constraints, v.tolist()):
+        z.add_(row.to(dtype), alpha=weight)
+    return z.to(grad.dtype)
+
+
+def _gram_and_dots(constraints: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """``G Gᵀ`` and ``G g`` in float64, on ``grad``'s device."""
+    k = constraints.shape[0]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=grad.device)
+    dots = torch.zeros(k, dtype=torch.float64, device=grad.device)
+    for start in range(0, grad.shape[0], _GRAM_CHUNK):
+        block = constraints[:, start : start + _GRAM_CHUNK].to(torch.float64)
+        gram.addmm_(block, block.T)
+        dots.addmv_(block, grad[start : start + _GRAM_CHUNK].to(torch.float64))
+    return gram, dots

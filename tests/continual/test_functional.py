@@ -440,3 +440,330 @@ def test_reservoir_keeps_every_stream_item_with_equal_probability():
     frequency = counts / trials
     expected, sd = memory_size / stream, math.sqrt(0.2 * 0.8 / trials)
     assert (frequency - expected).abs().max().item() < 4.5 * sd
+
+
+# ------------------------------------------------------------------------- DER: logit matching
+def test_logit_matching_loss_by_hand():
+    outputs, stored = t(1.0, 2.0, 3.0, 4.0).reshape(2, 2), t(0.0, 2.0, 5.0, 1.0).reshape(2, 2)
+    # differences 1, 0, −2, 3: squares 1, 0, 4, 9, mean over batch and units 14 / 4
+    assert CF.logit_matching_loss(outputs, stored).item() == 3.5
+
+
+def test_logit_matching_loss_gradient_is_two_differences_over_numel():
+    outputs = torch.randn(5, 7, dtype=D, requires_grad=True)
+    stored = torch.randn(5, 7, dtype=D)
+    (gradient,) = torch.autograd.grad(CF.logit_matching_loss(outputs, stored), outputs)
+    torch.testing.assert_close(gradient, 2 * (outputs.detach() - stored) / 35, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_logit_matching_loss_of_16_bit_outputs_is_float32(dtype):
+    # differences of several hundred: their squares overflow float16 (max 65504), so only a
+    # float32 computation gets this right
+    outputs = (torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * 300).to(dtype).requires_grad_()
+    stored = torch.randn(8, 8, generator=torch.Generator().manual_seed(1)) * 300
+    loss = CF.logit_matching_loss(outputs, stored)
+    assert loss.dtype == torch.float32
+    reference = (outputs.detach().to(D) - stored.to(D)).square().mean()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    (gradient,) = torch.autograd.grad(loss, outputs)
+    assert gradient.dtype == dtype and torch.isfinite(gradient).all()
+
+
+def test_logit_matching_loss_shape_mismatch_names_both_shapes():
+    message = r"outputs and stored_logits must have the same shape, got \(4, 10\) and \(4, 5\)"
+    with pytest.raises(ValueError, match=message):
+        CF.logit_matching_loss(torch.zeros(4, 10), torch.zeros(4, 5))
+
+
+# ------------------------------------------------------------------------- ER-ACE: masks
+def test_present_classes_mask_marks_the_labels_in_the_batch():
+    mask = CF.present_classes_mask(torch.tensor([3, 1, 3]), 5)
+    assert mask.dtype == torch.bool and mask.tolist() == [False, True, False, True, False]
+    int32_mask = CF.present_classes_mask(torch.tensor([0, 4], dtype=torch.int32), 5)
+    assert int32_mask.tolist() == [True, False, False, False, True]
+
+
+def test_present_classes_mask_refuses_bad_arguments():
+    with pytest.raises(ValueError, match=r"num_classes must be a positive integer, got 0"):
+        CF.present_classes_mask(torch.tensor([0]), 0)
+    with pytest.raises(ValueError, match=r"targets must be integer class labels, got dtype torch.float32"):
+        CF.present_classes_mask(torch.tensor([0.0, 1.0]), 3)
+
+
+def test_masked_logits_by_hand():
+    logits = t(1.0, 2.0, 3.0, 0.0, 5.0, -1.0).reshape(2, 3)
+    mask = torch.tensor([True, False, True])
+    lowest = torch.finfo(D).min
+    assert CF.masked_logits(logits, mask).tolist() == [[1.0, lowest, 3.0], [0.0, lowest, -1.0]]
+    per_row = torch.tensor([[True, True, False], [False, True, True]])
+    assert CF.masked_logits(logits, per_row).tolist() == [[1.0, 2.0, lowest], [lowest, 5.0, -1.0]]
+
+
+def test_cross_entropy_of_masked_logits_is_over_the_kept_units_only():
+    logits = t(1.0, 2.0, 3.0, 0.0, 5.0, -1.0).reshape(2, 3).requires_grad_()
+    targets = torch.tensor([2, 0])
+    loss = F.cross_entropy(CF.masked_logits(logits, torch.tensor([True, False, True])), targets)
+    # by hand, over units 0 and 2: −(3 − log(e + e³)) and −(0 − log(1 + e⁻¹)), averaged
+    hand = (-(3 - math.log(math.e + math.e**3)) - (0 - math.log(1 + math.exp(-1)))) / 2
+    assert loss.item() == pytest.approx(hand, abs=1e-15)
+    sliced = F.cross_entropy(logits[:, [0, 2]], torch.tensor([1, 0]))  # the kept units, relabelled
+    assert loss.item() == pytest.approx(sliced.item(), abs=1e-15)
+    (gradient,) = torch.autograd.grad(loss, logits)
+    assert gradient[:, 1].tolist() == [0.0, 0.0]
+    (sliced_gradient,) = torch.autograd.grad(sliced, logits)
+    torch.testing.assert_close(gradient, sliced_gradient, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masked_logits_stay_finite_in_16_bit(dtype):
+    logits = torch.tensor([[30.0, 2.0, -4.0, 1.0], [0.5, 25.0, 3.0, -2.0]], dtype=dtype, requires_grad=True)
+    mask = CF.present_classes_mask(torch.tensor([0, 2]), 4)
+    masked = CF.masked_logits(logits, mask)
+    assert masked.dtype == dtype and torch.isfinite(masked).all()
+    assert torch.softmax(masked.float(), dim=1)[:, [1, 3]].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    loss = F.cross_entropy(masked, torch.tensor([0, 2]))
+    (gradient,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(gradient).all()
+    assert gradient[:, [1, 3]].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    reference = F.cross_entropy(logits.detach().double()[:, [0, 2]], torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2, abs=2e-2)
+
+
+def test_masked_logits_refuses_a_mask_that_does_not_fit():
+    with pytest.raises(ValueError, match=r"mask must be a boolean tensor, got dtype torch.int64"):
+        CF.masked_logits(torch.zeros(2, 3), torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match=r"mask of shape \(4,\) does not broadcast to logits of shape \(2, 3\)"):
+        CF.masked_logits(torch.zeros(2, 3), torch.ones(4, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------- A-GEM
+def test_agem_projects_a_conflicting_gradient_across_parameters_by_hand():
+    grads, reference = [t(1.0), t(0.0)], [t(-1.0), t(1.0)]  # g = [1, 0], g_ref = [−1, 1]: g·g_ref = −1
+    coefficient = CF.agem_project_(grads, reference)
+    assert coefficient.dim() == 0 and coefficient.item() == -0.5  # −1 / 2
+    assert [g.item() for g in grads] == [0.5, 0.5]
+    grads, reference = [t(1.0, 0.0), t(2.0)], [t(-1.0, 1.0), t(-1.0)]  # g·g_ref = −3, g_ref·g_ref = 3
+    CF.agem_project_(grads, reference)
+    assert grads[0].tolist() == [0.0, 1.0] and grads[1].tolist() == [1.0]  # g + g_ref
+    assert (grads[0] * reference[0]).sum().item() + (grads[1] * reference[1]).sum().item() == 0.0
+
+
+def test_agem_leaves_a_gradient_without_conflict_unchanged_bit_for_bit():
+    cases = [
+        ([t(0.3, 0.7), t(0.1)], [t(1.0, 0.5), t(0.25)]),  # g·g_ref = 0.675 > 0
+        ([t(0.3, 0.0), t(0.7)], [t(0.0, 1.0), t(0.0)]),  # g·g_ref = 0 exactly: no conflict either
+    ]
+    for dtype in (D, torch.float16):
+        for grads, reference in cases:
+            grads = [g.to(dtype) for g in grads]
+            before = [g.clone() for g in grads]
+            assert CF.agem_project_(grads, reference).item() == 0.0
+            assert all(torch.equal(g, b) for g, b in zip(grads, before))
+
+
+def test_agem_with_a_zero_reference_gradient_changes_nothing_and_makes_no_nan():
+    grads = [t(1.0, -2.0), t(3.0)]
+    coefficient = CF.agem_project_(grads, [t(0.0, 0.0), t(0.0)])
+    assert coefficient.item() == 0.0
+    assert grads[0].tolist() == [1.0, -2.0] and grads[1].tolist() == [3.0]
+
+
+def test_agem_projection_of_random_conflicts_is_orthogonal_to_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        shapes = [(3, 4), (4,), (2, 2, 2)]
+        grads = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+        reference = [torch.randn(s, generator=gen, dtype=D) for s in shapes]
+        g, r = torch.cat([x.reshape(-1) for x in grads]), torch.cat([x.reshape(-1) for x in reference])
+        if g @ r > 0:
+            reference = [-x for x in reference]
+            r = -r
+        expected = g - (g @ r) / (r @ r) * r
+        CF.agem_project_(grads, reference)
+        projected = torch.cat([x.reshape(-1) for x in grads])
+        torch.testing.assert_close(projected, expected, rtol=0, atol=1e-14)
+        assert abs((projected @ r).item()) < 1e-13
+
+
+def test_agem_works_on_float16_gradients_in_float32():
+    # g·g_ref = −90000 and g_ref·g_ref = 180000 overflow float16 (max 65504): only float32 dot
+    # products find the conflict and c = −0.5
+    grads = [torch.tensor([300.0, 0.0], dtype=torch.float16)]
+    for reference in ([torch.tensor([-300.0, 300.0])], [torch.tensor([-300.0, 300.0], dtype=torch.float16)]):
+        projected = [g.clone() for g in grads]
+        coefficient = CF.agem_project_(projected, reference)
+        assert coefficient.dtype == torch.float32 and coefficient.item() == -0.5
+        assert projected[0].dtype == torch.float16 and projected[0].tolist() == [150.0, 150.0]
+
+
+def test_agem_refuses_gradients_that_do_not_match():
+    with pytest.raises(ValueError, match=r"equal length, got 2 and 1 tensors"):
+        CF.agem_project_([t(1.0), t(2.0)], [t(1.0)])
+    with pytest.raises(ValueError, match=r"grads\[1\] and reference\[1\] differ in shape: \(2,\) and \(3,\)"):
+        CF.agem_project_([t(1.0), t(1.0, 2.0)], [t(1.0), t(1.0, 2.0, 3.0)])
+    with pytest.raises(ValueError, match=r"non-empty lists of equal length, got 0 and 0 tensors"):
+        CF.agem_project_([], [])
+
+
+# ------------------------------------------------------------------------- GEM: the dual QP
+GRAM_2X2 = t(2.0, 1.0, 1.0, 2.0).reshape(2, 2)
+
+
+@pytest.mark.parametrize(
+    "linear, expected",
+    [
+        ((-3.0, -3.0), [1.0, 1.0]),  # both positive: M v = −q, v = M⁻¹[3, 3]
+        ((-4.0, 1.0), [2.0, 0.0]),  # M⁻¹[4, −1] = [3, −2] is infeasible; v₂ = 0, v₁ = 4/2; Mv + q = [0, 3]
+        ((1.0, 2.0), [0.0, 0.0]),  # q ≥ 0: v = 0 already satisfies Mv + q ≥ 0
+    ],
+)
+def test_gem_dual_of_a_2x2_problem_by_hand(linear, expected):
+    v = CF.gem_dual(GRAM_2X2, t(*linear))
+    assert v.dtype == D and v.device.type == "cpu"
+    torch.testing.assert_close(v, t(*expected), rtol=0, atol=1e-15)
+
+
+def assert_kkt(M, q, v):
+    """v ≥ 0, Mv + q ≥ 0, v·(Mv + q) = 0, up to the rounding of Mv + q."""
+    residual = M @ v + q
+    scale = q.abs().max() + (M.abs() @ v.abs()).max()
+    assert (v >= 0).all()
+    assert residual.min().item() >= -1e-12 * scale.item()
+    assert (v * residual).abs().max().item() <= 1e-12 * scale.item() * (1 + v.abs().max().item())
+
+
+def test_gem_dual_matches_scipy_nnls_on_random_positive_definite_problems():
+    nnls = pytest.importorskip("scipy.optimize").nnls
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 2, 3, 5, 8, 13, 20):
+        for _ in range(5):
+            G = torch.randn(k, k + 10, generator=gen, dtype=D)
+            M, q = G @ G.T, G @ torch.randn(k + 10, generator=gen, dtype=D)
+            # the same problem as least squares: M = L Lᵀ, A = Lᵀ and b = −L⁻¹q give
+            # ‖Av − b‖² = vᵀMv + 2qᵀv + const
+            L = torch.linalg.cholesky(M)
+            b = -torch.linalg.solve_triangular(L, q.unsqueeze(1), upper=False).squeeze(1)
+            reference, _ = nnls(L.T.numpy(), b.numpy())
+            v = CF.gem_dual(M, q)
+            torch.testing.assert_close(v, torch.from_numpy(reference), rtol=1e-9, atol=1e-9)
+            assert_kkt(M, q, v)
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "more_tasks_than_dimensions", "zero_row"])
+def test_gem_dual_satisfies_kkt_on_rank_deficient_problems(kind):
+    gen = torch.Generator().manual_seed(1)
+    for k in (2, 5, 11, 20):
+        for _ in range(10):
+            if kind == "duplicates":
+                half = torch.randn((k + 1) // 2, 30, generator=gen, dtype=D)
+                G = torch.cat([half, half])[:k]
+            elif kind == "more_tasks_than_dimensions":
+                G = torch.randn(k, 3, generator=gen, dtype=D)
+            else:
+                G = torch.randn(k, 30, generator=gen, dtype=D)
+                G[0] = 0.0
+            M, q = G @ G.T, G @ torch.randn(G.shape[1], generator=gen, dtype=D)
+            v = CF.gem_dual(M, q)
+            assert_kkt(M, q, v)
+
+
+def test_gem_dual_on_a_singular_block_adds_the_authors_diagonal():
+    # Not a Gram pair (q is outside M's range), so the active-set method reaches the singular
+    # block diag(1, 0); it then solves with M + 1e-3·I: v = [1/1.001, 1/0.001]
+    v = CF.gem_dual(t(1.0, 0.0, 0.0, 0.0).reshape(2, 2), t(-1.0, -1.0))
+    torch.testing.assert_close(v, t(1 / 1.001, 1000.0), rtol=1e-12, atol=0)
+
+
+def test_gem_dual_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"gram must be \(K, K\) and linear \(K,\), got \(2, 3\) and \(2,\)"):
+        CF.gem_dual(torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"gram and linear must be finite"):
+        CF.gem_dual(torch.eye(2), torch.tensor([float("nan"), 0.0]))
+    with pytest.raises(ValueError, match=r"gram must be positive semi-definite, got smallest eigenvalue -1"):
+        CF.gem_dual(t(1.0, 0.0, 0.0, -1.0).reshape(2, 2), t(-1.0, -1.0))
+
+
+# ------------------------------------------------------------------------- GEM: the projection
+def test_gem_project_with_one_constraint_and_no_margin_is_agem():
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (D, torch.float32):
+        g, r = torch.randn(40, generator=gen, dtype=dtype), torch.randn(40, generator=gen, dtype=dtype)
+        r = -r if g @ r > 0 else r
+        z = CF.gem_project(g, r.unsqueeze(0), margin=0.0)
+        agem = [g.clone()]
+        CF.agem_project_(agem, [r])
+        assert z.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(z, agem[0], rtol=tolerance, atol=tolerance)
+
+
+def test_gem_project_with_one_constraint_and_a_margin_by_hand():
+    g, G = t(1.0, 0.0), t(-1.0, 1.0).reshape(1, 2)  # v* = 0.5 without a margin
+    torch.testing.assert_close(CF.gem_project(g, G, margin=0.0), t(0.5, 0.5), rtol=0, atol=1e-15)
+    torch.testing.assert_close(CF.gem_project(g, G, margin=0.25), t(0.5, 0.5), rtol=0, atol=1e-15)  # v = max(0.5, 0.25)
+    torch.testing.assert_close(CF.gem_project(g, G, margin=1.0), t(0.0, 1.0), rtol=0, atol=1e-15)  # v = 1
+
+
+def test_gem_project_keeps_every_constraint_where_the_papers_margin_would_not():
+    # G = [[1, 0], [−2, 0.1]], g = [−1, −1]: v* = [21, 10] (both positive). The paper's
+    # z = Gᵀ(v* + 0.5) + g = [−0.5, 0.05] has G z = [−0.5, 1.005]: task 1 is hurt. With v ≥ 0.5 in
+    # the QP (the authors' code) v = [21, 10] and z = 21·[1, 0] + 10·[−2, 0.1] + g = [0, 0].
+    G, g = t(1.0, 0.0, -2.0, 0.1).reshape(2, 2), t(-1.0, -1.0)
+    z = CF.gem_project(g, G, margin=0.5)
+    torch.testing.assert_close(z, t(0.0, 0.0), rtol=0, atol=1e-11)
+
+
+def test_gem_project_satisfies_every_constraint_on_random_conflicts():
+    gen = torch.Generator().manual_seed(4)
+    for k in (1, 2, 5, 10):
+        for margin in (0.0, 0.5, 2.0):
+            G = torch.randn(k, 50, generator=gen, dtype=D)
+            G[k // 2 :] -= 2 * G[0]  # earlier tasks that conflict with each other too
+            g = -G.sum(0) + 0.1 * torch.randn(50, generator=gen, dtype=D)
+            assert (G @ g < 0).any()
+            z = CF.gem_project(g, G, margin)
+            assert (G @ z).min().item() >= -1e-10 * G.norm().item() * z.norm().item()
+            if margin == 0.0:  # the closest gradient to g that keeps them: no feasible step nearer
+                for _ in range(20):
+                    feasible = z + 0.01 * torch.randn(50, generator=gen, dtype=D)
+                    if (G @ feasible >= 0).all():
+                        assert (feasible - g).norm() >= (z - g).norm() - 1e-12
+
+
+def test_gem_project_without_conflict_returns_the_gradient_itself():
+    g, G = t(1.0, 2.0, 3.0), t(1.0, 0.0, 0.0, 0.0, 1.0, -0.5).reshape(2, 3)  # G g = [1, 0.5]
+    assert CF.gem_project(g, G) is g
+    assert g.tolist() == [1.0, 2.0, 3.0]
+    assert CF.gem_project(g, torch.zeros(0, 3, dtype=D)) is g  # no earlier task
+
+
+def test_gem_project_passes_a_non_finite_gradient_through():
+    g = t(float("inf"), -1.0)
+    assert CF.gem_project(g, t(-1.0, 1.0).reshape(1, 2)) is g
+
+
+def test_gem_project_of_float16_gradients_is_float16_and_close_to_float64():
+    gen = torch.Generator().manual_seed(5)
+    G = torch.randn(3, 64, generator=gen).to(torch.float16)
+    g = (-G.float().sum(0) + torch.randn(64, generator=gen)).to(torch.float16)
+    z = CF.gem_project(g, G, margin=0.5)
+    reference = CF.gem_project(g.double(), G.double(), margin=0.5)
+    assert z.dtype == torch.float16
+    torch.testing.assert_close(z.double(), reference, rtol=2e-3, atol=2e-3)
+
+
+def test_gem_project_in_column_chunks_equals_one_chunk(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    G = torch.randn(4, 100, generator=gen, dtype=D)
+    g = -G.sum(0)
+    whole = CF.gem_project(g, G)
+    monkeypatch.setattr(CF, "_GRAM_CHUNK", 7)
+    torch.testing.assert_close(CF.gem_project(g, G), whole, rtol=1e-13, atol=1e-13)
+
+
+def test_gem_project_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"grad must be \(P,\) and constraints \(K, P\), got \(3,\) and \(2, 4\)"):
+        CF.gem_project(torch.zeros(3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"margin must be a finite number >= 0, got -0.1"):
+        CF.gem_project(torch.zeros(3), torch.zeros(2, 3), margin=-0.1)
