@@ -1,0 +1,194 @@
+"""What the memory-based methods share: extra stored fields, the task-balanced memory, pooled
+per-rank memories, one rehearsal method per Trainer, the output capture, and the order of the
+gradient phases."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from neurenix.continual import EWC, ExperienceReplay
+from neurenix.continual.base import ContinualMethod
+from neurenix.continual.capture import ForwardCapture
+from neurenix.continual.callback import ContinualCallback
+from neurenix.continual.distributed import mean_across_ranks_
+from neurenix.continual.memory import ReservoirMemory, TaskBalancedMemory
+from neurenix.continual.rehearsal import redistributed_memory
+from tests.helpers import lit_classifier, make_mlp, quiet_trainer
+
+CPU = torch.device("cpu")
+
+
+def numbered(start: int, stop: int, task: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples carrying their number ``n``: input ``[n]``, target ``n % 3``, task ``task``, logits ``[n, -n]``."""
+    ids = torch.arange(start, stop)
+    return ids.float().unsqueeze(1), ids % 3, torch.full_like(ids, task), torch.stack([ids, -ids], 1).float()
+
+
+# ---------------------------------------------------------------------------------------------- extra fields
+def test_an_extra_field_stays_with_its_sample_through_insertion_draws_and_state():
+    memory = ReservoirMemory(capacity=8, device=CPU, seed=3)
+    for start in range(0, 40, 5):
+        x, y, t, z = numbered(start, start + 5)
+        memory.add(x, y, t, logits=z)
+    slots = memory.draw(8)
+    inputs, targets, _ = memory.take(slots)
+    logits = memory.field("logits", slots)
+    n = inputs[:, 0]
+    assert torch.equal(logits, torch.stack([n, -n], 1)) and torch.equal(targets, n.long() % 3)
+
+    saved = io.BytesIO()
+    torch.save(memory.state_dict(), saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    assert state["extra_fields"] == ["logits"]
+    restored = ReservoirMemory(capacity=8, device=CPU, seed=0)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.field("logits", torch.arange(8)), memory.field("logits", torch.arange(8)))
+    # The same generator: the next draw is the same.
+    assert torch.equal(restored.draw(4), memory.draw(4))
+
+
+def test_a_batch_without_the_stored_extra_field_is_refused():
+    memory = ReservoirMemory(capacity=4, device=CPU, seed=0)
+    x, y, t, z = numbered(0, 2)
+    memory.add(x, y, t, logits=z)
+    with pytest.raises(ValueError, match=r"the memory stores the fields \['inputs', 'logits', 'targets', 'task_ids'\], "
+                                         r"got a batch with \['inputs', 'targets', 'task_ids'\]"):
+        memory.add(x, y, t)
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 3\) and dtype torch.float32 do not match"):
+        memory.add(x, y, t, logits=torch.zeros(2, 3))
+    assert memory.num_seen == 2
+
+
+def test_pooled_memories_keep_their_extra_fields():
+    per_rank = []
+    for rank in range(2):
+        memory = ReservoirMemory(capacity=6, device=CPU, seed=rank)
+        x, y, t, z = numbered(10 * rank, 10 * rank + 6)
+        memory.add(x, y, t, logits=z)
+        per_rank.append(memory.state_dict())
+    share = redistributed_memory(per_rank, 0, 1, capacity=12)
+    n = share["inputs"][:, 0]
+    assert sorted(n.tolist()) == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]
+    assert torch.equal(share["logits"], torch.stack([n, -n], 1)) and share["extra_fields"] == ["logits"]
+
+
+# ---------------------------------------------------------------------------------------------- task-balanced
+def test_the_task_balanced_memory_gives_each_task_an_equal_share_of_its_own_stream():
+    memory = TaskBalancedMemory(capacity=9, device=CPU, seed=0)
+    for task in range(3):
+        for start in range(100 * task, 100 * task + 60, 7):
+            x, y, t, _ = numbered(start, start + 7, task)
+            memory.add(x, y, t)
+        sizes = memory.group_sizes()
+        assert list(sizes) == list(range(task + 1))
+        assert sum(sizes.values()) == 9 and max(sizes.values()) - min(sizes.values()) <= 1
+    stored = memory.state_dict()
+    assert torch.equal(stored["task_ids"], stored["inputs"][:, 0].long() // 100)  # each sample with its own task
+    assert stored["tasks"].tolist() == [0, 1, 2]
+
+
+def test_slots_of_tasks_are_found_once_per_layout_not_once_per_call(monkeypatch):
+    memory = TaskBalancedMemory(capacity=10, device=CPU, seed=0)
+    for task in range(2):
+        x, y, t, _ = numbered(10 * task, 10 * task + 8, task)
+        memory.add(x, y, t)
+    searches = []
+    original = TaskBalancedMemory._slots_of
+    monkeypatch.setattr(TaskBalancedMemory, "_slots_of", lambda self, key: searches.append(key) or original(self, key))
+    slots = memory.slots_of([0])
+    assert torch.equal(memory.take(slots).task_ids, torch.zeros(5, dtype=torch.long))
+    for start in range(20, 40, 4):  # task 1 trains on: task 0's slots stay where they are
+        x, y, t, _ = numbered(start, start + 4, 1)
+        memory.add(x, y, t)
+        assert torch.equal(memory.slots_of([0]), slots)
+    assert searches.count(0) == 1
+    x, y, t, _ = numbered(50, 54, 2)  # a new task arrives: the shares shrink, storage is compacted
+    memory.add(x, y, t)
+    assert torch.equal(memory.take(memory.slots_of([0])).task_ids, torch.zeros(4, dtype=torch.long))
+    both = memory.slots_of([0, 1])
+    assert torch.equal(both, both.sort().values) and sorted(memory.take(both).task_ids.tolist()) == [0] * 4 + [1] * 3
+
+
+# ---------------------------------------------------------------------------------------------- one per Trainer
+def test_two_rehearsal_methods_on_one_trainer_are_refused_naming_both():
+    module = lit_classifier(make_mlp(8, 5, 3).float())
+    first, second = ExperienceReplay(module, memory_size=10), ExperienceReplay(module, memory_size=20)
+    trainer = quiet_trainer(callbacks=[first, EWC(module), second], max_epochs=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 8), torch.randint(0, 3, (8,))), batch_size=4)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match="ExperienceReplay and ExperienceReplay are on one Trainer: each keeps its own memory"):
+        trainer.fit(module, loader)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    assert len(first.memory) == 0 and first.active_task is None
+
+
+# ---------------------------------------------------------------------------------------------- capture
+def test_the_capture_records_the_last_gradient_forward_and_its_transform_replaces_the_output():
+    net = nn.Linear(2, 2)
+    capture = ForwardCapture(net, transform=lambda arguments, outputs: outputs * 0 + arguments[0].sum())
+    x = torch.ones(3, 2)
+    assert torch.equal(net(x), x @ net.weight.T + net.bias)  # not installed: untouched
+    capture.install()
+    capture.install()  # a second call adds no second hook
+    with torch.no_grad():
+        net(x)
+    assert capture.output is None  # no gradient: ignored
+    out = net(x)
+    assert torch.equal(out, torch.full((3, 2), 6.0)) and capture.output is out and capture.arguments[0] is x
+    with capture.paused():
+        assert not torch.equal(net(2 * x), torch.full((3, 2), 12.0))
+    assert capture.output is out and capture.installed
+    capture.remove()
+    assert not capture.installed and not torch.equal(net(x), out)
+
+
+# ---------------------------------------------------------------------------------------------- gradient phases
+PHASES: list = []
+
+
+class _Recorder(ContinualCallback):
+
+    def __init__(self, model, name):
+        super().__init__(model)
+        self.name = name
+
+    def hyperparameters(self):
+        return {"name": self.name}
+
+    def observe_gradients(self):
+        PHASES.append(("observe", self.name))
+
+    def add_penalty_gradients(self):
+        PHASES.append(("penalty", self.name))
+
+    def project_gradients(self):
+        PHASES.append(("project", self.name))
+
+
+def test_every_method_projects_after_every_penalty_whatever_the_callback_order():
+    module = lit_classifier(make_mlp(8, 5, 3).float())
+    PHASES.clear()
+    methods = [_Recorder(module, "a"), _Recorder(module, "b")]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 8), torch.randint(0, 3, (4,))), batch_size=4)
+    quiet_trainer(callbacks=methods, max_epochs=1).fit(module, loader)
+    assert PHASES == [("observe", "a"), ("observe", "b"), ("penalty", "a"), ("penalty", "b"), ("project", "a"), ("project", "b")]
+
+    class Standalone(ContinualMethod):
+        def project_gradients(self):
+            calls.append(self.model.weight.grad.clone())
+
+    calls: list = []
+    net = nn.Linear(2, 2)
+    Standalone(net).train_step(torch.optim.SGD(net.parameters(), lr=0.1), nn.functional.cross_entropy,
+                               torch.ones(1, 2), torch.tensor([1]), task_id=0)
+    assert len(calls) == 1 and calls[0].abs().sum() > 0  # after backward, before the step
+
+
+def test_the_mean_across_ranks_of_one_process_is_the_tensor_itself():
+    tensor = torch.tensor([1.5, -2.0])
+    assert mean_across_ranks_(tensor) is tensor and tensor.tolist() == [1.5, -2.0]
