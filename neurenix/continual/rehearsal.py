@@ -40,6 +40,10 @@ class RehearsalMethod(ContinualCallback):
 
     #: Whether stored targets must be class labels (the memory terms are cross-entropies).
     needs_class_labels = False
+    #: Whether ``train_step`` offers its batch to the memory itself (then ``add_to_memory`` is
+    #: for samples that were not trained on). ExperienceReplay leaves it to the caller, as the
+    #: Neurenix continual-learning API's replay example does.
+    remembers_training_batches = True
 
     def __init__(
         self,
@@ -54,10 +58,24 @@ class RehearsalMethod(ContinualCallback):
         seed = default_seed(type(self).__name__) if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self.memory = memory_class(self.memory_size, self.device, seed)
+        self._last_step_inputs: Optional[Tensor] = None
+
+    def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
+        self._last_step_inputs = None
+        if self.remembers_training_batches and isinstance(targets, Tensor):
+            self.check_targets(targets)
+        loss = super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        self._last_step_inputs = inputs
+        return loss
+
+    train_step.__doc__ = ContinualCallback.train_step.__doc__
 
     # ---------------------------------------------------------------------------- the continual-learning API
     def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
         """Offer a batch of samples of task ``task_id`` to the memory.
+
+        Methods whose ``train_step`` remembers its batch itself (all but ExperienceReplay) refuse
+        the batch that ``train_step`` was just given.
 
         Raises:
             TypeError / ValueError: not tensors, different sample counts, a non-int task id,
@@ -70,6 +88,11 @@ class RehearsalMethod(ContinualCallback):
         """
         check_batch(inputs, targets)
         task_id = check_task_id(task_id)
+        if self.remembers_training_batches and inputs is self._last_step_inputs:
+            raise ValueError(
+                f"{type(self).__name__}.train_step already offered this batch to the memory: add_to_memory is "
+                "for samples that were not trained on (calling it after train_step would store them twice)"
+            )
         self.check_targets(targets)
         check_finite_samples("inputs", inputs)
         check_finite_samples("targets", targets)

@@ -56,6 +56,7 @@ class ExperienceReplay(RehearsalMethod):
     """
 
     needs_loss_mixin = True
+    remembers_training_batches = False  # the caller offers batches with add_to_memory (see the example)
 
     def __init__(
         self,

@@ -192,3 +192,28 @@ def test_every_method_projects_after_every_penalty_whatever_the_callback_order()
 def test_the_mean_across_ranks_of_one_process_is_the_tensor_itself():
     tensor = torch.tensor([1.5, -2.0])
     assert mean_across_ranks_(tensor) is tensor and tensor.tolist() == [1.5, -2.0]
+
+
+# ---------------------------------------------------------------------------------------------- who remembers
+def test_a_method_whose_train_step_remembers_refuses_the_same_batch_again_in_add_to_memory():
+    from neurenix.continual.rehearsal import RehearsalMethod
+
+    class Remembers(RehearsalMethod):
+        needs_class_labels = True
+
+        def after_optimizer_step(self, arguments, targets):
+            self._remember(arguments[0], targets, self._task_ids_of(arguments[0], None))
+
+    net = nn.Linear(2, 3)
+    method = Remembers(net, memory_size=10, device=None, seed=0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"Remembers needs class labels as targets .* got targets of shape \(4,\) and dtype torch.float32"):
+        method.train_step(optimizer, nn.functional.mse_loss, x, y.float(), task_id=0)
+    assert method.active_task is None and len(method.memory) == 0
+    method.train_step(optimizer, nn.functional.cross_entropy, x, y, task_id=0)
+    assert len(method.memory) == 4
+    with pytest.raises(ValueError, match="Remembers.train_step already offered this batch to the memory"):
+        method.add_to_memory(x, y, 0)
+    method.add_to_memory(x.clone(), y, 0)  # other samples (here: equal values) are welcome
+    assert len(method.memory) == 8
