@@ -54,7 +54,7 @@ class ERACE(RehearsalMethod):
     weight on the masked units). The replay term is a cross-entropy computed here, in float32 (or the logits' dtype if wider).
 
     In a plain loop, ``train_step`` draws the replayed batch, then offers its own batch to the
-    memory: do not also ``add_to_memory`` the same batch. ``add_to_memory`` is for samples to
+    memory (``add_to_memory`` refuses that batch again). ``add_to_memory`` is for samples to
     remember without training on them (their labels count as seen). Under a Trainer each training
     batch is offered to the memory right after the replayed samples are drawn, and the
     LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`: the model's outputs
@@ -137,8 +137,6 @@ class ERACE(RehearsalMethod):
             TypeError / ValueError: bad inputs, targets that are not class labels (a 1-D integer
                 tensor), or a bad task_id; nothing is changed then.
         """
-        check_batch(inputs, targets)
-        self.check_targets(targets)
         return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
 
     def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:

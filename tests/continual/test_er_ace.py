@@ -522,6 +522,16 @@ def test_add_to_memory_refuses_negative_labels_before_any_change():
     assert (len(ace.memory), ace.memory.num_seen, ace.seen_classes) == (0, 0, [])
 
 
+def test_add_to_memory_refuses_the_batch_train_step_already_remembered():
+    model = make_mlp(classes=4)
+    ace = ERACE(model, memory_size=10, seed=0)
+    x, y = batches(TASKS[0])[0]
+    ace.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, task_id=0)
+    with pytest.raises(ValueError, match=r"ERACE.train_step already offered this batch to the memory"):
+        ace.add_to_memory(x, y, task_id=0)
+    assert (len(ace.memory), ace.memory.num_seen, ace.seen_classes) == (8, 8, [0, 1])
+
+
 def test_a_lightning_fit_whose_targets_are_not_labels_is_refused_at_its_first_batch():
     net = make_mlp(classes=4)
     before = params(net)
