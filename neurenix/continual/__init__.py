@@ -13,26 +13,36 @@ Plain PyTorch (the Neurenix continual-learning API)::
 from neurenix.continual.base import ContinualMethod
 from neurenix.continual.boundary import ShiftDetector, TaskBoundaryDetector
 from neurenix.continual.callback import ContinualCallback
+from neurenix.continual.dark_replay import DarkExperienceReplay
 from neurenix.continual.distillation import KnowledgeDistillation
+from neurenix.continual.er_ace import ERACE
 from neurenix.continual.ewc import EWC
+from neurenix.continual.gradient_episodic import AGEM, GEM
 from neurenix.continual.l2 import L2Regularization
-from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory
+from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory, TaskBalancedMemory
 from neurenix.continual.mixin import ContinualLossMixin
+from neurenix.continual.rehearsal import RehearsalMethod
 from neurenix.continual.replay import ExperienceReplay
 from neurenix.continual.synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
+    "AGEM",
     "ClassBalancedMemory",
     "ShiftDetector",
     "TaskBoundaryDetector",
     "ContinualCallback",
     "ContinualLossMixin",
     "ContinualMethod",
+    "DarkExperienceReplay",
+    "ERACE",
     "EWC",
     "ExperienceReplay",
+    "GEM",
     "KnowledgeDistillation",
     "L2Regularization",
+    "RehearsalMethod",
     "ReplayBatch",
     "ReservoirMemory",
     "SynapticIntelligence",
+    "TaskBalancedMemory",
 ]
