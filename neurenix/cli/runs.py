@@ -36,8 +36,12 @@ from neurenix.cli.settings import (
     UsageError,
 )
 from neurenix.continual import (
+    AGEM,
+    ERACE,
     EWC,
+    GEM,
     ContinualLossMixin,
+    DarkExperienceReplay,
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
@@ -79,6 +83,16 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "l2": lambda model, s, scenario: [L2Regularization(model, s.importance)],
     "distillation": _distillation,
     "replay": lambda model, s, scenario: [ExperienceReplay(model, s.memory_size, s.replay_ratio)],
+    # der and derpp: one class, DER++ being DER with a cross-entropy term on a second memory batch (beta > 0).
+    "der": lambda model, s, scenario: [
+        DarkExperienceReplay(model, memory_size=s.memory_size, alpha=s.alpha, replay_ratio=s.replay_ratio)
+    ],
+    "derpp": lambda model, s, scenario: [
+        DarkExperienceReplay(model, memory_size=s.memory_size, alpha=s.alpha, beta=s.beta, replay_ratio=s.replay_ratio)
+    ],
+    "er_ace": lambda model, s, scenario: [ERACE(model, memory_size=s.memory_size, replay_ratio=s.replay_ratio)],
+    "agem": lambda model, s, scenario: [AGEM(model, memory_size=s.memory_size, reference_size=s.reference_size)],
+    "gem": lambda model, s, scenario: [GEM(model, memory_size=s.memory_size, margin=s.margin)],
 }
 
 

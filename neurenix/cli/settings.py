@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "METHODS", "METHOD_SETTINGS", "CompareError", "DistillationSettings", "EWCSettings", "L2Settings",
-    "OnlineEWCSettings", "ReplaySettings", "SISettings", "UsageError",
+    "METHODS", "METHOD_SETTINGS", "AGEMSettings", "CompareError", "DERPPSettings", "DERSettings",
+    "DistillationSettings", "ERACESettings", "EWCSettings", "GEMSettings", "L2Settings", "OnlineEWCSettings",
+    "ReplaySettings", "SISettings", "UsageError",
 ]
 
 
@@ -107,6 +108,81 @@ class ReplaySettings:
     replay_ratio: float = 1.0
 
 
+# The rehearsal methods below share replay's memory (200 samples). DER's and DER++'s weights are
+# their authors' for a 200-sample memory on sequential MNIST (Buzzega et al. 2020, appendix,
+# the mammoth repository's best_args: DER alpha 0.2; DER++ alpha 0.2, beta 1.0); GEM's margin
+# is the paper's memory strength 0.5 and A-GEM's reference batch the A-GEM paper's 256.
+@dataclass
+class DERSettings:
+    """Dark Experience Replay (Buzzega et al. 2020): alpha · mean((z − z_stored)²) on a memory batch.
+
+    Args:
+        memory_size: samples (with the logits they got when stored) the memory holds.
+        alpha: the weight of the logit-matching term.
+        replay_ratio: memory samples per new sample in each memory batch.
+    """
+
+    memory_size: int = 200
+    alpha: float = 0.2
+    replay_ratio: float = 1.0
+
+
+@dataclass
+class DERPPSettings:
+    """DER++ (Buzzega et al. 2020): DER's term plus beta · cross-entropy on a second memory batch.
+
+    Args:
+        memory_size: samples (with the logits they got when stored) the memory holds.
+        alpha: the weight of the logit-matching term.
+        beta: the weight of the second memory batch's cross-entropy.
+        replay_ratio: memory samples per new sample in each memory batch.
+    """
+
+    memory_size: int = 200
+    alpha: float = 0.2
+    beta: float = 1.0
+    replay_ratio: float = 1.0
+
+
+@dataclass
+class ERACESettings:
+    """ER-ACE (Caccia et al. 2022): the new batch's cross-entropy over its own classes, replay's over all.
+
+    Args:
+        memory_size: samples the memory holds.
+        replay_ratio: replayed samples per new sample.
+    """
+
+    memory_size: int = 200
+    replay_ratio: float = 1.0
+
+
+@dataclass
+class AGEMSettings:
+    """A-GEM (Chaudhry et al. 2019): the gradient projected off a memory batch's gradient when they conflict.
+
+    Args:
+        memory_size: samples the memory holds (an equal share per task).
+        reference_size: memory samples the reference gradient is computed on, each step.
+    """
+
+    memory_size: int = 200
+    reference_size: int = 256
+
+
+@dataclass
+class GEMSettings:
+    """GEM (Lopez-Paz & Ranzato 2017): the gradient projected so that no earlier task's loss rises.
+
+    Args:
+        memory_size: samples the memory holds (an equal share per task).
+        margin: the quadratic program's margin (memory strength), >= 0.
+    """
+
+    memory_size: int = 200
+    margin: float = 0.5
+
+
 #: Every method's settings, in the order of ``--methods``' default.
 METHOD_SETTINGS: dict[str, type] = {
     "ewc": EWCSettings,
@@ -115,6 +191,11 @@ METHOD_SETTINGS: dict[str, type] = {
     "l2": L2Settings,
     "distillation": DistillationSettings,
     "replay": ReplaySettings,
+    "der": DERSettings,
+    "derpp": DERPPSettings,
+    "er_ace": ERACESettings,
+    "agem": AGEMSettings,
+    "gem": GEMSettings,
 }
 #: ``none`` (plain fine-tuning) and the methods.
 METHODS = ("none", *METHOD_SETTINGS)

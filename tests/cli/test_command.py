@@ -20,7 +20,7 @@ from neurenix.cli.settings import METHOD_SETTINGS, METHODS
 from neurenix.metrics import functional as MF
 
 # Three tasks of three digits, one epoch each: a real sequence in a few seconds.
-RUN = ["--methods", "none", "ewc", "replay", "--epochs", "1", "--num_tasks", "3", "--seed", "3", "--accelerator", "cpu"]
+RUN = ["--methods", "none", "ewc", "replay", "derpp", "--epochs", "1", "--num_tasks", "3", "--seed", "3", "--accelerator", "cpu"]
 # The smallest run: plain fine-tuning, two tasks.
 TINY = ["--methods", "none", "--epochs", "1", "--num_tasks", "2", "--accelerator", "cpu"]
 METRICS = ("average_accuracy", "backward_transfer", "forgetting")
@@ -70,9 +70,9 @@ def test_a_redirected_run_prints_the_description_the_table_and_the_paths_written
     classes = " | ".join(",".join(map(str, group)) for group in results["benchmark"]["task_classes"])
     assert lines[0] == f"split digits, domain-incremental, tasks 0-2 (classes {classes}), 1 epoch per task, seed 3"
     assert lines[1] == "" and lines[2].split() == ["method", "avg", "acc", "BWT", "forgetting", "time"]
-    assert list(_table(stdout)) == ["none", "ewc", "replay"] == list(results["methods"])
-    assert lines[6].startswith("avg acc: mean test accuracy") and lines[7].startswith("accuracy since") and lines[8] == ""
-    assert lines[9:] == [
+    assert list(_table(stdout)) == ["none", "ewc", "replay", "derpp"] == list(results["methods"])
+    assert lines[7].startswith("avg acc: mean test accuracy") and lines[8].startswith("accuracy since") and lines[9] == ""
+    assert lines[10:] == [
         f"TensorBoard  {output / 'tensorboard'}",
         f"results      {output / 'results.json'}",
         f"config       {output / 'config.yaml'}",
@@ -125,6 +125,7 @@ def test_the_methods_learn_each_task_and_the_baseline_forgets(run):
         assert (diagonal > 0.5).all(), (name, diagonal)  # three classes per task: chance is 1/3
     assert methods["none"]["forgetting"] > 0.1  # one shared head: fine-tuning overwrites earlier tasks
     assert methods["replay"]["forgetting"] < methods["none"]["forgetting"]
+    assert methods["derpp"]["forgetting"] < methods["none"]["forgetting"]
     assert methods["ewc"]["hyperparameters"]["importance"] == dataclasses.asdict(METHOD_SETTINGS["ewc"]())["importance"]
 
 
@@ -197,6 +198,11 @@ def test_strategies_that_start_processes_from_this_one_are_refused_before_any_st
         (["--scenario", "online"], 2, "invalid choice: 'online'"),
         (["--dataset", "mnist", "--data_root", "{tmp}"], 1, "no mnist data"),
         (["--ewc.importance", "-1"], 2, "--ewc.importance must be >= 0"),
+        (["--der.alpha", "-1"], 2, "--der.alpha must be >= 0.0, got -1.0"),
+        (["--derpp.beta", "-0.5"], 2, "--derpp.beta must be >= 0.0, got -0.5"),
+        (["--agem.reference_size", "0"], 2, "--agem.reference_size must be >= 1, got 0"),
+        (["--gem.margin", "-1"], 2, "--gem.margin must be >= 0.0, got -1.0"),
+        (["--er_ace.memory_size", "-3"], 2, "--er_ace.memory_size must be >= 0, got -3"),
         (["--num_tasks", "20"], 2, "--num_tasks must be at most 10"),
         (["--batch-size", "8"], 2, "nrecognized arguments: --batch-size"),  # "Unrecognized" before jsonargparse 4.40
         (["--ewc.fisher", "fake"], 2, "--ewc.fisher must be one of"),

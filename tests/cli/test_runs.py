@@ -7,12 +7,18 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 from neurenix.cli import main
-from neurenix.cli.runs import DataSource, load_benchmark, make_trainer
-from neurenix.cli.settings import CompareError, UsageError
+from neurenix.cli import runs
+from neurenix.cli.parser import build_parser
+from neurenix.cli.runs import DataSource, MLPClassifier, load_benchmark, make_trainer, method_callbacks, run_method
+from neurenix.cli.settings import METHOD_SETTINGS, CompareError, UsageError
+from neurenix.continual import AGEM, ERACE, GEM, DarkExperienceReplay, ExperienceReplay
 from tests.data.test_idx import write_idx
 from tests.data.test_mnist import DEBIAN_FASHION_MNIST, write_dataset
 
@@ -100,3 +106,86 @@ def test_make_trainer_refuses_multiprocessing_strategies(strategy, devices):
 def test_make_trainer_takes_the_strategies_that_run_the_command_once_per_device(strategy):
     trainer = make_trainer(hardware(strategy), logger=False, enable_progress_bar=False)
     assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_devices == 2
+
+
+# ---------------------------------------------------------------------------- the rehearsal methods
+#: Each rehearsal method's name in the command, its class, and settings unlike the defaults.
+REHEARSAL = {
+    "replay": (ExperienceReplay, {"memory_size": 37, "replay_ratio": 0.5}),
+    "der": (DarkExperienceReplay, {"memory_size": 37, "alpha": 0.7, "replay_ratio": 0.5}),
+    "derpp": (DarkExperienceReplay, {"memory_size": 37, "alpha": 0.7, "beta": 0.3, "replay_ratio": 0.5}),
+    "er_ace": (ERACE, {"memory_size": 37, "replay_ratio": 0.5}),
+    "agem": (AGEM, {"memory_size": 37, "reference_size": 5}),
+    "gem": (GEM, {"memory_size": 37, "margin": 0.25}),
+}
+
+
+def command_settings(*flags: str):
+    """The settings a ``neurenix`` command line gives (defaults for what ``flags`` leave out)."""
+    return build_parser().parse_args(["compare", *flags]).compare
+
+
+@pytest.mark.parametrize("name", REHEARSAL)
+def test_each_rehearsal_name_builds_its_class_with_the_settings_given(name):
+    cls, values = REHEARSAL[name]
+    settings = command_settings(*[arg for key, value in values.items() for arg in (f"--{name}.{key}", str(value))])
+    methods = method_callbacks(name, MLPClassifier(4, 3), settings, "class")
+    assert [type(method) for method in methods] == [cls]
+    # every setting reaches the method, and der (DER++'s beta left at 0) is DER
+    expected = {**dict(values), **({"beta": 0.0} if name == "der" else {})}
+    assert methods[0].hyperparameters() == expected
+    assert set(dataclasses.asdict(METHOD_SETTINGS[name]())) | ({"beta"} if name == "der" else set()) == set(expected)
+
+
+def test_der_and_derpp_defaults_are_the_papers_and_differ_only_in_the_second_memory_batch():
+    der, derpp = (method_callbacks(name, MLPClassifier(4, 3), command_settings(), "class")[0] for name in ("der", "derpp"))
+    assert der.hyperparameters() == {"memory_size": 200, "alpha": 0.2, "beta": 0.0, "replay_ratio": 1.0}
+    assert derpp.hyperparameters() == {"memory_size": 200, "alpha": 0.2, "beta": 1.0, "replay_ratio": 1.0}
+
+
+class _TaskIdRecorder(MLPClassifier):
+    """The command's multi-head model, recording the inputs and task ids of every forward that builds a graph."""
+
+    calls: list = []
+
+    def forward(self, x, task_ids=None):
+        if torch.is_grad_enabled():  # training forwards: the new batch's and the memory's, not evaluation
+            type(self).calls.append((x.detach().flatten(1).clone(), None if task_ids is None else task_ids.detach().clone()))
+        return super().forward(x, task_ids)
+
+
+@pytest.mark.parametrize("name", ["der", "derpp", "er_ace", "agem", "gem"])
+def test_under_scenario_task_every_forward_gets_each_samples_own_task_id(name, tmp_path, monkeypatch):
+    # A multi-head model picks each sample's head by its task id: the memory forwards (DER's
+    # memory batches, ER-ACE's replayed batch, A-GEM's and GEM's reference gradients) must pass
+    # the stored ids of remembered samples, not the current task's.
+    monkeypatch.setattr(runs, "MLPClassifier", _TaskIdRecorder)
+    monkeypatch.setattr(_TaskIdRecorder, "calls", [])
+    flags = ["--scenario", "task", "--num_tasks", "2", "--epochs", "1", "--accelerator", "cpu", f"--{name}.memory_size", "40"]
+    settings = command_settings(*flags)
+    benchmark, _ = load_benchmark(settings)
+    with runs.quiet_lightning(), runs.cpu_threads(settings.threads):  # as the command runs it
+        run_method(name, settings, benchmark, tmp_path, progress=False)
+    task_of = _task_of_each_input(benchmark)
+    tasks_per_call = []
+    for inputs, task_ids in _TaskIdRecorder.calls:
+        assert task_ids is not None and task_ids.shape == (inputs.shape[0],)
+        pairs = [(task_of[key], int(given)) for key, given in zip(map(_key, inputs), task_ids) if key in task_of]
+        assert pairs and all(true == given for true, given in pairs), name
+        tasks_per_call.append({true for true, _ in pairs})
+    # after task 1's first step, forwards holding task 0's samples are the memory's
+    first_of_task_1 = next(index for index, tasks in enumerate(tasks_per_call) if 1 in tasks)
+    assert any(0 in tasks for tasks in tasks_per_call[first_of_task_1:])
+
+
+def _key(sample: torch.Tensor) -> bytes:
+    return sample.flatten().to(torch.float32).numpy().tobytes()
+
+
+def _task_of_each_input(benchmark) -> dict[bytes, int]:
+    """Each training input's task, leaving out any image that occurs in two tasks."""
+    seen: dict[bytes, set] = {}
+    for task, dataset in enumerate(benchmark.train):
+        for index in range(len(dataset)):
+            seen.setdefault(_key(dataset[index][0]), set()).add(task)
+    return {key: next(iter(tasks)) for key, tasks in seen.items() if len(tasks) == 1}
