@@ -108,7 +108,10 @@ class GridSearch:
     - ``method.register_task(t, DataLoader(TensorDataset(x_t, y_t), batch_size=batch_size))``
       before the task (EWC's Fisher gets its data; the previous task is consolidated);
     - ``method.train_step(optimizer, loss_fn, xb, yb, task_id=t)`` per batch, then
-      ``method.add_to_memory(xb, yb, t)`` where the method has it (experience replay).
+      ``method.add_to_memory(xb, yb, t)`` for ``ExperienceReplay``, whose ``train_step`` leaves
+      that to its caller (the rehearsal methods whose ``remembers_training_batches`` is true,
+      ``DarkExperienceReplay``, ``ERACE``, ``AGEM`` and ``GEM``, offer the batch to their
+      memory inside ``train_step``).
 
     Then the model, in eval mode without gradients, is scored on each task's held-out samples
     and the scores are averaged over the tasks. Floating-point inputs are cast to the model's
@@ -116,7 +119,8 @@ class GridSearch:
 
     Args:
         model_fn: ``model_fn(**params)`` returns a continual method (a
-            :class:`~neurenix.continual.ContinualMethod`: ``EWC``, ``ExperienceReplay``, ...).
+            :class:`~neurenix.continual.ContinualMethod`: ``EWC``, a rehearsal method such as
+            ``ExperienceReplay`` or ``DarkExperienceReplay``, ...).
         param_space: a non-empty dict from ``model_fn``'s argument names to non-empty lists of
             values.
         scoring: ``"accuracy"``, ``"neg_log_loss"``, or a callable ``(logits, targets) -> float``;
@@ -261,7 +265,10 @@ class GridSearch:
         self, method: ContinualMethod, optimizer: torch.optim.Optimizer, task_id: int, inputs: Tensor, targets: Tensor, order: torch.Generator
     ) -> None:
         method.register_task(task_id, DataLoader(TensorDataset(inputs, targets), batch_size=self.batch_size))
-        remember = getattr(method, "add_to_memory", None)
+        # Only ExperienceReplay leaves the memory to its caller; the other rehearsal methods
+        # store the batch in train_step and refuse it a second time.
+        remembers_itself = getattr(method, "remembers_training_batches", True)
+        remember = None if remembers_itself else getattr(method, "add_to_memory", None)
         method.model.train()
         for _ in range(self.epochs):
             for batch in torch.randperm(inputs.shape[0], generator=order).split(self.batch_size):

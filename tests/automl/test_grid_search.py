@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import neurenix as nx
 from neurenix.automl import GridSearch, stratified_folds
-from neurenix.continual import EWC, ExperienceReplay, L2Regularization
+from neurenix.continual import AGEM, ERACE, EWC, GEM, DarkExperienceReplay, ExperienceReplay, L2Regularization
 from neurenix.data import split_benchmark
 
 # Adam at a rate that learns these tiny problems in a few epochs.
@@ -147,6 +149,64 @@ def test_replay_memory_wins_a_class_incremental_sequence():
     without, with_memory = search.cv_results_["mean_test_score"]
     assert search.best_params() == {"memory_size": 100}
     assert with_memory > 0.95 and without < 0.8  # without replay task 0's classes are forgotten
+
+
+def _blobs_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+#: The rehearsal methods whose train_step stores its own batch, each built on the blobs' network.
+SELF_REMEMBERING = {
+    "der": lambda memory_size: DarkExperienceReplay(_blobs_net(), memory_size=memory_size, alpha=1.0),
+    "derpp": lambda memory_size: DarkExperienceReplay(_blobs_net(), memory_size=memory_size, alpha=0.5, beta=1.0),
+    "er_ace": lambda memory_size: ERACE(_blobs_net(), memory_size=memory_size),
+    "agem": lambda memory_size: AGEM(_blobs_net(), memory_size=memory_size, reference_size=32),
+    "gem": lambda memory_size: GEM(_blobs_net(), memory_size=memory_size),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two busy-waiting threads on two shared cores run ten times slower
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", SELF_REMEMBERING)
+def test_each_memory_method_wins_a_class_incremental_sequence_with_its_memory(name):
+    # Their train_step stores the batch itself, and add_to_memory refuses the same batch again
+    # (an error, or a warning that it is not stored twice): the search must not offer it.
+    tasks = [blobs([0, 1], seed=1), blobs([2, 3], seed=2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        search = GridSearch(SELF_REMEMBERING[name], {"memory_size": [0, 100]}, epochs=20, batch_size=10,
+                            optimizer=lambda p: torch.optim.Adam(p, lr=0.02), seed=0).fit(tasks=tasks)
+    without, with_memory = search.cv_results_["mean_test_score"]
+    assert search.best_params() == {"memory_size": 100}
+    assert with_memory > 0.95 and without < 0.85, (without, with_memory)
+
+
+def test_a_self_remembering_method_is_scored_as_a_hand_run_of_train_step_alone():
+    tasks = [blobs([0, 1], seed=1), blobs([2, 3], seed=2)]
+    options = dict(cv=2, epochs=3, batch_size=10, optimizer=lambda p: torch.optim.Adam(p, lr=0.02), seed=4)
+    score = GridSearch(SELF_REMEMBERING["derpp"], {"memory_size": [50]}, **options).fit(tasks=tasks).cv_results_["split1_test_score"][0]
+
+    parts = [split(x, y, folds_by_hand(y, 2, seed=4)[1]) for x, y in tasks]
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        method = SELF_REMEMBERING["derpp"](50)
+        optimizer = torch.optim.Adam(method.model.parameters(), lr=0.02)
+        order = torch.Generator().manual_seed(4)
+        for task_id, (x_train, y_train, _, _) in enumerate(parts):
+            method.register_task(task_id, DataLoader(TensorDataset(x_train, y_train), batch_size=10))
+            for _ in range(3):
+                for batch in torch.randperm(len(y_train), generator=order).split(10):
+                    method.train_step(optimizer, nn.CrossEntropyLoss(), x_train[batch], y_train[batch], task_id=task_id)
+        assert len(method.memory) == 50  # the stream's samples, each offered once
+        with torch.no_grad():
+            by_hand = sum((method.model(x).argmax(1) == y).float().mean().item() for _, _, x, y in parts) / 2
+    assert score == pytest.approx(by_hand, abs=1e-12)
 
 
 def test_sequence_score_is_the_average_score_of_a_hand_run():
