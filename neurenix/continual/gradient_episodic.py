@@ -17,6 +17,8 @@ never a second optimizer step), so these methods need no ``ContinualLossMixin``.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_batch, check_int, check_model, check_real
+from neurenix.continual._checks import check_batch, check_int, check_model, check_real, check_task_id
 from neurenix.continual.base import model_arguments, running_statistics_kept, trainable_parameters
 from neurenix.continual.distributed import mean_across_ranks_, rank_and_world_size
 from neurenix.continual.memory import TaskBalancedMemory
@@ -41,7 +43,10 @@ class GradientEpisodicMethod(RehearsalMethod):
     The memory is a :class:`~neurenix.continual.memory.TaskBalancedMemory`: ``memory_size``
     samples split evenly over the tasks seen so far, each task's share a reservoir of its own
     stream. It fills while a task trains, as in GEM's code: ``train_step`` offers its batch after
-    the optimizer step, a ``Trainer`` each training batch in ``on_train_batch_end``. Only the
+    the optimizer step, a ``Trainer`` each training batch in ``on_train_batch_end``;
+    ``add_to_memory`` is for samples that are not trained on (a tensor that ``train_step`` has just
+    stored is not stored again, with a warning, so the loop of the Neurenix continual-learning
+    API's replay tutorial, which calls both, stores each batch once). Only the
     samples of *finished* tasks (:attr:`finished_tasks`) ever enter a reference gradient, so the
     constraints come from earlier tasks only, exactly as when the memory is written at a task's
     end (A-GEM's paper); during the first task, and in a task-free stream that never ends a task,
@@ -56,6 +61,10 @@ class GradientEpisodicMethod(RehearsalMethod):
 
     def __init__(self, model: nn.Module, memory_size: int, device: Optional[torch.device], seed: Optional[int]) -> None:
         super().__init__(model, memory_size, device, seed, TaskBalancedMemory)
+        #: The tensor of inputs the last ``train_step`` is training on (the caller's, before any move).
+        self._step_inputs: Optional[Tensor] = None
+        #: Which door (``"train_step"`` or ``"add_to_memory"``) stored which tensor of inputs last.
+        self._last_stored: Optional[tuple[str, weakref.ref]] = None
 
     # ---------------------------------------------------------------------------- the continual-learning API
     def train_step(
@@ -67,7 +76,8 @@ class GradientEpisodicMethod(RehearsalMethod):
         task_id: int,
     ) -> Tensor:
         """One step on a batch of ``task_id``, its gradient projected against the earlier tasks'
-        memory; the batch is then offered to the memory (do not also ``add_to_memory`` it).
+        memory; the batch is then offered to the memory (unless ``add_to_memory`` has just stored
+        this tensor of inputs).
 
         Raises:
             TypeError / ValueError: as :meth:`ContinualMethod.train_step`, and targets that are not
@@ -77,14 +87,46 @@ class GradientEpisodicMethod(RehearsalMethod):
         check_batch(inputs, targets)
         self.check_targets(targets)
         self.memory.check_batch(inputs, targets)
-        return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        self._step_inputs = inputs
+        try:
+            return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        finally:
+            self._step_inputs = None
+
+    @override
+    def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
+        """Offer samples of task ``task_id`` to the memory: for samples that ``train_step`` does not
+        train on. The tensor of inputs that the last ``train_step`` stored is not stored again
+        (a warning): the loop of the Neurenix continual-learning API's replay tutorial calls both.
+
+        Raises:
+            TypeError / ValueError: as :meth:`RehearsalMethod.add_to_memory`.
+        """
+        check_batch(inputs, targets)
+        check_task_id(task_id)
+        if self._stored_by("train_step", inputs):
+            _warn_stored_twice(type(self).__name__, "add_to_memory", "train_step", stacklevel=3)
+            self._last_stored = None  # a later offer of the same tensor is a new one
+            return
+        super().add_to_memory(inputs, targets, task_id)
+        self._last_stored = ("add_to_memory", weakref.ref(inputs))
+
+    def _stored_by(self, door: str, inputs: Tensor) -> bool:
+        last = self._last_stored
+        return last is not None and last[0] == door and last[1]() is inputs
 
     # ---------------------------------------------------------------------------- shared core
     @override
     def after_optimizer_step(self, arguments: tuple[Tensor, ...], targets: Tensor) -> None:
         inputs = arguments[0]
+        caller_inputs = self._step_inputs if self._step_inputs is not None else inputs
+        if self._stored_by("add_to_memory", caller_inputs):
+            _warn_stored_twice(type(self).__name__, "train_step", "add_to_memory", stacklevel=4)
+            self._last_stored = None
+            return
         task_ids = arguments[1] if len(arguments) > 1 else None
         self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
+        self._last_stored = ("train_step", weakref.ref(caller_inputs))
 
     @override
     def project_gradients(self) -> None:
@@ -304,6 +346,15 @@ class GEM(GradientEpisodicMethod):
 
 
 # -------------------------------------------------------------------------------- helpers
+def _warn_stored_twice(owner: str, door: str, other: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"{owner}.{door} got the tensor of inputs that {other} has just stored: it is not stored twice. "
+        "train_step stores each batch it trains on; call add_to_memory only for samples that are not "
+        "trained with train_step",
+        stacklevel=stacklevel,
+    )
+
+
 def _flat(grads: Any, params: list[nn.Parameter], dtype: torch.dtype) -> Tensor:
     """``grads`` (``None`` as zeros) as one vector of ``dtype``."""
     return torch.cat(

@@ -408,6 +408,7 @@ def test_state_round_trip_continues_exactly(name, kwargs):
     assert twin.finished_tasks == [0, 1]
 
 
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
 @pytest.mark.parametrize("name, kwargs", [("AGEM", {"reference_size": 4}), ("GEM", {})], ids=["AGEM", "GEM"])
 def test_a_lightning_checkpoint_in_the_middle_of_task_1_resumes_to_the_uninterrupted_result(tmp_path, name, kwargs):
     init = make_mlp(seed=7).float()
@@ -557,3 +558,28 @@ def test_a_batch_the_memory_cannot_store_is_refused_before_the_step():
         agem.train_step(optimizer, F.cross_entropy, x, y.int(), task_id=0)
     assert_same_state(model.state_dict(), before, atol=0)
     assert (agem.steps_in_active_task, agem.memory.num_seen) == (1, 4)
+
+
+@pytest.mark.parametrize("add_first", [False, True], ids=["train-then-add", "add-then-train"])
+def test_the_replay_tutorial_loop_stores_each_batch_once(add_first):
+    """The continual-learning API's replay tutorial calls train_step and add_to_memory on each batch:
+    the same run as train_step alone, with a warning naming the double offer."""
+    batches = [(task, *make_task(6, seed=10 * task + k).tensors) for task in (0, 1) for k in range(3)]
+    models = [make_mlp(seed=3), make_mlp(seed=3)]
+    methods = [AGEM(model, memory_size=10, reference_size=4, seed=2) for model in models]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1) for model in models]
+    for task, x, y in batches:
+        methods[0].train_step(optimizers[0], F.cross_entropy, x, y, task_id=task)
+        with pytest.warns(UserWarning, match="got the tensor of inputs that (train_step|add_to_memory) has just stored"):
+            if add_first:
+                methods[1].add_to_memory(x, y, task_id=task)
+                methods[1].train_step(optimizers[1], F.cross_entropy, x, y, task_id=task)
+            else:
+                methods[1].train_step(optimizers[1], F.cross_entropy, x, y, task_id=task)
+                methods[1].add_to_memory(x, y, task_id=task)
+    assert methods[1].memory.num_seen == 36  # 6 batches of 6, each stored once
+    if not add_first:  # stored at the same moments as by train_step alone: the same run
+        assert_same_parameters(*models, atol=0)
+        assert_same_state(methods[0].memory.state_dict(), methods[1].memory.state_dict(), atol=0)
+    methods[1].add_to_memory(x.clone(), y, task_id=1)  # another tensor: stored
+    assert methods[1].memory.num_seen == 42
