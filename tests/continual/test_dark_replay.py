@@ -187,6 +187,8 @@ def test_each_memory_batch_holds_max_1_round_ratio_b_distinct_samples(replay_rat
     for batch in memory_batches:
         rows = rows_of(batch, memory_x)  # memory samples only: the new batch is stored after the draws
         assert len(set(rows)) == len(rows)
+    if beta and 1 < expected < memory_held:  # DER++'s batch is a draw of its own, not DER's again
+        assert not torch.equal(*memory_batches)
 
 
 def test_an_empty_memory_trains_on_the_task_loss_and_stores_the_batch():
@@ -531,7 +533,7 @@ def test_a_lightning_fit_refuses_targets_that_are_not_labels_at_the_first_batch(
 def test_a_model_whose_outputs_are_not_one_row_of_logits_per_sample_is_refused():
     model = nn.Sequential(nn.Linear(6, 3).double(), nn.Flatten(0))  # (8, 3) -> (24,)
     der = DarkExperienceReplay(model, memory_size=10, seed=0)
-    message = "stores the model's outputs as class logits, (samples, classes): the model (Sequential) returned outputs of shape (24,)"
+    message = "as class logits, (samples, classes): the model (Sequential) returned outputs of shape (24,)"
     with pytest.raises(ValueError, match=re.escape(message)):
         der.add_to_memory(*make_task(8).tensors, task_id=0)
     assert der.memory.num_seen == 0
