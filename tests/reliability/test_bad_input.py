@@ -24,8 +24,12 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import neurenix as nx
 from neurenix.automl import GridSearch
 from neurenix.continual import (
+    AGEM,
+    ERACE,
     EWC,
+    GEM,
     ContinualLossMixin,
+    DarkExperienceReplay,
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
@@ -47,8 +51,11 @@ from neurenix.metrics import AccuracyMatrix, ForgettingCurves, average_accuracy,
 from tests.helpers import lit_classifier, quiet_trainer
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
-METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation)
-ALL_METHODS = "`EWC`, `ExperienceReplay`, `L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`"
+#: The rehearsal methods of issue 15: their train_step stores its own batch; they need class labels.
+REHEARSAL = (DarkExperienceReplay, ERACE, AGEM, GEM)
+METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation, *REHEARSAL)
+ALL_METHODS = ("`EWC`, `ExperienceReplay`, `L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, "
+               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`")
 POLICY = "none (policy)"
 
 
@@ -293,6 +300,44 @@ def memory_untouched_by_nan(_):
     return len(method.memory) == 0 and method.memory.num_seen == 0
 
 
+def refused_step_changes_nothing(cls: type) -> Callable[[Any], Any]:
+    def call(_):
+        method = trained(cls)  # one step: the model moved, the memory holds its batch
+        optimizer = torch.optim.Adam(method.model.parameters(), lr=0.1)
+        x, y = data()
+        method.train_step(optimizer, F.cross_entropy, x[4:8], y[4:8], 0)
+        before = ([p.detach().clone() for p in method.model.parameters()], len(method.memory), method.memory.num_seen,
+                  [s["exp_avg"].clone() for s in optimizer.state.values()])
+        with pytest.raises(ValueError, match="needs class labels as targets"):
+            method.train_step(optimizer, F.cross_entropy, x[8:12], y[8:12].float(), 0)
+        after = ([p.detach() for p in method.model.parameters()], len(method.memory), method.memory.num_seen,
+                 [s["exp_avg"] for s in optimizer.state.values()])
+        unchanged = all(torch.equal(a, b) for a, b in zip(before[0] + before[3], after[0] + after[3]))
+        return unchanged and before[1:3] == after[1:3] == (8, 8) and all(p.grad is None or not p.grad.isnan().any()
+                                                                        for p in method.model.parameters())
+
+    return call
+
+
+def rehearsal_fit_with(cls: type, targets: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Any], Any]:
+    def call(_):
+        net = mlp()
+        x, y = data()
+        fit([cls(net)], lit_classifier(net), DataLoader(TensorDataset(x, targets(y)), batch_size=4))
+
+    return call
+
+
+def two_rehearsal_methods(_):
+    net = mlp()
+    fit([ExperienceReplay(net), DarkExperienceReplay(net)], lit_classifier(net), loader())
+
+
+def er_ace_with_distillation(_):
+    net = mlp()
+    fit([KnowledgeDistillation(net), ERACE(net)], lit_classifier(net), loader())
+
+
 def nan_fit_runs_on(cls: type) -> Callable[[Any], Any]:
     def call(_):
         method = fit_with(cls, nan=True)
@@ -418,6 +463,15 @@ TS = "`train_step(optimizer, loss_fn, inputs, targets, task_id)`"
 ER = "`ExperienceReplay.add_to_memory(inputs, targets, task_id)`"
 SI = "`SynapticIntelligence.update_importance(loss)`"
 FIT = "`Trainer.fit` with a method"
+DER = "`DarkExperienceReplay(model, ...)`"
+ACE = "`ERACE(model, ...)`"
+AG = "`AGEM(model, ...)`"
+GE = "`GEM(model, ...)`"
+NEW = "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`"
+NEW_ATM = f"`add_to_memory(inputs, targets, task_id)` of {NEW}"
+NEW_TS = f"`train_step(optimizer, loss_fn, inputs, targets, task_id)` of {NEW}"
+NEW_GRB = f"`get_replay_batch(batch_size)` of {NEW}"
+LABELS = "needs class labels as targets (a 1-D integer tensor: its memory terms are cross-entropies), got targets of shape"
 FS = "`fit_sequence(trainer, model, datamodule, ...)`"
 DM = "`TaskSequenceDataModule(train_tasks, test_tasks, ...)`"
 TD = "`TaskDataset(inputs, targets, task_id, ...)`"
@@ -450,6 +504,22 @@ ROWS: list[Row] = [
         *each_method(lambda cls: cls(mlp()[0].weight))),
     row("`ExperienceReplay(model, ...)`", "`memory_size=-1`", ValueError, "memory_size must be >= 0, got -1", lambda _: ExperienceReplay(mlp(), memory_size=-1)),
     row("`ExperienceReplay(model, ...)`", "`replay_ratio=-0.5`", ValueError, "replay_ratio must be >= 0.0, got -0.5", lambda _: ExperienceReplay(mlp(), replay_ratio=-0.5)),
+    row(f"{NEW} `(model, ...)`", "`memory_size=-1`", ValueError, "memory_size must be >= 0, got -1",
+        *(lambda _, cls=cls: cls(mlp(), memory_size=-1) for cls in REHEARSAL)),
+    row(f"{NEW} `(model, ...)`", "`memory_size=2.5`", TypeError, "memory_size must be an int, got float: 2.5",
+        *(lambda _, cls=cls: cls(mlp(), memory_size=2.5) for cls in REHEARSAL)),
+    row(f"{NEW} `(model, ...)`", "`seed=-1`", ValueError, "seed must be >= 0, got -1", *(lambda _, cls=cls: cls(mlp(), seed=-1) for cls in REHEARSAL)),
+    row(DER, "`alpha=-0.1`", ValueError, "alpha must be >= 0.0, got -0.1", lambda _: DarkExperienceReplay(mlp(), alpha=-0.1)),
+    row(DER, "`alpha=nan`", ValueError, "alpha must be finite, got nan", lambda _: DarkExperienceReplay(mlp(), alpha=float("nan"))),
+    row(DER, "`alpha=\"high\"`", TypeError, "alpha must be a real number, got str: 'high'", lambda _: DarkExperienceReplay(mlp(), alpha="high")),
+    row(DER, "`beta=-1.0`", ValueError, "beta must be >= 0.0, got -1.0", lambda _: DarkExperienceReplay(mlp(), beta=-1.0)),
+    row(DER, "`beta=inf`", ValueError, "beta must be finite, got inf", lambda _: DarkExperienceReplay(mlp(), beta=float("inf"))),
+    row(DER, "`replay_ratio=-0.5`", ValueError, "replay_ratio must be >= 0.0, got -0.5", lambda _: DarkExperienceReplay(mlp(), replay_ratio=-0.5)),
+    row(ACE, "`replay_ratio=nan`", ValueError, "replay_ratio must be finite, got nan", lambda _: ERACE(mlp(), replay_ratio=float("nan"))),
+    row(AG, "`reference_size=0`", ValueError, "reference_size must be >= 1, got 0", lambda _: AGEM(mlp(), reference_size=0)),
+    row(AG, "`reference_size=2.5`", TypeError, "reference_size must be an int, got float: 2.5", lambda _: AGEM(mlp(), reference_size=2.5)),
+    row(GE, "`margin=-0.5`", ValueError, "margin must be >= 0.0, got -0.5", lambda _: GEM(mlp(), margin=-0.5)),
+    row(GE, "`margin=nan`", ValueError, "margin must be finite, got nan", lambda _: GEM(mlp(), margin=float("nan"))),
     row("`L2Regularization(model, ...)`", "`importance=inf`", ValueError, "importance must be finite, got inf", lambda _: L2Regularization(mlp(), importance=float("inf"))),
     row("`SynapticIntelligence(model, ...)`", "`xi=-0.1`", ValueError, "xi must be >= 0.0, got -0.1", lambda _: SynapticIntelligence(mlp(), xi=-0.1)),
     row("`KnowledgeDistillation(model, ...)`", "`temperature=0`", ValueError, "temperature must be > 0.0, got 0.0", lambda _: KnowledgeDistillation(mlp(), temperature=0)),
@@ -513,6 +583,22 @@ ROWS: list[Row] = [
         lambda _: ExperienceReplay(mlp()).get_replay_batch(0)),
     row("`ExperienceReplay.get_replay_batch(batch_size)`", "an empty memory", ValueError, "cannot draw a replay batch: the replay memory is empty",
         lambda _: ExperienceReplay(mlp()).get_replay_batch(4)),
+    row(NEW_ATM, "float targets", ValueError, f"{LABELS} (16,) and dtype torch.float32",
+        *(lambda _, cls=cls: cls(mlp()).add_to_memory(X, Y.float(), 0) for cls in REHEARSAL)),
+    row(NEW_ATM, "one-hot targets (2-D)", ValueError, f"{LABELS} (16, 3) and dtype torch.int64",
+        *(lambda _, cls=cls: cls(mlp()).add_to_memory(X, F.one_hot(Y, 3), 0) for cls in REHEARSAL)),
+    row(NEW_TS, "float targets", ValueError, f"{LABELS} (16,) and dtype torch.float32",
+        *(lambda _, cls=cls: cls(mlp()).train_step(torch.optim.SGD(mlp().parameters()), F.cross_entropy, X, Y.float(), 0)
+          for cls in REHEARSAL)),
+    row(NEW_TS, "one-hot targets (2-D, float)", ValueError, f"{LABELS} (16, 3) and dtype torch.float32",
+        *(lambda _, cls=cls: cls(mlp()).train_step(torch.optim.SGD(mlp().parameters()), F.cross_entropy, X, F.one_hot(Y, 3).float(), 0)
+          for cls in REHEARSAL)),
+    row(NEW_TS, "float targets, the model, the optimizer and the memory afterwards", None,
+        "refused before anything changes: parameters, optimizer state and memory stay as they were",
+        *(refused_step_changes_nothing(cls) for cls in REHEARSAL)),
+    row(NEW_GRB, "`batch_size=0`", ValueError, "batch_size must be >= 1, got 0", *(lambda _, cls=cls: cls(mlp()).get_replay_batch(0) for cls in REHEARSAL)),
+    row(NEW_GRB, "an empty memory", ValueError, "cannot draw a replay batch: the replay memory is empty",
+        *(lambda _, cls=cls: cls(mlp()).get_replay_batch(4) for cls in REHEARSAL)),
     row(SI, "`loss=1.0` (a float)", TypeError, "loss must be a torch.Tensor, got float", lambda _: SynapticIntelligence(mlp()).update_importance(1.0)),
     row(SI, "a loss of shape (3,)", ValueError, "loss must be a scalar, got a tensor of shape (3,)", lambda _: SynapticIntelligence(mlp()).update_importance(torch.ones(3))),
     row(SI, "no task registered", ValueError, "update_importance: no task is being trained; call register_task(task_id) first",
@@ -525,9 +611,16 @@ ROWS: list[Row] = [
     # under a Trainer
     row(FIT, "the method built for a model outside the LightningModule", ValueError,
         "was built for a model that is not part of the LightningModule being fit", lambda _: fit([EWC(mlp())], lit_classifier(mlp()), loader())),
-    row(FIT, "`ExperienceReplay` or `KnowledgeDistillation`, the module without `ContinualLossMixin`", TypeError,
-        "changes the training batch or loss, so the LightningModule must inherit neurenix.continual.ContinualLossMixin",
-        lambda _: fit_with(ExperienceReplay, mixin=False), lambda _: fit_with(KnowledgeDistillation, mixin=False)),
+    row(FIT, "`ExperienceReplay`, `KnowledgeDistillation`, `DarkExperienceReplay` or `ERACE`, the module without `ContinualLossMixin`",
+        TypeError, "changes the training batch or loss, so the LightningModule must inherit neurenix.continual.ContinualLossMixin",
+        *(lambda _, cls=cls: fit_with(cls, mixin=False) for cls in (ExperienceReplay, KnowledgeDistillation, DarkExperienceReplay, ERACE))),
+    row(FIT, "two rehearsal methods (`ExperienceReplay` and `DarkExperienceReplay`)", ValueError,
+        "ExperienceReplay and DarkExperienceReplay are on one Trainer: each keeps its own memory of the same stream",
+        two_rehearsal_methods),
+    row(FIT, "`ERACE` and `KnowledgeDistillation`", ValueError, "ERACE and KnowledgeDistillation are on one Trainer: ERACE masks the outputs",
+        er_ace_with_distillation),
+    row(FIT, f"{NEW}, float targets (refused at the first batch)", ValueError, f"{LABELS} (4,) and dtype torch.float32",
+        *(rehearsal_fit_with(cls, lambda y: y.float()) for cls in REHEARSAL)),
     row(FIT, "`ExperienceReplay`, batches that are dicts", TypeError,
         "neurenix reads training batches as (inputs, targets) or (inputs, targets, task_ids) tuples or lists of tensors, got dict",
         dict_batches),
@@ -535,8 +628,9 @@ ROWS: list[Row] = [
         "training_step must return a loss tensor, a dict with a 'loss' tensor, or None; got float", step_returning_float),
     row(FIT, "`EWC`, NaN in the task's data", ValueError,
         "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's Fisher", lambda _: fit_with(EWC, nan=True)),
-    row(FIT, "`L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, `ExperienceReplay`, NaN in the task's data", None,
-        "not scanned: the loss and then the parameters become NaN (the replay memory keeps the batches it is offered); "
+    row(FIT, "`L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, `ExperienceReplay`, `DarkExperienceReplay`, "
+        "`ERACE`, `AGEM`, `GEM`, NaN in the task's data", None,
+        "not scanned: the loss and then the parameters become NaN (the memories keep the batches they are offered); "
         "the penalty getters raise FloatingPointError when read",
         *(nan_fit_runs_on(cls) for cls in METHODS if cls is not EWC)),
     row(FIT, "`strategy=\"ddp_spawn\"` (refused in the parent, before any process starts)", RuntimeError,
