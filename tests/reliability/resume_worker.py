@@ -54,8 +54,12 @@ if __name__ == "__main__":  # run as a script: the repository, for `neurenix` fr
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from neurenix.continual import (  # noqa: E402
+    AGEM,
+    ERACE,
     EWC,
+    GEM,
     ContinualLossMixin,
+    DarkExperienceReplay,
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
@@ -70,6 +74,9 @@ BATCH_SIZE = 16
 TRAIN_SAMPLES = 48  # three batches per epoch
 TEST_SAMPLES = 30
 FEATURES, CLASSES = 8, 3
+#: The methods that run together on one Trainer (the older-checkpoint tests); build_methods also
+#: knows the rehearsal methods of issue 15 (der, er_ace, agem, gem), each one rehearsal method
+#: per Trainer as replay is.
 METHODS = ("ewc", "replay", "l2", "si", "distillation")
 #: A resumed run's objects are built from other seeds: only the checkpoint can make it match.
 RESUME_SEED_SHIFT = 1000
@@ -101,10 +108,15 @@ def build_methods(names: Sequence[str], net: nn.Module, seed: int) -> dict[str, 
         "l2": lambda: L2Regularization(net, importance=1.0),
         "si": lambda: SynapticIntelligence(net, importance=1.0, xi=0.1),
         "distillation": lambda: KnowledgeDistillation(net, temperature=2.0, alpha=0.5),
+        # beta > 0: DER++, both memory draws (logits and labels) go through the checkpoint
+        "der": lambda: DarkExperienceReplay(net, memory_size=20, alpha=0.2, beta=0.5, replay_ratio=0.5, seed=seed + 1),
+        "er_ace": lambda: ERACE(net, memory_size=20, replay_ratio=0.5, seed=seed + 1),
+        "agem": lambda: AGEM(net, memory_size=20, reference_size=8, seed=seed + 1),
+        "gem": lambda: GEM(net, memory_size=20, margin=0.5, seed=seed + 1),
     }
     unknown = [name for name in names if name not in makers]
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {tuple(makers)}")
     return {name: makers[name]() for name in names}
 
 
