@@ -7,9 +7,10 @@ stored; a training step keeps the network's outputs on memory samples close to t
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -206,7 +207,7 @@ class DarkExperienceReplay(RehearsalMethod):
                 replayed = self._forward_memory(slots)
                 # In float32 at least, as the matching term: a 16-bit cross-entropy loses the small terms.
                 replayed = replayed.to(torch.promote_types(replayed.dtype, torch.float32))
-                loss = loss + self.beta * F.cross_entropy(replayed, self.memory.take(slots).targets)
+                loss = loss + self.beta * F.cross_entropy(replayed, self.memory.field("targets", slots))
         if store:
             self._store_step(arguments, outputs, targets, batch_task_ids)
         return loss
@@ -214,8 +215,26 @@ class DarkExperienceReplay(RehearsalMethod):
     def _forward_memory(self, slots: Tensor) -> Tensor:
         """The model's outputs (with gradients) on the memory samples in ``slots``."""
         replayed = self.memory.take(slots)
-        with self._capture.paused():
+        with self._unrecorded():
             return self.model(*model_arguments(self.model, replayed.inputs, replayed.task_ids))
+
+    @contextlib.contextmanager
+    def _unrecorded(self) -> Iterator[None]:
+        """Run forwards that no forward capture on the model records: this method's, and under a
+        Trainer any other method's (distillation's, listed after this method, would otherwise read
+        a memory batch's outputs as the step's)."""
+        captures = set()
+        if self._capture.installed:  # else no fit is running: nothing records
+            captures = {
+                hook.__self__
+                for module in self.model.modules()
+                for hook in module._forward_hooks.values()
+                if isinstance(getattr(hook, "__self__", None), ForwardCapture)
+            }
+        with contextlib.ExitStack() as stack:
+            for capture in captures:
+                stack.enter_context(capture.paused())
+            yield
 
     def _store_step(
         self, arguments: tuple[Tensor, ...], outputs: Tensor, targets: Tensor, batch_task_ids: Optional[Tensor]

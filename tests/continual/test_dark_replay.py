@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from neurenix.continual import EWC, ContinualLossMixin, ExperienceReplay
+from neurenix.continual import EWC, ContinualLossMixin, ExperienceReplay, KnowledgeDistillation
 from neurenix.continual.dark_replay import DarkExperienceReplay
 from tests.helpers import lit_classifier, loader, make_mlp, make_task, quiet_trainer
 
@@ -348,6 +348,28 @@ def test_with_ewc_both_act_on_every_step():
     # The memory is the same (EWC does not change what is stored or drawn); the parameters are not.
     assert torch.equal(stored(der)["inputs"], stored(alone)["inputs"])
     assert (net[0].weight - alone_net[0].weight).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("der_first", [True, False], ids=["der-first", "distillation-first"])
+def test_with_distillation_the_teacher_term_is_taken_on_the_step_s_batch(der_first):
+    # Distillation reads the step's outputs from its own forward capture: DER's memory forwards,
+    # run before it when DER is listed first, used to be what it read (the memory batch's).
+    net = make_mlp(seed=2)
+    der, kd = DarkExperienceReplay(net, memory_size=16, alpha=0.5, seed=0), KnowledgeDistillation(net, alpha=0.5)
+    distilled_inputs = []
+    distillation_loss = kd.get_distillation_loss
+
+    def recording(inputs, outputs):
+        distilled_inputs.append(inputs[0].clone())
+        return distillation_loss(inputs, outputs)
+
+    kd.get_distillation_loss = recording
+    tasks = [make_task(16, seed=1), make_task(16, seed=2)]
+    for task in tasks:
+        fit(lit_classifier(net), [der, kd] if der_first else [kd, der], task)
+    assert [len(x) for x in distilled_inputs] == [8, 8]  # task 1's two steps (a teacher from task 0 on)
+    for step, inputs in enumerate(distilled_inputs):
+        assert torch.equal(inputs, tasks[1].tensors[0][8 * step : 8 * step + 8])
 
 
 # ------------------------------------------------------------------------------------ state
