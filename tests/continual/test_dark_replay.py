@@ -129,7 +129,8 @@ def test_one_step_loss_and_gradient_by_hand(alpha, beta):
         model.weight.copy_(torch.tensor([[0.5, -0.5], [1.0, 0.0]]))
         model.bias.copy_(torch.tensor([0.1, -0.1], dtype=torch.float64))
     new_x, new_y = [[2.0, 0.0], [0.0, -1.0]], [1, 0]
-    memory_y, stored_z = [0, 1], [[1.0, 2.0], [-1.0, 1.0]]
+    memory_in, memory_y = [[1.0, 2.0], [-1.0, 1.0]], [0, 1]
+    stored_z = memory_in  # stored at W = I, b = 0
     new_z = [[1.1, 1.9], [0.6, -0.1]]  # z = W x + b on the new samples
     memory_z = [[-0.4, 0.9], [-0.9, -1.1]]  # and on the memory samples
 
@@ -140,8 +141,8 @@ def test_one_step_loss_and_gradient_by_hand(alpha, beta):
     expected_loss = task + alpha * mse + beta * memory_ce
     # dL/dz for every sample that enters the loss, then dL/dW = Σ dz xᵀ and dL/db = Σ dz.
     per_sample = [(x, _ce_gradient(z, y, 2)) for x, z, y in zip(new_x, new_z, new_y)]
-    per_sample += [(x, [alpha * 2 * (z[k] - s[k]) / 4 for k in range(2)]) for x, z, s in zip(stored_z, memory_z, stored_z)]
-    per_sample += [(x, [beta * g for g in _ce_gradient(z, y, 2)]) for x, z, y in zip(stored_z, memory_z, memory_y)]
+    per_sample += [(x, [alpha * 2 * (z[k] - s[k]) / 4 for k in range(2)]) for x, z, s in zip(memory_in, memory_z, stored_z)]
+    per_sample += [(x, [beta * g for g in _ce_gradient(z, y, 2)]) for x, z, y in zip(memory_in, memory_z, memory_y)]
     grad_w = torch.tensor([[sum(g[i] * x[j] for x, g in per_sample) for j in range(2)] for i in range(2)], dtype=torch.float64)
     grad_b = torch.tensor([sum(g[i] for _, g in per_sample) for i in range(2)], dtype=torch.float64)
 
