@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -11,7 +13,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_batch, check_model, check_real
+from neurenix.continual._checks import (
+    check_batch,
+    check_model,
+    check_real,
+    check_task_id,
+)
 from neurenix.continual.base import model_arguments
 from neurenix.continual.callback import continual_methods, split_batch
 from neurenix.continual.capture import ForwardCapture, no_forward_message
@@ -54,8 +61,9 @@ class ERACE(RehearsalMethod):
     weight on the masked units). The replay term is a cross-entropy computed here, in float32 (or the logits' dtype if wider).
 
     In a plain loop, ``train_step`` draws the replayed batch, then offers its own batch to the
-    memory (``add_to_memory`` refuses that batch again). ``add_to_memory`` is for samples to
-    remember without training on them (their labels count as seen). Under a Trainer each training
+    memory; ``add_to_memory`` is for samples to remember without training on them (their labels
+    count as seen). A tensor just stored by one of the two is not stored again by the other, with
+    a warning (the loop of the Neurenix continual-learning API's replay tutorial calls both). Under a Trainer each training
     batch is offered to the memory right after the replayed samples are drawn, and the
     LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`: the model's outputs
     inside ``training_step`` come back masked (a forward hook on ``model``), so the module's own
@@ -105,6 +113,10 @@ class ERACE(RehearsalMethod):
         self._incoming_targets: Optional[Tensor] = None
         self._replayed: Optional[ReplayBatch] = None
         self._capture = ForwardCapture(model, transform=self._mask_captured)
+        #: Which door (``"train_step"`` or ``"add_to_memory"``) stored which inputs tensor last,
+        #: so that the other does not store it again; and the inputs train_step was given.
+        self._last_stored: Optional[tuple[str, weakref.ref]] = None
+        self._step_inputs: Optional[Tensor] = None
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio}
@@ -132,26 +144,46 @@ class ERACE(RehearsalMethod):
         ``loss_fn(outputs, targets)`` receives the outputs with the classes absent from
         ``targets`` masked out (it should be a cross-entropy); the replayed batch's cross-entropy
         over the seen classes is added to what it returns. Returns the summed loss (detached).
+        The batch is then stored, unless ``add_to_memory`` has just stored this tensor (a warning).
 
         Raises:
             TypeError / ValueError: bad inputs, targets that are not class labels (a 1-D integer
                 tensor), or a bad task_id; nothing is changed then.
         """
-        return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        self._step_inputs = inputs
+        try:
+            return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        finally:
+            self._step_inputs = None
+            # RehearsalMethod.add_to_memory refuses the last train_step's tensor outright; ERACE
+            # tells the two doors apart itself (_stored_by), as DER, A-GEM and GEM do.
+            self._last_step_inputs = None
 
     def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
         """Offer samples to the memory without training on them; their labels count as seen.
+
+        The tensor of inputs that the last ``train_step`` stored is not stored again (a warning).
 
         Raises:
             TypeError / ValueError: as :meth:`RehearsalMethod.add_to_memory`, and negative labels.
         """
         check_batch(inputs, targets)
+        check_task_id(task_id)
+        if self._stored_by("train_step", inputs):
+            _warn_stored_twice("add_to_memory", "train_step", stacklevel=3)
+            self._last_stored = None  # a later offer of the same tensor is a new one
+            return
         self.check_targets(targets)
         lowest, highest = (int(v) for v in torch.aminmax(targets))  # one read: add_to_memory is not a step
         if lowest < 0:
             raise ValueError(f"targets must be class labels >= 0, got a label of {lowest}")
         super().add_to_memory(inputs, targets, task_id)
         self._note_seen(targets.to(self.device), highest + 1)
+        self._last_stored = ("add_to_memory", weakref.ref(inputs))
+
+    def _stored_by(self, door: str, inputs: Tensor) -> bool:
+        last = self._last_stored
+        return last is not None and last[0] == door and last[1]() is inputs
 
     # ---------------------------------------------------------------------------- shared core
     @override
@@ -160,10 +192,16 @@ class ERACE(RehearsalMethod):
 
     @override
     def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
+        caller_inputs = self._step_inputs if self._step_inputs is not None else inputs[0]
+        store = not self._stored_by("add_to_memory", caller_inputs)
+        if not store:
+            _warn_stored_twice("train_step", "add_to_memory", stacklevel=6)
         replayed = self._draw_replay(targets.shape[0])
         loss = self._with_replay_term(loss, replayed, targets, outputs.shape[-1])
-        task_ids = inputs[1] if len(inputs) > 1 else None
-        self._remember(inputs[0].detach(), targets.detach(), self._task_ids_of(inputs[0], task_ids))
+        if store:
+            task_ids = inputs[1] if len(inputs) > 1 else None
+            self._remember(inputs[0].detach(), targets.detach(), self._task_ids_of(inputs[0], task_ids))
+        self._last_stored = ("train_step", weakref.ref(caller_inputs)) if store else None
         return loss
 
     def _draw_replay(self, batch_size: int) -> Optional[ReplayBatch]:
@@ -300,6 +338,15 @@ class ERACE(RehearsalMethod):
 def mask_absent_classes(outputs: Tensor, targets: Tensor) -> Tensor:
     """``outputs`` with the units of classes absent from ``targets`` masked out (ACE's incoming term)."""
     return CF.masked_logits(outputs, CF.present_classes_mask(targets.reshape(-1).to(outputs.device), outputs.shape[-1]))
+
+
+def _warn_stored_twice(door: str, other: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"ERACE.{door} got the tensor of inputs that {other} has just stored: it is not stored twice. "
+        "train_step stores each batch itself; call add_to_memory only for samples that are not trained "
+        "with train_step",
+        stacklevel=stacklevel,
+    )
 
 
 def _union(masks: list[Optional[Tensor]]) -> Optional[Tensor]:

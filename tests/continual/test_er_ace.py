@@ -522,14 +522,25 @@ def test_add_to_memory_refuses_negative_labels_before_any_change():
     assert (len(ace.memory), ace.memory.num_seen, ace.seen_classes) == (0, 0, [])
 
 
-def test_add_to_memory_refuses_the_batch_train_step_already_remembered():
+@pytest.mark.parametrize("first", ["train_step", "add_to_memory"])
+def test_a_batch_given_to_both_train_step_and_add_to_memory_is_stored_once_with_a_warning(first):
+    """The loop of the continual-learning API's replay tutorial calls add_to_memory, then train_step."""
     model = make_mlp(classes=4)
     ace = ERACE(model, memory_size=10, seed=0)
     x, y = batches(TASKS[0])[0]
-    ace.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, task_id=0)
-    with pytest.raises(ValueError, match=r"ERACE.train_step already offered this batch to the memory"):
-        ace.add_to_memory(x, y, task_id=0)
+    calls = {
+        "train_step": lambda: ace.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, x, y, task_id=0),
+        "add_to_memory": lambda: ace.add_to_memory(x, y, task_id=0),
+    }
+    second = "add_to_memory" if first == "train_step" else "train_step"
+    calls[first]()
+    message = f"ERACE.{second} got the tensor of inputs that {first} has just stored: it is not stored twice"
+    with pytest.warns(UserWarning, match=re.escape(message)) as warned:
+        calls[second]()
+    assert [w.filename for w in warned] == [__file__]  # pointed at the caller's line
     assert (len(ace.memory), ace.memory.num_seen, ace.seen_classes) == (8, 8, [0, 1])
+    calls[first]()  # a later offer of the same tensor is a new one
+    assert ace.memory.num_seen == 16
 
 
 def test_a_lightning_fit_whose_targets_are_not_labels_is_refused_at_its_first_batch():
