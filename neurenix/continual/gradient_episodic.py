@@ -162,17 +162,17 @@ class GradientEpisodicMethod(RehearsalMethod):
         samples, flattened over ``params`` (float32 at least), averaged over every rank's samples;
         and, per parameter, whether any group's forward reached it on this rank."""
         dtype = torch.promote_types(params[0].dtype, torch.float32)
-        size = sum(p.numel() for p in params)
-        rows, counts, used = [], [], [False] * len(params)
-        for slots in groups:
+        # Written in place, row by row: no flattened copy of each gradient, no stacking.
+        rows = torch.zeros(len(groups), sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        used = [False] * len(params)
+        for row, slots in zip(rows, groups):
             if slots.shape[0] == 0:  # nothing of these tasks on this rank: it adds no samples
-                rows.append(torch.zeros(size, dtype=dtype, device=self.device))
-            else:
-                grads = self._memory_gradient(params, slots)
-                used = [was or g is not None for was, g in zip(used, grads)]
-                rows.append(_flat(grads, params, dtype))
-            counts.append(slots.shape[0])
-        return _sample_mean_across_ranks(torch.stack(rows), counts), used
+                continue
+            for i, (part, g) in enumerate(zip(_split_like(row, params), self._memory_gradient(params, slots))):
+                if g is not None:
+                    part.copy_(g)
+                    used[i] = True
+        return _sample_mean_across_ranks(rows, [slots.shape[0] for slots in groups]), used
 
     def _memory_gradient(self, params: list[nn.Parameter], slots: Tensor) -> tuple[Optional[Tensor], ...]:
         """The gradient of the mean cross-entropy on the samples in ``slots`` (``None`` where a
