@@ -36,6 +36,7 @@ __all__ = [
     "running_statistics_kept",
     "takes_task_ids",
     "trainable_parameters",
+    "widened_mask",
 ]
 
 
@@ -91,6 +92,16 @@ def running_statistics_kept(model: nn.Module) -> Iterator[None]:
         for module, originals in kept:
             for name, tensor in originals.items():
                 setattr(module, name, tensor)
+
+
+def widened_mask(mask: Optional[Tensor], width: int, device: Optional[torch.device] = None) -> Tensor:
+    """A boolean mask over output units at least ``width`` long: ``mask`` extended with unmarked
+    units (a new one on ``device`` when ``mask`` is ``None``)."""
+    if mask is None:
+        return torch.zeros(width, dtype=torch.bool, device=device)
+    if mask.numel() >= width:
+        return mask
+    return torch.cat([mask, mask.new_zeros(width - mask.numel())])
 
 
 #: model -> (the function of its forward method when last inspected, whether it takes task ids).

@@ -14,7 +14,23 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ForwardCapture", "no_forward_message"]
+__all__ = ["CapturesTrainingForwards", "ForwardCapture", "hidden_forwards", "no_forward_message"]
+
+#: How many :func:`hidden_forwards` blocks are open: while any is, no capture records or transforms.
+_hidden_depth = 0
+
+
+@contextlib.contextmanager
+def hidden_forwards() -> Iterator[None]:
+    """Run a method's own extra forwards (memory batches, reference gradients, distillation's
+    heads) unseen by every capture: another method on the Trainer must not read them as the
+    step's outputs, nor ER-ACE mask them."""
+    global _hidden_depth
+    _hidden_depth += 1
+    try:
+        yield
+    finally:
+        _hidden_depth -= 1
 
 #: ``transform(arguments, outputs) -> outputs``: replaces what the forward returns to its caller.
 OutputTransform = Callable[[tuple[Tensor, ...], Tensor], Tensor]
@@ -67,13 +83,54 @@ class ForwardCapture:
                 self.install()
 
     def _record(self, module: nn.Module, args: tuple, output: Any) -> Optional[Tensor]:
-        if module is not self.model or not torch.is_grad_enabled() or not args or not isinstance(output, Tensor):
+        if _hidden_depth or module is not self.model or not torch.is_grad_enabled() or not args:
+            return None
+        if not isinstance(output, Tensor):
             return None
         arguments = tuple(args)
         if self.transform is not None:
             output = self.transform(arguments, output)
         self.arguments, self.output = arguments, output
         return output
+
+
+class CapturesTrainingForwards:
+    """For a method with a :class:`ForwardCapture` in ``self._capture``: the capture is installed
+    while a fit trains, cleared before each step, and read with :meth:`_captured_step`.
+
+    Mixed in before :class:`~neurenix.continual.ContinualCallback` (its hooks call ``super()``).
+    """
+
+    _capture: ForwardCapture
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)  # type: ignore[misc]
+        self._capture.install()
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._capture.remove()
+        super().on_train_end(trainer, pl_module)  # type: ignore[misc]
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._capture.remove()
+        super().on_exception(trainer, pl_module, exception)  # type: ignore[misc]
+
+    def before_training_forward(self) -> None:
+        self._capture.clear()
+        super().before_training_forward()  # type: ignore[misc]
+
+    def _captured_step(self, needed: str) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The step's captured ``(arguments, outputs)``, then forgotten.
+
+        Raises:
+            RuntimeError: ``training_step`` ran no forward of the method's model (``needed``
+                says what the method reads from it).
+        """
+        arguments, output = self._capture.arguments, self._capture.output
+        if arguments is None or output is None:
+            raise RuntimeError(no_forward_message(type(self).__name__, self._capture.model, needed))
+        self._capture.clear()
+        return arguments, output
 
 
 def no_forward_message(owner: str, model: nn.Module, needed: str = "the outputs it reads") -> str:

@@ -7,28 +7,24 @@ stored; a training step keeps the network's outputs on memory samples close to t
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_batch, check_int, check_model, check_real, check_task_id
+from neurenix.continual._checks import check_int, check_model, check_real
 from neurenix.continual.base import model_arguments, running_statistics_kept, takes_task_ids
 from neurenix.continual.callback import split_batch
-from neurenix.continual.capture import ForwardCapture, no_forward_message
+from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture, hidden_forwards
 from neurenix.continual.rehearsal import RehearsalMethod
 
 __all__ = ["DarkExperienceReplay"]
 
 
-class DarkExperienceReplay(RehearsalMethod):
+class DarkExperienceReplay(CapturesTrainingForwards, RehearsalMethod):
     """Replay the network's own past logits: Dark Experience Replay, DER (``beta = 0``) or DER++ (``beta > 0``).
 
     Buzzega, Boschini, Porrello, Abati & Calderara, "Dark Experience for General Continual
@@ -107,11 +103,6 @@ class DarkExperienceReplay(RehearsalMethod):
         self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
         super().__init__(model, memory_size, device, seed)
         self._capture = ForwardCapture(model)
-        #: The door ("train_step" or "add_to_memory") that stored the last tensor of inputs, and
-        #: that tensor: the other door does not store it a second time.
-        self._last_stored: Optional[tuple[str, weakref.ref]] = None
-        #: The inputs the caller gave the train_step in progress (before any move to the device).
-        self._step_inputs: Optional[Tensor] = None
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"memory_size": self.memory_size, "alpha": self.alpha, "beta": self.beta, "replay_ratio": self.replay_ratio}
@@ -122,48 +113,6 @@ class DarkExperienceReplay(RehearsalMethod):
         if self.replay_ratio == 0:
             return 0
         return max(1, round(self.replay_ratio * batch_size))
-
-    # ---------------------------------------------------------------------------- the continual-learning API
-    def train_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Any,
-        inputs: Tensor,
-        targets: Tensor,
-        task_id: int,
-    ) -> Tensor:
-        """One step with DER's terms (see the class); the batch is then stored with its logits.
-
-        Raises:
-            TypeError / ValueError: as the base ``train_step``, and targets that are not class
-                labels (nothing is changed then).
-        """
-        check_batch(inputs, targets)
-        self.check_targets(targets)
-        self._step_inputs = inputs
-        try:
-            return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
-        finally:
-            self._step_inputs = None
-
-    @override
-    def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
-        """Offer samples to the memory with the model's logits on them now (no gradient; in the
-        model's current mode, batch-norm running statistics and the global generator untouched).
-
-        The tensor of inputs that the last ``train_step`` stored is not stored again (a warning).
-
-        Raises:
-            TypeError / ValueError: as :meth:`RehearsalMethod.add_to_memory`.
-        """
-        check_batch(inputs, targets)
-        check_task_id(task_id)
-        if self._stored_by("train_step", inputs):
-            _warn_stored_twice("add_to_memory", "train_step", stacklevel=3)
-            self._last_stored = None  # a later offer of the same tensor is a new one
-            return
-        super().add_to_memory(inputs, targets, task_id)
-        self._last_stored = ("add_to_memory", weakref.ref(inputs))
 
     @override
     def _extras_of(self, inputs: Tensor, task_ids: Tensor) -> dict[str, Tensor]:
@@ -177,13 +126,7 @@ class DarkExperienceReplay(RehearsalMethod):
     # ---------------------------------------------------------------------------- shared core
     @override
     def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
-        caller_inputs = self._step_inputs if self._step_inputs is not None else inputs[0]
-        store = not self._stored_by("add_to_memory", caller_inputs)
-        if not store:
-            _warn_stored_twice("train_step", "add_to_memory", stacklevel=5)
-        loss = self._with_memory_terms(loss, inputs, outputs, targets, None, store)
-        self._last_stored = ("train_step", weakref.ref(caller_inputs)) if store else None
-        return loss
+        return self._with_memory_terms(loss, inputs, outputs, targets, None, store=self._claim_step_batch(inputs[0]))
 
     def _with_memory_terms(
         self,
@@ -215,26 +158,8 @@ class DarkExperienceReplay(RehearsalMethod):
     def _forward_memory(self, slots: Tensor) -> Tensor:
         """The model's outputs (with gradients) on the memory samples in ``slots``."""
         replayed = self.memory.take(slots)
-        with self._unrecorded():
+        with hidden_forwards():
             return self.model(*model_arguments(self.model, replayed.inputs, replayed.task_ids))
-
-    @contextlib.contextmanager
-    def _unrecorded(self) -> Iterator[None]:
-        """Run forwards that no forward capture on the model records: this method's, and under a
-        Trainer any other method's (distillation's, listed after this method, would otherwise read
-        a memory batch's outputs as the step's)."""
-        captures = set()
-        if self._capture.installed:  # else no fit is running: nothing records
-            captures = {
-                hook.__self__
-                for module in self.model.modules()
-                for hook in module._forward_hooks.values()
-                if isinstance(getattr(hook, "__self__", None), ForwardCapture)
-            }
-        with contextlib.ExitStack() as stack:
-            for capture in captures:
-                stack.enter_context(capture.paused())
-            yield
 
     def _store_step(
         self, arguments: tuple[Tensor, ...], outputs: Tensor, targets: Tensor, batch_task_ids: Optional[Tensor]
@@ -264,35 +189,10 @@ class DarkExperienceReplay(RehearsalMethod):
             )
         return outputs
 
-    def _stored_by(self, door: str, inputs: Tensor) -> bool:
-        """Whether ``door`` stored the last inputs, and they are ``inputs`` (the same tensor)."""
-        return self._last_stored is not None and self._last_stored[0] == door and self._last_stored[1]() is inputs
-
     # ---------------------------------------------------------------------------- Lightning side
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        super().on_train_start(trainer, pl_module)
-        self._capture.install()
-
-    @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._capture.remove()
-        super().on_train_end(trainer, pl_module)
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._capture.remove()
-
-    @override
-    def before_training_forward(self) -> None:
-        self._capture.clear()
-
-    @override
     def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
-        arguments, outputs = self._capture.arguments, self._capture.output
-        if arguments is None or outputs is None:
-            raise RuntimeError(no_forward_message("DarkExperienceReplay", self.model, "the logits it stores"))
-        self._capture.clear()
+        arguments, outputs = self._captured_step("the logits it stores")
         _, targets, task_ids = split_batch(batch)
         return self._with_memory_terms(loss, arguments, outputs, targets, task_ids)
 
@@ -304,12 +204,3 @@ def _stored_logits(outputs: Tensor) -> Tensor:
 
 def _per_sample(value: Any, samples: int) -> bool:
     return isinstance(value, Tensor) and value.dim() == 1 and value.shape[0] == samples
-
-
-def _warn_stored_twice(door: str, other: str, stacklevel: int) -> None:
-    warnings.warn(
-        f"DarkExperienceReplay.{door} got the tensor of inputs that {other} has just stored: it is not stored "
-        "twice. train_step stores each batch with the logits of its own step; call add_to_memory only for "
-        "samples that are not trained with train_step",
-        stacklevel=stacklevel,
-    )

@@ -5,21 +5,20 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional, Union
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_model, check_real
-from neurenix.continual.base import global_generator_kept, running_statistics_kept, takes_task_ids
+from neurenix.continual.base import global_generator_kept, running_statistics_kept, takes_task_ids, widened_mask
 from neurenix.continual.callback import ContinualCallback, split_batch
-from neurenix.continual.capture import ForwardCapture, no_forward_message
+from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture, hidden_forwards
 
 __all__ = ["KnowledgeDistillation"]
 
 
-class KnowledgeDistillation(ContinualCallback):
+class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
     """Keep the model's outputs close to those of a frozen copy taken when the last task ended.
 
     From the second task on, the loss is
@@ -115,7 +114,7 @@ class KnowledgeDistillation(ContinualCallback):
             teacher_outputs = self.teacher(*(a.to(self.device) for a in arguments))
         units = None
         if self.units == "seen":
-            units = self._teacher_units = _widened(self._teacher_units, outputs.shape[-1])
+            units = self._teacher_units = widened_mask(self._teacher_units, outputs.shape[-1])
             if not bool(units.any()):
                 return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
         return CF.distillation_loss(outputs, teacher_outputs.to(outputs.device), self.temperature, units)
@@ -127,7 +126,7 @@ class KnowledgeDistillation(ContinualCallback):
         repeated = inputs.repeat(len(heads), *([1] * (inputs.dim() - 1)))
         with torch.no_grad():
             teacher_outputs = self.teacher(repeated.to(self.device), task_ids.to(self.device))
-        with self._capture.paused(), running_statistics_kept(self.model):
+        with hidden_forwards(), running_statistics_kept(self.model):
             student_outputs = self.model(repeated, task_ids)
         return CF.distillation_loss(student_outputs, teacher_outputs.to(student_outputs.device), self.temperature)
 
@@ -148,7 +147,7 @@ class KnowledgeDistillation(ContinualCallback):
         return (1.0 - self.alpha) * loss + self.alpha * self.get_distillation_loss(inputs, outputs)
 
     def _record_units(self, outputs: Tensor, targets: Tensor) -> None:
-        self._seen_units = _widened(self._seen_units, outputs.shape[-1], outputs.device)
+        self._seen_units = widened_mask(self._seen_units, outputs.shape[-1], outputs.device)
         self._seen_units[targets.to(self._seen_units.device)] = True
 
     def _record_units_from(self, data: Any) -> None:
@@ -156,7 +155,7 @@ class KnowledgeDistillation(ContinualCallback):
         with global_generator_kept():  # a shuffling loader's draws would shift the user's later ones
             for batch in data:
                 targets = split_batch(batch)[1].to(self.device)
-                self._seen_units = _widened(self._seen_units, int(targets.max()) + 1, self.device)
+                self._seen_units = widened_mask(self._seen_units, int(targets.max()) + 1, self.device)
                 self._seen_units[targets] = True
 
     def _consolidate(self, task_id: int, data: Any) -> None:
@@ -175,31 +174,10 @@ class KnowledgeDistillation(ContinualCallback):
 
     # ---------------------------------------------------------------------------- Lightning side
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        super().on_train_start(trainer, pl_module)
-        self._capture.install()
-
-    @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._capture.remove()
-        super().on_train_end(trainer, pl_module)
-
-    @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._capture.remove()
-
-    @override
-    def before_training_forward(self) -> None:
-        self._capture.clear()
-
-    @override
     def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
         # Checked from the first step on, not only once a teacher exists: a model that
         # training_step never calls would otherwise fail at the second task, after the first trained.
-        inputs, outputs = self._capture.arguments, self._capture.output
-        if inputs is None or outputs is None:
-            raise RuntimeError(no_forward_message("KnowledgeDistillation", self.model, "the student's outputs"))
-        self._capture.clear()
+        inputs, outputs = self._captured_step("the student's outputs")
         if self.teacher is None and self.units == "all":
             return loss
         return self.transform_loss(loss, inputs, outputs, split_batch(batch)[1])
@@ -231,15 +209,6 @@ class KnowledgeDistillation(ContinualCallback):
         seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
         self._seen_units = None if seen is None else seen.to(device)
         self._teacher_units = None if taught is None else taught.to(device)
-
-
-def _widened(mask: Optional[Tensor], width: int, device: Optional[torch.device] = None) -> Tensor:
-    """A boolean unit mask at least ``width`` long (new units unmarked)."""
-    if mask is None:
-        return torch.zeros(width, dtype=torch.bool, device=device)
-    if mask.numel() >= width:
-        return mask
-    return torch.cat([mask, mask.new_zeros(width - mask.numel())])
 
 
 def _frozen(module: nn.Module) -> nn.Module:

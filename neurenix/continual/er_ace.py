@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-import weakref
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -19,10 +17,10 @@ from neurenix.continual._checks import (
     check_real,
     check_task_id,
 )
-from neurenix.continual.base import model_arguments
+from neurenix.continual.base import model_arguments, widened_mask
 from neurenix.continual.callback import continual_methods, split_batch
-from neurenix.continual.capture import ForwardCapture, no_forward_message
-from neurenix.continual.distillation import KnowledgeDistillation, _widened
+from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture, hidden_forwards
+from neurenix.continual.distillation import KnowledgeDistillation
 from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
 from neurenix.continual.memory import ReplayBatch
 from neurenix.continual.rehearsal import RehearsalMethod
@@ -30,7 +28,7 @@ from neurenix.continual.rehearsal import RehearsalMethod
 __all__ = ["ERACE"]
 
 
-class ERACE(RehearsalMethod):
+class ERACE(CapturesTrainingForwards, RehearsalMethod):
     """Experience replay in which new classes cannot push the old ones around: the asymmetric
     cross-entropy (ACE) of Caccia et al., "New Insights on Reducing Abrupt Representation Change
     in Online Continual Learning", ICLR 2022.
@@ -113,10 +111,6 @@ class ERACE(RehearsalMethod):
         self._incoming_targets: Optional[Tensor] = None
         self._replayed: Optional[ReplayBatch] = None
         self._capture = ForwardCapture(model, transform=self._mask_captured)
-        #: Which door (``"train_step"`` or ``"add_to_memory"``) stored which inputs tensor last,
-        #: so that the other does not store it again; and the inputs train_step was given.
-        self._last_stored: Optional[tuple[str, weakref.ref]] = None
-        self._step_inputs: Optional[Tensor] = None
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio}
@@ -150,14 +144,7 @@ class ERACE(RehearsalMethod):
             TypeError / ValueError: bad inputs, targets that are not class labels (a 1-D integer
                 tensor), or a bad task_id; nothing is changed then.
         """
-        self._step_inputs = inputs
-        try:
-            return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
-        finally:
-            self._step_inputs = None
-            # RehearsalMethod.add_to_memory refuses the last train_step's tensor outright; ERACE
-            # tells the two doors apart itself (_stored_by), as DER, A-GEM and GEM do.
-            self._last_step_inputs = None
+        return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
 
     def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
         """Offer samples to the memory without training on them; their labels count as seen.
@@ -169,21 +156,12 @@ class ERACE(RehearsalMethod):
         """
         check_batch(inputs, targets)
         check_task_id(task_id)
-        if self._stored_by("train_step", inputs):
-            _warn_stored_twice("add_to_memory", "train_step", stacklevel=3)
-            self._last_stored = None  # a later offer of the same tensor is a new one
-            return
         self.check_targets(targets)
-        lowest, highest = (int(v) for v in torch.aminmax(targets))  # one read: add_to_memory is not a step
+        lowest, highest = (int(v) for v in torch.aminmax(targets)) if targets.numel() else (0, -1)  # not a step: may read
         if lowest < 0:
             raise ValueError(f"targets must be class labels >= 0, got a label of {lowest}")
         super().add_to_memory(inputs, targets, task_id)
         self._note_seen(targets.to(self.device), highest + 1)
-        self._last_stored = ("add_to_memory", weakref.ref(inputs))
-
-    def _stored_by(self, door: str, inputs: Tensor) -> bool:
-        last = self._last_stored
-        return last is not None and last[0] == door and last[1]() is inputs
 
     # ---------------------------------------------------------------------------- shared core
     @override
@@ -192,16 +170,12 @@ class ERACE(RehearsalMethod):
 
     @override
     def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
-        caller_inputs = self._step_inputs if self._step_inputs is not None else inputs[0]
-        store = not self._stored_by("add_to_memory", caller_inputs)
-        if not store:
-            _warn_stored_twice("train_step", "add_to_memory", stacklevel=6)
+        store = self._claim_step_batch(inputs[0])
         replayed = self._draw_replay(targets.shape[0])
         loss = self._with_replay_term(loss, replayed, targets, outputs.shape[-1])
         if store:
             task_ids = inputs[1] if len(inputs) > 1 else None
             self._remember(inputs[0].detach(), targets.detach(), self._task_ids_of(inputs[0], task_ids))
-        self._last_stored = ("train_step", weakref.ref(caller_inputs)) if store else None
         return loss
 
     def _draw_replay(self, batch_size: int) -> Optional[ReplayBatch]:
@@ -218,7 +192,8 @@ class ERACE(RehearsalMethod):
             return loss
         device = targets.device
         arguments = model_arguments(self.model, replayed.inputs.to(device), replayed.task_ids.to(device))
-        logits = self.model(*arguments)
+        with hidden_forwards():  # scored over the seen classes: not the incoming batch's mask
+            logits = self.model(*arguments)
         seen = self._seen[: logits.shape[-1]]
         # At least float32: the term is a mean of log-probabilities, which bf16/fp16 round coarsely.
         logits = CF.masked_logits(logits, seen)
@@ -228,7 +203,7 @@ class ERACE(RehearsalMethod):
 
     def _note_seen(self, targets: Tensor, width: int) -> None:
         """Mark ``targets`` as seen, the mask widened to ``width`` units (on the device: no sync)."""
-        seen = _widened(self._seen, width, targets.device)
+        seen = widened_mask(self._seen, width, targets.device)
         if seen.device != targets.device:
             seen = seen.to(targets.device)
         self._seen = seen.index_fill_(0, targets.reshape(-1), True)
@@ -252,11 +227,6 @@ class ERACE(RehearsalMethod):
             )
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        super().on_train_start(trainer, pl_module)
-        self._capture.install()
-
-    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -264,14 +234,13 @@ class ERACE(RehearsalMethod):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._capture.remove()
         self._end_of_step()
         super().on_train_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._capture.remove()
         self._end_of_step()
+        super().on_exception(trainer, pl_module, exception)
 
     def _end_of_step(self) -> None:
         # Forwards after the step (another method's Fisher at the task's end) are left unmasked.
@@ -286,10 +255,6 @@ class ERACE(RehearsalMethod):
         self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
         return batch
 
-    @override
-    def before_training_forward(self) -> None:
-        self._capture.clear()
-
     def _mask_captured(self, arguments: tuple[Tensor, ...], outputs: Tensor) -> Tensor:
         """The forward hook's transform: the step's forwards of the model come back masked."""
         if self._incoming_targets is None:
@@ -298,16 +263,12 @@ class ERACE(RehearsalMethod):
 
     @override
     def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
-        outputs, targets = self._capture.output, self._incoming_targets
-        if outputs is None or targets is None:
-            raise RuntimeError(no_forward_message("ERACE", self.model, "the outputs it masks"))
+        _, outputs = self._captured_step("the outputs it masks")
+        targets, self._incoming_targets = self._incoming_targets, None
         replayed, self._replayed = self._replayed, None
         # The step's loss is formed: later forwards (other callbacks', a second manual step's) are
         # the model's own again.
-        self._incoming_targets = None
-        self._capture.clear()
-        with self._capture.paused():  # the replayed batch is scored over the seen classes, unmasked here
-            return self._with_replay_term(loss, replayed, targets, outputs.shape[-1])
+        return self._with_replay_term(loss, replayed, targets, outputs.shape[-1])
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -340,20 +301,11 @@ def mask_absent_classes(outputs: Tensor, targets: Tensor) -> Tensor:
     return CF.masked_logits(outputs, CF.present_classes_mask(targets.reshape(-1).to(outputs.device), outputs.shape[-1]))
 
 
-def _warn_stored_twice(door: str, other: str, stacklevel: int) -> None:
-    warnings.warn(
-        f"ERACE.{door} got the tensor of inputs that {other} has just stored: it is not stored twice. "
-        "train_step stores each batch itself; call add_to_memory only for samples that are not trained "
-        "with train_step",
-        stacklevel=stacklevel,
-    )
-
-
 def _union(masks: list[Optional[Tensor]]) -> Optional[Tensor]:
     """The classes any of ``masks`` marks (``None`` where none marks any)."""
     union: Optional[Tensor] = None
     for mask in masks:
         if mask is not None:
-            union = _widened(union, mask.numel()).clone()
+            union = widened_mask(union, mask.numel()).clone()
             union[: mask.numel()] |= mask.to(torch.bool)
     return union

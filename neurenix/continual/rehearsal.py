@@ -8,6 +8,10 @@ them in the checkpoint) and the checks on what may be stored are this one base c
 
 from __future__ import annotations
 
+import sys
+import warnings
+import weakref
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -58,15 +62,21 @@ class RehearsalMethod(ContinualCallback):
         seed = default_seed(type(self).__name__) if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self.memory = memory_class(self.memory_size, self.device, seed)
-        self._last_step_inputs: Optional[Tensor] = None
+        #: The door (``"train_step"`` or ``"add_to_memory"``) that stored the last tensor of inputs,
+        #: and that tensor: the other door does not store it a second time.
+        self._last_stored: Optional[tuple[str, weakref.ref]] = None
+        #: The inputs the caller gave the ``train_step`` in progress (before any move to the device).
+        self._step_inputs: Optional[Tensor] = None
 
     def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
-        self._last_step_inputs = None
-        if self.remembers_training_batches and isinstance(targets, Tensor):
+        check_batch(inputs, targets)
+        if self.remembers_training_batches:
             self.check_targets(targets)
-        loss = super().train_step(optimizer, loss_fn, inputs, targets, task_id)
-        self._last_step_inputs = inputs
-        return loss
+        self._step_inputs = inputs
+        try:
+            return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
+        finally:
+            self._step_inputs = None
 
     train_step.__doc__ = ContinualCallback.train_step.__doc__
 
@@ -74,8 +84,10 @@ class RehearsalMethod(ContinualCallback):
     def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
         """Offer a batch of samples of task ``task_id`` to the memory.
 
-        Methods whose ``train_step`` remembers its batch itself (all but ExperienceReplay) refuse
-        the batch that ``train_step`` was just given.
+        Methods whose ``train_step`` remembers its batch itself (all but ExperienceReplay) store
+        a tensor once when both ``train_step`` and ``add_to_memory`` are given it, one right after
+        the other, in either order (a warning): the Neurenix continual-learning API's replay loop
+        calls both.
 
         Raises:
             TypeError / ValueError: not tensors, different sample counts, a non-int task id,
@@ -88,11 +100,10 @@ class RehearsalMethod(ContinualCallback):
         """
         check_batch(inputs, targets)
         task_id = check_task_id(task_id)
-        if self.remembers_training_batches and inputs is self._last_step_inputs:
-            raise ValueError(
-                f"{type(self).__name__}.train_step already offered this batch to the memory: add_to_memory is "
-                "for samples that were not trained on (calling it after train_step would store them twice)"
-            )
+        if self.remembers_training_batches and self._stored_by("train_step", inputs):
+            self._warn_stored_twice("add_to_memory", "train_step")
+            self._last_stored = None  # a later offer of the same tensor is a new one
+            return
         self.check_targets(targets)
         check_finite_samples("inputs", inputs)
         check_finite_samples("targets", targets)
@@ -100,6 +111,7 @@ class RehearsalMethod(ContinualCallback):
         self.prepare_for_device()
         task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=self.memory.device)
         self._remember(inputs.detach(), targets.detach(), task_ids, **self._extras_of(inputs, task_ids))
+        self._last_stored = ("add_to_memory", weakref.ref(inputs))
 
     def get_replay_batch(self, batch_size: int) -> ReplayBatch:
         """``min(batch_size, len(memory))`` distinct remembered samples: ``(inputs, targets, task_ids)``.
@@ -118,6 +130,29 @@ class RehearsalMethod(ContinualCallback):
                 f"{type(self).__name__} needs class labels as targets (a 1-D integer tensor: its memory terms "
                 f"are cross-entropies), got targets of shape {tuple(targets.shape)} and dtype {targets.dtype}"
             )
+
+    # ---------------------------------------------------------------------------- storing once
+    def _claim_step_batch(self, inputs: Tensor) -> bool:
+        """Whether ``train_step``'s batch (``inputs``, as the model got them) is to be stored now:
+        not when ``add_to_memory`` has just stored that tensor (a warning)."""
+        given = self._step_inputs if self._step_inputs is not None else inputs
+        if self._stored_by("add_to_memory", given):
+            self._warn_stored_twice("train_step", "add_to_memory")
+            self._last_stored = None
+            return False
+        self._last_stored = ("train_step", weakref.ref(given))
+        return True
+
+    def _stored_by(self, door: str, inputs: Tensor) -> bool:
+        last = self._last_stored
+        return last is not None and last[0] == door and last[1]() is inputs
+
+    def _warn_stored_twice(self, door: str, other: str) -> None:
+        warn_at_caller(
+            f"{type(self).__name__}.{door} got the tensor of inputs that {other} has just stored: it is not "
+            "stored twice. train_step stores each batch it trains on; call add_to_memory only for samples "
+            "that are not trained with train_step"
+        )
 
     # ---------------------------------------------------------------------------- shared core
     def _remember(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
@@ -186,6 +221,17 @@ class RehearsalMethod(ContinualCallback):
             return
         states = all_gather_objects(_on_cpu(self.memory.state_dict()))
         checkpoint["callbacks"][self.state_key]["memory_per_rank"] = states
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn`` pointing at the first line outside neurenix (the user's call)."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _on_cpu(state: dict[str, Any]) -> dict[str, Any]:

@@ -195,14 +195,15 @@ def test_the_mean_across_ranks_of_one_process_is_the_tensor_itself():
 
 
 # ---------------------------------------------------------------------------------------------- who remembers
-def test_a_method_whose_train_step_remembers_refuses_the_same_batch_again_in_add_to_memory():
+def test_a_batch_given_to_train_step_and_add_to_memory_is_stored_once_with_a_warning_at_the_callers_line():
     from neurenix.continual.rehearsal import RehearsalMethod
 
     class Remembers(RehearsalMethod):
         needs_class_labels = True
 
         def after_optimizer_step(self, arguments, targets):
-            self._remember(arguments[0], targets, self._task_ids_of(arguments[0], None))
+            if self._claim_step_batch(arguments[0]):
+                self._remember(arguments[0], targets, self._task_ids_of(arguments[0], None))
 
     net = nn.Linear(2, 3)
     method = Remembers(net, memory_size=10, device=None, seed=0)
@@ -211,9 +212,17 @@ def test_a_method_whose_train_step_remembers_refuses_the_same_batch_again_in_add
     with pytest.raises(ValueError, match=r"Remembers needs class labels as targets .* got targets of shape \(4,\) and dtype torch.float32"):
         method.train_step(optimizer, nn.functional.mse_loss, x, y.float(), task_id=0)
     assert method.active_task is None and len(method.memory) == 0
+
     method.train_step(optimizer, nn.functional.cross_entropy, x, y, task_id=0)
     assert len(method.memory) == 4
-    with pytest.raises(ValueError, match="Remembers.train_step already offered this batch to the memory"):
+    with pytest.warns(UserWarning, match="Remembers.add_to_memory got the tensor of inputs that train_step has just stored") as caught:
         method.add_to_memory(x, y, 0)
+    assert len(method.memory) == 4 and caught[0].filename == __file__  # the caller's line, not the library's
     method.add_to_memory(x.clone(), y, 0)  # other samples (here: equal values) are welcome
     assert len(method.memory) == 8
+
+    z = torch.randn(4, 2)  # the other order: add_to_memory first, then train_step on the same tensor
+    method.add_to_memory(z, y, 0)
+    with pytest.warns(UserWarning, match="Remembers.train_step got the tensor of inputs that add_to_memory has just stored"):
+        method.train_step(optimizer, nn.functional.cross_entropy, z, y, task_id=0)
+    assert len(method.memory) == 10 and method.memory.num_seen == 12
