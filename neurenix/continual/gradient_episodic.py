@@ -17,9 +17,7 @@ never a second optimizer step), so these methods need no ``ContinualLossMixin``.
 
 from __future__ import annotations
 
-import warnings
-import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -28,8 +26,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_batch, check_int, check_model, check_real, check_task_id
+from neurenix.continual._checks import check_int, check_model, check_real
 from neurenix.continual.base import model_arguments, running_statistics_kept, trainable_parameters
+from neurenix.continual.capture import hidden_forwards
 from neurenix.continual.distributed import mean_across_ranks_, rank_and_world_size
 from neurenix.continual.memory import TaskBalancedMemory
 from neurenix.continual.rehearsal import RehearsalMethod
@@ -61,72 +60,14 @@ class GradientEpisodicMethod(RehearsalMethod):
 
     def __init__(self, model: nn.Module, memory_size: int, device: Optional[torch.device], seed: Optional[int]) -> None:
         super().__init__(model, memory_size, device, seed, TaskBalancedMemory)
-        #: The tensor of inputs the last ``train_step`` is training on (the caller's, before any move).
-        self._step_inputs: Optional[Tensor] = None
-        #: Which door (``"train_step"`` or ``"add_to_memory"``) stored which tensor of inputs last.
-        self._last_stored: Optional[tuple[str, weakref.ref]] = None
-
-    # ---------------------------------------------------------------------------- the continual-learning API
-    def train_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: Callable[[Tensor, Tensor], Tensor],
-        inputs: Tensor,
-        targets: Tensor,
-        task_id: int,
-    ) -> Tensor:
-        """One step on a batch of ``task_id``, its gradient projected against the earlier tasks'
-        memory; the batch is then offered to the memory (unless ``add_to_memory`` has just stored
-        this tensor of inputs).
-
-        Raises:
-            TypeError / ValueError: as :meth:`ContinualMethod.train_step`, and targets that are not
-                class labels or samples the memory could not store beside those it holds (nothing
-                is changed then).
-        """
-        check_batch(inputs, targets)
-        self.check_targets(targets)
-        self.memory.check_batch(inputs, targets)
-        self._step_inputs = inputs
-        try:
-            return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
-        finally:
-            self._step_inputs = None
-
-    @override
-    def add_to_memory(self, inputs: Tensor, targets: Tensor, task_id: int) -> None:
-        """Offer samples of task ``task_id`` to the memory: for samples that ``train_step`` does not
-        train on. The tensor of inputs that the last ``train_step`` stored is not stored again
-        (a warning): the loop of the Neurenix continual-learning API's replay tutorial calls both.
-
-        Raises:
-            TypeError / ValueError: as :meth:`RehearsalMethod.add_to_memory`.
-        """
-        check_batch(inputs, targets)
-        check_task_id(task_id)
-        if self._stored_by("train_step", inputs):
-            _warn_stored_twice(type(self).__name__, "add_to_memory", "train_step", stacklevel=3)
-            self._last_stored = None  # a later offer of the same tensor is a new one
-            return
-        super().add_to_memory(inputs, targets, task_id)
-        self._last_stored = ("add_to_memory", weakref.ref(inputs))
-
-    def _stored_by(self, door: str, inputs: Tensor) -> bool:
-        last = self._last_stored
-        return last is not None and last[0] == door and last[1]() is inputs
 
     # ---------------------------------------------------------------------------- shared core
     @override
     def after_optimizer_step(self, arguments: tuple[Tensor, ...], targets: Tensor) -> None:
         inputs = arguments[0]
-        caller_inputs = self._step_inputs if self._step_inputs is not None else inputs
-        if self._stored_by("add_to_memory", caller_inputs):
-            _warn_stored_twice(type(self).__name__, "train_step", "add_to_memory", stacklevel=4)
-            self._last_stored = None
-            return
-        task_ids = arguments[1] if len(arguments) > 1 else None
-        self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
-        self._last_stored = ("train_step", weakref.ref(caller_inputs))
+        if self._claim_step_batch(inputs):
+            task_ids = arguments[1] if len(arguments) > 1 else None
+            self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
 
     @override
     def project_gradients(self) -> None:
@@ -185,7 +126,7 @@ class GradientEpisodicMethod(RehearsalMethod):
             inputs = inputs.to(params[0].dtype)
         arguments = model_arguments(self.model, inputs, batch.task_ids.to(device))
         # The backward too: autograd runs it under the caller's autocast state.
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False), running_statistics_kept(self.model):
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False), running_statistics_kept(self.model), hidden_forwards():
             outputs = self.model(*arguments)
             loss = F.cross_entropy(outputs.to(torch.promote_types(outputs.dtype, torch.float32)), batch.targets.to(device))
             return torch.autograd.grad(loss, params, allow_unused=True)
@@ -346,15 +287,6 @@ class GEM(GradientEpisodicMethod):
 
 
 # -------------------------------------------------------------------------------- helpers
-def _warn_stored_twice(owner: str, door: str, other: str, stacklevel: int) -> None:
-    warnings.warn(
-        f"{owner}.{door} got the tensor of inputs that {other} has just stored: it is not stored twice. "
-        "train_step stores each batch it trains on; call add_to_memory only for samples that are not "
-        "trained with train_step",
-        stacklevel=stacklevel,
-    )
-
-
 def _flat(grads: Any, params: list[nn.Parameter], dtype: torch.dtype) -> Tensor:
     """``grads`` (``None`` as zeros) as one vector of ``dtype``."""
     return torch.cat(

@@ -70,8 +70,9 @@ class RehearsalMethod(ContinualCallback):
 
     def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
         check_batch(inputs, targets)
-        if self.remembers_training_batches:
+        if self.remembers_training_batches:  # refused before the step, not when the batch is stored
             self.check_targets(targets)
+            self.memory.check_batch(inputs, targets)
         self._step_inputs = inputs
         try:
             return super().train_step(optimizer, loss_fn, inputs, targets, task_id)
