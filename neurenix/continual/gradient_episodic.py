@@ -199,13 +199,7 @@ class AGEM(GradientEpisodicMethod):
 
     @override
     def _reference_groups(self) -> list[Tensor]:
-        slots = self.memory.slots_of(self.finished_tasks)
-        if slots.shape[0] <= self.reference_size:
-            return [slots]
-        # Uniformly, without replacement, from the memory's own generator: repeatable from the
-        # seed, and a checkpoint resumes the same draws.
-        chosen = torch.randperm(slots.shape[0], generator=self.memory._generator, device=slots.device)
-        return [slots[chosen[: self.reference_size]]]
+        return [self.memory.draw_from(self.memory.slots_of(self.finished_tasks), self.reference_size)]
 
     @override
     def _project(self, params: list[nn.Parameter], reference: Tensor) -> None:

@@ -105,6 +105,13 @@ class ReservoirMemory:
             raise ValueError("cannot draw a replay batch: the replay memory is empty (add_to_memory first)")
         return torch.randperm(self.size, generator=self._generator, device=self.device)[:count]
 
+    def draw_from(self, slots: Tensor, count: int) -> Tensor:
+        """``min(count, len(slots))`` of ``slots``, distinct, uniformly at random (from the
+        memory's generator: repeatable from the seed, resumed by a checkpoint)."""
+        if slots.shape[0] <= count:
+            return slots
+        return slots[torch.randperm(slots.shape[0], generator=self._generator, device=slots.device)[:count]]
+
     def take(self, slots: Tensor) -> ReplayBatch:
         """The samples in ``slots``: ``(inputs, targets, task_ids)``."""
         return ReplayBatch(*(self._fields[name][slots] for name in SAMPLE_FIELDS))

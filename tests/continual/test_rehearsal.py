@@ -226,3 +226,14 @@ def test_a_batch_given_to_train_step_and_add_to_memory_is_stored_once_with_a_war
     with pytest.warns(UserWarning, match="Remembers.train_step got the tensor of inputs that add_to_memory has just stored"):
         method.train_step(optimizer, nn.functional.cross_entropy, z, y, task_id=0)
     assert len(method.memory) == 10 and method.memory.num_seen == 12
+
+
+def test_draw_from_picks_distinct_given_slots_from_the_memorys_generator():
+    memory = ReservoirMemory(capacity=10, device=CPU, seed=4)
+    slots = torch.tensor([1, 3, 5, 7, 9])
+    assert memory.draw_from(slots, 8) is slots  # fewer than asked: all of them
+    state = memory.state_dict()["generator"]
+    drawn = memory.draw_from(slots, 3)
+    assert drawn.shape == (3,) and len(set(drawn.tolist())) == 3 and set(drawn.tolist()) <= set(slots.tolist())
+    expected = slots[torch.randperm(5, generator=torch.Generator().manual_seed(0).set_state(state))[:3]]
+    assert torch.equal(drawn, expected)
