@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import math
 import re
 
@@ -18,20 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from neurenix.continual import EWC, ContinualLossMixin, ExperienceReplay, KnowledgeDistillation
 from neurenix.continual.dark_replay import DarkExperienceReplay
-from tests.helpers import lit_classifier, loader, make_mlp, make_task, quiet_trainer
-
-
-class Recorder(nn.Module):
-    """Wraps a network; records the inputs (and task ids) of every forward."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
+from tests.helpers import Recorder, lit_classifier, lit_multi_head, loader, make_mlp, make_task, quiet_trainer, saved_and_loaded
 
 
 class MultiHead(nn.Module):
@@ -256,19 +242,6 @@ def test_a_multi_head_model_replays_each_sample_with_its_stored_task_id():
 # ------------------------------------------------------------------------------------ Lightning
 
 
-class MultiHeadModule(ContinualLossMixin, L.LightningModule):
-    def __init__(self, model: MultiHead) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        x, y, task_ids = batch
-        return F.cross_entropy(self.model(x, task_ids), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.model.parameters(), lr=0.1)
-
-
 def fit(module: L.LightningModule, callbacks: list, data: TensorDataset, ckpt_path=None, **kwargs) -> L.Trainer:
     trainer = quiet_trainer(callbacks=callbacks, **kwargs)
     trainer.fit(module, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=ckpt_path)
@@ -280,7 +253,7 @@ def test_lightning_equals_train_step_over_two_tasks(multi_head):
     net, twin = (MultiHead(), MultiHead()) if multi_head else (make_mlp(seed=3), make_mlp(seed=3))
     options = dict(memory_size=12, alpha=0.4, beta=0.3, replay_ratio=0.75, seed=5)
     standalone, callback = DarkExperienceReplay(net, **options), DarkExperienceReplay(twin, **options)
-    module = MultiHeadModule(twin) if multi_head else lit_classifier(twin)
+    module = lit_multi_head(twin) if multi_head else lit_classifier(twin)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     for task_id in (0, 1):
         x, y = make_task(36, seed=task_id + 1).tensors  # 4 batches of 8 and one of 4
@@ -384,12 +357,9 @@ def test_state_round_trip_continues_exactly():
     for x, y in batches[:4]:
         der.train_step(optimizer, F.cross_entropy, x, y, task_id=0)
 
-    buffer = io.BytesIO()
-    torch.save(der.state_dict(), buffer)
-    buffer.seek(0)
     twin = copy.deepcopy(model)
     restored = DarkExperienceReplay(twin, memory_size=10, alpha=0.3, beta=0.6, seed=77)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.load_state_dict(saved_and_loaded(der.state_dict()))
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
     for x, y in batches[4:]:
         der.train_step(optimizer, F.cross_entropy, x, y, task_id=0)
@@ -535,20 +505,9 @@ def test_a_lightning_fit_refuses_targets_that_are_not_labels_at_the_first_batch(
     before = copy.deepcopy(net.state_dict())
     der = DarkExperienceReplay(net, memory_size=10, seed=0)
 
-    class Regression(ContinualLossMixin, L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return F.mse_loss(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     x = make_task(16).tensors[0]
     with pytest.raises(ValueError, match=re.escape("got targets of shape (8, 3) and dtype torch.float64")):
-        fit(Regression(), [der], TensorDataset(x, torch.rand(16, 3, dtype=torch.float64)))
+        fit(lit_classifier(net, loss_fn=F.mse_loss), [der], TensorDataset(x, torch.rand(16, 3, dtype=torch.float64)))
     assert der.memory.num_seen == 0
     assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import lightning.pytorch as pl
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from neurenix.continual import ContinualLossMixin, KnowledgeDistillation
-from tests.helpers import loader, make_mlp, make_task
+from tests.helpers import lit_multi_head, loader, make_mlp, make_task, saved_and_loaded
 
 # The library evaluates the KL in float32 (see test_float64_logits_keep_float64_precision), so
 # comparisons of the formula itself use a float32-sized tolerance.
@@ -253,12 +252,9 @@ def test_state_round_trip_restores_the_teacher(units):
         kd.train_step(optimizer, F.cross_entropy, x, y, task_id=1)
     kd.register_task(task_id=2)
 
-    buffer = io.BytesIO()
-    torch.save(kd.state_dict(), buffer)
-    buffer.seek(0)
     fresh_model = dropout_mlp(classes=4, seed=7)
     restored = KnowledgeDistillation(fresh_model, temperature=3.0, alpha=0.5, units=units)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.load_state_dict(saved_and_loaded(kd.state_dict()))
 
     assert restored.teacher is not None and restored.teacher is not fresh_model
     assert not any(m.training for m in restored.teacher.modules())
@@ -422,24 +418,11 @@ def test_the_extra_forward_leaves_batch_norm_statistics_to_the_step_s_own_forwar
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12, msg=name)
 
 
-class MultiHeadClassifier(ContinualLossMixin, pl.LightningModule):
-    def __init__(self, model: MultiHead) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        x, y, task_ids = batch
-        return F.cross_entropy(self.model(x, task_ids), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.model.parameters(), lr=0.1)
-
-
 def test_lightning_distils_a_multi_head_model_as_train_step_does():
     standalone, lightning_model = MultiHead(), MultiHead()
     kd_a = KnowledgeDistillation(standalone, temperature=2.0, alpha=0.4)
     kd_b = KnowledgeDistillation(lightning_model, temperature=2.0, alpha=0.4)
-    module = MultiHeadClassifier(lightning_model)
+    module = lit_multi_head(lightning_model)
     for task_id in (0, 1, 2):
         data = two_way_task(task_id + 1)
         train_task(standalone, kd_a, task_id, data)

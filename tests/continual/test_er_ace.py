@@ -4,7 +4,6 @@ precisions and bad input."""
 from __future__ import annotations
 
 import copy
-import io
 import math
 import re
 
@@ -23,7 +22,7 @@ from neurenix.continual import (
     KnowledgeDistillation,
 )
 from neurenix.continual.er_ace import ERACE
-from tests.helpers import lit_classifier, make_mlp, quiet_trainer
+from tests.helpers import Recorder, lit_classifier, make_mlp, quiet_trainer, saved_and_loaded
 
 LOWEST = torch.finfo(torch.float64).min
 
@@ -49,18 +48,6 @@ def linear(weight: list, bias: list) -> nn.Linear:
         layer.weight.copy_(torch.tensor(weight, dtype=torch.float64))
         layer.bias.copy_(torch.tensor(bias, dtype=torch.float64))
     return layer
-
-
-class Recorder(nn.Module):
-    """Keeps a copy of every batch its network's forward receives."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net, self.inputs = net, []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
 
 
 def recording_loss(log: list):
@@ -332,12 +319,9 @@ def test_state_round_trip_continues_training_identically():
     for x, y in data[:5]:
         ace.train_step(optimizer, F.cross_entropy, x, y, task_id=0)
 
-    buffer = io.BytesIO()
-    torch.save(ace.state_dict(), buffer)
-    buffer.seek(0)
     twin = copy.deepcopy(model)
     restored = ERACE(twin, memory_size=6, replay_ratio=1.0, seed=77)  # another seed: the state must win
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.load_state_dict(saved_and_loaded(ace.state_dict()))
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
     assert restored.seen_classes == ace.seen_classes == [0, 1]
 

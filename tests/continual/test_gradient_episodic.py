@@ -4,7 +4,6 @@ one (accumulation, clipping, EWC alongside), checkpoints, precisions and bad inp
 from __future__ import annotations
 
 import copy
-import io
 import re
 
 import lightning as L
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from neurenix.continual import EWC, ExperienceReplay
 from neurenix.continual import functional as CF
 from neurenix.continual.gradient_episodic import AGEM, GEM
-from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer
+from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer, saved_and_loaded
 
 METHODS = {"AGEM": lambda net, **kw: AGEM(net, **kw), "GEM": lambda net, **kw: GEM(net, **kw)}
 
@@ -392,12 +391,9 @@ def test_state_round_trip_continues_exactly(name, kwargs):
     for task, x, y in batches[:5]:  # task 0, then the middle of task 1
         method.train_step(optimizer, F.cross_entropy, x, y, task_id=task)
 
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
     twin_model = copy.deepcopy(model)
     twin = METHODS[name](twin_model, memory_size=10, seed=99, **kwargs)  # another seed: the state must win
-    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    twin.load_state_dict(saved_and_loaded(method.state_dict()))
     twin_optimizer = torch.optim.SGD(twin_model.parameters(), lr=0.1)
 
     for task, x, y in batches[5:]:
@@ -530,21 +526,10 @@ def test_targets_that_are_not_class_labels_are_refused_before_any_change(name):
     net = make_mlp().float()
     lightning_method = METHODS[name](net, memory_size=8, seed=0)
 
-    class Regression(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, batch_idx):
-            return F.mse_loss(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     weights = copy.deepcopy(net.state_dict())
     data = TensorDataset(torch.randn(8, 6), torch.rand(8, 3))
     with pytest.raises(ValueError, match=re.escape(message)):
-        quiet_trainer(callbacks=[lightning_method]).fit(Regression(), DataLoader(data, batch_size=4))
+        quiet_trainer(callbacks=[lightning_method]).fit(lit_classifier(net, mixin=False, loss_fn=F.mse_loss), DataLoader(data, batch_size=4))
     assert_same_state(net.state_dict(), weights, atol=0)
     assert len(lightning_method.memory) == 0 and lightning_method.steps_in_active_task == 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import lightning.pytorch as pl
 import pytest
@@ -13,20 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from neurenix.continual import ContinualLossMixin, ExperienceReplay
-from tests.helpers import loader, make_mlp, make_task
-
-
-class Recorder(nn.Module):
-    """Wraps a network and keeps a copy of every input batch its forward receives."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
+from tests.helpers import Recorder, loader, make_mlp, make_task, saved_and_loaded
 
 
 def recording_loss(log: list):
@@ -178,12 +164,9 @@ def test_state_round_trip_continues_training_identically():
         replay.add_to_memory(x, y, task_id=0)
         replay.train_step(optimizer, F.cross_entropy, x, y, task_id=0)
 
-    buffer = io.BytesIO()
-    torch.save(replay.state_dict(), buffer)
-    buffer.seek(0)
     twin = copy.deepcopy(model)
     restored = ExperienceReplay(twin, memory_size=10, replay_ratio=1.0, seed=77)
-    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    restored.load_state_dict(saved_and_loaded(replay.state_dict()))
     twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
 
     for x, y in data[4:]:

@@ -18,42 +18,23 @@ for part 3, its memory and the gradients before and after.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for `neurenix` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for `neurenix` and `tests` from a checkout
 
 from neurenix.continual.distributed import rank_and_world_size  # noqa: E402
 from neurenix.continual.gradient_episodic import AGEM, GEM  # noqa: E402
 from neurenix.data import TaskDataset, TaskSequenceDataModule, fit_sequence  # noqa: E402
+from tests.distributed.workers import PlainClassifier, cloned_params, ddp_trainer, main  # noqa: E402
 
 # 16 samples a rank per task: four batches, one epoch a task, 12 steps in all. The first step of
 # task 2 (global step 8) has two finished tasks, 6 samples of each in every rank's memory of 12.
 SAMPLES, BATCH_PER_RANK, EVERY, MEMORY, REFERENCE, PROBE_STEP = 32, 4, 3, 12, 5, 8
-
-
-class Classifier(L.LightningModule):
-    """A plain LightningModule: A-GEM and GEM need no ContinualLossMixin."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
 def task(k: int) -> TaskDataset:
@@ -107,19 +88,14 @@ def recording_groups(method) -> None:
 def run(name: str, out: Path, resume: str | None) -> dict:
     """The sequence, checkpointed every EVERY steps (or resumed from ``resume``); what it ends with."""
     shift = 100 if resume else 0  # a resumed run starts from other weights and seeds
-    model = Classifier(seed=shift)
+    model = PlainClassifier(seed=shift, lr=0.2)  # A-GEM and GEM need no ContinualLossMixin
     method, probe = make_method(name, model.net, seed=shift + 1), {}
     recording_groups(method)
-    checkpoints = [] if resume else [ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=EVERY, save_top_k=-1)]
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=not resume,
-        callbacks=[Probe(method, False, probe), method, Probe(method, True, probe), *checkpoints],
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-    )  # fmt: skip
+    trainer = ddp_trainer([Probe(method, False, probe), method, Probe(method, True, probe)], out, resume, EVERY)
     datamodule = TaskSequenceDataModule([task(0), task(1), task(2)], [task(0), task(1), task(2)], batch_size=BATCH_PER_RANK, seed=shift)
     fit_sequence(trainer, model, datamodule, epochs_per_task=1, ckpt_path=resume)
     return {
-        "params": {key: p.detach().clone() for key, p in model.net.named_parameters()},
+        "params": cloned_params(model.net),
         "method": method.state_dict(),
         "probe": probe,
     }
@@ -142,29 +118,20 @@ def unequal_shards(name: str, rank: int) -> dict:
         p.grad = torch.randn(p.shape, generator=gradient)
     before = flat_grad(net)
     method.project_gradients()
-    params = {key: p.detach().clone() for key, p in net.named_parameters()}
-    return {"memory": method.memory.state_dict(), "before": before, "after": flat_grad(net), "params": params}
+    return {"memory": method.memory.state_dict(), "before": before, "after": flat_grad(net), "params": cloned_params(net)}
 
 
-def main(out: Path, resume_step: int) -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    results = {
+def results(out: Path, resume_step: int) -> dict:
+    """Every part of the job (see the module's docstring), as this rank saw it."""
+    parts = {
         "AGEM": run("AGEM", out / "checkpoints", None),
         "AGEM_resumed": run("AGEM", out / "checkpoints", str(out / "checkpoints" / f"step={resume_step}.ckpt")),
         "GEM": run("GEM", out / "gem_checkpoints", None),
     }
     rank, _ = rank_and_world_size()
-    results["unequal"] = {name: unequal_shards(name, rank) for name in ("AGEM", "GEM")}
-    torch.save(results, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # before exit: gloo's threads torn down at exit can abort
+    parts["unequal"] = {name: unequal_shards(name, rank) for name in ("AGEM", "GEM")}
+    return parts
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--resume-step", type=int, default=6, help="the step whose checkpoint the second run resumes from")
-    args = parser.parse_args()
-    main(args.out, args.resume_step)
+    main(__doc__, 6, results)

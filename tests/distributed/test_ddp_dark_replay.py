@@ -9,8 +9,6 @@ resumed from its checkpoint at step 6 (task 1, two batches into its epoch).
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,22 +18,16 @@ import torch
 
 from neurenix.continual.dark_replay import DarkExperienceReplay
 from tests.distributed import dark_replay_worker as worker
+from tests.distributed.workers import launch, rank_results
 
-WORKER = Path(worker.__file__)
-TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
 FIELDS = ("inputs", "targets", "task_ids", "logits")
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp_dark_replay")
-    done = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(Path(worker.__file__), out)
     return out
-
-
-def _ranks(job: Path) -> list[dict]:
-    return [torch.load(job / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
 def _checkpoint_state(job: Path) -> dict:
@@ -55,13 +47,13 @@ def _sample_rows(memory: dict) -> torch.Tensor:
 
 
 def test_both_ranks_end_with_the_same_parameters(job):
-    first, second = (run["uninterrupted"]["params"] for run in _ranks(job))
+    first, second = (run["uninterrupted"]["params"] for run in rank_results(job))
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
 
 def test_each_rank_remembers_only_samples_of_its_own_shard(job):
-    runs = [run["uninterrupted"] for run in _ranks(job)]
+    runs = [run["uninterrupted"] for run in rank_results(job)]
     assert not bool(_rows_in(runs[0]["seen"], runs[1]["seen"]).any())  # the shards are disjoint
     for rank, run in enumerate(runs):
         memory = run["method"]["memory"]
@@ -73,7 +65,7 @@ def test_each_rank_remembers_only_samples_of_its_own_shard(job):
 
 def test_the_checkpoint_holds_both_ranks_memories_with_their_logits(job):
     state = _checkpoint_state(job)
-    seen = [run["uninterrupted"]["seen"] for run in _ranks(job)]
+    seen = [run["uninterrupted"]["seen"] for run in rank_results(job)]
     per_rank = state["memory_per_rank"]
     assert len(per_rank) == 2
     for rank, memory in enumerate(per_rank):
@@ -85,7 +77,7 @@ def test_the_checkpoint_holds_both_ranks_memories_with_their_logits(job):
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_two_processes_resume_to_the_uninterrupted_run(job, rank):
-    run = _ranks(job)[rank]
+    run = rank_results(job)[rank]
     uninterrupted, resumed = run["uninterrupted"], run["resumed"]
     for name, value in uninterrupted["params"].items():
         torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-6, msg=name)

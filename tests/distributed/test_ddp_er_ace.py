@@ -7,8 +7,6 @@ its checkpoint at step 9 (task 1, one batch in).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,26 +15,18 @@ import torch.nn.functional as F
 
 from neurenix.continual.er_ace import ERACE
 from tests.distributed import er_ace_worker as worker
+from tests.distributed.workers import launch, network, rank_results
 from tests.reliability.test_resume import assert_close
-
-WORKER = Path(worker.__file__)
-TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
-
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp_er_ace")
-    done = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(Path(worker.__file__), out)
     return out
 
 
-def _ranks(job: Path) -> list[dict]:
-    return [torch.load(job / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-
-
 def test_both_ranks_end_with_the_same_parameters_and_their_own_memories(job):
-    first, second = (runs["uninterrupted"] for runs in _ranks(job))
+    first, second = (runs["uninterrupted"] for runs in rank_results(job))
     assert first["global_step"] == second["global_step"] == 16
     assert_close(first["params"], second["params"])
     memories = [run["state"]["memory"] for run in (first, second)]
@@ -47,8 +37,8 @@ def test_both_ranks_end_with_the_same_parameters_and_their_own_memories(job):
 def test_ddp_equals_one_process_averaging_the_two_ranks_losses_each_with_its_own_memory(job):
     """The reference: one model, two ERACE objects (one per rank, seeded as the ranks are), each
     given its rank's batches; each step back-propagates the mean of the two ranks' losses."""
-    ranks = [runs["uninterrupted"] for runs in _ranks(job)]
-    model = worker.network(seed=0)
+    ranks = [runs["uninterrupted"] for runs in rank_results(job)]
+    model = network(seed=0, outputs=worker.OUTPUTS)
     model.load_state_dict({name.removeprefix("net."): p for name, p in ranks[0]["initial"].items()})
     methods = [ERACE(model, memory_size=worker.MEMORY_SIZE, replay_ratio=worker.REPLAY_RATIO, seed=worker.SEED) for _ in ranks]
     optimizer = torch.optim.SGD(model.parameters(), lr=worker.LR)
@@ -74,7 +64,7 @@ def test_the_checkpoint_holds_both_ranks_memories_and_every_rank_resumes_exactly
     assert len(state["memory_per_rank"]) == len(state["seen_classes_per_rank"]) == 2
     assert not torch.equal(state["memory_per_rank"][0]["inputs"], state["memory_per_rank"][1]["inputs"])
     assert all(seen.tolist() == [True] * 4 for seen in state["seen_classes_per_rank"])  # task 1 has begun
-    for runs in _ranks(job):
+    for runs in rank_results(job):
         assert runs["resumed"]["global_step"] == runs["uninterrupted"]["global_step"]
         assert_close(runs["resumed"]["params"], runs["uninterrupted"]["params"])
         assert_close(runs["resumed"]["state"], runs["uninterrupted"]["state"])

@@ -8,8 +8,6 @@ One launch of tests/distributed/gradient_episodic_worker.py runs every part (see
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,18 +18,14 @@ from torch.func import functional_call
 
 from neurenix.continual import functional as CF
 from tests.distributed import gradient_episodic_worker as worker
+from tests.distributed.workers import launch, network, rank_results
 from tests.reliability.test_resume import assert_close
-
-WORKER = Path(worker.__file__)
-TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp_gradient_episodic")
-    done = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    launch(Path(worker.__file__), out)
+    return rank_results(out)
 
 
 def mean_gradient(model: nn.Module, params: dict, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -74,7 +68,7 @@ def test_the_reference_is_the_mean_over_both_ranks_samples(ranks, name):
     g = probes[0]["before"]
     assert torch.equal(g, probes[1]["before"]) and torch.equal(probes[0]["after"], probes[1]["after"])
     params = dict(zip(ranks[0][name]["params"], probes[0]["params"]))
-    model = worker.Classifier(seed=0).net
+    model = network(seed=0)
     rows = []
     for k in range(len(probes[0]["groups"])):  # one group (A-GEM) or one per finished task (GEM)
         shards = [samples(probe["memory"], probe["groups"][k]) for probe in probes]

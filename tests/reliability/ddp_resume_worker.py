@@ -13,84 +13,40 @@ process group the first one made (Lightning launches the processes once), which 
 
 from __future__ import annotations
 
-import argparse
-import logging
+import functools
 import sys
-import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for `neurenix` from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for `neurenix` and `tests` from a checkout
 
-from neurenix.continual import EWC, ContinualLossMixin, ExperienceReplay, SynapticIntelligence  # noqa: E402
-from neurenix.continual.distributed import rank_and_world_size  # noqa: E402
-from neurenix.data import TaskDataset, TaskSequenceDataModule, fit_sequence  # noqa: E402
+from neurenix.continual import EWC, ExperienceReplay, SynapticIntelligence  # noqa: E402
+from neurenix.data import TaskSequenceDataModule, fit_sequence  # noqa: E402
+from tests.distributed.workers import Classifier, cloned_params, ddp_trainer, main, threshold_task, uninterrupted_and_resumed  # noqa: E402
 
 SAMPLES, BATCH_PER_RANK, EVERY = 40, 4, 3  # 20 samples a rank: five batches an epoch; 20 steps in all
-
-
-class Classifier(ContinualLossMixin, L.LightningModule):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.05)
-
-
-def task(seed: int) -> TaskDataset:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SAMPLES, 6, generator=generator)
-    return TaskDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long(), seed % 10)
+task = functools.partial(threshold_task, samples=SAMPLES)
 
 
 def run(out: Path, resume: str | None) -> dict:
     """The sequence, checkpointed every EVERY steps (or resumed from ``resume``); what it ends with."""
     shift = 100 if resume else 0  # a resumed run starts from other weights and seeds
-    model = Classifier(seed=shift)
+    model = Classifier(seed=shift, lr=0.05, optimizer=torch.optim.Adam)
     methods = [
         EWC(model.net, importance=50.0, fisher_sample_size=16, seed=shift),
         SynapticIntelligence(model.net, importance=0.5),
         ExperienceReplay(model.net, memory_size=8, replay_ratio=0.5, seed=shift + 1),
     ]
-    checkpoints = [] if resume else [ModelCheckpoint(dirpath=out, filename="{step}", every_n_train_steps=EVERY, save_top_k=-1)]
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", callbacks=[*methods, *checkpoints], logger=False,
-        enable_checkpointing=not resume, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-    )  # fmt: skip
+    trainer = ddp_trainer(methods, out, resume, EVERY)
     datamodule = TaskSequenceDataModule([task(0), task(1)], [task(10), task(11)], batch_size=BATCH_PER_RANK, seed=shift)
     fit_sequence(trainer, model, datamodule, epochs_per_task=2, ckpt_path=resume)
     return {
-        "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+        "params": cloned_params(model),
         "methods": [method.state_dict() for method in methods],
         "global_step": trainer.global_step,
     }
 
 
-def main(out: Path, resume_step: int) -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    uninterrupted = run(out / "checkpoints", None)
-    resumed = run(out / "checkpoints", str(out / "checkpoints" / f"step={resume_step}.ckpt"))
-    rank, _ = rank_and_world_size()
-    torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, out / f"rank{rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # before exit: gloo's threads torn down at exit can abort
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--resume-step", type=int, default=12, help="the step whose checkpoint the second run resumes from")
-    args = parser.parse_args()
-    main(args.out, args.resume_step)
+    main(__doc__, 12, lambda out, resume_step: uninterrupted_and_resumed(run, out / "checkpoints", resume_step))

@@ -9,24 +9,18 @@ into its first epoch, with task 0's Fisher, importance and replay memories to ca
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed.workers import launch, rank_results
 from tests.reliability.test_resume import assert_close
-
-WORKER = Path(__file__).with_name("ddp_resume_worker.py")
-TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
-
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp_resume")
-    done = subprocess.run([sys.executable, str(WORKER), str(out)], capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(Path(__file__).with_name("ddp_resume_worker.py"), out)
     return out
 
 
@@ -38,6 +32,6 @@ def test_the_checkpoint_holds_the_distributed_loaders_place(job):
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_every_rank_resumes_to_the_uninterrupted_parameters_and_method_state(job, rank):
-    runs = torch.load(job / f"rank{rank}.pt", weights_only=True)
+    runs = rank_results(job)[rank]
     assert runs["resumed"]["global_step"] == runs["uninterrupted"]["global_step"] == 20
     assert_close(runs["resumed"], runs["uninterrupted"])

@@ -1,0 +1,110 @@
+"""What the two-process DDP workers (CPU, gloo) and their tests share.
+
+The workers run as scripts (``python tests/distributed/<name>_worker.py OUT``), each putting the
+repository on ``sys.path`` before it imports this module. Each builds its runs from the pieces
+here, and ``main`` writes every rank's results to ``OUT/rank{r}.pt``; a test launches its worker
+with ``launch`` and reads those files with ``rank_results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from neurenix.continual import ContinualLossMixin
+from neurenix.continual.distributed import rank_and_world_size
+from neurenix.data import TaskDataset
+
+RANKS = (0, 1)
+TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
+
+
+def network(seed: int, outputs: int = 3) -> nn.Sequential:
+    """The workers' network, 6 inputs to ``outputs``, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, outputs))
+
+
+class PlainClassifier(L.LightningModule):
+    """``network`` trained on cross-entropy, without ContinualLossMixin."""
+
+    def __init__(self, seed: int, *, outputs: int = 3, lr: float = 0.1, optimizer: type = torch.optim.SGD) -> None:
+        super().__init__()
+        self.net = network(seed, outputs)
+        self.lr, self.optimizer = lr, optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters(), lr=self.lr)
+
+
+class Classifier(ContinualLossMixin, PlainClassifier):
+    """``PlainClassifier`` whose loss the methods' penalties and replay terms join."""
+
+
+def threshold_task(seed: int, samples: int) -> TaskDataset:
+    """``samples`` random inputs labelled 0-2 by two thresholds, task id ``seed % 10``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 6, generator=generator)
+    return TaskDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long(), seed % 10)
+
+
+def ddp_trainer(callbacks: list, checkpoints: Path, resume: str | None, every: int) -> L.Trainer:
+    """A quiet two-process Trainer; a fresh run (``resume`` None) checkpoints every ``every`` steps."""
+    saving = [] if resume else [ModelCheckpoint(dirpath=checkpoints, filename="{step}", every_n_train_steps=every, save_top_k=-1)]
+    return L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", callbacks=[*callbacks, *saving], logger=False,
+        enable_checkpointing=not resume, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+    )  # fmt: skip
+
+
+def cloned_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def uninterrupted_and_resumed(run: Callable[[Path, str | None], dict], checkpoints: Path, resume_step: int) -> dict:
+    """``run`` fresh (checkpointing into ``checkpoints``), then resumed from its step ``resume_step``."""
+    return {
+        "uninterrupted": run(checkpoints, None),
+        "resumed": run(checkpoints, str(checkpoints / f"step={resume_step}.ckpt")),
+    }
+
+
+def main(doc: str, resume_step: int, results: Callable[[Path, int], dict]) -> None:
+    """Parse ``OUT [--resume-step N]``, run ``results(OUT, N)`` on this rank and save it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--resume-step", type=int, default=resume_step, help="the step whose checkpoint the second run resumes from")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    saved = results(args.out, args.resume_step)
+    rank, _ = rank_and_world_size()
+    torch.save(saved, args.out / f"rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # before exit: gloo's threads torn down at exit can abort
+
+
+def launch(worker: Path, out: Path) -> None:
+    """Run ``worker`` (which starts its two processes itself) into ``out``; fail with its stderr."""
+    done = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def rank_results(out: Path) -> list[dict]:
+    """What each rank of a finished job saved, in rank order."""
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in RANKS]
