@@ -28,12 +28,30 @@ import torch
 
 import neurenix
 from neurenix.automl import GridSearch, default_optimizer
-from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence
+from neurenix.continual import (
+    AGEM,
+    ERACE,
+    EWC,
+    GEM,
+    DarkExperienceReplay,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    SynapticIntelligence,
+)
 from tests.test_api_document import METHOD_CLASSES, document_signatures, document_text
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 MARKER = "<!-- runnable -->"
+#: The methods the package has beyond the API's five: on the API page too, every argument "ours".
+BEYOND_API = {cls.__name__: cls for cls in (DarkExperienceReplay, ERACE, AGEM, GEM)}
+#: Each method class's page under docs/methods.
+METHOD_PAGES = {
+    "EWC": "ewc", "SynapticIntelligence": "synaptic-intelligence", "L2Regularization": "l2",
+    "KnowledgeDistillation": "distillation", "ExperienceReplay": "replay", "DarkExperienceReplay": "dark-experience-replay",
+    "ERACE": "er-ace", "AGEM": "a-gem", "GEM": "gem",
+}
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -58,8 +76,26 @@ def test_every_runnable_marker_is_on_a_python_block():
 
 def test_the_pages_that_promise_examples_have_runnable_ones():
     names = {str(page.relative_to(DOCS)) for page in PAGES}
-    expected = {"getting-started.md", "scenarios.md", "metrics.md"} | {f"methods/{m}.md" for m in ("ewc", "replay", "l2", "distillation", "synaptic-intelligence")}
+    expected = {"getting-started.md", "scenarios.md", "metrics.md"} | {f"methods/{m}.md" for m in METHOD_PAGES.values()}
     assert expected <= names
+
+
+def test_every_method_of_the_package_has_its_page_its_api_entry_and_a_place_in_the_nav():
+    """Each continual-learning method exported by neurenix.continual (a class with train_step that
+    a user builds on a model) has a page under docs/methods, in the site's Methods menu, and its
+    docstring on the API reference page."""
+    import neurenix.continual as continual
+
+    methods = {name for name in continual.__all__
+               if isinstance(getattr(continual, name), type) and issubclass(getattr(continual, name), continual.ContinualCallback)
+               and getattr(continual, name).__module__.split(".")[-1] not in ("base", "callback", "rehearsal")}  # fmt: skip
+    assert methods == set(METHOD_PAGES)
+    nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    api = (DOCS / "api.md").read_text(encoding="utf-8")
+    for name, page in METHOD_PAGES.items():
+        assert (DOCS / "methods" / f"{page}.md").is_file(), name
+        assert f": methods/{page}.md\n" in nav, f"mkdocs.yml's nav lacks methods/{page}.md"
+        assert f"::: neurenix.continual.{name}\n" in api, f"docs/api.md lacks {name}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(page.relative_to(DOCS)) for page in PAGES])
@@ -101,7 +137,7 @@ TABLE_HEADER = "| parameter | type | default | | meaning |"
 def _signature_scope() -> dict:
     """The names the page's signatures, defaults and types are written with."""
     classes = (EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence, GridSearch)
-    return {"neurenix": neurenix, "default_optimizer": default_optimizer, "Optional": Optional,
+    return {"neurenix": neurenix, "default_optimizer": default_optimizer, "Optional": Optional, **BEYOND_API,
             **{cls.__name__: cls for cls in classes}, **{t.__name__: t for t in (bool, int, float, str)}}  # fmt: skip
 
 
@@ -178,16 +214,18 @@ def test_each_parameter_table_gives_the_codes_types_defaults_and_origin():
     scope = _signature_scope()
     contract = {name: [a.arg for a in arguments.args] for name, arguments in document_signatures(document_text()).items()}
     tables = page_tables(API_PAGE.read_text(encoding="utf-8"))
-    assert set(tables) == {f"neurenix.continual.{name}" for name in METHOD_CLASSES}
+    assert set(tables) == {f"neurenix.continual.{name}" for name in [*METHOD_CLASSES, *BEYOND_API]}
     for constructor, rows in tables.items():
         cls = eval(constructor, scope)
         hints = get_type_hints(cls.__init__)
+        in_api = cls.__name__ not in BEYOND_API
         assert [row[0] for row in rows] == [name for name, _, _ in _actual(cls)], constructor
         for (name, kind, default), (_, type_, written_default, origin, meaning) in zip(_actual(cls), rows):
             assert eval(type_, scope) == hints[name], f"{constructor}: {name} is {hints[name]}, the page says {type_}"
             assert written_default == "required" if default is _EMPTY else ast.literal_eval(written_default) == default, (constructor, name)
-            assert origin == ("API" if name in contract[cls.__name__] else "ours"), (constructor, name, origin)
-            assert (origin == "ours") == (kind == "KEYWORD_ONLY") and meaning, (constructor, name)
+            assert origin == ("API" if in_api and name in contract[cls.__name__] else "ours"), (constructor, name, origin)
+            # the API's classes: our additions are keyword-only, so the API's positional calls keep their meaning
+            assert meaning and (not in_api or (origin == "ours") == (kind == "KEYWORD_ONLY")), (constructor, name)
 
 
 @pytest.mark.skipif(
@@ -202,9 +240,11 @@ def test_the_site_builds_strictly(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("neurenix.continual.EWC", "fisher_sample_size", "neurenix.data.MNIST", "filter_labels", "neurenix.automl.GridSearch"):
+    for name in ("neurenix.continual.EWC", "fisher_sample_size", "neurenix.data.MNIST", "filter_labels", "neurenix.automl.GridSearch",
+                 "neurenix.continual.DarkExperienceReplay", "reference_size", "neurenix.continual.functional.gem_dual"):
         assert name in api, f"the API reference lacks {name}: mkdocstrings did not render it"
-    for page in ("getting-started", "methods/ewc", "scenarios", "metrics", "multi-gpu", "reliability", "benchmarks", "continual-api"):
+    for page in ("getting-started", "methods/ewc", "methods/gem", "scenarios", "metrics", "multi-gpu", "reliability", "benchmarks",
+                 "continual-api"):
         assert (site / page / "index.html").is_file(), page
     assert "Formatting signatures requires either Black or Ruff" not in result.stderr, "the docs extra must install a formatter"
     _check_sidebar_sections_hold_their_objects(api)
