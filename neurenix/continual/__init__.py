@@ -19,7 +19,12 @@ from neurenix.continual.er_ace import ERACE
 from neurenix.continual.ewc import EWC
 from neurenix.continual.gradient_episodic import AGEM, GEM
 from neurenix.continual.l2 import L2Regularization
-from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory, TaskBalancedMemory
+from neurenix.continual.memory import (
+    ClassBalancedMemory,
+    ReplayBatch,
+    ReservoirMemory,
+    TaskBalancedMemory,
+)
 from neurenix.continual.mixin import ContinualLossMixin
 from neurenix.continual.rehearsal import RehearsalMethod
 from neurenix.continual.replay import ExperienceReplay

@@ -12,7 +12,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import neurenix as nx
 from neurenix.automl import GridSearch, stratified_folds
-from neurenix.continual import AGEM, ERACE, EWC, GEM, DarkExperienceReplay, ExperienceReplay, L2Regularization
+from neurenix.continual import (
+    AGEM,
+    ERACE,
+    EWC,
+    GEM,
+    DarkExperienceReplay,
+    ExperienceReplay,
+    L2Regularization,
+)
 from neurenix.data import split_benchmark
 
 # Adam at a rate that learns these tiny problems in a few epochs.

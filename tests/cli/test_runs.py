@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 from types import SimpleNamespace
-
-import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 
-from neurenix.cli import main
-from neurenix.cli import runs
+from neurenix.cli import main, runs
 from neurenix.cli.parser import build_parser
-from neurenix.cli.runs import DataSource, MLPClassifier, load_benchmark, make_trainer, method_callbacks, run_method
+from neurenix.cli.runs import (
+    DataSource,
+    MLPClassifier,
+    load_benchmark,
+    make_trainer,
+    method_callbacks,
+    run_method,
+)
 from neurenix.cli.settings import METHOD_SETTINGS, CompareError, UsageError
 from neurenix.continual import AGEM, ERACE, GEM, DarkExperienceReplay, ExperienceReplay
 from tests.data.test_idx import write_idx
@@ -146,7 +152,7 @@ def test_der_and_derpp_defaults_are_the_papers_and_differ_only_in_the_second_mem
 class _TaskIdRecorder(MLPClassifier):
     """The command's multi-head model, recording the inputs and task ids of every forward that builds a graph."""
 
-    calls: list = []
+    calls: ClassVar[list] = []  # replaced by each test (monkeypatch)
 
     def forward(self, x, task_ids=None):
         if torch.is_grad_enabled():  # training forwards: the new batch's and the memory's, not evaluation
