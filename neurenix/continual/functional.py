@@ -430,8 +430,8 @@ def reservoir_slots(
     memory_size: int,
     generator: Optional[torch.Generator] = None,
     device: Optional[torch.device] = None,
-) -> tuple[Tensor, Tensor]:
-    """Where the next ``batch_size`` stream items go in a reservoir of ``memory_size`` slots.
+) -> Tensor:
+    """The slot of each of the next ``batch_size`` stream items in a reservoir of ``memory_size`` slots.
 
     Item ``n`` of the stream (0-based, ``n = num_seen + k``) fills slot ``n`` while the memory is
     not full; afterwards it replaces slot ``j``, ``j`` uniform in ``[0, n]``, if ``j <
@@ -439,23 +439,23 @@ def reservoir_slots(
     items of one batch pick the same slot the later one wins, exactly as inserting one by one.
 
     Returns:
-        ``(positions, slots)``: batch positions of the items to store and the slot of each
-        (no slot repeated).
+        A ``long`` tensor of ``batch_size`` slots: item ``k`` goes to slot ``slots[k]``, or
+        nowhere when ``slots[k] == memory_size`` (not drawn, or overwritten by a later item of the
+        batch). No slot below ``memory_size`` appears twice. The shape does not depend on the
+        draws, so storing a batch is one indexed write into storage with a spare row at index
+        ``memory_size`` that takes the items kept nowhere: no host-device synchronization.
     """
     stream_index = torch.arange(num_seen, num_seen + batch_size, device=device, dtype=torch.float64)
     uniform = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
     draw = torch.floor(uniform * (stream_index + 1)).long()
-    slots = torch.where(stream_index < memory_size, stream_index.long(), draw)
-    accepted = slots < memory_size
-    positions = torch.nonzero(accepted).squeeze(1)
-    slots = slots[positions]
-    # Keep the last item per slot: sort by slot (stable, so batch order is kept within a slot)
-    # and take the final entry of each run of equal slots.
-    slots, order = torch.sort(slots, stable=True)
-    positions = positions[order]
-    last_of_run = torch.ones_like(slots, dtype=torch.bool)
-    last_of_run[:-1] = slots[1:] != slots[:-1]
-    return positions[last_of_run], slots[last_of_run]
+    slots = torch.where(stream_index < memory_size, stream_index.long(), draw).clamp_(max=memory_size)
+    # Keep the last item per slot: sort by slot (stable, so batch order is kept within a slot);
+    # an item is kept where the next one in that order has another slot.
+    ordered, order = torch.sort(slots, stable=True)
+    last_of_run = torch.ones_like(ordered, dtype=torch.bool)
+    last_of_run[:-1] = ordered[1:] != ordered[:-1]
+    kept = torch.empty_like(last_of_run).scatter_(0, order, last_of_run)
+    return torch.where(kept, slots, memory_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,11 @@ from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_int, check_model, check_real
-from neurenix.continual.base import model_arguments, running_statistics_kept, trainable_parameters
+from neurenix.continual.base import (
+    model_arguments,
+    running_statistics_kept,
+    trainable_parameters,
+)
 from neurenix.continual.capture import hidden_forwards
 from neurenix.continual.distributed import mean_across_ranks_, rank_and_world_size
 from neurenix.continual.memory import TaskBalancedMemory
@@ -65,9 +69,8 @@ class GradientEpisodicMethod(RehearsalMethod):
     @override
     def after_optimizer_step(self, arguments: tuple[Tensor, ...], targets: Tensor) -> None:
         inputs = arguments[0]
-        if self._claim_step_batch(inputs):
-            task_ids = arguments[1] if len(arguments) > 1 else None
-            self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
+        if self._claim_step_batch(inputs):  # every sample is of the task being trained
+            self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, None))
 
     @override
     def project_gradients(self) -> None:

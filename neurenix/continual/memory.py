@@ -9,11 +9,16 @@
 
 Every memory stores a sample's inputs, target and task id, and any further per-sample fields a
 method gives :meth:`ReservoirMemory.add` (Dark Experience Replay's logits).
+
+Storing a batch reads nothing from the device in :class:`ReservoirMemory`, nor in
+:class:`TaskBalancedMemory` when the batch's task is given as an int; :class:`ClassBalancedMemory`
+reads which classes a batch holds (one host-device synchronization per insert on a GPU).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+import itertools
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -41,7 +46,9 @@ class ReservoirMemory:
     ``device``, and every later insert and draw is a handful of vectorized tensor operations.
     Randomness comes from the memory's own generator, so a run is repeatable from its seed and
     a checkpoint resumes the same stream of decisions. The generator lives on ``device`` with the
-    samples, so a training step copies nothing between host and device; the price is that a CUDA
+    samples, and an insert is one indexed write whose shape does not depend on the draws (storage
+    has one spare row, at index ``capacity``, that takes the samples kept nowhere), so a training
+    step neither copies nor synchronizes between host and device; the price is that a CUDA
     generator makes other decisions than a CPU one from the same seed, and a checkpoint resumed on
     another kind of device continues from a generator reseeded with ``seed + num_seen``.
     """
@@ -72,27 +79,34 @@ class ReservoirMemory:
     def _task_ids(self) -> Optional[Tensor]:
         return self._fields.get("task_ids")
 
-    def add(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
+    def add(self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], **extras: Tensor) -> None:
         """Offer a batch to the memory (shapes and dtypes checked against what it holds).
 
-        ``extras`` are further per-sample fields (``logits=...``), stored beside the others; every
-        insert must give the same ones.
+        ``task_ids`` is each sample's task id, or one int for a batch of one task. ``extras`` are
+        further per-sample fields (``logits=...``), stored beside the others; every insert must
+        give the same ones.
         """
         if self.capacity == 0:
             self.num_seen += inputs.shape[0]
             return
         batch = self._batch_fields(inputs, targets, task_ids, extras)
-        positions, slots = CF.reservoir_slots(
-            self.num_seen, inputs.shape[0], self.capacity, self._generator, self.device
-        )
+        slots = CF.reservoir_slots(self.num_seen, inputs.shape[0], self.capacity, self._generator, self.device)
         for name, values in batch.items():
-            self._fields[name][slots] = values.to(self.device)[positions]
+            self._fields[name][slots] = values
         self.num_seen += inputs.shape[0]
         self.size = min(self.capacity, self.num_seen)
 
-    def _batch_fields(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, extras: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The batch as ``{field: values}``, checked against (or allocating) the storage."""
+    def _batch_fields(
+        self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], extras: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The batch as ``{field: values}`` on the memory's device, checked against (or
+        allocating) the storage."""
+        if isinstance(task_ids, int):
+            task_ids = torch.full((inputs.shape[0],), task_ids, dtype=torch.long, device=self.device)
         batch = {"inputs": inputs, "targets": targets, "task_ids": task_ids.to(torch.long), **extras}
+        batch = {name: values.to(self.device) for name, values in batch.items()}
+        if self.capacity == 0:
+            return batch
         if not self._fields:
             self._allocate(batch)
         else:
@@ -125,8 +139,10 @@ class ReservoirMemory:
         return self.take(self.draw(count))
 
     def _allocate(self, batch: dict[str, Tensor]) -> None:
+        # One row more than the capacity: the spare row (index ``capacity``) takes the samples of
+        # an insert that are kept nowhere, so an insert never selects rows by what was drawn.
         self._fields = {
-            name: torch.empty((self.capacity, *values.shape[1:]), dtype=values.dtype, device=self.device)
+            name: torch.empty((self.capacity + 1, *values.shape[1:]), dtype=values.dtype, device=self.device)
             for name, values in batch.items()
         }
 
@@ -221,8 +237,11 @@ class BalancedMemory(ReservoirMemory):
 
     Storage stays compact (slots ``0 .. size-1``), so drawing a replay batch is the same uniform
     draw over the stored samples as for :class:`ReservoirMemory`, and the state dict holds exactly
-    the stored samples in slot order. Each insert reads which groups the batch holds on the host
-    (a synchronization on a GPU).
+    the stored samples in slot order. The groups' counts are kept on the host, so an insert reads
+    from the device only which groups the batch holds (one synchronization on a GPU), and not
+    even that when the caller names the batch's one group (a task id given as an int to a
+    :class:`TaskBalancedMemory`). A new group's arrival re-balances the shares, which reads the
+    device (once per group).
     """
 
     #: The field whose value is a sample's group, and the state dict's names for the groups in
@@ -232,9 +251,10 @@ class BalancedMemory(ReservoirMemory):
 
     def __init__(self, capacity: int, device: torch.device, seed: int) -> None:
         super().__init__(capacity, device, seed)
-        #: group keys in order of arrival, and how many samples of each were offered.
+        #: group keys in order of arrival, how many samples of each were offered, how many are held.
         self.groups: list[int] = []
         self.group_seen: dict[int, int] = {}
+        self._held: dict[int, int] = {}
         #: key -> the slots holding that group's samples, while the layout they describe stands.
         self._slots_cache: dict[int, Tensor] = {}
 
@@ -248,19 +268,14 @@ class BalancedMemory(ReservoirMemory):
 
     def group_sizes(self) -> dict[int, int]:
         """Samples held per group, for every group seen (in order of arrival)."""
-        sizes = dict.fromkeys(self.groups, 0)
-        keys = self._fields.get(self.group_field)
-        if self.size and keys is not None:
-            values, counts = torch.unique(keys[: self.size], return_counts=True)
-            sizes.update(zip(values.tolist(), counts.tolist()))
-        return sizes
+        return {key: self._held.get(key, 0) for key in self.groups}
 
     def slots_of(self, keys: Sequence[int]) -> Tensor:
         """The slots holding the samples of groups ``keys``, in slot order.
 
-        Kept between calls while those groups' slots stay where they are (they move only when a
-        new group arrives or a state is loaded), so asking at every step costs no synchronization
-        after the first.
+        Kept between calls and extended as a group fills, so asking at every step reads nothing
+        from the device after a group's first time (its slots move only when a new group arrives
+        or a state is loaded).
         """
         parts = [self._cached_slots_of(key) for key in keys]
         if not parts:
@@ -269,78 +284,80 @@ class BalancedMemory(ReservoirMemory):
 
     def _cached_slots_of(self, key: int) -> Tensor:
         slots = self._slots_cache.get(key)
-        if slots is None:
-            slots = self._slots_cache[key] = self._slots_of(key)
-        return slots
+        return torch.zeros(0, dtype=torch.long, device=self.device) if slots is None else slots
+
+    def _find_slots(self) -> None:
+        """Search storage for every group's slots (one read from the device)."""
+        keys = self._fields.get(self.group_field)
+        self._slots_cache = {} if keys is None or self.size == 0 else positions_by_key(keys[: self.size])
 
     # ---------------------------------------------------------------------------- insertion
-    def add(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
+    def add(self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], **extras: Tensor) -> None:
         """Offer a batch: new groups first shrink the others' shares, then each group's samples
         enter its own reservoir."""
         self.check_batch(inputs, targets)
-        batch = {"inputs": inputs, "targets": targets, "task_ids": task_ids.to(torch.long), **extras}
-        if self.capacity > 0:
-            self._batch_fields(inputs, targets, task_ids, extras)
-        # Moved once, not once per group below.
-        batch = {name: values.to(self.device) for name, values in batch.items()}
-        keys = batch[self.group_field]
-        present = torch.unique(keys).tolist()  # sorted: ties between new groups go by key
-        new_groups = [key for key in present if key not in self.group_seen]
+        batch = self._batch_fields(inputs, targets, task_ids, extras)
+        groups = list(self._groups_in(batch, task_ids))
+        new_groups = [key for key, _ in groups if key not in self.group_seen]
         if new_groups:
             self.groups.extend(new_groups)
             self.group_seen.update(dict.fromkeys(new_groups, 0))
+            self._held.update(dict.fromkeys(new_groups, 0))
             self._shrink_to_quotas()
-        for key in present:
-            positions = torch.nonzero(keys == key).squeeze(1)
+        for key, positions in groups:
+            count = inputs.shape[0] if positions is None else positions.shape[0]
             if self.capacity > 0:
-                self._add_to_group(key, positions, batch)
-            self.group_seen[key] += positions.shape[0]
+                self._add_to_group(key, positions, count, batch)
+            self.group_seen[key] += count
         self.num_seen += inputs.shape[0]
 
-    def _add_to_group(self, key: int, positions: Tensor, batch: dict[str, Tensor]) -> None:
-        """Group ``key``'s samples (``positions`` of the batch, already on the memory's device)."""
-        held = self._slots_of(key)
-        chosen, local_slots = CF.reservoir_slots(
-            self.group_seen[key], positions.shape[0], self.quota(key), self._generator, self.device
-        )
-        # Local slots below the group's holding replace one of its samples; the others (only while
-        # the group is below its quota) are the next free slots, in order, at the end of storage.
-        filling = local_slots >= held.shape[0]
-        slots = self.size + local_slots - held.shape[0]
-        slots[~filling] = held[local_slots[~filling]]
-        source = positions[chosen]
-        for name, values in batch.items():
-            self._fields[name][slots] = values[source]
-        appended = int(filling.sum())
-        if appended:
-            self._slots_cache.pop(key, None)
-        self.size += appended
+    def _groups_in(self, batch: dict[str, Tensor], task_ids: Union[Tensor, int]) -> Iterator[tuple[int, Optional[Tensor]]]:
+        """Each group the batch holds (ascending key: ties between new groups go by key) and the
+        batch positions of its samples (``None``: all of them)."""
+        if isinstance(task_ids, int) and self.group_field == "task_ids":
+            yield task_ids, None
+            return
+        yield from positions_by_key(batch[self.group_field]).items()
 
-    def _slots_of(self, key: int) -> Tensor:
-        """The storage slots holding group ``key``, in slot order (its reservoir's local slots)."""
-        keys = self._fields.get(self.group_field)
-        if keys is None or self.size == 0:
-            return torch.zeros(0, dtype=torch.long, device=self.device)
-        return torch.nonzero(keys[: self.size] == key).squeeze(1)
+    def _add_to_group(self, key: int, positions: Optional[Tensor], count: int, batch: dict[str, Tensor]) -> None:
+        """Group ``key``'s ``count`` samples (at ``positions`` of the batch; ``None``: all)."""
+        held, quota, seen = self._held[key], self.quota(key), self.group_seen[key]
+        local = CF.reservoir_slots(seen, count, quota, self._generator, self.device)
+        # The group holds min(seen, quota) samples, so a local slot below `held` replaces one of
+        # them, one in [held, quota) is the next free slot at the end of storage (in stream order,
+        # only while the group is below its quota), and `quota` means kept nowhere.
+        free = self.size + local - held
+        if held > 0:
+            replaced = self._cached_slots_of(key)[local.clamp(max=held - 1)]
+            free = torch.where(local < held, replaced, free)
+        slots = torch.where(local < quota, free, self.capacity)
+        for name, values in batch.items():
+            self._fields[name][slots] = values if positions is None else values[positions]
+        appended = max(0, min(quota, seen + count) - seen)
+        if appended:
+            new_slots = torch.arange(self.size, self.size + appended, device=self.device)
+            self._slots_cache[key] = torch.cat([self._cached_slots_of(key), new_slots])
+            self._held[key] += appended
+            self.size += appended
 
     def _shrink_to_quotas(self) -> None:
-        """Every group over its quota keeps a uniform subset of its samples; storage is compacted."""
-        self._slots_cache.clear()
-        if self.size == 0 or not self._fields:
-            return
+        """Every group over its quota keeps a uniform subset of its samples; storage is compacted.
+        The groups' slots are then searched anew (this reads the device: once per new group)."""
+        self._find_slots()
         keep = torch.ones(self.size, dtype=torch.bool, device=self.device)
         for key, held in self.group_sizes().items():
             excess = held - self.quota(key)
             if excess > 0:
-                slots = self._slots_of(key)
                 dropped = torch.randperm(held, generator=self._generator, device=self.device)[:excess]
-                keep[slots[dropped]] = False
-        if bool(keep.all()):
+                keep[self._slots_cache[key][dropped]] = False
+                self._held[key] -= excess
+        kept = sum(self._held.values())
+        if kept == self.size:
             return
-        kept = int(keep.sum())
         for storage in self._fields.values():
             storage[:kept] = storage[: self.size][keep]  # a copy: no overlap hazard
         self.size = kept
+        self._find_slots()
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -357,17 +374,23 @@ class BalancedMemory(ReservoirMemory):
         seen in proportion to its share of the memory, and the shares are re-balanced."""
         super().load_state_dict(state)
         groups, seen = (state.get(name) for name in self.state_names)
+        keys = self._fields.get(self.group_field)
+        stored = [] if keys is None else keys[: self.size].tolist()
+        counts = {key: stored.count(key) for key in dict.fromkeys(stored)}
         if groups is not None and seen is not None:
             self.groups = [int(key) for key in groups.tolist()]
             self.group_seen = dict(zip(self.groups, (int(n) for n in seen.tolist())))
         else:
-            keys = self._fields.get(self.group_field)
-            stored = [] if keys is None else keys[: self.size].tolist()
-            self.groups = list(dict.fromkeys(stored))
-            counts = {key: stored.count(key) for key in self.groups}
+            self.groups = list(counts)
             scale = self.num_seen / max(len(stored), 1)
             self.group_seen = {key: max(count, round(count * scale)) for key, count in counts.items()}
+        self._held = {key: counts.get(key, 0) for key in self.groups}
         self._shrink_to_quotas()
+        # A group below its quota has kept all it was offered: an estimated count above what it
+        # holds would leave its reservoir a gap, so it counts as offered what it holds.
+        for key in self.groups:
+            if self._held[key] < min(self.group_seen[key], self.quota(key)):
+                self.group_seen[key] = self._held[key]
 
 
 class ClassBalancedMemory(BalancedMemory):
@@ -416,6 +439,14 @@ class TaskBalancedMemory(BalancedMemory):
 def is_class_labels(targets: Tensor) -> bool:
     """Whether ``targets`` is a 1-D tensor of integer class labels."""
     return targets.dim() == 1 and not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
+
+
+def positions_by_key(keys: Tensor) -> dict[int, Tensor]:
+    """``{key: positions of keys equal to it}``, ascending keys and positions, reading ``keys``
+    from the device once (sorted, so that each key's positions are one run)."""
+    ordered, order = torch.sort(keys, stable=True)
+    runs = [(key, len(list(run))) for key, run in itertools.groupby(ordered.tolist())]
+    return dict(zip((key for key, _ in runs), order.split([count for _, count in runs])))
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

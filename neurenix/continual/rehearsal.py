@@ -12,7 +12,7 @@ import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -27,9 +27,18 @@ from neurenix.continual._checks import (
     check_task_id,
 )
 from neurenix.continual.base import default_seed
-from neurenix.continual.callback import ContinualCallback, continual_methods, split_batch
+from neurenix.continual.callback import (
+    ContinualCallback,
+    continual_methods,
+    split_batch,
+)
 from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
-from neurenix.continual.memory import ReplayBatch, ReservoirMemory, is_class_labels, stored_fields
+from neurenix.continual.memory import (
+    ReplayBatch,
+    ReservoirMemory,
+    is_class_labels,
+    stored_fields,
+)
 
 __all__ = ["RehearsalMethod", "redistributed_memory"]
 
@@ -67,6 +76,9 @@ class RehearsalMethod(ContinualCallback):
         self._last_stored: Optional[tuple[str, weakref.ref]] = None
         #: The inputs the caller gave the ``train_step`` in progress (before any move to the device).
         self._step_inputs: Optional[Tensor] = None
+        #: The task id that every training batch of the running fit carries, where the data
+        #: module says so (then the memory needs not read the batch's task ids from the device).
+        self._fit_batches_task: Optional[int] = None
 
     def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
         check_batch(inputs, targets)
@@ -111,7 +123,7 @@ class RehearsalMethod(ContinualCallback):
         self.memory.check_batch(inputs, targets)
         self.prepare_for_device()
         task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=self.memory.device)
-        self._remember(inputs.detach(), targets.detach(), task_ids, **self._extras_of(inputs, task_ids))
+        self._remember(inputs.detach(), targets.detach(), task_id, **self._extras_of(inputs, task_ids))
         self._last_stored = ("add_to_memory", weakref.ref(inputs))
 
     def get_replay_batch(self, batch_size: int) -> ReplayBatch:
@@ -156,7 +168,7 @@ class RehearsalMethod(ContinualCallback):
         )
 
     # ---------------------------------------------------------------------------- shared core
-    def _remember(self, inputs: Tensor, targets: Tensor, task_ids: Tensor, **extras: Tensor) -> None:
+    def _remember(self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], **extras: Tensor) -> None:
         """Offer samples the method has already checked (a training batch) to the memory."""
         self.memory.add(inputs, targets, task_ids, **extras)
 
@@ -164,13 +176,14 @@ class RehearsalMethod(ContinualCallback):
         """Further fields to store with samples given to :meth:`add_to_memory` (DER: their logits)."""
         return {}
 
-    def _task_ids_of(self, inputs: Tensor, task_ids: Optional[Tensor]) -> Tensor:
-        """Each sample's task id: the batch's own, else the task being trained."""
+    def _task_ids_of(self, inputs: Tensor, task_ids: Optional[Tensor]) -> Union[Tensor, int]:
+        """Each sample's task id: the batch's own, else the task being trained (an int: one id
+        for the whole batch, which the memory needs not read from the device)."""
         if task_ids is not None:
-            return task_ids
+            return task_ids if self._fit_batches_task is None else self._fit_batches_task
         if self.active_task is None:
             raise RuntimeError(f"{type(self).__name__} got a training batch outside a task (on_train_start did not run)")
-        return torch.full((inputs.shape[0],), self.active_task, dtype=torch.long, device=inputs.device)
+        return self.active_task
 
     def _remember_batch(self, batch: Any) -> None:
         """Offer a Lightning training batch's samples to the memory."""
@@ -193,6 +206,16 @@ class RehearsalMethod(ContinualCallback):
                 "(ExperienceReplay, DarkExperienceReplay, ERACE, AGEM or GEM); each combines with EWC, L2, "
                 "SynapticIntelligence and KnowledgeDistillation"
             )
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        self._fit_batches_task = _task_of_every_batch(trainer)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._fit_batches_task = None
+        super().on_train_end(trainer, pl_module)
 
     @override
     def check_task_batch(self, batch: Any) -> None:
@@ -225,6 +248,22 @@ class RehearsalMethod(ContinualCallback):
 
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _task_of_every_batch(trainer: "pl.Trainer") -> Optional[int]:
+    """The task id in every training batch of this fit, where the data says so without reading a
+    batch: a :class:`~neurenix.data.TaskSequenceDataModule` serving a
+    :class:`~neurenix.data.TaskDataset` (one task id for all its samples); else ``None``."""
+    from neurenix.data import (  # neurenix.data imports neurenix.continual
+        TaskDataset,
+        TaskSequenceDataModule,
+    )
+
+    datamodule = getattr(trainer, "datamodule", None)
+    if not isinstance(datamodule, TaskSequenceDataModule):
+        return None
+    dataset = datamodule.train_tasks[datamodule.current_task]
+    return dataset.task_id if isinstance(dataset, TaskDataset) and dataset.with_task_ids else None
 
 
 def warn_at_caller(message: str) -> None:

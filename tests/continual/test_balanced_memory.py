@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from neurenix.continual import ExperienceReplay
 from neurenix.continual.memory import ClassBalancedMemory, ReservoirMemory
 from tests.helpers import lit_classifier, make_mlp, quiet_trainer
+from tests.host_reads import host_reads
 
 CPU = torch.device("cpu")
 SIZES = (1, 7, 32, 3, 50, 13, 64, 2)  # batch sizes cycled through
@@ -163,3 +164,54 @@ def test_balanced_replay_under_a_trainer():
     y = torch.cat([torch.zeros(60, dtype=torch.long), torch.ones(20, dtype=torch.long), torch.full((10,), 2)])
     quiet_trainer(callbacks=[replay]).fit(lit_classifier(net), DataLoader(TensorDataset(x, y), batch_size=10))
     assert replay.memory.class_sizes() == {0: 4, 1: 4, 2: 4} and replay.memory.num_seen == 90
+
+
+# ------------------------------------------------------------------------------------ bookkeeping
+
+
+def assert_bookkeeping_matches_storage(memory: ClassBalancedMemory) -> None:
+    """The counts kept on the host and the cached slots per class are what storage holds."""
+    _, labels = stored(memory)
+    assert memory.class_sizes() == {label: labels.count(label) for label in memory.classes}
+    assert len(memory) == len(labels)
+    for label in memory.classes:
+        expected = [slot for slot, held in enumerate(labels) if held == label]
+        assert memory.slots_of([label]).tolist() == expected, label
+
+
+@pytest.mark.parametrize("capacity", [1, 9, 40])
+def test_the_counts_and_slots_kept_on_the_host_match_storage_after_every_insert(capacity):
+    memory = ClassBalancedMemory(capacity, CPU, seed=5)
+    for inputs, labels, task_ids in class_incremental_stream(classes=8, per_class=25, seed=2):
+        memory.slots_of(memory.classes)  # fill the cache, so later inserts must keep it right
+        memory.add(inputs, labels, task_ids)
+        assert_bookkeeping_matches_storage(memory)
+
+
+def test_an_insert_reads_the_batchs_classes_once_and_nothing_else():
+    memory = ClassBalancedMemory(30, CPU, seed=0)
+    batches = list(class_incremental_stream(classes=4, per_class=200))
+    for batch in batches[:6]:
+        memory.add(*batch)
+    assert memory.classes == [0, 1]
+    for batch in batches[6:12]:  # classes 0 and 1 only: no new class, no re-balancing
+        assert set(batch[1].tolist()) <= {0, 1}
+        with host_reads() as reads:
+            memory.add(*batch)
+        assert len(reads) == 1 and reads[0].startswith("tolist"), str(reads)
+
+
+def test_a_pooled_state_whose_classes_were_under_their_quota_keeps_storage_compact():
+    # A reservoir's state carries no per-class counts: they are estimated from the stream's length.
+    # Class 1 holds 3 samples, under its quota of 10, while its estimate says it was offered 6:
+    # it counts as offered what it holds, so its next samples fill the next free slots.
+    reservoir = ReservoirMemory(20, CPU, seed=0)
+    reservoir.add(*id_batch(torch.arange(13), torch.tensor([0] * 10 + [1] * 3)))
+    reservoir.num_seen = 26
+    balanced = ClassBalancedMemory(20, CPU, seed=0)
+    balanced.load_state_dict(reservoir.state_dict())
+    assert balanced.class_sizes() == {0: 10, 1: 3} and balanced.class_seen == {0: 20, 1: 3}
+    balanced.add(*id_batch(torch.arange(100, 105), torch.ones(5, dtype=torch.long)))
+    assert balanced.class_sizes() == {0: 10, 1: 8}
+    assert_bookkeeping_matches_storage(balanced)
+    assert sorted(stored(balanced)[0])[-5:] == [100, 101, 102, 103, 104]

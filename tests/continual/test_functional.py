@@ -399,28 +399,45 @@ def algorithm_r_reference(num_seen, batch_size, memory_size, uniform):
     return memory
 
 
+def stored_by(slots, memory_size):
+    """{slot: batch position} of the items that ``reservoir_slots`` keeps."""
+    return {slot: k for k, slot in enumerate(slots.tolist()) if slot < memory_size}
+
+
 def test_reservoir_slots_fill_in_stream_order_while_not_full():
-    positions, slots = CF.reservoir_slots(3, 5, 10, generator=torch.Generator().manual_seed(0))
-    assert positions.tolist() == [0, 1, 2, 3, 4]
+    slots = CF.reservoir_slots(3, 5, 10, generator=torch.Generator().manual_seed(0))
     assert slots.tolist() == [3, 4, 5, 6, 7]
+
+
+def test_reservoir_slots_send_what_is_kept_nowhere_to_the_spare_slot():
+    # Memory of 2 full after 2 items; item n replaces slot floor(u * (n + 1)) if below 2.
+    generator = torch.Generator().manual_seed(5)
+    uniform = torch.rand(4, generator=torch.Generator().manual_seed(5), dtype=D)
+    draws = [math.floor(uniform[k].item() * (n + 1)) for k, n in enumerate(range(2, 6))]
+    slots = CF.reservoir_slots(2, 4, 2, generator=generator)
+    expected = [d if d < 2 else 2 for d in draws]
+    for k, slot in enumerate(expected):  # an item overwritten by a later one of the batch goes nowhere
+        if slot < 2 and slot in expected[k + 1:]:
+            expected[k] = 2
+    assert slots.tolist() == expected
+    assert slots.shape == (4,) and slots.dtype == torch.long
 
 
 @pytest.mark.parametrize("num_seen, batch_size, memory_size", [(0, 12, 8), (6, 9, 8), (3, 20, 3), (50, 30, 5), (100, 7, 40)])
 def test_reservoir_slots_match_one_by_one_algorithm_r(num_seen, batch_size, memory_size):
     duplicates_seen = False
     for seed in range(30):
-        positions, slots = CF.reservoir_slots(
-            num_seen, batch_size, memory_size, generator=torch.Generator().manual_seed(seed)
-        )
+        slots = CF.reservoir_slots(num_seen, batch_size, memory_size, generator=torch.Generator().manual_seed(seed))
         uniform = torch.rand(batch_size, generator=torch.Generator().manual_seed(seed), dtype=D)
         expected = algorithm_r_reference(num_seen, batch_size, memory_size, uniform)
-        assert len(set(slots.tolist())) == len(slots), "a slot was returned twice"
-        assert all(0 <= s < memory_size for s in slots.tolist())
-        assert dict(zip(slots.tolist(), positions.tolist())) == expected
+        kept = [s for s in slots.tolist() if s < memory_size]
+        assert len(set(kept)) == len(kept), "a slot was returned twice"
+        assert all(0 <= s <= memory_size for s in slots.tolist())
+        assert stored_by(slots, memory_size) == expected
         draws = [n if n < memory_size else math.floor(uniform[k].item() * (n + 1))
                  for k, n in enumerate(range(num_seen, num_seen + batch_size))]
-        kept = [d for d in draws if d < memory_size]
-        duplicates_seen |= len(kept) != len(set(kept))
+        drawn = [d for d in draws if d < memory_size]
+        duplicates_seen |= len(drawn) != len(set(drawn))
     if (num_seen, batch_size, memory_size) == (3, 20, 3):
         assert duplicates_seen, "the case meant to exercise within-batch collisions had none"
 
@@ -430,11 +447,12 @@ def test_reservoir_keeps_every_stream_item_with_equal_probability():
     gen = torch.Generator().manual_seed(11)
     counts = torch.zeros(stream)
     for _ in range(trials):
-        memory = torch.full((memory_size,), -1)
+        memory = torch.full((memory_size + 1,), -1)  # the last slot is the spare one
         for start in range(0, stream, batch):
             size = min(batch, stream - start)
-            positions, slots = CF.reservoir_slots(start, size, memory_size, generator=gen)
-            memory[slots] = start + positions
+            slots = CF.reservoir_slots(start, size, memory_size, generator=gen)
+            memory[slots] = start + torch.arange(size)
+        memory = memory[:memory_size]
         assert (memory >= 0).all() and len(set(memory.tolist())) == memory_size
         counts[memory] += 1
     frequency = counts / trials

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from neurenix.continual import ExperienceReplay, ReplayBatch
+from neurenix.continual.memory import ReservoirMemory
 from tests.helpers import make_mlp
+from tests.host_reads import host_reads
 
 # Batch sizes cycled through by the streams below: single items, odd sizes, and batches larger
 # than every memory used here (so one batch can overflow the memory on its own).
@@ -283,3 +285,28 @@ def test_a_generator_state_from_another_device_type_reseeds_from_seed_and_stream
     restored.load_state_dict(state)
     expected = torch.randperm(30, generator=torch.Generator().manual_seed(9 + 100))[:6]
     assert torch.equal(restored.get_replay_batch(6).inputs, state["memory"]["inputs"][expected])
+
+
+# ------------------------------------------------------------------------------------ host reads
+# On a GPU every read of a tensor's values on the host waits for the queued kernels. Storing a
+# batch needs none: the draws decide slots on the device, and storage has a spare row for the
+# samples kept nowhere.
+
+
+def test_storing_a_batch_in_the_reservoir_reads_nothing_from_the_device():
+    memory = ReservoirMemory(50, torch.device("cpu"), seed=0)
+    for start, stop in stream_batches(400):
+        with host_reads() as reads:
+            memory.add(*id_batch(start, stop), torch.zeros(stop - start, dtype=torch.long))
+        assert not reads, f"reads while storing samples {start}..{stop}:\n{reads}"
+    assert len(memory) == 50 and memory.num_seen == 400
+
+
+def test_the_spare_row_is_storage_only_never_a_stored_sample():
+    memory = ReservoirMemory(5, torch.device("cpu"), seed=2)
+    for start, stop in stream_batches(300):
+        memory.add(*id_batch(start, stop), torch.zeros(stop - start, dtype=torch.long))
+    state = memory.state_dict()
+    assert state["inputs"].shape == (5, 2) and len(set(state["targets"].tolist())) == 5
+    ids = torch.cat([memory.sample(5).targets for _ in range(50)])
+    assert set(ids.tolist()) == set(state["targets"].tolist())  # draws only ever reach the stored five

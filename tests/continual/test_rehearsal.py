@@ -10,14 +10,23 @@ import pytest
 import torch
 from torch import nn
 
-from neurenix.continual import EWC, ExperienceReplay
+from neurenix.continual import (
+    AGEM,
+    ERACE,
+    EWC,
+    GEM,
+    DarkExperienceReplay,
+    ExperienceReplay,
+)
 from neurenix.continual.base import ContinualMethod
-from neurenix.continual.capture import ForwardCapture
 from neurenix.continual.callback import ContinualCallback
+from neurenix.continual.capture import ForwardCapture
 from neurenix.continual.distributed import mean_across_ranks_
 from neurenix.continual.memory import ReservoirMemory, TaskBalancedMemory
 from neurenix.continual.rehearsal import redistributed_memory
-from tests.helpers import lit_classifier, make_mlp, quiet_trainer
+from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
+from tests.helpers import lit_classifier, lit_multi_head, make_mlp, quiet_trainer
+from tests.host_reads import host_reads
 
 CPU = torch.device("cpu")
 
@@ -92,21 +101,20 @@ def test_the_task_balanced_memory_gives_each_task_an_equal_share_of_its_own_stre
     assert stored["tasks"].tolist() == [0, 1, 2]
 
 
-def test_slots_of_tasks_are_found_once_per_layout_not_once_per_call(monkeypatch):
+def test_slots_of_tasks_are_kept_on_the_host_and_searched_only_when_a_new_task_arrives():
     memory = TaskBalancedMemory(capacity=10, device=CPU, seed=0)
     for task in range(2):
         x, y, t, _ = numbered(10 * task, 10 * task + 8, task)
         memory.add(x, y, t)
-    searches = []
-    original = TaskBalancedMemory._slots_of
-    monkeypatch.setattr(TaskBalancedMemory, "_slots_of", lambda self, key: searches.append(key) or original(self, key))
     slots = memory.slots_of([0])
     assert torch.equal(memory.take(slots).task_ids, torch.zeros(5, dtype=torch.long))
     for start in range(20, 40, 4):  # task 1 trains on: task 0's slots stay where they are
         x, y, t, _ = numbered(start, start + 4, 1)
-        memory.add(x, y, t)
-        assert torch.equal(memory.slots_of([0]), slots)
-    assert searches.count(0) == 1
+        with host_reads() as reads:
+            memory.add(x, y, t)
+            assert torch.equal(memory.slots_of([0]), slots)
+            assert torch.equal(memory.take(memory.slots_of([1])).task_ids, torch.ones(5, dtype=torch.long))
+        assert len(reads) == 1 and reads[0].startswith("tolist"), str(reads)  # the batch's task ids only
     x, y, t, _ = numbered(50, 54, 2)  # a new task arrives: the shares shrink, storage is compacted
     memory.add(x, y, t)
     assert torch.equal(memory.take(memory.slots_of([0])).task_ids, torch.zeros(4, dtype=torch.long))
@@ -114,7 +122,86 @@ def test_slots_of_tasks_are_found_once_per_layout_not_once_per_call(monkeypatch)
     assert torch.equal(both, both.sort().values) and sorted(memory.take(both).task_ids.tolist()) == [0] * 4 + [1] * 3
 
 
-# ---------------------------------------------------------------------------------------------- one per Trainer
+def test_a_batch_of_one_task_given_as_an_int_is_stored_as_its_ids_would_be_and_reads_nothing():
+    by_int, by_ids = TaskBalancedMemory(capacity=12, device=CPU, seed=4), TaskBalancedMemory(capacity=12, device=CPU, seed=4)
+    for task in range(3):
+        for start in range(100 * task, 100 * task + 50, 9):
+            x, y, t, _ = numbered(start, start + 9, task)
+            by_ids.add(x, y, t)
+            with host_reads() as reads:
+                by_int.add(x, y, task)
+            if start > 100 * task:  # the task's first batch re-balances the shares: that reads the device
+                assert not reads, str(reads)
+    for key, value in by_ids.state_dict().items():
+        expected = by_int.state_dict()[key]
+        assert torch.equal(value, expected) if isinstance(value, torch.Tensor) else value == expected, key
+
+
+def _step_batches(task: int, steps: int = 4):
+    generator = torch.Generator().manual_seed(task)
+    for _ in range(steps):
+        yield torch.randn(8, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+
+
+@pytest.mark.parametrize(
+    "method_class, options",
+    [(DarkExperienceReplay, {"alpha": 0.5}), (DarkExperienceReplay, {"alpha": 0.5, "beta": 0.5}), (ERACE, {}), (AGEM, {})],
+    ids=["der", "der++", "er_ace", "agem"],
+)
+def test_a_training_step_reads_nothing_from_the_device(method_class, options):
+    """On a GPU each read would make the host wait for the step's kernels. From the second task
+    on, every step draws from the memory, stores its batch and (A-GEM) projects on a reference."""
+    model = make_mlp()
+    method = method_class(model, memory_size=20, seed=0, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam reads its step count on the CPU
+    for task in range(3):
+        for step, (x, y) in enumerate(_step_batches(task)):
+            with host_reads() as reads:
+                method.train_step(optimizer, nn.functional.cross_entropy, x, y, task)
+            if step > 0:  # a task's first step ends the task before (consolidation may read)
+                assert not reads, f"task {task}, step {step}:\n{reads}"
+
+
+def test_gem_reads_only_to_solve_its_quadratic_program_on_the_host():
+    model = make_mlp()
+    method = GEM(model, memory_size=20, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for task in range(3):
+        for step, (x, y) in enumerate(_step_batches(task)):
+            with host_reads() as reads:
+                method.train_step(optimizer, nn.functional.cross_entropy, x, y, task)
+            if step > 0:
+                assert all("continual/functional.py" in read for read in reads), str(reads)
+                assert bool(reads) == (task > 0)  # one constraint per finished task
+
+
+class TwoHeads(nn.Module):
+    """Digits (64 inputs) into one head of 5 classes per task: ``forward(x, task_ids)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.heads = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.heads(torch.tanh(self.trunk(x))).view(-1, 2, 5)
+        return logits[torch.arange(x.shape[0]), task_ids]
+
+
+def test_under_a_task_sequence_the_task_balanced_memory_gets_the_fits_task_as_an_int(monkeypatch):
+    benchmark = split_benchmark("digits", num_tasks=2, scenario="task", seed=0)
+    datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=64)
+    model = lit_multi_head(TwoHeads())
+    method = AGEM(model.model, memory_size=40, seed=0)
+    given = []
+    original = TaskBalancedMemory.add
+    monkeypatch.setattr(TaskBalancedMemory, "add", lambda self, x, y, t, **e: given.append(t) or original(self, x, y, t, **e))
+    trainer = quiet_trainer(callbacks=[method], max_epochs=1, limit_train_batches=3)
+    fit_sequence(trainer, model, datamodule, epochs_per_task=1)
+    assert given == [0, 0, 0, 1, 1, 1]
+    assert method.memory.group_sizes() == {0: 20, 1: 20}
+
+
 def test_two_rehearsal_methods_on_one_trainer_are_refused_naming_both():
     module = lit_classifier(make_mlp(8, 5, 3).float())
     first, second = ExperienceReplay(module, memory_size=10), ExperienceReplay(module, memory_size=20)

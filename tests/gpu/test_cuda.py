@@ -17,12 +17,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from neurenix.continual import (
+    AGEM,
+    ERACE,
     EWC,
+    DarkExperienceReplay,
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
     SynapticIntelligence,
 )
+from neurenix.continual.memory import ReservoirMemory
 from neurenix.data import TaskSequenceDataModule, fit_sequence
 from neurenix.metrics import ForgettingCurves
 from tests.continual.test_callback import _reference_module
@@ -292,3 +296,43 @@ def test_forgetting_curves_on_cuda_count_what_an_independent_evaluation_counts(p
             [(model(x.double()).argmax(dim=1) == y).double().mean() for x, y in (t.tensors for t in test_sets)]
         )
     assert torch.allclose(matrix[2], expected, atol=1.5 / 64, rtol=0), (matrix[2], expected)
+
+
+@pytest.mark.parametrize(
+    "method_class, options",
+    [(DarkExperienceReplay, {"alpha": 0.5, "beta": 0.5}), (ERACE, {}), (AGEM, {})],
+    ids=["der++", "er_ace", "agem"],
+)
+def test_a_training_step_on_cuda_never_synchronizes_with_the_host(method_class, options):
+    """CUDA's own detector raises at any synchronizing call (item, nonzero, a copy to the host, ...)."""
+    model = _net().to(CUDA)
+    method = method_class(model, memory_size=20, seed=0, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    for task in range(3):
+        for step in range(4):
+            x = torch.randn(8, 6, device=CUDA, generator=generator)
+            y = torch.randint(0, 3, (8,), device=CUDA, generator=generator)
+            if step == 0:  # a task's first step ends the task before, which may read the device
+                method.train_step(optimizer, nn.functional.cross_entropy, x, y, task)
+                continue
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                method.train_step(optimizer, nn.functional.cross_entropy, x, y, task)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert len(method.memory) == 20
+
+
+def test_storing_in_the_reservoir_on_cuda_never_synchronizes_with_the_host():
+    memory = ReservoirMemory(50, CUDA, seed=0)
+    x, y = torch.randn(32, 6, device=CUDA), torch.randint(0, 3, (32,), device=CUDA)
+    memory.add(x, y, 0)  # allocates the storage
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            memory.add(x, y, torch.zeros(32, dtype=torch.long, device=CUDA))
+            memory.sample(16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(memory) == 50 and memory.num_seen == 352
