@@ -18,14 +18,18 @@ __all__ = [
     "add_quadratic_penalty_grad_",
     "agem_project_",
     "as_arguments",
+    "class_sums",
+    "closest_to_mean_order",
     "distillation_loss",
     "GEM_DIAGONAL_EPS",
     "gem_dual",
     "gem_project",
+    "herding_order",
     "LIKELIHOODS",
     "linear_squared_gradient_sum",
     "logit_matching_loss",
     "masked_logits",
+    "nearest_mean_scores",
     "negative_log_likelihood",
     "packed",
     "present_classes_mask",
@@ -751,3 +755,144 @@ def _gram_and_dots(constraints: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         gram.addmm_(block, block.T)
         dots.addmv_(block, grad[start : start + _GRAM_CHUNK].to(torch.float64))
     return gram, dots
+
+
+# --------------------------------------------------------------------------------------------
+# Exemplars and nearest-mean classification (iCaRL: Rebuffi et al. 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def herding_order(features: Tensor, count: int) -> Tensor:
+    """iCaRL's herding: rows of ``features`` chosen greedily so that the mean of the first ``k``
+    stays closest to the mean of all rows.
+
+    With ``μ`` the mean of the ``N`` rows and ``p_1 .. p_{k-1}`` the rows picked so far, pick ``k``
+    is the unpicked row ``i`` minimizing ``‖μ − (Σ_{j<k} φ_{p_j} + φ_i) / k‖`` (the paper's
+    Algorithm 4), computed as ``‖k·μ − Σ_{j<k} φ_{p_j} − φ_i‖`` (the same minimizer, without a
+    division's rounding) in float64 over all rows at once: one tensor operation per pick, the loop
+    runs over picks only. Ties go to the lowest row index. iCaRL normalizes features to unit L2
+    norm first (``F.normalize(features, dim=1)``): the caller does.
+
+    Args:
+        features: ``(N, D)`` rows, one per candidate.
+        count: how many to pick, ``>= 0``.
+
+    Returns:
+        The row indices of the first ``min(count, N)`` picks, in pick order (``long``).
+    """
+    _check_features(features)
+    count = _check_count(count)
+    rows = features.to(torch.float64)
+    target = rows.mean(0)
+    picks = min(count, rows.shape[0])
+    order = torch.empty(picks, dtype=torch.long, device=rows.device)
+    running = torch.zeros_like(target)
+    picked = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    for k in range(1, picks + 1):
+        distances = (k * target - running - rows).square().sum(1).masked_fill_(picked, float("inf"))
+        choice = torch.argmin(distances)  # the first minimum: the lowest index on ties
+        order[k - 1] = choice
+        picked[choice] = True
+        running += rows[choice]
+    return order
+
+
+def closest_to_mean_order(features: Tensor, count: int) -> Tensor:
+    """The ``min(count, N)`` rows of ``features`` nearest (Euclidean) to their mean, nearest
+    first, ties by lowest index (float64 distances). The caller normalizes features first where
+    wanted (iCaRL's ``F.normalize``).
+
+    Args:
+        features: ``(N, D)`` rows, one per candidate.
+        count: how many to return, ``>= 0``.
+    """
+    _check_features(features)
+    count = _check_count(count)
+    rows = features.to(torch.float64)
+    distances = (rows - rows.mean(0)).square().sum(1)
+    return torch.sort(distances, stable=True).indices[:count]
+
+
+def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Per-class sums of ``features`` and per-class counts, to be summed across ranks before
+    dividing (a class mean is then the same on every rank, whatever each rank's shard holds).
+
+    Args:
+        features: ``(N, D)``.
+        labels: ``(N,)`` integer class labels in ``[0, num_classes)``.
+        num_classes: ``C``.
+
+    Returns:
+        ``(sums, counts)``: ``(C, D)`` in ``features``' dtype promoted to at least float32 (sums of
+        16-bit features would lose their low bits), and ``(C,)`` ``long``.
+    """
+    _check_features(features)
+    num_classes = _check_count(num_classes, "num_classes")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0] or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be (N,) integer class labels for features of shape {tuple(features.shape)}, got "
+            f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype}"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, num_classes={num_classes}), got labels from {int(labels.min())} to {int(labels.max())}"
+        )
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=dtype, device=features.device)
+    sums.index_add_(0, labels, features.to(dtype))
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums, counts
+
+
+def nearest_mean_scores(features: Tensor, means: Tensor, seen: Optional[Tensor] = None) -> Tensor:
+    """Nearest-mean-of-exemplars scores: ``scores[n, c] = −‖f_n − μ_c‖²``, so that the arg max over
+    classes is the nearest class mean (iCaRL's classifier).
+
+    The squared differences are summed directly (not as ``‖f‖² − 2 f·μ + ‖μ‖²``, which cancels
+    badly for nearby points, nor as a square root squared again), in the promoted dtype of the two, at least float32. iCaRL normalizes both the
+    features and the class means to unit L2 norm: the caller does.
+
+    Args:
+        features: ``(N, D)``.
+        means: ``(C, D)`` class means.
+        seen: ``(C,)`` bool, the classes that have a mean (exemplars); the others score ``−inf``,
+            so that they are never predicted. ``None``: every class has one.
+
+    Returns:
+        ``(N, C)`` scores.
+    """
+    _check_features(features)
+    if means.dim() != 2 or means.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"means must be (C, D) with D = {features.shape[1]} as the features, got means of shape {tuple(means.shape)}"
+        )
+    if seen is not None and (seen.dtype != torch.bool or seen.shape != (means.shape[0],)):
+        raise ValueError(
+            f"seen must be a ({means.shape[0]},) bool tensor (one per mean), got shape {tuple(seen.shape)} and dtype {seen.dtype}"
+        )
+    dtype = torch.promote_types(torch.promote_types(features.dtype, means.dtype), torch.float32)
+    features, means = features.to(dtype), means.to(dtype)
+    # Rows in chunks, so that the (rows, C, D) differences stay within _SCORE_CHUNK elements.
+    rows = max(1, _SCORE_CHUNK // max(1, means.numel()))
+    scores = torch.cat(
+        [-(chunk.unsqueeze(1) - means).square().sum(2) for chunk in features.split(rows)]
+    ) if features.shape[0] else features.new_zeros(0, means.shape[0])
+    if seen is not None:
+        scores = scores.masked_fill(~seen.to(scores.device), float("-inf"))
+    return scores
+
+
+#: Most elements of the temporary differences in :func:`nearest_mean_scores` (64 MiB in float32).
+_SCORE_CHUNK = 2**24
+
+
+def _check_features(features: Tensor) -> None:
+    if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
+        described = f"shape {tuple(features.shape)} and dtype {features.dtype}" if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be an (N, D) floating-point tensor, got {described}")
+
+
+def _check_count(count: object, name: str = "count") -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {count!r}")
+    return count
