@@ -24,6 +24,8 @@ __all__ = [
     "GEM_DIAGONAL_EPS",
     "gem_dual",
     "gem_project",
+    "icarl_loss",
+    "icarl_targets",
     "herding_order",
     "LIKELIHOODS",
     "linear_squared_gradient_sum",
@@ -896,3 +898,68 @@ def _check_count(count: object, name: str = "count") -> int:
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"{name} must be an int >= 0, got {count!r}")
     return count
+
+
+# --------------------------------------------------------------------------------------------
+# iCaRL: sigmoid classification with distillation targets (Rebuffi et al. 2017)
+# --------------------------------------------------------------------------------------------
+
+
+def icarl_targets(
+    targets: Tensor, num_units: int, old_logits: Optional[Tensor] = None, old_classes: Optional[Tensor] = None
+) -> Tensor:
+    """iCaRL's per-unit targets (Alg. 3): one-hot labels, and the previous network's sigmoid
+    outputs on the units of the classes it learned.
+
+    Args:
+        targets: ``(N,)`` class labels in ``[0, num_units)``.
+        num_units: ``C``, the model's output units.
+        old_logits: ``(N, C)`` outputs of the previous network on the same inputs, or ``None``
+            (the first task: one-hot targets everywhere).
+        old_classes: boolean ``(C,)`` mask of the classes the previous network learned; required
+            with ``old_logits``.
+
+    Returns:
+        ``(N, C)`` float32 (float64 for float64 logits) targets in ``[0, 1]``, without gradient.
+
+    Raises:
+        ValueError: ``old_logits`` without ``old_classes``, or shapes that do not fit.
+    """
+    dtype = torch.float32 if old_logits is None else torch.promote_types(old_logits.dtype, torch.float32)
+    one_hot = F.one_hot(targets.long(), num_units).to(dtype)
+    if old_logits is None:
+        return one_hot
+    if old_classes is None:
+        raise ValueError("old_logits were given without old_classes, the mask of the units they are targets for")
+    if old_logits.shape != one_hot.shape or old_classes.dtype != torch.bool or old_classes.shape != (num_units,):
+        raise ValueError(
+            f"old_logits must be (N, C) = {tuple(one_hot.shape)} and old_classes a boolean ({num_units},) mask, got "
+            f"{tuple(old_logits.shape)} and {old_classes.dtype} {tuple(old_classes.shape)}"
+        )
+    distilled = torch.sigmoid(old_logits.detach().to(dtype))
+    return torch.where(old_classes.to(one_hot.device), distilled.to(one_hot.device), one_hot)
+
+
+def icarl_loss(
+    logits: Tensor, targets: Tensor, old_logits: Optional[Tensor] = None, old_classes: Optional[Tensor] = None
+) -> Tensor:
+    """iCaRL's loss: binary cross-entropy of every output unit's sigmoid against
+    :func:`icarl_targets`, the mean over samples and units.
+
+    ``−mean_{i,y} [q_iy log σ(z_iy) + (1 − q_iy) log(1 − σ(z_iy))]`` with ``q_iy`` the one-hot
+    label for a class the previous network did not learn, and ``σ(z_old,iy)`` (that network's
+    output, a soft target) for one it did. The paper writes a sum over samples and units; its
+    code (and Avalanche's and FACIL's) takes the mean, which only rescales the learning rate.
+    Computed from logits (``binary_cross_entropy_with_logits``: stable for large ``|z|``) in
+    float32 at least: 16-bit logits are cast up first.
+
+    Raises:
+        ValueError: ``logits`` not ``(N, C)``, ``targets`` not ``(N,)``, or as :func:`icarl_targets`.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be (N, C) and targets (N,) class labels, got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    soft = icarl_targets(targets, logits.shape[1], old_logits, old_classes).to(dtype)
+    return F.binary_cross_entropy_with_logits(logits.to(dtype), soft)
