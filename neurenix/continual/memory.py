@@ -5,7 +5,10 @@
 - :class:`ClassBalancedMemory`: the memory split evenly over the classes seen so far, each class's
   share a reservoir of that class's own stream;
 - :class:`TaskBalancedMemory`: the same split over the tasks seen so far (GEM's and A-GEM's
-  episodic memory: each earlier task keeps an equal share).
+  episodic memory: each earlier task keeps an equal share);
+- :class:`ExemplarMemory`: the class split of :class:`ClassBalancedMemory`, each class keeping
+  the first samples of a selection order (herding, closest to the mean, random) chosen from a
+  task's data at its end (iCaRL's exemplar sets).
 
 Every memory stores a sample's inputs, target and task id, and any further per-sample fields a
 method gives :meth:`ReservoirMemory.add` (Dark Experience Replay's logits).
@@ -22,10 +25,11 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from neurenix.continual import functional as CF
 
-__all__ = ["BalancedMemory", "ClassBalancedMemory", "ReplayBatch", "ReservoirMemory", "TaskBalancedMemory"]
+__all__ = ["BalancedMemory", "ClassBalancedMemory", "ExemplarMemory", "ReplayBatch", "ReservoirMemory", "TaskBalancedMemory"]
 
 #: The fields every memory stores, in the order of a :class:`ReplayBatch`.
 SAMPLE_FIELDS = ("inputs", "targets", "task_ids")
@@ -348,10 +352,21 @@ class BalancedMemory(ReservoirMemory):
         for key, held in self.group_sizes().items():
             excess = held - self.quota(key)
             if excess > 0:
-                dropped = torch.randperm(held, generator=self._generator, device=self.device)[:excess]
+                dropped = self._dropped_on_shrink(key, held, excess)
                 keep[self._slots_cache[key][dropped]] = False
                 self._held[key] -= excess
-        kept = sum(self._held.values())
+        self._compact(keep)
+
+    def _dropped_on_shrink(self, key: int, held: int, excess: int) -> Tensor:
+        """Which ``excess`` of group ``key``'s ``held`` samples (positions in its slots, in slot
+        order) leave when its quota shrinks: a uniform draw, so that the rest stays a uniform
+        sample of the group's stream."""
+        return torch.randperm(held, generator=self._generator, device=self.device)[:excess]
+
+    def _compact(self, keep: Tensor) -> None:
+        """Keep the stored samples marked in ``keep`` (``(size,)`` bool; ``_held`` already counts
+        what stays), in slot order at the front of storage, and search the groups' slots anew."""
+        kept = sum(self._held.values())  # counted on the host: no read from the device
         if kept == self.size:
             return
         for storage in self._fields.values():
@@ -425,6 +440,112 @@ class ClassBalancedMemory(BalancedMemory):
                 f"targets of shape {tuple(targets.shape)} and dtype {targets.dtype}"
             )
         super().check_batch(inputs, targets)
+
+
+class ExemplarMemory(ClassBalancedMemory):
+    """``capacity`` chosen exemplars split evenly over the classes seen so far: iCaRL's exemplar
+    sets (Rebuffi et al. 2017), and the memory of a rehearsal method built with ``selection=``.
+
+    The same storage and quotas as :class:`ClassBalancedMemory` (``floor`` or ``ceil`` of
+    ``M / classes``, re-split as classes arrive); what differs is which samples a class keeps.
+    Samples are not offered one batch at a time but a task's candidates at once, each with its
+    ``rank`` (its place in its class's selection order, 0 chosen first: herding's pick order, or
+    a random permutation) through :meth:`add_ranked`, and a class keeps its ``quota`` lowest
+    ranks. When new classes shrink the quotas every class keeps its lowest ranks, the prefix of
+    its selection (iCaRL's ReduceExemplarSet); with random ranks that prefix is a uniform subset.
+    The rank is stored with each sample as the extra field ``"ranks"``.
+    """
+
+    rank_field = "ranks"
+
+    def add(self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], **extras: Tensor) -> None:
+        """Refused: an exemplar memory keeps ranked candidates (:meth:`add_ranked`)."""
+        raise TypeError(
+            "ExemplarMemory keeps chosen exemplars: offer a task's candidates with their selection ranks through "
+            "add_ranked(inputs, targets, task_ids, ranks) (select_exemplars does), not batch by batch with add()"
+        )
+
+    def quotas_after(self, classes: Sequence[int]) -> dict[int, int]:
+        """Each class's quota once ``classes`` have been offered: those held and the new ones
+        (which arrive in ascending order), as :meth:`add_ranked` will set them."""
+        arrival = self.groups + sorted(set(int(key) for key in classes) - set(self.groups))
+        if not arrival:
+            return {}
+        share, remainder = divmod(self.capacity, len(arrival))
+        return {key: share + int(k < remainder) for k, key in enumerate(arrival)}
+
+    def random_ranks(self, count: int) -> Tensor:
+        """A random permutation of ``0 .. count-1`` from the memory's generator (random selection:
+        seeded with the memory, resumed by its checkpoint)."""
+        return torch.randperm(count, generator=self._generator, device=self.device)
+
+    def add_ranked(
+        self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], ranks: Tensor, **extras: Tensor
+    ) -> None:
+        """Offer candidates with their selection ranks: each class in ``targets`` keeps its
+        ``quota`` lowest-ranked candidates (ties by position); a class already held is selected
+        anew from these candidates alone (its old exemplars leave: ranks of two selections do not
+        compare). New classes first shrink the others to their lowest ranks.
+
+        Args:
+            inputs, targets, task_ids: the candidates (targets: class labels; task ids per sample
+                or one int).
+            ranks: ``(N,)`` integers, each candidate's place in its class's selection order.
+            extras: further per-sample fields, as for :meth:`ReservoirMemory.add`.
+
+        Raises:
+            ValueError: targets that are not class labels, ranks that are not ``(N,)`` integers,
+                or shapes and dtypes unlike the stored samples' (nothing is changed then).
+        """
+        self.check_batch(inputs, targets)
+        if not is_class_labels(ranks) or ranks.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"ranks must be a 1-D integer tensor with one rank per candidate ({inputs.shape[0]}), got ranks of "
+                f"shape {tuple(ranks.shape)} and dtype {ranks.dtype}"
+            )
+        batch = self._batch_fields(inputs, targets, task_ids, {**extras, self.rank_field: ranks.to(torch.long)})
+        groups = positions_by_key(batch[self.group_field])
+        self._forget(key for key in groups if key in self.group_seen)
+        new_groups = [key for key in groups if key not in self.group_seen]
+        self.groups.extend(new_groups)
+        self._held.update(dict.fromkeys(new_groups, 0))
+        for key, positions in groups.items():
+            self.group_seen[key] = positions.shape[0]
+        if self.capacity > 0:
+            self._shrink_to_quotas()
+            for key, positions in groups.items():
+                self._append_lowest_ranks(key, positions, batch)
+        self.num_seen += inputs.shape[0]
+
+    def _forget(self, keys: Iterator[int]) -> None:
+        """Remove every stored sample of the classes ``keys`` (selected anew)."""
+        keys = [key for key in keys if self._held.get(key, 0) > 0]
+        if not keys:
+            return
+        self._find_slots()
+        keep = torch.ones(self.size, dtype=torch.bool, device=self.device)
+        for key in keys:
+            keep[self._slots_cache[key]] = False
+            self._held[key] = 0
+        self._compact(keep)
+
+    def _append_lowest_ranks(self, key: int, positions: Tensor, batch: dict[str, Tensor]) -> None:
+        """Class ``key`` (held empty) takes its ``quota`` lowest-ranked candidates, at the end of storage."""
+        order = torch.sort(batch[self.rank_field][positions], stable=True).indices[: self.quota(key)]
+        chosen = positions[order]
+        count = chosen.shape[0]
+        slots = torch.arange(self.size, self.size + count, device=self.device)
+        for name, values in batch.items():
+            self._fields[name][slots] = values[chosen]
+        self._slots_cache[key] = slots
+        self._held[key] = count
+        self.size += count
+
+    @override
+    def _dropped_on_shrink(self, key: int, held: int, excess: int) -> Tensor:
+        """The class's ``excess`` highest ranks (the end of its selection order) leave."""
+        ranks = self._fields[self.rank_field][self._slots_cache[key]]
+        return torch.sort(ranks, stable=True).indices[held - excess :]
 
 
 class TaskBalancedMemory(BalancedMemory):

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from neurenix.continual import ExperienceReplay
-from neurenix.continual.memory import ClassBalancedMemory, ReservoirMemory
+from neurenix.continual.memory import ClassBalancedMemory, ExemplarMemory, ReservoirMemory
 from tests.helpers import lit_classifier, make_mlp, quiet_trainer
 from tests.host_reads import host_reads
 
@@ -215,3 +215,104 @@ def test_a_pooled_state_whose_classes_were_under_their_quota_keeps_storage_compa
     assert balanced.class_sizes() == {0: 10, 1: 8}
     assert_bookkeeping_matches_storage(balanced)
     assert sorted(stored(balanced)[0])[-5:] == [100, 101, 102, 103, 104]
+
+
+# ------------------------------------------------------------------------------------ ExemplarMemory
+
+
+def ranked(inputs: list[float], label: int, ranks: list[int]):
+    """Candidates of class ``label`` whose input is one number, with their selection ranks."""
+    count = len(inputs)
+    return torch.tensor(inputs, dtype=torch.float32).unsqueeze(1), torch.full((count,), label), 0, torch.tensor(ranks)
+
+
+def held(memory: ExemplarMemory) -> dict[int, list[tuple[float, int]]]:
+    """Per class, its stored (input, rank) pairs, lowest rank first."""
+    state = memory.state_dict()
+    pairs: dict[int, list[tuple[float, int]]] = {key: [] for key in memory.classes}
+    if state["inputs"] is not None:
+        for x, y, r in zip(state["inputs"][:, 0].tolist(), state["targets"].tolist(), state["ranks"].tolist()):
+            pairs[y].append((x, r))
+    return {key: sorted(values, key=lambda pair: pair[1]) for key, values in pairs.items()}
+
+
+def cat(*parts):
+    inputs, targets, _, ranks = zip(*parts)
+    return torch.cat(inputs), torch.cat(targets), 0, torch.cat(ranks)
+
+
+def test_exemplar_memory_keeps_each_classs_lowest_ranks_through_new_classes_by_hand():
+    memory = ExemplarMemory(4, CPU, seed=0)
+    # Task 1, classes 0 and 1: quotas 4/2 = 2 each; each keeps its ranks 0 and 1.
+    memory.add_ranked(*cat(ranked([10, 11, 12], 0, [2, 0, 1]), ranked([20, 21, 22], 1, [0, 2, 1])))
+    assert held(memory) == {0: [(11, 0), (12, 1)], 1: [(20, 0), (22, 1)]}
+    assert memory.class_seen == {0: 3, 1: 3} and memory.num_seen == 6
+    # Task 2, class 2: quotas 2, 1, 1 (the first class to arrive takes the remainder); class 1
+    # drops its rank 1 (ReduceExemplarSet), class 2 keeps its rank 0.
+    assert memory.quotas_after([2]) == {0: 2, 1: 1, 2: 1}
+    memory.add_ranked(*ranked([30, 31], 2, [1, 0]))
+    assert held(memory) == {0: [(11, 0), (12, 1)], 1: [(20, 0)], 2: [(31, 0)]}
+    assert len(memory) == 4 and memory.class_sizes() == {0: 2, 1: 1, 2: 1}
+    # Class 1 given again is selected anew from its new candidates alone.
+    memory.add_ranked(*ranked([23, 24], 1, [1, 0]))
+    assert held(memory) == {0: [(11, 0), (12, 1)], 1: [(24, 0)], 2: [(31, 0)]}
+    assert_bookkeeping_matches_storage(memory)
+    # Storage stays compact: a replay draw sees exactly the held samples.
+    drawn = memory.sample(10).inputs[:, 0].tolist()
+    assert sorted(drawn) == [11, 12, 24, 31]
+
+
+def test_exemplar_memory_keeps_fewer_than_its_quota_when_offered_fewer_and_nothing_at_capacity_zero():
+    memory = ExemplarMemory(6, CPU, seed=0)
+    memory.add_ranked(*cat(ranked([1.0], 0, [0]), ranked([2, 3, 4, 5], 1, [3, 2, 1, 0])))
+    assert held(memory) == {0: [(1, 0)], 1: [(5, 0), (4, 1), (3, 2)]}
+    empty = ExemplarMemory(0, CPU, seed=0)
+    empty.add_ranked(*ranked([1, 2], 0, [0, 1]))
+    assert len(empty) == 0 and empty.classes == [0] and empty.num_seen == 2
+
+
+def test_exemplar_memory_refuses_add_and_bad_ranks_with_nothing_changed():
+    memory = ExemplarMemory(4, CPU, seed=0)
+    memory.add_ranked(*ranked([1, 2], 0, [0, 1]))
+    before = memory.state_dict()
+    with pytest.raises(TypeError, match=r"offer a task's candidates with their selection ranks through add_ranked"):
+        memory.add(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match=r"ranks must be a 1-D integer tensor with one rank per candidate \(2\), got ranks of shape \(3,\)"):
+        memory.add_ranked(torch.zeros(2, 1), torch.tensor([1, 1]), 0, torch.arange(3))
+    with pytest.raises(ValueError, match=r"ranks must be .* got ranks of shape \(2,\) and dtype torch.float32"):
+        memory.add_ranked(torch.zeros(2, 1), torch.tensor([1, 1]), 0, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"needs class labels as targets"):
+        memory.add_ranked(torch.zeros(2, 1), torch.zeros(2), 0, torch.arange(2))
+    with pytest.raises(ValueError, match=r"inputs of shape \(2, 3\) and dtype torch.float32 do not match"):
+        memory.add_ranked(torch.zeros(2, 3), torch.tensor([1, 1]), 0, torch.arange(2))
+    after = memory.state_dict()
+    assert memory.classes == [0] and memory.num_seen == 2
+    assert all(torch.equal(before[k], after[k]) for k in ("inputs", "targets", "ranks", "classes", "class_seen"))
+
+
+def test_exemplar_memory_state_round_trip_weights_only(tmp_path):
+    memory = ExemplarMemory(5, CPU, seed=3)
+    memory.add_ranked(*cat(ranked([10, 11, 12], 0, [2, 0, 1]), ranked([20, 21, 22], 1, [0, 2, 1])))
+    torch.save(memory.state_dict(), tmp_path / "memory.pt")
+    restored = ExemplarMemory(5, CPU, seed=99)
+    restored.load_state_dict(torch.load(tmp_path / "memory.pt", weights_only=True))
+    assert held(restored) == held(memory) == {0: [(11, 0), (12, 1), (10, 2)], 1: [(20, 0), (22, 1)]}
+    assert restored.class_seen == memory.class_seen and torch.equal(restored.random_ranks(6), memory.random_ranks(6))
+    # The next class shrinks both alike: to their lowest ranks.
+    for m in (memory, restored):
+        m.add_ranked(*ranked([30, 31, 32], 2, [2, 1, 0]))
+    assert held(restored) == held(memory) == {0: [(11, 0), (12, 1)], 1: [(20, 0), (22, 1)], 2: [(32, 0)]}
+
+
+def test_random_ranks_keep_a_uniform_subset_through_shrinking():
+    # With random ranks, the samples a class keeps after shrinking are a uniform subset of its
+    # candidates: over many seeds each of 6 candidates survives with probability 1/6 (quota 1).
+    survived = torch.zeros(6)
+    for seed in range(600):
+        memory = ExemplarMemory(6, CPU, seed=seed)
+        memory.add_ranked(torch.arange(6.0).unsqueeze(1), torch.zeros(6, dtype=torch.long), 0, memory.random_ranks(6))
+        memory.add_ranked(*cat(*(ranked([float(c)], c, [0]) for c in range(1, 6))))
+        (kept,) = held(memory)[0]
+        survived[int(kept[0])] += 1
+    # Binomial(600, 1/6): mean 100, standard deviation 9.1; 4.4 standard deviations either way.
+    assert survived.sum() == 600 and ((survived - 100).abs() < 40).all(), survived
