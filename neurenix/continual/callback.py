@@ -246,6 +246,16 @@ class ContinualCallback(StaysInItsProcess, ContinualMethod, Callback):
             TypeError / ValueError: the method names what it needs.
         """
 
+    def training_dataset(self, task: int, dataset: Any) -> Any:
+        """What the fit of task ``task`` trains on in place of ``dataset``, the task's own training
+        data; ``None`` (the default): the task's own.
+
+        :class:`~neurenix.data.TaskSequenceDataModule` asks every method on its trainer when it
+        builds a training loader. GDumb serves its memory this way, so that its training on the
+        memory is the task's fit itself (the Trainer's strategy, precision and checkpoints).
+        """
+        return None
+
     # ---------------------------------------------------------------------------- mixin side
     def extend_lightning_batch(self, batch: Any) -> Any:
         """The training batch to use (replay appends remembered samples)."""

@@ -16,6 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from typing_extensions import override
 
 from neurenix.continual._checks import check_int
+from neurenix.continual.callback import continual_methods
 from neurenix.data.tasks import TaskDataLoader, TaskDataset, TensorBatchSampler, collate_batch
 
 __all__ = ["TaskSequenceDataModule"]
@@ -137,7 +138,26 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         generator = self._shuffle_generator if self.shuffle else None
-        return self._loader(self.train_tasks[self.current_task], self.batch_size, self.shuffle, generator)
+        return self._loader(self._training_dataset(), self.batch_size, self.shuffle, generator)
+
+    def _training_dataset(self) -> Dataset:
+        """The current task's training data, or the dataset a neurenix method on the fit's trainer
+        serves in its place (``training_dataset``: GDumb's fit of a task trains on its memory)."""
+        dataset = self.train_tasks[self.current_task]
+        for method in continual_methods(self.trainer):
+            served = method.training_dataset(self.current_task, dataset)
+            if served is not None:
+                return served
+        return dataset
+
+    def task_train_dataloader(self, task: int) -> DataLoader:
+        """Task ``task``'s own training data in order (not shuffled, ``eval_batch_size`` batches):
+        for a method that reads a whole task (GDumb fills its memory from it).
+
+        Raises:
+            TypeError / ValueError: ``task`` is not one of the tasks.
+        """
+        return self._loader(self.train_tasks[self._checked_task(task)], self.eval_batch_size)
 
     @override
     def val_dataloader(self) -> DataLoader:
