@@ -19,6 +19,7 @@ from neurenix.continual.er_ace import ERACE
 from neurenix.continual.ewc import EWC
 from neurenix.continual.gradient_episodic import AGEM, GEM
 from neurenix.continual.l2 import L2Regularization
+from neurenix.continual.mas import MAS
 from neurenix.continual.memory import (
     ClassBalancedMemory,
     ReplayBatch,
@@ -28,6 +29,7 @@ from neurenix.continual.memory import (
 from neurenix.continual.mixin import ContinualLossMixin
 from neurenix.continual.rehearsal import RehearsalMethod
 from neurenix.continual.replay import ExperienceReplay
+from neurenix.continual.rwalk import RWalk
 from neurenix.continual.synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
@@ -45,9 +47,11 @@ __all__ = [
     "GEM",
     "KnowledgeDistillation",
     "L2Regularization",
+    "MAS",
     "RehearsalMethod",
     "ReplayBatch",
     "ReservoirMemory",
+    "RWalk",
     "SynapticIntelligence",
     "TaskBalancedMemory",
 ]

@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
-from neurenix.continual.base import (
-    default_seed,
-    evaluation_mode,
-    global_generator_kept,
-    model_arguments,
-    requires_task_ids,
-    trainable_parameters,
+from neurenix.continual.base import default_seed, trainable_parameters
+from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
+from neurenix.continual.sample_gradients import PerSampleGradients, readable_task_batch, task_gradient_mean
+
+__all__ = ["EWC", "FISHER_LABELS"]
+
+#: The labels EWC's Fisher is taken at: the dataset's ("empirical"), drawn from the model's
+#: predictive distribution ("true"), or the model's most likely label ("predicted").
+FISHER_LABELS = ("empirical", "true", "predicted")
+
+_PREDICTED_GAUSSIAN = (
+    "fisher='predicted' needs a likelihood with a most likely label (categorical or bernoulli), got a gaussian "
+    "one: its most likely target is the output itself, where the Fisher is zero; use fisher='true' or 'empirical'"
 )
-from neurenix.continual.callback import split_batch
-from neurenix.continual.distributed import broadcast_, rank_and_world_size, sum_across_ranks_
-from neurenix.continual.quadratic import QuadraticPenaltyMethod, accumulation_dtype, snapshot
-
-__all__ = ["EWC"]
-
-#: Per-sample gradients of one chunk take ``chunk × parameters`` floats; this many elements
-#: (128 MiB in float32) bounds that memory whatever the model's size.
-FISHER_CHUNK_ELEMENTS = 2**25
-
 
 class EWC(QuadraticPenaltyMethod):
     """Elastic Weight Consolidation: a quadratic pull weighted by each parameter's Fisher information.
@@ -57,8 +52,11 @@ class EWC(QuadraticPenaltyMethod):
         device: where the state lives; ``None`` follows the model.
         online: keep one running Fisher and one anchor instead of one penalty per task.
         gamma: decay of the running Fisher in online mode, in ``[0, 1]``.
-        fisher: ``"empirical"`` (gradients at the dataset's labels) or ``"true"`` (at labels
-            drawn from the model's own predictive distribution).
+        fisher: ``"empirical"`` (gradients at the dataset's labels), ``"true"`` (at labels
+            drawn from the model's own predictive distribution) or ``"predicted"`` (at the
+            label the model finds most likely: its largest logit, as the code behind Hsu et al.
+            2018 and FACIL's ``max_pred``; not with a Gaussian likelihood, whose Fisher would
+            then be zero).
         seed: seeds the sampling of Fisher data and labels; ``None`` derives one from PyTorch's
             initial seed (so ``seed_everything`` makes runs repeatable). PyTorch's global
             generator is left as it was (the Fisher's DataLoaders draw from it otherwise).
@@ -101,8 +99,10 @@ class EWC(QuadraticPenaltyMethod):
             raise TypeError(f"online must be a bool, got {type(online).__name__}: {online!r}")
         self.online = online
         self.gamma = check_real("gamma", gamma, minimum=0.0, maximum=1.0)
-        self.fisher = check_choice("fisher", fisher, ("empirical", "true"))
+        self.fisher = check_choice("fisher", fisher, FISHER_LABELS)
         self.likelihood = None if likelihood is None else check_choice("likelihood", likelihood, CF.LIKELIHOODS)
+        if self.fisher == "predicted" and self.likelihood == "gaussian":
+            raise ValueError(_PREDICTED_GAUSSIAN)
         seed = default_seed("EWC") if seed is None else check_int("seed", seed, minimum=0)
         super().__init__(model, device)
         self._generator = torch.Generator().manual_seed(seed)
@@ -189,6 +189,8 @@ class EWC(QuadraticPenaltyMethod):
     ) -> Tensor:
         """:meth:`ContinualMethod.train_step`; ``loss_fn`` also tells the Fisher's likelihood (see the class)."""
         likelihood = likelihood_of_loss(loss_fn)
+        if self.fisher == "predicted" and (self.likelihood or likelihood) == "gaussian":
+            raise ValueError(f"{_PREDICTED_GAUSSIAN} (the likelihood of loss_fn {getattr(loss_fn, '__name__', type(loss_fn).__name__)})")
         if likelihood is None and self.likelihood is None and isinstance(targets, Tensor):
             name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
             _refuse_unknown_likelihood(targets, f"train_step's targets, with a loss_fn ({name}) that names none")
@@ -201,21 +203,7 @@ class EWC(QuadraticPenaltyMethod):
         """At a fit's first batch: the Fisher will read the fit's batches at the task's end; can it?"""
         if self._task_data is not None:  # the user gave the Fisher's data (register_task, update_fisher)
             return
-        try:
-            inputs, targets, task_ids = split_batch(batch)
-        except TypeError as error:
-            raise TypeError(
-                f"EWC computes task {self.active_task}'s Fisher from the fit's training batches when the task "
-                f"ends, and cannot read them: {error}. Give batches as such tuples, or the Fisher's data with "
-                f"ewc.register_task({self.active_task}, dataloader) before the fit"
-            ) from None
-        if task_ids is None and requires_task_ids(self.model):
-            raise ValueError(
-                f"EWC's model ({type(self.model).__name__}) needs task ids (forward(inputs, task_ids): a multi-head "
-                "model), but the training batches are (inputs, targets) pairs: the Fisher at the task's end could "
-                "not call it. Give batches of (inputs, targets, task_ids) (split_benchmark(..., scenario='task') "
-                "builds them)"
-            )
+        targets = readable_task_batch(self, batch, "Fisher")
         if self.likelihood is None:
             _refuse_unknown_likelihood(targets, "the training batches")
 
@@ -274,67 +262,32 @@ class EWC(QuadraticPenaltyMethod):
         self, at: dict[str, Tensor], data: Any, buffers: Optional[dict[str, Tensor]] = None, *, task_id: Optional[int] = None
     ) -> tuple[dict[str, Tensor], int]:
         """Mean squared per-sample gradient at parameters ``at`` (and ``buffers``, default the
-        model's own), from up to ``fisher_sample_size`` samples of task ``task_id``.
+        model's own), from up to ``fisher_sample_size`` samples of task ``task_id``
+        (:func:`~neurenix.continual.sample_gradients.task_gradient_mean`)."""
+        gradients = PerSampleGradients(self.model, at, power=2)
 
-        Samples whose inputs hold NaN or infinity are counted on the device and the count is
-        summed across ranks with the Fisher's own sums, so that every rank refuses them together
-        (a rank raising alone would leave the others waiting in the all-reduce).
-        """
-        others = {n: p.detach() for n, p in self.model.named_parameters() if n not in at}
-        others.update(dict(self.model.named_buffers()) if buffers is None else buffers)
-        sums = {name: torch.zeros_like(a, dtype=accumulation_dtype(a.dtype)) for name, a in at.items()}
-        closed_form = True  # until the network turns out not to be all nn.Linear
-        samples = 0
-        not_finite = torch.zeros(1, dtype=torch.float64, device=self.device)
-        self._generator.set_state(broadcast_(self._generator.get_state()))  # every rank draws one subset...
-        with evaluation_mode(self.model), global_generator_kept():
-            for inputs, targets in _task_samples(data, self.fisher_sample_size, self._generator, self.model):  # ...its share of it
-                inputs, targets = self._convert_inputs(tuple(a.to(self.device) for a in inputs)), targets.to(self.device)
-                not_finite += _samples_not_finite(inputs)
-                likelihood = self._likelihood_of(targets)
-                if self.fisher == "true":
-                    targets = self._labels_from_model(at, others, inputs, likelihood)
-                args = (self.model, at, others, inputs, targets, likelihood)
-                batch_sums = CF.linear_squared_gradient_sum(*args) if closed_form else None
-                if batch_sums is None:
-                    closed_form = False
-                    batch_sums = _vmapped_squared_gradient_sum(*args)
-                torch._foreach_add_(list(sums.values()), [batch_sums[name] for name in sums])
-                samples += targets.shape[0]
-        count = torch.tensor([float(samples)], dtype=torch.float64, device=self.device)
-        sum_across_ranks_([*sums.values(), count, not_finite])  # sums and counts first, then divide
-        samples = int(count.item())
-        if samples == 0:
-            raise ValueError("EWC cannot estimate the Fisher: the task's data yielded no samples")
-        if bool(not_finite > 0):
-            whose = "the" if task_id is None else f"task {task_id}'s"
-            raise ValueError(
-                f"dataloader must yield finite inputs, got NaN or infinity in {int(not_finite.item())} of the "
-                f"{samples} samples drawn for {whose} Fisher: EWC would consolidate a NaN Fisher"
-            )
-        fisher = {name: (s / samples).to(at[name].dtype) for name, s in sums.items()}
-        self._check_finite_fisher(fisher)
-        return fisher, samples
+        def batch_sums(others: dict[str, Tensor], inputs: tuple[Tensor, ...], targets: Tensor) -> tuple[dict[str, Tensor], int]:
+            likelihood = self._likelihood_of(targets)
+            if self.fisher != "empirical":
+                targets = self._labels_from_model(at, others, inputs, likelihood)
+            return gradients.sums(others, inputs, targets, CF.likelihood_objective(likelihood)), targets.shape[0]
+
+        return task_gradient_mean(
+            self, at, data, self.fisher_sample_size, self._generator, batch_sums, buffers=buffers, task_id=task_id
+        )
 
     def _labels_from_model(
         self, at: dict[str, Tensor], others: dict[str, Tensor], inputs: tuple[Tensor, ...], likelihood: str
     ) -> Tensor:
+        """The labels of the true Fisher (drawn from the model) or of the "predicted" one (its most likely label)."""
         with torch.no_grad():
             logits = torch.func.functional_call(self.model, (at, others), inputs)
         # Non-finite logits (NaN inputs or parameters) cannot be sampled from; zeros can, and such
         # a Fisher is refused after the sum (its inputs are counted, its values are checked).
         logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))
+        if self.fisher == "predicted":
+            return CF.predicted_labels(logits, likelihood)
         return CF.sample_model_labels(logits.cpu(), self._generator, likelihood).to(logits.device)
-
-    @staticmethod
-    def _check_finite_fisher(fisher: dict[str, Tensor]) -> None:
-        finite = torch.stack([torch.isfinite(f).all() for f in fisher.values()])
-        if not bool(finite.all()):
-            bad = [name for name, ok in zip(fisher, finite.tolist()) if not ok]
-            raise FloatingPointError(
-                f"EWC's Fisher holds NaN or infinite values for parameters {bad}: the model's outputs "
-                "or gradients on the task's data are not finite"
-            )
 
     # ---------------------------------------------------------------------------- state
     def _move_state(self, device: torch.device) -> None:
@@ -401,69 +354,5 @@ def _refuse_unknown_likelihood(targets: Tensor, source: str) -> None:
         )
 
 
-def _vmapped_squared_gradient_sum(
-    model: torch.nn.Module,
-    at: dict[str, Tensor],
-    others: dict[str, Tensor],
-    inputs: tuple[Tensor, ...],
-    targets: Tensor,
-    likelihood: str,
-) -> dict[str, Tensor]:
-    """:func:`~neurenix.continual.functional.squared_gradient_sum` in chunks that bound its memory."""
-    numel = sum(a.numel() for a in at.values())
-    chunk = max(1, FISHER_CHUNK_ELEMENTS // max(numel, 1))
-    total: Optional[dict[str, Tensor]] = None
-    for start in range(0, targets.shape[0], chunk):
-        part_inputs = tuple(a[start : start + chunk] for a in inputs)
-        part = CF.squared_gradient_sum(model, at, others, part_inputs, targets[start : start + chunk], likelihood)
-        total = part if total is None else {name: total[name] + g for name, g in part.items()}
-    assert total is not None  # inputs is never empty here
-    return total
-
-
-def _samples_not_finite(inputs: tuple[Tensor, ...]) -> Tensor:
-    """How many samples hold NaN or infinity in any floating-point input (a device tensor: no sync)."""
-    bad = torch.zeros(inputs[0].shape[0], dtype=torch.bool, device=inputs[0].device)
-    for tensor in inputs:
-        if tensor.is_floating_point() or tensor.is_complex():
-            bad |= ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
-    return bad.sum()
-
-
 def _on(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {name: t.to(device) for name, t in tensors.items()}
-
-
-def _task_samples(
-    data: Any, count: int, generator: torch.Generator, model: torch.nn.Module
-) -> Iterator[tuple[tuple[Tensor, ...], Tensor]]:
-    """This rank's share of up to ``count`` samples of a task, in batches of
-    ``((inputs[, task_ids]), targets)``: the model's arguments (task ids too where batches carry
-    them and ``model`` takes them) and the labels.
-
-    ``data`` may be a DataLoader over a map-style dataset (a uniform random subset, drawn with
-    ``generator`` and batched with the loader's ``collate_fn``), an ``(inputs, targets)`` pair of
-    tensors (a random subset likewise), or any iterable of batches (the first samples it yields).
-    Under DDP the random subset is split between the ranks (``generator`` is the same on all);
-    an iterable, already sharded by its sampler, gives each rank its quota of ``count``.
-    """
-    rank, world_size = rank_and_world_size()
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Tensor) for d in data):
-        inputs, targets = data
-        chosen = torch.randperm(inputs.shape[0], generator=generator)[:count][rank::world_size]
-        yield (inputs[chosen.to(inputs.device)],), targets[chosen.to(targets.device)]
-        return
-    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and hasattr(data.dataset, "__len__"):
-        chosen = torch.randperm(len(data.dataset), generator=generator)[:count][rank::world_size].tolist()
-        data = DataLoader(data.dataset, batch_size=data.batch_size or 256, sampler=chosen, collate_fn=data.collate_fn)
-    else:
-        count = count // world_size + (rank < count % world_size)
-    taken = 0
-    for batch in data:
-        if taken >= count:
-            return
-        inputs, targets, task_ids = split_batch(batch)
-        arguments = model_arguments(model, inputs, task_ids)
-        wanted = count - taken
-        taken += min(wanted, targets.shape[0])
-        yield tuple(a[:wanted] for a in arguments), targets[:wanted]

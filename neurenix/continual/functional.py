@@ -7,7 +7,7 @@ multi-tensor (``torch._foreach_*``) kernels: one fused launch per operation for 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,21 +27,31 @@ __all__ = [
     "icarl_loss",
     "icarl_targets",
     "herding_order",
+    "likelihood_objective",
     "LIKELIHOODS",
+    "linear_gradient_power_sum",
     "linear_squared_gradient_sum",
     "logit_matching_loss",
+    "mas_importance_sum",
     "masked_logits",
     "nearest_mean_scores",
     "negative_log_likelihood",
     "packed",
+    "per_sample_gradient_power_sum",
+    "predicted_labels",
     "present_classes_mask",
     "quadratic_penalty",
     "reservoir_slots",
+    "rwalk_average_scores",
+    "rwalk_fisher_update_",
+    "rwalk_interval_score",
+    "rwalk_weights",
     "sample_model_labels",
     "si_accumulate_",
     "si_importance",
     "si_step_",
     "squared_gradient_sum",
+    "squared_output_norm",
 ]
 
 
@@ -125,13 +135,53 @@ def squared_gradient_sum(
             the model: true Fisher).
         likelihood: one of :data:`LIKELIHOODS`.
     """
+    return per_sample_gradient_power_sum(model, params, others, inputs, targets, likelihood_objective(likelihood), 2)
 
-    def sample_nll(sample_params: dict[str, Tensor], args: tuple[Tensor, ...], y: Tensor) -> Tensor:
+
+#: ``objective(outputs, targets)``: a batch's objective summed over its samples, whose per-sample
+#: gradients :func:`per_sample_gradient_power_sum` takes.
+Objective = Callable[[Tensor, Tensor], Tensor]
+
+
+def likelihood_objective(likelihood: str) -> Objective:
+    """``(outputs, targets) ↦ −Σ log p``: EWC's per-sample objective, for the gradient sums."""
+
+    def objective(outputs: Tensor, targets: Tensor) -> Tensor:
+        return negative_log_likelihood(outputs, targets, likelihood)
+
+    return objective
+
+
+def _power(tensor: Tensor, power: int) -> Tensor:
+    """``|x|^power`` element-wise for ``power`` 1 (``abs``) or 2 (``square``)."""
+    if power == 2:
+        return tensor.square()
+    if power == 1:
+        return tensor.abs()
+    raise ValueError(f"power must be 1 or 2, got {power!r}")
+
+
+def per_sample_gradient_power_sum(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    others: Mapping[str, Tensor],
+    inputs: ModelInputs,
+    targets: Tensor,
+    objective: Objective,
+    power: int,
+) -> dict[str, Tensor]:
+    """``Σ_n |∂ objective(f(x_n), y_n)/∂θ|^power`` with each sample's own gradient (``vmap`` over ``grad``).
+
+    The general form of :func:`squared_gradient_sum` (EWC: the log-likelihood, ``power`` 2) and
+    of :func:`mas_importance_sum` (MAS: the squared output norm, ``power`` 1).
+    """
+
+    def sample_objective(sample_params: dict[str, Tensor], args: tuple[Tensor, ...], y: Tensor) -> Tensor:
         outputs = functional_call(model, (sample_params, dict(others)), tuple(a.unsqueeze(0) for a in args))
-        return negative_log_likelihood(outputs, y.unsqueeze(0), likelihood)
+        return objective(outputs, y.unsqueeze(0))
 
-    per_sample = vmap(grad(sample_nll), in_dims=(None, 0, 0))(dict(params), as_arguments(inputs), targets)
-    return {name: g.square().sum(0) for name, g in per_sample.items()}
+    per_sample = vmap(grad(sample_objective), in_dims=(None, 0, 0))(dict(params), as_arguments(inputs), targets)
+    return {name: _power(g, power).sum(0) for name, g in per_sample.items()}
 
 
 def linear_squared_gradient_sum(
@@ -153,6 +203,23 @@ def linear_squared_gradient_sum(
     outside an ``nn.Linear``, a layer called more than once (shared weights), or a layer input
     that is not ``(N, features)``. The caller then uses :func:`squared_gradient_sum`.
     """
+    return linear_gradient_power_sum(model, params, others, inputs, targets, likelihood_objective(likelihood), 2)
+
+
+def linear_gradient_power_sum(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    others: Mapping[str, Tensor],
+    inputs: ModelInputs,
+    targets: Tensor,
+    objective: Objective,
+    power: int,
+) -> Optional[dict[str, Tensor]]:
+    """``Σ_n |∂ objective_n/∂θ|^power`` in closed form for all-``nn.Linear`` networks, else ``None``.
+
+    ``objective(outputs, targets)`` is summed over the batch, so the gradient at a layer's output
+    is each sample's own ``δ_n``; ``|δ_n a_nᵀ|^p = |δ_n|^p |a_n|^pᵀ`` for ``p`` 1 and 2 alike.
+    """
     layers = _linear_layers_owning(model, params)
     if layers is None:
         return None
@@ -172,14 +239,14 @@ def linear_squared_gradient_sum(
     calls = list(seen.values())
     if any(len(c) != 1 or c[0][0].dim() != 2 or c[0][0].shape[0] != batch for c in calls):
         return None
-    loss = negative_log_likelihood(logits, targets, likelihood)  # summed: per-sample gradients, unscaled
+    loss = objective(logits, targets)  # summed: per-sample gradients, unscaled
     output_grads = torch.autograd.grad(loss, [c[0][1] for c in calls])
-    squared = {}
+    sums = {}
     for (layer, ((layer_input, _),)), delta in zip(seen.items(), output_grads):
-        delta_sq = delta.detach().square()
+        delta_p = _power(delta.detach(), power)
         for name, kind in _names_of(layer, layers):
-            squared[name] = delta_sq.T @ layer_input.detach().square() if kind == "weight" else delta_sq.sum(0)
-    return squared
+            sums[name] = delta_p.T @ _power(layer_input.detach(), power) if kind == "weight" else delta_p.sum(0)
+    return sums
 
 
 def _linear_layers_owning(model: nn.Module, params: Mapping[str, Tensor]) -> Optional[dict[str, nn.Module]]:
@@ -213,6 +280,26 @@ def sample_model_labels(
     if likelihood == "bernoulli":
         return torch.bernoulli(torch.sigmoid(outputs), generator=generator)
     return torch.multinomial(torch.softmax(outputs, dim=-1), 1, generator=generator).squeeze(1)
+
+
+def predicted_labels(logits: Tensor, likelihood: str = "categorical") -> Tensor:
+    """The targets the model finds most likely at ``logits``: the "predicted" Fisher's labels.
+
+    The class of the largest logit (categorical; what Hsu et al. 2018's code and FACIL's
+    ``max_pred`` use); ``1`` where a logit is positive, else ``0`` (Bernoulli).
+
+    Raises:
+        ValueError: a Gaussian likelihood, whose most likely target is the output itself: its
+            gradient, and so the Fisher, would be zero.
+    """
+    if likelihood == "categorical":
+        return logits.detach().argmax(dim=-1)
+    if likelihood == "bernoulli":
+        return (logits.detach() > 0).to(logits.dtype)
+    raise ValueError(
+        f"predicted labels need a likelihood with a most likely label (categorical or bernoulli), got {likelihood!r}: "
+        "a Gaussian's is the output itself, where the gradient and so the Fisher are zero"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -963,3 +1050,96 @@ def icarl_loss(
     dtype = torch.promote_types(logits.dtype, torch.float32)
     soft = icarl_targets(targets, logits.shape[1], old_logits, old_classes).to(dtype)
     return F.binary_cross_entropy_with_logits(logits.to(dtype), soft)
+
+
+# --------------------------------------------------------------------------------------------
+# MAS: Memory Aware Synapses (Aljundi et al. 2018)
+# --------------------------------------------------------------------------------------------
+
+
+def squared_output_norm(outputs: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+    """``Σ_n ‖f(x_n)‖²₂`` over a batch of outputs ``(N, ...)``: MAS's label-free objective.
+
+    Summed over the samples, so that each sample's gradient is its own (``targets`` is ignored:
+    MAS needs no labels; it is there to fit :data:`Objective`). 16-bit outputs are squared in float32.
+    """
+    return outputs.to(torch.promote_types(outputs.dtype, torch.float32)).square().sum()
+
+
+def mas_importance_sum(
+    model: nn.Module, params: Mapping[str, Tensor], others: Mapping[str, Tensor], inputs: ModelInputs
+) -> dict[str, Tensor]:
+    """``Σ_n |∂‖f(x_n)‖²₂/∂θ|`` over the samples of a batch, per parameter; MAS's ``Ω`` is its mean.
+
+    Each sample's gradient is its own (the paper's Eq. 4 takes the absolute value per sample,
+    before averaging): in closed form for networks of ``nn.Linear`` layers
+    (``Σ_n |δ_n a_nᵀ| = |δ|ᵀ|a|``, see :func:`linear_squared_gradient_sum`), else with ``vmap``.
+
+    Args:
+        model: evaluated with ``functional_call``; its own tensors are not used for ``params``.
+        params: the tensors to differentiate, by name.
+        others: every other parameter and buffer the forward needs, by name.
+        inputs: a batch ``(N, ...)``, or a tuple of the model's batched arguments.
+    """
+    arguments = as_arguments(inputs)
+    no_labels = torch.zeros(arguments[0].shape[0], device=arguments[0].device)
+    sums = linear_gradient_power_sum(model, params, others, arguments, no_labels, squared_output_norm, 1)
+    if sums is None:
+        sums = per_sample_gradient_power_sum(model, params, others, arguments, no_labels, squared_output_norm, 1)
+    return sums
+
+
+# --------------------------------------------------------------------------------------------
+# RWalk: Riemannian Walk (Chaudhry et al. 2018)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def rwalk_fisher_update_(fisher: Sequence[Tensor], grads: Sequence[Optional[Tensor]], alpha: float) -> None:
+    """``F ← α·g² + (1 − α)·F`` in place: RWalk's online Fisher (EWC++, the paper's Eq. 6), one step.
+
+    ``g`` is the step's gradient of the unregularized loss (``None``: no gradient, ``F`` kept).
+    Entries where ``g`` is not finite keep their ``F``: a gradient scaler skips the step whose
+    gradient overflowed, and ``inf²`` would stay in ``F`` for good. ``g`` is squared in ``F``'s
+    dtype (float32 for a 16-bit model).
+    """
+    for f, g in zip(fisher, grads):
+        if g is None:
+            continue
+        square = g.to(f.dtype).square()
+        f.lerp_(torch.where(torch.isfinite(square), square, f), alpha)
+
+
+@torch.no_grad()
+def rwalk_interval_score(omega: Tensor, change: Tensor, fisher: Tensor, epsilon: float) -> Tensor:
+    """``relu(ω / (½·F·Δ² + ε))``: RWalk's score of one interval of training (the paper's Eq. 7).
+
+    ``ω = −Σ g·Δθ`` is the interval's path integral (the first-order loss change each parameter
+    caused), ``Δ`` the parameter's change over the interval, and ``½·F·Δ²`` the KL divergence
+    between the model's output distributions at the interval's ends (second order, diagonal
+    Fisher): the loss decrease per unit of distance moved in distribution space. Negative scores
+    (the parameter went uphill) count as zero.
+    """
+    return torch.relu(omega / (0.5 * fisher * change.square() + epsilon))
+
+
+def rwalk_average_scores(previous: Optional[Tensor], new: Tensor) -> Tensor:
+    """``½·(s_previous + s_new)``: RWalk's score after a task (``s_new`` alone after the first)."""
+    return new.clone() if previous is None else 0.5 * (previous + new)
+
+
+@torch.no_grad()
+def rwalk_weights(fisher: Mapping[str, Tensor], scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``F / max F + s / max s`` per parameter: RWalk's penalty weights, both terms scaled into ``[0, 1]``.
+
+    The maxima run over all parameters, so that neither term dominates the other whatever its
+    scale (the Fisher of squared mini-batch gradients and the scores differ by orders of
+    magnitude). A term that is zero everywhere stays zero.
+    """
+    def scaled(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        peak = torch.stack([v.max() for v in values.values()]).max()
+        peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+        return {name: v / peak for name, v in values.items()}
+
+    fisher, scores = scaled(fisher), scaled(scores)
+    return {name: fisher[name] + scores[name] for name in fisher}

@@ -11,11 +11,10 @@ from typing_extensions import override
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_model, check_real
 from neurenix.continual.base import trainable_parameters
-from neurenix.continual.quadratic import QuadraticPenaltyMethod, accumulation_dtype, snapshot
+from neurenix.continual.path_integral import PathIntegral
+from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
 
 __all__ = ["SynapticIntelligence"]
-
-_TRACKED = ("omega", "task_start", "pending_grad", "pending_params")
 
 
 class SynapticIntelligence(QuadraticPenaltyMethod):
@@ -62,20 +61,18 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self.importance = check_real("importance", importance, minimum=0.0)
         self.xi = check_real("xi", xi, minimum=0.0)
         super().__init__(model, device)
-        self._names: list[str] = []
-        self._params: list[torch.nn.Parameter] = []
-        #: Per-task path-integral state, by name; ``pending_*`` hold the gradient and the
-        #: parameters of the last observed step, whose Δθ is known only after it is taken.
-        self._state: dict[str, dict[str, Tensor]] = {}
-        #: ``_state``'s tensors as lists in the order of ``_params`` (made once per task, so that
-        #: a training step builds nothing).
-        self._omegas: list[Tensor] = []
-        self._pending_grads: list[Tensor] = []
-        self._pending_params: list[Tensor] = []
-        self._pending_grads_storage: Optional[Tensor] = None
-        self._set_path_state({key: {} for key in _TRACKED})
-        self._has_pending = False
+        #: The path integral of the task being trained (empty between tasks).
+        self._path = PathIntegral()
         self._big_omega: dict[str, Tensor] = {}
+
+    # Read by tests and tools that inspect the path integral's tensors.
+    @property
+    def _state(self) -> dict[str, dict[str, Tensor]]:
+        return self._path.state
+
+    @property
+    def _pending_grads_storage(self) -> Optional[Tensor]:
+        return self._path.pending_grads_storage
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"importance": self.importance, "xi": self.xi}
@@ -110,7 +107,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
             raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
         if self.active_task is None:
             raise ValueError("update_importance: no task is being trained; call register_task(task_id) first")
-        if all(p.grad is None for p in self._params):
+        if all(p.grad is None for p in self._path.params):
             raise ValueError("update_importance found no gradients: call loss.backward() before it")
         self.prepare_for_device()
         self.observe_gradients()
@@ -125,55 +122,24 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
 
     # ---------------------------------------------------------------------------- path integral
     def _begin_task(self, task_id: int) -> None:
-        params = trainable_parameters(self.model)
-        self._names, self._params = list(params), list(params.values())
-        start = snapshot(params, self.device)
-        self._set_path_state({
-            "omega": {name: torch.zeros_like(s) for name, s in start.items()},
-            "task_start": start,
-            "pending_grad": {name: torch.zeros_like(s) for name, s in start.items()},
-            "pending_params": {name: torch.zeros_like(s) for name, s in start.items()},
-        })
-        self._has_pending = False
-
-    def _set_path_state(self, state: dict[str, dict[str, Tensor]]) -> None:
-        # The path integral and the parameters it subtracts are kept in at least float32: in a
-        # 16-bit model's precision, ω would stop taking up steps much smaller than itself.
-        for key in ("omega", "task_start", "pending_params"):
-            state[key] = {name: t.to(accumulation_dtype(t.dtype)) for name, t in state[key].items()}
-        # The pending gradients share one buffer, so that one kernel clears their non-finite
-        # entries on a GPU (see CF.si_step_).
-        self._pending_grads_storage, state["pending_grad"] = CF.packed(state["pending_grad"])
-        self._state = state
-        names = self._names if state["task_start"] else []  # empty between tasks
-        self._omegas = [state["omega"][name] for name in names]
-        self._pending_grads = [state["pending_grad"][name] for name in names]
-        self._pending_params = [state["pending_params"][name] for name in names]
+        self._path.begin(trainable_parameters(self.model), self.device)
 
     @override
     def observe_gradients(self) -> None:
-        if self.active_task is None or not self._params:
+        if self.active_task is None:
             return
-        params = self._params
-        grads = [p.grad for p in params]
-        CF.si_step_(self._omegas, self._pending_grads, self._pending_params, grads, params, self._has_pending, self._pending_grads_storage)
-        self._has_pending = True
-
-    def _flush_pending_step(self) -> None:
-        if self._has_pending:
-            CF.si_accumulate_(self._omegas, self._pending_grads, self._pending_params, self._params)
-            self._has_pending = False
+        self._path.observe()
 
     def _consolidate(self, task_id: int, data: Any) -> None:
-        self._flush_pending_step()
-        end = snapshot(dict(zip(self._names, self._params)), self.device)
+        self._path.flush()
+        end = snapshot(dict(zip(self._path.names, self._path.params)), self.device)
         for name, theta_end in end.items():
-            delta = theta_end - self._state["task_start"][name]
-            contribution = CF.si_importance(self._state["omega"][name], delta, self.xi)
+            delta = theta_end - self._path.state["task_start"][name]
+            contribution = CF.si_importance(self._path.state["omega"][name], delta, self.xi)
             previous = self._big_omega.get(name)
             self._big_omega[name] = contribution if previous is None else previous + contribution
         self._set_penalty(end, dict(self._big_omega), 0.0)
-        self._set_path_state({key: {} for key in _TRACKED})
+        self._path.clear()
 
     # ---------------------------------------------------------------------------- device & state
     @property
@@ -182,11 +148,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
 
         Includes the last observed step, whose parameter change is taken up to now.
         """
-        omega = {name: t.clone() for name, t in self._state["omega"].items()}
-        if self._has_pending:
-            before = [t.clone() for t in self._state["pending_params"].values()]
-            CF.si_accumulate_(omega.values(), self._state["pending_grad"].values(), before, self._params)
-        return omega
+        return self._path.current()
 
     @property
     def big_omega(self) -> dict[str, Tensor]:
@@ -196,10 +158,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
     @override
     def prepare_for_device(self) -> None:
         super().prepare_for_device()
-        device = self.device
-        start = self._state["task_start"]
-        if start and next(iter(start.values())).device != device:
-            self._set_path_state({key: {n: t.to(device) for n, t in values.items()} for key, values in self._state.items()})
+        self._path.to(self.device)
 
     def _move_state(self, device: torch.device) -> None:
         self._big_omega = {name: t.to(device) for name, t in self._big_omega.items()}
@@ -210,8 +169,8 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
             **super().state_dict(),
             "anchor": dict(self._anchor),
             "big_omega": dict(self._big_omega),
-            "task_state": {key: dict(values) for key, values in self._state.items()},
-            "has_pending": self._has_pending,
+            "task_state": self._path.state_dict(),
+            "has_pending": self._path.has_pending,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,13 +179,7 @@ class SynapticIntelligence(QuadraticPenaltyMethod):
         self._big_omega = {n: t.to(device) for n, t in state_dict.get("big_omega", {}).items()}
         anchor = {n: t.to(device) for n, t in state_dict.get("anchor", {}).items()}
         self._set_penalty(anchor, dict(self._big_omega) if anchor else None, 0.0)
-        task_state = state_dict.get("task_state", {})
-        state = {key: {n: t.to(device) for n, t in task_state.get(key, {}).items()} for key in _TRACKED}
-        params = dict(self.model.named_parameters())
-        self._names = list(state["task_start"])
-        self._params = [params[name] for name in self._names]
-        self._set_path_state(state)
-        self._has_pending = bool(state_dict.get("has_pending", False))
-        if self.active_task is not None and not self._state["task_start"]:
+        self._path.load_state_dict(state_dict.get("task_state", {}), self.model, device, bool(state_dict.get("has_pending", False)))
+        if self.active_task is not None and not self._path.active:
             # A checkpoint from before SI kept its path integral: restart it from here.
             self._begin_task(self.active_task)
