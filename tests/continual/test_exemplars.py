@@ -4,10 +4,21 @@ select_exemplars and NearestMeanClassifier."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from neurenix.continual import functional as CF
+from neurenix.continual.base import evaluation_mode
+from neurenix.continual.capture import ForwardCapture
+from neurenix.continual.exemplars import FeatureExtractor, NearestMeanClassifier, select_exemplars
+from neurenix.continual.memory import ClassBalancedMemory, ExemplarMemory
+
+CPU = torch.device("cpu")
 
 D = torch.float64
 
@@ -108,3 +119,192 @@ def test_nearest_mean_scores_refuse_mismatched_means():
         CF.nearest_mean_scores(torch.zeros(1, 2), torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"seen must be a \(3,\) bool tensor"):
         CF.nearest_mean_scores(torch.zeros(1, 2), torch.zeros(3, 2), seen=torch.ones(2, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------- FeatureExtractor
+def two_stage(seed: int = 0, batch_norm: bool = False) -> nn.Sequential:
+    """``backbone`` (2 -> 3, tanh) then ``head`` (3 -> 4)."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(2, 3), nn.Tanh()] + ([nn.BatchNorm1d(3)] if batch_norm else [])
+    return nn.Sequential(OrderedDict(backbone=nn.Sequential(*layers), head=nn.Linear(3, 4)))
+
+
+def test_feature_extractor_by_module_and_by_name():
+    model = two_stage()
+    x = torch.randn(5, 2)
+    expected = model.backbone(x)
+    for given in (model.backbone, "backbone"):
+        features = FeatureExtractor(model, given)(x)
+        assert features.dtype == torch.float32 and torch.equal(features, expected)
+    assert torch.equal(FeatureExtractor(model, "backbone.0")(x), model.backbone[0](x))
+
+
+def test_feature_extractor_flattens_and_hides_its_forward_from_captures():
+    conv = nn.Sequential(OrderedDict(features=nn.Conv2d(1, 2, 3), head=nn.Sequential(nn.Flatten(), nn.Linear(8, 3))))
+    x = torch.randn(4, 1, 4, 4)
+    assert torch.equal(FeatureExtractor(conv, "features")(x), conv.features(x).flatten(1))
+    capture = ForwardCapture(conv)
+    capture.install()
+    FeatureExtractor(conv, "features")(x)
+    assert capture.output is None  # another method reading the training forward does not see it
+
+
+def test_feature_extractor_refuses_what_is_not_there_or_not_features():
+    model = two_stage()
+    with pytest.raises(ValueError, match=r"feature_extractor='encoder' names no submodule of Sequential; its submodules include \['backbone', 'backbone.0', 'backbone.1', 'head'\]"):
+        FeatureExtractor(model, "encoder")
+    with pytest.raises(ValueError, match=r"feature_extractor=Linear is not a submodule of Sequential"):
+        FeatureExtractor(model, nn.Linear(2, 3))
+    with pytest.raises(TypeError, match=r"feature_extractor must be a torch.nn.Module or its name, got int: 3"):
+        FeatureExtractor(model, 3)
+
+    class ToScalar(nn.Module):
+        def forward(self, x):
+            return x.sum()
+
+    scalar = nn.Sequential(OrderedDict(reduce=ToScalar()))
+    with pytest.raises(ValueError, match=r"feature_extractor='reduce' must output a tensor of \(N, \.\.\.\) features, got a tensor of shape \(\)"):
+        FeatureExtractor(scalar, "reduce")(torch.randn(3, 2))
+    unused = nn.ModuleDict({"used": nn.Linear(2, 2), "unused": nn.Linear(2, 2)})
+    unused.forward = lambda x: unused["used"](x)
+    with pytest.raises(ValueError, match=r"feature_extractor='unused' did not run in ModuleDict's forward"):
+        FeatureExtractor(unused, "unused")(torch.randn(3, 2))
+
+
+# ------------------------------------------------------------------------- select_exemplars
+def classes_data(seed: int = 0, per_class: int = 7):
+    """Inputs of three classes (labels 3, 5, 6), interleaved."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * per_class, 2, generator=generator)
+    y = torch.tensor([3, 5, 6]).repeat(per_class)
+    return x, y
+
+
+def expected_exemplars(model, x, y, quota, order_of):
+    """Per class, the inputs ``order_of`` picks from its normalized backbone features."""
+    with torch.no_grad():
+        features = F.normalize(model.backbone(x), dim=1)
+    picked = {}
+    for label in y.unique().tolist():
+        positions = (y == label).nonzero().squeeze(1)
+        picked[label] = x[positions[order_of(features[positions], quota)]].tolist()
+    return picked
+
+
+def stored_by_class(memory: ExemplarMemory) -> dict[int, list[list[float]]]:
+    state = memory.state_dict()
+    by_rank = torch.argsort(state["ranks"], stable=True)
+    out: dict[int, list] = {}
+    for i in by_rank.tolist():
+        out.setdefault(int(state["targets"][i]), []).append(state["inputs"][i].tolist())
+    return {key: out[key] for key in sorted(out)}
+
+
+@pytest.mark.parametrize("strategy, order_of", [("herding", CF.herding_order), ("closest", CF.closest_to_mean_order)])
+@pytest.mark.parametrize("form", ["tensors", "dataloader", "shuffled dataloader", "iterable"])
+def test_select_exemplars_keeps_each_classs_ranked_prefix(strategy, order_of, form):
+    model = two_stage(batch_norm=True).train()
+    x, y = classes_data()
+    data = {
+        "tensors": (x, y),
+        "dataloader": DataLoader(TensorDataset(x, y), batch_size=4),
+        "shuffled dataloader": DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True),
+        "iterable": [(x[i : i + 5], y[i : i + 5]) for i in range(0, 21, 5)],
+    }[form]
+    memory = ExemplarMemory(9, CPU, seed=0)
+    before_rng, before_stats = torch.get_rng_state(), model.backbone[2].running_mean.clone()
+    kept = select_exemplars(memory, FeatureExtractor(model, model.backbone), data, task_id=2, strategy=strategy)
+    assert kept == {3: 3, 5: 3, 6: 3}
+    with torch.no_grad(), evaluation_mode(model):
+        assert stored_by_class(memory) == expected_exemplars(model, x, y, 3, order_of)
+    assert memory.state_dict()["ranks"].tolist() == [0, 1, 2] * 3
+    assert (memory.state_dict()["task_ids"] == 2).all()
+    # Eval mode while selecting (batch-norm statistics untouched), training mode restored, the
+    # global generator as it was (a shuffled loader draws its order from it otherwise).
+    assert model.training and model.backbone[2].training
+    assert torch.equal(model.backbone[2].running_mean, before_stats) and torch.equal(torch.get_rng_state(), before_rng)
+
+
+def test_select_exemplars_next_task_shrinks_old_classes_to_their_herding_prefix():
+    model = two_stage()
+    x, y = classes_data(per_class=8)
+    memory = ExemplarMemory(12, CPU, seed=0)
+    extractor = FeatureExtractor(model, "backbone")
+    select_exemplars(memory, extractor, (x[y != 6], y[y != 6]), task_id=0)  # classes 3, 5: 6 each
+    first = stored_by_class(memory)
+    assert {k: len(v) for k, v in first.items()} == {3: 6, 5: 6}
+    select_exemplars(memory, extractor, (x[y == 6], y[y == 6]), task_id=1)  # 12 / 3 = 4 each
+    second = stored_by_class(memory)
+    assert second[3] == first[3][:4] and second[5] == first[5][:4]
+    assert second[6] == expected_exemplars(model, x[y == 6], y[y == 6], 4, CF.herding_order)[6]
+
+
+def test_random_selection_is_seeded_by_the_memory_and_runs_no_forward():
+    model = two_stage()
+    x, y = classes_data()
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    chosen = []
+    for _ in range(2):
+        memory = ExemplarMemory(6, CPU, seed=4)
+        select_exemplars(memory, FeatureExtractor(model, "backbone"), (x, y), task_id=0, strategy="random")
+        chosen.append(stored_by_class(memory))
+    assert chosen[0] == chosen[1] and {k: len(v) for k, v in chosen[0].items()} == {3: 2, 5: 2, 6: 2}
+    assert calls == []
+    other = ExemplarMemory(6, CPU, seed=5)
+    select_exemplars(other, FeatureExtractor(model, "backbone"), (x, y), task_id=0, strategy="random")
+    assert stored_by_class(other) != chosen[0]
+
+
+def test_select_exemplars_refuses_bad_input_with_the_memory_unchanged():
+    model = two_stage()
+    x, y = classes_data()
+    memory = ExemplarMemory(6, CPU, seed=0)
+    extractor = FeatureExtractor(model, "backbone")
+    with pytest.raises(ValueError, match=r"strategy must be one of 'herding', 'closest', 'random'; got 'mean'"):
+        select_exemplars(memory, extractor, (x, y), 0, strategy="mean")
+    with pytest.raises(ValueError, match=r"targets must be class labels \(a 1-D integer tensor\), got targets of shape \(21,\) and dtype torch.float32"):
+        select_exemplars(memory, extractor, (x, y.float()), 0)
+    with pytest.raises(ValueError, match=r"the data yielded no batch"):
+        select_exemplars(memory, extractor, [], 0)
+    with pytest.raises(TypeError, match=r"the task's data must be a DataLoader, .* got int"):
+        select_exemplars(memory, extractor, 3, 0)
+    with pytest.raises(TypeError, match=r"memory must be an ExemplarMemory, got ClassBalancedMemory"):
+        select_exemplars(ClassBalancedMemory(6, CPU, seed=0), extractor, (x, y), 0)
+    assert len(memory) == 0 and memory.classes == [] and memory.num_seen == 0
+
+
+# ------------------------------------------------------------------------- NearestMeanClassifier
+def test_nearest_mean_classifier_by_hand():
+    # Identity features: the exemplars of class 0 are (3, 4) and (4, 3) -> normalized (.6, .8),
+    # (.8, .6), mean (.7, .7), normalized (1/√2, 1/√2); class 2's single exemplar (0, -2) -> (0, -1).
+    model = nn.Sequential(OrderedDict(features=nn.Identity(), head=nn.Linear(2, 3)))
+    memory = ExemplarMemory(4, CPU, seed=0)
+    memory.add_ranked(torch.tensor([[3.0, 4.0], [4.0, 3.0], [0.0, -2.0]]), torch.tensor([0, 0, 2]), 0, torch.tensor([0, 1, 0]))
+    classifier = NearestMeanClassifier(model, "features", memory)
+    classifier.update_means()
+    r = 2**-0.5
+    assert classifier.means.flatten().tolist() == pytest.approx([r, r, 0.0, 0.0, 0.0, -1.0])
+    assert classifier.seen.tolist() == [True, False, True]
+    # (1, 0): to class 0 ‖(1−r, −r)‖² = 2 − 2r = 0.586, to class 2 ‖(1, 1)‖² = 2; class 1: −inf.
+    # (−1, −5) normalizes to (−0.196, −0.981): class 2 is nearer.
+    scores = classifier(torch.tensor([[1.0, 0.0], [-1.0, -5.0]]))
+    assert scores[0].tolist() == pytest.approx([-(2 - 2 * r), float("-inf"), -2.0])
+    assert classifier.predict(torch.tensor([[1.0, 0.0], [-1.0, -5.0]])).tolist() == [0, 2]
+
+
+def test_nearest_mean_classifier_state_and_refusals(tmp_path):
+    model = two_stage()
+    memory = ExemplarMemory(6, CPU, seed=0)
+    classifier = NearestMeanClassifier(model, model.backbone, memory)
+    with pytest.raises(RuntimeError, match=r"has no class means: call update_means\(\) once the memory holds exemplars"):
+        classifier.predict(torch.zeros(1, 2))
+    x, y = classes_data()
+    select_exemplars(memory, classifier.extractor, (x, y), task_id=0)
+    classifier.update_means()
+    torch.save(classifier.state_dict(), tmp_path / "ncm.pt")
+    restored = NearestMeanClassifier(model, "backbone", memory)
+    restored.load_state_dict(torch.load(tmp_path / "ncm.pt", weights_only=True))
+    assert torch.equal(restored.scores(x), classifier.scores(x))
+    with pytest.raises(ValueError, match=r"a FeatureExtractor of another model"):
+        NearestMeanClassifier(two_stage(), classifier.extractor, memory)
