@@ -59,6 +59,18 @@ class ForgettingCurves(StaysInItsProcess, Callback):
     Lightning's test loop: in eval mode, without gradients, its inputs converted and its forward
     under the fit's precision (autocast for ``16-mixed`` and ``bf16-mixed``).
 
+    With ``predictor``, each task's accuracy after training is that of ``predictor(inputs,
+    task_ids)`` instead of the LightningModule's outputs: any callable returning ``(N, C)``
+    scores (or ``(N,)`` labels), such as iCaRL's nearest-mean-of-exemplars classifier
+    (:class:`~neurenix.continual.exemplars.NearestMeanClassifier`). It is called as the module
+    would be (in eval mode, without gradients, the inputs converted, under the precision context,
+    on each process's share of the test sets; ``task_ids`` ``None`` for batches without them).
+    The untrained model's accuracy (the first task's start) is the module's own: a predictor
+    built on what training produces (exemplars, class means) has nothing to predict with yet.
+    A predictor that is updated at a task's end (NCM's means) must be so before this callback
+    measures the task: list the method that updates it before ``ForgettingCurves`` in
+    ``callbacks``.
+
     Attributes:
         matrix: the :class:`AccuracyMatrix`, row and column ``k`` for the task ``task_ids[k]``.
         task_ids: the id of each row and column of :attr:`matrix` (known from the fit's setup).
@@ -68,9 +80,11 @@ class ForgettingCurves(StaysInItsProcess, Callback):
             (``None``: only at task ends).
         task_ids: the id of each task, in the order of the datamodule's ``test_dataloader()``
             loaders: the values its ``current_task`` takes. ``None``: ``0 .. num_tasks-1``.
+        predictor: ``predictor(inputs, task_ids) -> scores`` to evaluate instead of the
+            LightningModule after each task (and inside tasks); ``None``: the module.
 
     Raises:
-        TypeError: ``task_ids`` is not a sequence of ints.
+        TypeError: ``task_ids`` is not a sequence of ints, or ``predictor`` is not callable.
         ValueError: ``every_n_epochs < 1``, or ``task_ids`` is empty or names a task twice.
             At the fit's setup: ``task_ids`` does not name one task per test loader; at a
             task's start, before it trains: a ``current_task`` that is not one of the tasks.
@@ -81,7 +95,17 @@ class ForgettingCurves(StaysInItsProcess, Callback):
         curves = ForgettingCurves(task_ids=[1, 2])   # logs accuracy/task_1 and accuracy/task_2
     """
 
-    def __init__(self, every_n_epochs: Optional[int] = None, task_ids: Optional[Sequence[int]] = None) -> None:
+    def __init__(
+        self,
+        every_n_epochs: Optional[int] = None,
+        task_ids: Optional[Sequence[int]] = None,
+        predictor: Optional[Callable[..., Tensor]] = None,
+    ) -> None:
+        if predictor is not None and not callable(predictor):
+            raise TypeError(
+                f"predictor must be a callable (inputs, task_ids) -> (N, C) scores, got {type(predictor).__name__}: {predictor!r:.80}"
+            )
+        self.predictor = predictor
         self.every_n_epochs = None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs, minimum=1)
         self._given_task_ids = None if task_ids is None else _checked_task_ids(task_ids)
         self.task_ids: list[int] = [] if task_ids is None else list(self._given_task_ids)
@@ -172,26 +196,28 @@ class ForgettingCurves(StaysInItsProcess, Callback):
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", after_task: Optional[int]) -> None:
         assert self.matrix is not None
         # A resumed task end re-measures its row: the row is replaced, never added to.
-        self.matrix.record(*self._counts(trainer, pl_module), after_task=after_task)
+        self.matrix.record(*self._counts(trainer, pl_module, trained=after_task is not None), after_task=after_task)
         accuracies = self.matrix.initial if after_task is None else self.matrix.accuracies()[after_task]
         self._log_accuracies(trainer, accuracies)
 
     def _accuracies(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tensor:
         return accuracy_ratio(*self._counts(trainer, pl_module))
 
-    def _counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[Tensor, Tensor]:
-        """Correct predictions and samples on each task's whole test set, summed over processes."""
+    def _counts(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", trained: bool = True) -> tuple[Tensor, Tensor]:
+        """Correct predictions and samples on each task's whole test set, summed over processes:
+        the predictor's once a task has trained, else the module's."""
         loaders = _task_loaders(trainer)
         rank, world_size = trainer.global_rank, trainer.world_size
         split = world_size > 1 and all(_splittable(loader) for loader in loaders)  # the same on every rank
         scratch = _matrix(len(loaders)).to(pl_module.device)
         precision = trainer.precision_plugin
+        predict = self.predictor if self.predictor is not None and trained else None
         # Evaluated as Lightning's test loop evaluates: the inputs converted, the forward under the
         # fit's precision context (autocast for 16-mixed and bf16-mixed).
         with precision.test_step_context():
             for task, loader in enumerate(loaders):
                 shard = _share(loader, rank, world_size) if split else loader
-                for preds, targets in _predictions(pl_module, shard, precision.convert_input):
+                for preds, targets in _predictions(pl_module, shard, precision.convert_input, predict):
                     scratch.update(preds, targets, task=task, after_task=None)
         counts = torch.stack([scratch.initial_correct, scratch.initial_total])
         if split:
@@ -284,16 +310,25 @@ def _task_loaders(trainer: "pl.Trainer") -> Sequence[Any]:
     return loaders
 
 
-def _predictions(pl_module: "pl.LightningModule", loader: Any, convert_inputs: Callable[[Any], Any]):
+def _predictions(
+    pl_module: "pl.LightningModule",
+    loader: Any,
+    convert_inputs: Callable[[Any], Any],
+    predictor: Optional[Callable[..., Tensor]] = None,
+):
     """``(outputs, targets)`` per batch, in eval mode without gradients, on the module's device,
-    the inputs converted as the fit's precision converts its batches (``bf16-true``: to bfloat16)."""
+    the inputs converted as the fit's precision converts its batches (``bf16-true``: to bfloat16);
+    the outputs are ``predictor(inputs, task_ids)``'s where one is given."""
     device = pl_module.device
     with evaluation_mode(pl_module), torch.no_grad():
         for batch in loader:
             inputs, targets, task_ids = split_batch(batch)
             task_ids = None if task_ids is None else task_ids.to(device)
             inputs = convert_inputs(inputs.to(device))
-            yield pl_module(*model_arguments(pl_module, inputs, task_ids)), targets.to(device)
+            if predictor is not None:
+                yield predictor(inputs, task_ids), targets.to(device)
+            else:
+                yield pl_module(*model_arguments(pl_module, inputs, task_ids)), targets.to(device)
 
 
 def accuracy_heatmap(

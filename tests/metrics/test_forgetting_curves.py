@@ -357,3 +357,40 @@ def test_a_library_sequence_is_labelled_from_0_as_the_methods_number_it(tmp_path
     events = _scalars(trainer)
     assert {tag for tag in events.Tags()["scalars"] if tag.startswith("accuracy/")} == {"accuracy/task_0", "accuracy/task_1"}
     assert _tables(events)[-1].splitlines()[0] == "| after \\ on | task 0 | task 1 |"
+
+
+# ------------------------------------------------------------------------------------ predictor
+class _Predictor:
+    """Scores from a network of its own; records what each call saw."""
+
+    def __init__(self, module_to_watch: torch.nn.Module) -> None:
+        self.net, self.watched, self.calls = make_mlp(seed=8).float(), module_to_watch, []
+
+    def __call__(self, inputs, task_ids=None):
+        self.calls.append((torch.is_grad_enabled(), self.watched.training, task_ids))
+        return self.net(inputs)
+
+
+def test_a_predictor_is_evaluated_after_each_task_in_place_of_the_module(tmp_path):
+    tasks, net = _Tasks(), make_mlp(seed=3).float()
+    module = lit_classifier(net)
+    predictor = _Predictor(module)
+    curves = ForgettingCurves(predictor=predictor)
+    untrained = _accuracies(net, tasks)
+    trainer = L.Trainer(callbacks=[curves], logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    for task in range(tasks.num_tasks):
+        tasks.current_task = task
+        trainer.fit_loop.max_epochs = task + 1
+        trainer.fit(module, datamodule=tasks)
+    # The predictor's network never trains: every row is its accuracy; the untrained row the module's.
+    predicted = torch.tensor(_accuracies(predictor.net, tasks), dtype=torch.float64)
+    assert torch.allclose(curves.matrix.accuracies(), predicted.expand(3, 3), atol=1e-6)
+    assert curves.matrix.initial.tolist() == pytest.approx(untrained)
+    assert _accuracies(predictor.net, tasks) != _accuracies(net, tasks)  # the two are told apart
+    # Called as the module would be: without gradients, the module in eval mode, once per test batch.
+    assert len(predictor.calls) == 3 * 3 * 3 and set(predictor.calls) == {(False, False, None)}
+
+
+def test_predictor_must_be_callable():
+    with pytest.raises(TypeError, match=r"predictor must be a callable \(inputs, task_ids\) -> \(N, C\) scores, got int: 3"):
+        ForgettingCurves(predictor=3)
