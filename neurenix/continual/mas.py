@@ -11,7 +11,7 @@ from torch import Tensor
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_int, check_model, check_real
 from neurenix.continual.base import default_seed, trainable_parameters
-from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
+from neurenix.continual.quadratic import QuadraticPenaltyMethod, accumulation_dtype, snapshot
 from neurenix.continual.sample_gradients import PerSampleGradients, readable_task_batch, task_gradient_mean
 
 __all__ = ["MAS"]
@@ -112,7 +112,7 @@ class MAS(QuadraticPenaltyMethod):
                 f"with register_task({task_id}, dataloader) before its end)",
                 stacklevel=3,
             )
-            new = {name: torch.zeros_like(a) for name, a in anchor.items()}
+            new = {name: torch.zeros_like(a, dtype=accumulation_dtype(a.dtype)) for name, a in anchor.items()}
         else:
             new = self._estimate_importance(anchor, data, task_id)
         self._omega = {name: self._omega[name] + o if name in self._omega else o for name, o in new.items()}
@@ -126,7 +126,8 @@ class MAS(QuadraticPenaltyMethod):
             return gradients.sums(others, inputs, targets, CF.squared_output_norm), targets.shape[0]
 
         importance, _ = task_gradient_mean(
-            self, at, data, self.sample_size, self._generator, batch_sums, task_id=task_id, statistic="importance"
+            self, at, data, self.sample_size, self._generator, batch_sums, task_id=task_id, statistic="importance",
+            in_parameter_dtype=False,  # Ω in float32 for a 16-bit model: it is summed over tasks
         )
         return importance
 

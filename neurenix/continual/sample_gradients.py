@@ -79,8 +79,12 @@ def task_gradient_mean(
     buffers: Optional[dict[str, Tensor]] = None,
     task_id: Optional[int] = None,
     statistic: str = "Fisher",
+    in_parameter_dtype: bool = True,
 ) -> tuple[dict[str, Tensor], int]:
     """The mean of ``batch_sums`` over up to ``count`` samples of ``data``, and the number of samples.
+
+    The sums are kept in at least float32; the mean is returned in each parameter's dtype, or
+    with ``in_parameter_dtype=False`` in the sums' (float32 for a 16-bit model).
 
     ``method`` (a :class:`~neurenix.continual.base.ContinualMethod`) gives the model, the device
     and the input conversion of the fit's precision; ``at`` the parameters the statistic is taken
@@ -118,7 +122,7 @@ def task_gradient_mean(
             f"dataloader must yield finite inputs, got NaN or infinity in {int(not_finite.item())} of the "
             f"{samples} samples drawn for {whose} {statistic}: {owner} would consolidate a NaN {statistic}"
         )
-    mean = {name: (s / samples).to(at[name].dtype) for name, s in sums.items()}
+    mean = {name: (s / samples).to(at[name].dtype if in_parameter_dtype else s.dtype) for name, s in sums.items()}
     _check_finite(mean, owner, statistic)
     return mean, samples
 

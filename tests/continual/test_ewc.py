@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from neurenix.continual import EWC
+from neurenix.continual import functional as CF
 from tests.helpers import loader, make_mlp, make_task
 
 CLOSE = dict(rtol=1e-12, atol=1e-14)
@@ -357,7 +358,7 @@ def test_penalty_gradient_reaches_params_the_loss_missed_but_not_params_frozen_l
      ({"fisher_sample_size": 2.5}, TypeError, r"fisher_sample_size must be an int.*2\.5"),
      ({"gamma": 1.5}, ValueError, r"gamma must be <= 1.*1\.5"),
      ({"gamma": -0.1}, ValueError, r"gamma must be >= 0.*-0\.1"),
-     ({"fisher": "bad"}, ValueError, r"fisher must be one of .*'bad'")],
+     ({"fisher": "bad"}, ValueError, r"fisher must be one of 'empirical', 'true', 'predicted'.*'bad'")],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -535,3 +536,38 @@ def test_likelihood_joins_the_state_key_only_when_given():
     assert "'likelihood': 'gaussian'" in EWC(model, likelihood="gaussian").state_key
     with pytest.raises(ValueError, match=r"likelihood must be one of 'categorical', 'gaussian', 'bernoulli'; got 'mse'"):
         EWC(model, likelihood="mse")
+
+
+# ------------------------------------------------------------------------- the "predicted" Fisher
+def test_predicted_fisher_equals_the_per_sample_reference_at_the_model_s_argmax_labels():
+    model, task1, task2 = make_mlp(), make_task(seed=1), make_task(seed=2)
+    ewc = EWC(model, fisher_sample_size=1000, fisher="predicted", seed=0)
+    ewc.register_task(1, loader(task1))
+    train(ewc, task1, 1)
+    x = task1.tensors[0]
+    with torch.no_grad():
+        predicted = model.eval()(x).argmax(1)
+    model.train()
+    reference = per_sample_fisher(model, x, predicted)
+    assert not torch.equal(predicted, task1.tensors[1])  # differs from the empirical Fisher's labels
+    ewc.register_task(2, loader(task2))
+    assert_dicts_close(ewc._tasks[1]["fisher"], reference)
+
+
+def test_predicted_bernoulli_labels_are_the_positive_logits():
+    logits = torch.tensor([[0.3, -1.0], [-0.2, 2.0]])
+    assert torch.equal(CF.predicted_labels(logits, "bernoulli"), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.equal(CF.predicted_labels(logits), torch.tensor([0, 1]))
+
+
+def test_predicted_fisher_refuses_a_gaussian_likelihood_before_any_change():
+    message = "fisher='predicted' needs a likelihood with a most likely label (categorical or bernoulli)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EWC(make_mlp(), fisher="predicted", likelihood="gaussian")
+    model = make_mlp(classes=2)
+    ewc = EWC(model, fisher="predicted")
+    before = snap(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape(message) + r".*loss_fn mse_loss"):
+        ewc.train_step(torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, x, torch.zeros(4, 2, dtype=torch.float64), 0)
+    assert ewc.active_task is None and all(torch.equal(p, before[n]) for n, p in trainable(model).items())
