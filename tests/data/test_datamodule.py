@@ -381,3 +381,32 @@ def test_a_sequence_does_not_remark_on_the_checkpoints_it_wrote_itself(tmp_path)
     _, shown = _sequence_output(tmp_path, 0, stale_checkpoint=False)
     assert list((tmp_path / "checkpoints").iterdir())  # the sequence did write there
     assert not [text for text in shown if "exists and is not empty" in text]
+
+
+def test_task_train_dataloader_reads_a_task_in_order_whatever_the_current_task():
+    tasks = tiny_tasks(2)
+    datamodule = TaskSequenceDataModule(tasks, tasks, batch_size=3, eval_batch_size=4)
+    batches = list(datamodule.task_train_dataloader(1))
+    assert [len(b[0]) for b in batches] == [4, 4, 2] and datamodule.current_task == 0
+    assert torch.equal(torch.cat([b[0] for b in batches]), tasks[1][:][0])
+    with pytest.raises(ValueError, match=r"task must be in 0..1 \(2 tasks\), got 2"):
+        datamodule.task_train_dataloader(2)
+
+
+def test_a_method_on_the_trainer_can_serve_the_training_data_in_place_of_the_task():
+    """The ``training_dataset`` hook of the neurenix methods (GDumb's memory): the fit trains on
+    what the method serves; a method that serves nothing leaves the task's own data."""
+    tasks = tiny_tasks(1, samples=10)
+    served = TaskDataset(tasks[0].inputs[:4], tasks[0].targets[:4], 0)
+
+    class Serving(EWC):
+        def training_dataset(self, task, dataset):
+            assert task == 0 and dataset is tasks[0]
+            return served
+
+    for method, steps in ((EWC, 4), (Serving, 2)):  # ceil(10 / 3) batches of the task, ceil(4 / 3) of the served data
+        torch.manual_seed(0)
+        module = lit_classifier(nn.Linear(2, 2))
+        trainer = quiet_trainer(callbacks=[method(module.net)])
+        fit_sequence(trainer, module, TaskSequenceDataModule(tasks, tasks, batch_size=3), epochs_per_task=1)
+        assert trainer.global_step == steps
