@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from neurenix.continual._checks import (
     check_batch,
+    check_choice,
     check_finite_samples,
     check_int,
     check_model,
@@ -33,7 +34,9 @@ from neurenix.continual.callback import (
     split_batch,
 )
 from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
+from neurenix.continual.exemplars import STRATEGIES, FeatureExtractor, select_exemplars
 from neurenix.continual.memory import (
+    ExemplarMemory,
     ReplayBatch,
     ReservoirMemory,
     is_class_labels,
@@ -65,10 +68,17 @@ class RehearsalMethod(ContinualCallback):
         device: Optional[torch.device],
         seed: Optional[int],
         memory_class: type[ReservoirMemory] = ReservoirMemory,
+        *,
+        selection: Optional[str] = None,
+        feature_extractor: Union[None, torch.nn.Module, str] = None,
     ) -> None:
         check_model(model)
         self.memory_size = check_int("memory_size", memory_size, minimum=0)
         seed = default_seed(type(self).__name__) if seed is None else check_int("seed", seed, minimum=0)
+        self.selection, self._extractor = _exemplar_selection(model, selection, feature_extractor)
+        if self.selection is not None:
+            memory_class = ExemplarMemory
+            self.needs_class_labels = True  # exemplars are chosen per class
         super().__init__(model, device)
         self.memory = memory_class(self.memory_size, self.device, seed)
         #: The door (``"train_step"`` or ``"add_to_memory"``) that stored the last tensor of inputs,
@@ -113,6 +123,12 @@ class RehearsalMethod(ContinualCallback):
         """
         check_batch(inputs, targets)
         task_id = check_task_id(task_id)
+        if self.selection is not None:
+            raise ValueError(
+                f"{type(self).__name__}(selection={self.selection!r}) chooses its exemplars from each task's data at the "
+                f"task's end, not from batches offered with add_to_memory: give the task's data with "
+                f"register_task({task_id}, dataloader) (under a Trainer, the fit's training data is used)"
+            )
         if self.remembers_training_batches and self._stored_by("train_step", inputs):
             self._warn_stored_twice("add_to_memory", "train_step")
             self._last_stored = None  # a later offer of the same tensor is a new one
@@ -169,8 +185,39 @@ class RehearsalMethod(ContinualCallback):
 
     # ---------------------------------------------------------------------------- shared core
     def _remember(self, inputs: Tensor, targets: Tensor, task_ids: Union[Tensor, int], **extras: Tensor) -> None:
-        """Offer samples the method has already checked (a training batch) to the memory."""
-        self.memory.add(inputs, targets, task_ids, **extras)
+        """Offer samples the method has already checked (a training batch) to the memory; with
+        ``selection``, nothing enters during a task (exemplars are chosen at its end)."""
+        if self.selection is None:
+            self.memory.add(inputs, targets, task_ids, **extras)
+
+    def _consolidate(self, task_id: int, data: Any) -> None:
+        super()._consolidate(task_id, data)
+        if self.selection is not None:
+            self._select_exemplars(task_id, data)
+
+    def _select_exemplars(self, task_id: int, data: Any) -> None:
+        """The task's exemplars, chosen from its data at the parameters it ended with."""
+        if data is None:
+            warn_at_caller(
+                f"{type(self).__name__}(selection={self.selection!r}) ended task {task_id} without its data: no "
+                f"exemplar of it was kept. Give the data with register_task({task_id}, dataloader)"
+            )
+            return
+        assert self._extractor is not None  # set with selection
+        self.prepare_for_device()
+        select_exemplars(
+            self.memory,  # type: ignore[arg-type]
+            self._extractor,
+            data,
+            task_id,
+            self.selection,
+            convert_inputs=self._convert_inputs,
+            extras_of=self._extras_of if self._has_extras() else None,
+        )
+
+    def _has_extras(self) -> bool:
+        """Whether :meth:`_extras_of` stores fields (overridden: DER's logits)."""
+        return type(self)._extras_of is not RehearsalMethod._extras_of
 
     def _extras_of(self, inputs: Tensor, task_ids: Tensor) -> dict[str, Tensor]:
         """Further fields to store with samples given to :meth:`add_to_memory` (DER: their logits)."""
@@ -248,6 +295,33 @@ class RehearsalMethod(ContinualCallback):
 
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def _exemplar_selection(
+    model: torch.nn.Module, selection: Optional[str], feature_extractor: Union[None, torch.nn.Module, str]
+) -> tuple[Optional[str], Optional[FeatureExtractor]]:
+    """``selection`` checked, and the features it ranks by (``None`` without selection).
+
+    Raises:
+        ValueError: an unknown strategy; herding or closest without ``feature_extractor``; a
+            ``feature_extractor`` without ``selection``, or one that is not in ``model``.
+    """
+    if selection is None:
+        if feature_extractor is not None:
+            raise ValueError(
+                "feature_extractor is used by exemplar selection only: give selection='herding' or 'closest' "
+                "with it (selection=None fills the memory from the stream)"
+            )
+        return None, None
+    check_choice("selection", selection, STRATEGIES)
+    if feature_extractor is None:
+        if selection != "random":
+            raise ValueError(
+                f"selection={selection!r} ranks samples by their features: give feature_extractor= (a submodule of "
+                "the model, e.g. model.backbone, or its name)"
+            )
+        feature_extractor = model  # random selection runs no forward
+    return selection, FeatureExtractor(model, feature_extractor)
 
 
 def _task_of_every_batch(trainer: "pl.Trainer") -> Optional[int]:

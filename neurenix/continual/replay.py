@@ -3,7 +3,7 @@ or a class-balanced one (each class an equal share, each share a reservoir of it
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,18 @@ class ExperienceReplay(RehearsalMethod):
             them (Chrysakis & Moens 2020, "Online Continual Learning from Imbalanced Data"); on
             class-incremental split digits and Fashion-MNIST it did not beat the reservoir's
             average accuracy (docs/task-free.md).
+        selection: ``None``: samples enter the memory as they stream by (``add_to_memory``, or
+            every training batch under a Trainer). ``"herding"``, ``"closest"`` or ``"random"``:
+            an exemplar memory (:class:`~neurenix.continual.memory.ExemplarMemory`: the class
+            split above, whatever ``balance`` says) filled at each task's end from the task's
+            data, each class keeping the first of its samples ranked by the strategy
+            (:func:`~neurenix.continual.exemplars.select_exemplars`; iCaRL's herding), old classes
+            shrinking to their first-ranked as classes arrive. The data is the fit's training
+            data under a Trainer, and standalone the ``dataloader`` given to ``register_task``;
+            ``add_to_memory`` is refused. Targets must be class labels. Under DDP each process
+            selects from its own share of the data into its own memory (docs/methods/exemplars.md).
+        feature_extractor: with ``"herding"`` or ``"closest"``, the submodule of ``model`` (or its
+            name) whose output is the features samples are ranked by (``model.backbone``).
 
     Under a Trainer the LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`:
     its ``training_step`` then receives the extended batch, and each batch's new samples are
@@ -53,6 +65,14 @@ class ExperienceReplay(RehearsalMethod):
         for inputs, targets in task2_loader:
             replay.train_step(optimizer, loss_fn, inputs, targets, task_id=2)
             replay.add_to_memory(inputs, targets, task_id=2)
+
+        # Exemplars chosen by herding at each task's end, from the data register_task gives:
+        replay = ExperienceReplay(model, 1000, 0.5, selection="herding", feature_extractor=model.backbone)
+        for task_id, task_loader in enumerate(task_loaders):
+            replay.register_task(task_id, task_loader)
+            for inputs, targets in task_loader:
+                replay.train_step(optimizer, loss_fn, inputs, targets, task_id=task_id)
+        replay.finish_task()  # the last task's exemplars
     """
 
     needs_loss_mixin = True
@@ -67,18 +87,24 @@ class ExperienceReplay(RehearsalMethod):
         *,
         seed: Optional[int] = None,
         balance: Optional[str] = None,
+        selection: Optional[str] = None,
+        feature_extractor: Union[None, torch.nn.Module, str] = None,
     ) -> None:
         check_model(model)
         check_int("memory_size", memory_size, minimum=0)
         self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
         self.balance = None if balance is None else check_choice("balance", balance, BALANCES)
         memory_class = ReservoirMemory if self.balance is None else ClassBalancedMemory
-        super().__init__(model, memory_size, device, seed, memory_class)
+        super().__init__(
+            model, memory_size, device, seed, memory_class, selection=selection, feature_extractor=feature_extractor
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
-        # ``balance`` only when set: the default's state key (hence its checkpoints) stays as it was.
+        # ``balance`` and ``selection`` only when set: the default's state key (hence its
+        # checkpoints) stays as it was.
         balance = {} if self.balance is None else {"balance": self.balance}
-        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **balance}
+        selection = {} if self.selection is None else {"selection": self.selection}
+        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **balance, **selection}
 
     def replay_count(self, batch_size: int) -> int:
         """How many samples a step on ``batch_size`` new ones replays: ``round(replay_ratio · batch_size)``."""

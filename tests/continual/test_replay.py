@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import lightning.pytorch as pl
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from neurenix.continual import ContinualLossMixin, ExperienceReplay
+from neurenix.continual import functional as CF
 from tests.helpers import Recorder, loader, make_mlp, make_task, saved_and_loaded
 
 
@@ -247,3 +249,168 @@ def test_lightning_without_the_mixin_is_refused_at_setup():
     module = PlainModule()
     with pytest.raises(TypeError, match=r"ExperienceReplay.*must inherit neurenix\.continual\.ContinualLossMixin.*PlainModule"):
         fit(module, [ExperienceReplay(module.net, memory_size=10, seed=0)], make_task(16))
+
+
+# ------------------------------------------------------------------------------------ exemplar selection
+
+
+def backbone_net(seed: int = 0) -> nn.Sequential:
+    """``backbone`` (6 -> 5, tanh) and ``head`` (5 -> 6 classes)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(backbone=nn.Sequential(nn.Linear(6, 5), nn.Tanh()), head=nn.Linear(5, 6)))
+
+
+def class_pair_task(task: int, samples: int = 24) -> TensorDataset:
+    """Task ``task`` of a class-incremental split: classes ``2·task`` and ``2·task + 1``, float32."""
+    x, y = make_task(samples, classes=2, seed=10 + task).tensors
+    return TensorDataset(x.float(), y + 2 * task)
+
+
+def by_hand_exemplars(model: nn.Module, data: TensorDataset, quota: int) -> dict[int, list]:
+    """Each class's first ``quota`` herding picks on normalized backbone features, in pick order."""
+    x, y = data.tensors
+    with torch.no_grad():
+        features = F.normalize(model.backbone(x), dim=1)
+    picked = {}
+    for label in sorted(y.unique().tolist()):
+        positions = (y == label).nonzero().squeeze(1)
+        picked[label] = x[positions[CF.herding_order(features[positions], quota)]].tolist()
+    return picked
+
+
+def memory_by_class(replay: ExperienceReplay) -> dict[int, list]:
+    state = replay.memory.state_dict()
+    order = torch.argsort(state["ranks"], stable=True)
+    out: dict[int, list] = {}
+    for i in order.tolist():
+        out.setdefault(int(state["targets"][i]), []).append(state["inputs"][i].tolist())
+    return {key: out[key] for key in sorted(out)}
+
+
+def train_standalone(model: nn.Module, replay: ExperienceReplay, tasks: list[TensorDataset], checks=None) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for task, data in enumerate(tasks):
+        replay.register_task(task, loader(data, batch_size=8))
+        for x, y in loader(data, batch_size=8):
+            replay.train_step(optimizer, F.cross_entropy, x, y, task_id=task)
+        if checks:
+            checks(task, copy.deepcopy(model))
+    replay.finish_task()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"selection": "mean"}, ValueError, r"selection must be one of 'herding', 'closest', 'random'; got 'mean'"),
+        ({"selection": "herding"}, ValueError, r"selection='herding' ranks samples by their features: give feature_extractor="),
+        ({"feature_extractor": "backbone"}, ValueError, r"feature_extractor is used by exemplar selection only"),
+        ({"selection": "closest", "feature_extractor": "encoder"}, ValueError, r"feature_extractor='encoder' names no submodule of Sequential"),
+    ],
+)
+def test_selection_arguments_are_checked(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ExperienceReplay(backbone_net(), 8, **kwargs)
+
+
+def test_herding_selection_fills_the_memory_at_each_tasks_end_from_its_data():
+    model = backbone_net()
+    replay = ExperienceReplay(model, memory_size=12, replay_ratio=0.5, seed=0, selection="herding", feature_extractor=model.backbone)
+    tasks = [class_pair_task(0), class_pair_task(1)]
+    at_task_end: dict[int, nn.Module] = {}
+    sizes_during = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for task, data in enumerate(tasks):
+        replay.register_task(task, loader(data, batch_size=8))
+        for x, y in loader(data, batch_size=8):
+            replay.train_step(optimizer, F.cross_entropy, x, y, task_id=task)
+            sizes_during.append(len(replay.memory))
+        at_task_end[task] = copy.deepcopy(model)
+        if task == 0:
+            replay.finish_task()
+            # Task 0's classes, 6 exemplars each: herding on the features at task 0's end.
+            first = by_hand_exemplars(at_task_end[0], tasks[0], 6)
+            assert memory_by_class(replay) == first
+    replay.finish_task()
+    # Nothing entered during a task; task 0's exemplars were replayed throughout task 1.
+    assert sizes_during == [0, 0, 0, 12, 12, 12]
+    # Task 1: 3 per class; classes 0 and 1 keep their first 3 herding picks of task 0's end.
+    second = memory_by_class(replay)
+    assert second[0] == first[0][:3] and second[1] == first[1][:3]
+    assert {k: v for k, v in second.items() if k >= 2} == by_hand_exemplars(at_task_end[1], tasks[1], 3)
+    assert replay.memory.state_dict()["task_ids"].tolist().count(1) == 6
+
+
+def test_selection_refuses_add_to_memory_and_warns_without_data():
+    model = backbone_net()
+    replay = ExperienceReplay(model, 8, seed=0, selection="random")
+    x, y = class_pair_task(0).tensors
+    with pytest.raises(ValueError, match=r"ExperienceReplay\(selection='random'\) chooses its exemplars from each task's data at the task's end.*register_task\(0, dataloader\)"):
+        replay.add_to_memory(x, y, task_id=0)
+    assert len(replay.memory) == 0 and replay.memory.num_seen == 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    replay.train_step(optimizer, F.cross_entropy, x, y, task_id=0)
+    with pytest.warns(UserWarning, match=r"ended task 0 without its data: no exemplar of it was kept"):
+        replay.register_task(1)
+    assert len(replay.memory) == 0
+
+
+def test_selection_state_round_trip_weights_only_continues_identically():
+    tasks = [class_pair_task(t) for t in range(3)]
+
+    def run(stop_after: int | None, restore=None):
+        model = backbone_net(seed=1)
+        replay = ExperienceReplay(model, 10, 1.0, seed=3, selection="herding", feature_extractor="backbone")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        start = 0
+        if restore is not None:
+            model.load_state_dict(restore["model"])
+            replay.load_state_dict(saved_and_loaded(restore["replay"]))
+            start = restore["task"] + 1
+        for task in range(start, 3):
+            replay.register_task(task, loader(tasks[task], batch_size=8))
+            for x, y in loader(tasks[task], batch_size=8):
+                replay.train_step(optimizer, F.cross_entropy, x, y, task_id=task)
+            if task == stop_after:
+                replay.finish_task()
+                return {"model": copy.deepcopy(model.state_dict()), "replay": replay.state_dict(), "task": task}
+        replay.finish_task()
+        return model, replay
+
+    model, replay = run(None)
+    resumed_model, resumed = run(None, restore=run(stop_after=1))
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    assert memory_by_class(resumed) == memory_by_class(replay) and len(replay.memory) == 10
+    assert torch.equal(resumed.memory.state_dict()["ranks"], replay.memory.state_dict()["ranks"])
+
+
+class SelectionModule(ContinualLossMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = backbone_net()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("selection", ["herding", "random"])
+def test_selection_under_a_trainer_equals_standalone(selection):
+    tasks = [class_pair_task(0), class_pair_task(1)]
+    module = SelectionModule()
+    extractor = {"feature_extractor": module.net.backbone} if selection == "herding" else {}
+    lightning = ExperienceReplay(module.net, 12, 0.5, seed=2, selection=selection, **extractor)
+    for data in tasks:
+        fit(module, [lightning], data)
+
+    model = backbone_net()
+    extractor = {"feature_extractor": "backbone"} if selection == "herding" else {}
+    standalone = ExperienceReplay(model, 12, 0.5, seed=2, selection=selection, **extractor)
+    train_standalone(model, standalone, tasks)
+
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    assert memory_by_class(lightning) == memory_by_class(standalone)
+    assert len(lightning.memory) == 12 and lightning.finished_tasks == [0, 1]
