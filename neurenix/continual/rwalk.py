@@ -202,4 +202,7 @@ class RWalk(QuadraticPenaltyMethod):
         self._path.load_state_dict(state_dict.get("interval_state", {}), self.model, device, bool(state_dict.get("has_pending", False)))
         self._interval_steps = int(state_dict.get("interval_steps", 0))
         self._bind_fisher()
+        if self.active_task is not None and not self._path.active:
+            # A state without the running interval (saved between tasks' keys only): restart it here.
+            self._begin_task(self.active_task)
 

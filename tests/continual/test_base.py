@@ -10,11 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence
+from neurenix.continual import (
+    EWC,
+    MAS,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    RWalk,
+    SynapticIntelligence,
+)
 from neurenix.continual.base import evaluation_mode, trainable_parameters
 from tests.helpers import loader, make_mlp, make_task
 
-CONSOLIDATING = [EWC, L2Regularization, SynapticIntelligence, KnowledgeDistillation]
+CONSOLIDATING = [EWC, L2Regularization, SynapticIntelligence, KnowledgeDistillation, MAS, RWalk]
 ALL = CONSOLIDATING + [ExperienceReplay]
 
 
@@ -23,6 +31,8 @@ def make(cls, model, **kwargs):
         return EWC(model, importance=10.0, fisher_sample_size=100, seed=0, **kwargs)
     if cls is ExperienceReplay:
         return ExperienceReplay(model, memory_size=16, seed=0, **kwargs)
+    if cls is MAS:
+        return MAS(model, importance=10.0, sample_size=100, seed=0, **kwargs)
     return cls(model, **kwargs)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from neurenix.continual import EWC, ExperienceReplay, L2Regularization, SynapticIntelligence
+from neurenix.continual import EWC, MAS, ExperienceReplay, L2Regularization, RWalk, SynapticIntelligence
 from tests.helpers import lit_classifier, loader, make_mlp, make_task, quiet_trainer
 
 
@@ -330,4 +330,6 @@ def test_every_method_shows_its_class_and_hyper_parameters():
     assert repr(ExperienceReplay(net, memory_size=50)) == "ExperienceReplay(Sequential, memory_size=50, replay_ratio=0.5)"
     assert repr(L2Regularization(net, importance=0.5)) == "L2Regularization(Sequential, importance=0.5)"
     assert repr(SynapticIntelligence(net)) == "SynapticIntelligence(Sequential, importance=1.0, xi=0.1)"
+    assert repr(MAS(net)) == "MAS(Sequential, importance=1.0, sample_size=1000)"
+    assert repr(RWalk(net)) == "RWalk(Sequential, importance=1.0, alpha=0.9, epsilon=0.001, interval=10)"
     assert repr(KnowledgeDistillation(net)) == "KnowledgeDistillation(Sequential, temperature=2.0, alpha=0.5, units='all')"

@@ -12,7 +12,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence
+from neurenix.continual import (
+    EWC,
+    MAS,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    L2Regularization,
+    RWalk,
+    SynapticIntelligence,
+)
 from tests.helpers import lit_classifier, make_mlp, make_task, quiet_trainer
 
 
@@ -29,6 +37,8 @@ def _methods(net: torch.nn.Module, seed: int) -> list:
         SynapticIntelligence(net, importance=0.5),
         L2Regularization(net, importance=0.1),
         KnowledgeDistillation(net, temperature=2.0, alpha=0.3),
+        MAS(net, importance=0.5, sample_size=16, seed=seed + 2),
+        RWalk(net, importance=0.5, interval=3),  # 4 steps an epoch: the checkpoint falls mid-interval
     ]
 
 
@@ -44,7 +54,7 @@ class _Probe(L.Callback):
 
 
 def _next_moves(methods: list) -> dict:
-    ewc, replay, si, l2, distillation = methods
+    ewc, replay, si, l2, distillation, mas, rwalk = methods
     memory = copy.deepcopy(replay.memory)
     probe_inputs = _task(9).dataset.tensors[0]
     with torch.no_grad():
@@ -55,6 +65,10 @@ def _next_moves(methods: list) -> dict:
             "kd": distillation.get_distillation_loss(probe_inputs, ewc.model(probe_inputs)),
             "replay": memory.sample(4),
             "omega": si.omega,
+            "mas": mas.get_regularization_loss(),
+            "rwalk": rwalk.get_regularization_loss(),
+            "rwalk_fisher": rwalk.fisher,
+            "rwalk_task_scores": rwalk.task_scores,
         }
 
 
@@ -138,6 +152,26 @@ def test_a_method_with_other_hyperparameters_refuses_the_checkpoint_before_any_s
     # Lightning calls every on_load_checkpoint before any load_state_dict: nothing was loaded.
     for method in (l2, ewc):
         assert method.finished_tasks == [] and method.active_task is None
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+@pytest.mark.parametrize(
+    "saved, wanted, key",
+    [
+        (lambda net: MAS(net, importance=2.0, sample_size=16, seed=0), lambda net: MAS(net, importance=1.0, sample_size=16, seed=0),
+         "MAS{'importance': 2.0, 'sample_size': 16}"),
+        (lambda net: RWalk(net, interval=3), lambda net: RWalk(net, interval=5),
+         "RWalk{'importance': 1.0, 'alpha': 0.9, 'epsilon': 0.001, 'interval': 3}"),
+    ],
+    ids=["MAS", "RWalk"],
+)
+def test_mas_and_rwalk_with_other_hyperparameters_refuse_the_checkpoint(tmp_path, saved, wanted, key):
+    path, _ = _checkpoint_of(tmp_path, lambda net: [saved(net)])
+    net = make_mlp(seed=8).float()
+    method = wanted(net)
+    with pytest.raises(ValueError, match=re.escape(f"the checkpoint holds state for {key}, not for {method.state_key}: build")):
+        _resume(path, [method], net)
+    assert method.finished_tasks == [] and method.active_task is None
 
 
 def test_two_methods_of_one_class_each_resume_their_own_state(tmp_path):
