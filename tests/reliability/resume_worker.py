@@ -63,6 +63,8 @@ from neurenix.continual import (  # noqa: E402
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
 )
 from neurenix.data import TaskDataset, TaskSequenceDataModule, fit_sequence  # noqa: E402
@@ -76,7 +78,7 @@ TEST_SAMPLES = 30
 FEATURES, CLASSES = 8, 3
 #: The methods that run together on one Trainer (the older-checkpoint tests); build_methods also
 #: knows the rehearsal methods of issue 15 (der, er_ace, agem, gem), each one rehearsal method
-#: per Trainer as replay is.
+#: per Trainer as replay is, and issue 17's mas and rwalk.
 METHODS = ("ewc", "replay", "l2", "si", "distillation")
 #: A resumed run's objects are built from other seeds: only the checkpoint can make it match.
 RESUME_SEED_SHIFT = 1000
@@ -113,6 +115,10 @@ def build_methods(names: Sequence[str], net: nn.Module, seed: int) -> dict[str, 
         "er_ace": lambda: ERACE(net, memory_size=20, replay_ratio=0.5, seed=seed + 1),
         "agem": lambda: AGEM(net, memory_size=20, reference_size=8, seed=seed + 1),
         "gem": lambda: GEM(net, memory_size=20, margin=0.5, seed=seed + 1),
+        # issue 17: MAS's sampling generator, RWalk's online Fisher and its interval in flight
+        # (2 steps an interval, three batches an epoch: kills fall inside intervals too)
+        "mas": lambda: MAS(net, importance=1.0, sample_size=20, seed=seed + 2),
+        "rwalk": lambda: RWalk(net, importance=1.0, interval=2),
     }
     unknown = [name for name in names if name not in makers]
     if unknown:

@@ -47,6 +47,9 @@ CONFIGS = {
     "agem": ("agem",),
     "gem": ("gem",),
     "ewc+gem": ("ewc", "gem"),
+    # issue 17's importance methods, together with SI (RWalk shares its path integral)
+    "mas": ("mas",),
+    "rwalk+si": ("rwalk", "si"),
 }
 #: Kill point -> where the last checkpoint on disk stands then: (task, global epoch it ended).
 KILLS = {
