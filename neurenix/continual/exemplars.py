@@ -309,14 +309,20 @@ class NearestMeanClassifier:
 
     Any callable ``(inputs, task_ids=None) -> (N, C) scores`` is a predictor for the metrics; this
     one is (``ForgettingCurves(predictor=classifier)``). Classes without exemplars score ``−inf``.
-    The means are fixed by :meth:`update_means` (after each task's selection, with the features
-    of the network as it is then): the paper's means move with the network.
+    The means are computed by :meth:`update_means` with the network as it is then, as the paper
+    computes them after each task's selection; with ``refresh`` (the default), :meth:`scores`
+    first recomputes them whenever the memory's exemplars have changed since (a task's end
+    selected new ones), so that a metric measuring at a task's end, after the method that selects
+    (listed before it in ``callbacks``), uses that task's means.
 
     Args:
         model: the network.
         feature_extractor: a submodule of ``model`` or its name (:class:`FeatureExtractor`), or a
             :class:`FeatureExtractor`.
         memory: the exemplars.
+        refresh: recompute the means in :meth:`scores` when the exemplars have changed. Under
+            DDP that is a collective: every rank must then score at the same points (the metrics
+            do).
 
     Example::
 
@@ -326,7 +332,12 @@ class NearestMeanClassifier:
     """
 
     def __init__(
-        self, model: nn.Module, feature_extractor: Union[nn.Module, str, FeatureExtractor], memory: ExemplarMemory
+        self,
+        model: nn.Module,
+        feature_extractor: Union[nn.Module, str, FeatureExtractor],
+        memory: ExemplarMemory,
+        *,
+        refresh: bool = True,
     ) -> None:
         if isinstance(feature_extractor, FeatureExtractor):
             if feature_extractor.model is not model:
@@ -342,6 +353,9 @@ class NearestMeanClassifier:
         #: :meth:`update_means`.
         self.means: Optional[Tensor] = None
         self.seen: Optional[Tensor] = None
+        self.refresh = bool(refresh)
+        #: The memory's (samples offered, samples held) when the means were computed.
+        self._computed_at: Optional[tuple[int, int]] = None
 
     def update_means(self, convert_inputs: Callable[[Any], Any] = inputs_as_given) -> None:
         """Recompute every class's mean from the memory's exemplars with the current network.
@@ -360,6 +374,11 @@ class NearestMeanClassifier:
         sum_across_ranks_([sums, counts])
         self.seen = counts > 0
         self.means = F.normalize(sums / counts.clamp_min(1).unsqueeze(1), dim=1).float()
+        self._computed_at = self._memory_version()
+
+    def _memory_version(self) -> tuple[int, int]:
+        # Every selection offers candidates (num_seen grows); the same on every rank at a task's end.
+        return (self.memory.num_seen, len(self.memory))
 
     def _exemplar_features(self, device: torch.device, convert_inputs: Callable[[Any], Any]) -> tuple[Tensor, Tensor]:
         """The normalized features and labels of every exemplar in memory (``(0, 0)`` and ``(0,)``
@@ -380,6 +399,8 @@ class NearestMeanClassifier:
         Raises:
             RuntimeError: no means yet (:meth:`update_means` first, with exemplars in memory).
         """
+        if self.refresh and self._computed_at != self._memory_version():
+            self.update_means()
         if self.means is None or self.seen is None or not bool(self.seen.any()):
             raise RuntimeError(
                 "NearestMeanClassifier has no class means: call update_means() once the memory holds exemplars"
@@ -397,7 +418,13 @@ class NearestMeanClassifier:
 
     def state_dict(self) -> dict[str, Any]:
         """The means, as tensors (loads with ``torch.load(..., weights_only=True)``)."""
-        return {"means": None if self.means is None else self.means.clone(), "seen": None if self.seen is None else self.seen.clone()}
+        return {
+            "means": None if self.means is None else self.means.clone(),
+            "seen": None if self.seen is None else self.seen.clone(),
+            "computed_at": None if self._computed_at is None else torch.tensor(self._computed_at),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.means, self.seen = state.get("means"), state.get("seen")
+        computed_at = state.get("computed_at")
+        self._computed_at = None if computed_at is None else (int(computed_at[0]), int(computed_at[1]))

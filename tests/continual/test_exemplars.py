@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,3 +309,52 @@ def test_nearest_mean_classifier_state_and_refusals(tmp_path):
     assert torch.equal(restored.scores(x), classifier.scores(x))
     with pytest.raises(ValueError, match=r"a FeatureExtractor of another model"):
         NearestMeanClassifier(two_stage(), classifier.extractor, memory)
+
+
+def test_nearest_mean_classifier_refreshes_its_means_when_the_exemplars_change():
+    model = two_stage()
+    x, y = classes_data()
+    memory = ExemplarMemory(9, CPU, seed=0)
+    fresh, fixed = (NearestMeanClassifier(model, "backbone", memory, refresh=r) for r in (True, False))
+    select_exemplars(memory, fresh.extractor, (x[y == 3], y[y == 3]), task_id=0)
+    fixed.update_means()
+    assert torch.equal(fresh.scores(x), fixed.scores(x))  # computed on first use
+    select_exemplars(memory, fresh.extractor, (x[y != 3], y[y != 3]), task_id=1)
+    assert fresh.seen.tolist() == [False, False, False, True]  # not recomputed until scored
+    after = fresh.scores(x)
+    assert fresh.seen.tolist() == [False] * 3 + [True, False, True, True]
+    assert after.shape == (21, 7) and fixed.scores(x).shape == (21, 4)  # refresh=False keeps the old means
+    fixed.update_means()
+    assert torch.equal(fixed.scores(x), after)
+
+
+def test_nearest_mean_classifier_as_the_forgetting_curves_predictor_under_a_trainer():
+    # ExperienceReplay selects by herding at each task's end (listed first), ForgettingCurves then
+    # measures the NCM over the new exemplars: the matrix equals NCM accuracies computed by hand.
+    from neurenix.continual import ExperienceReplay
+    from neurenix.data import TaskDataset, TaskSequenceDataModule, fit_sequence
+    from neurenix.metrics import ForgettingCurves
+    from tests.helpers import lit_classifier, quiet_trainer
+
+    def task(t):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(40, 2, generator=g) + 3 * t
+        return TaskDataset(x, (x[:, 0] > 3 * t).long() + 2 * t, t)
+
+    tasks = [task(0), task(1)]
+    net = two_stage()
+    replay = ExperienceReplay(net, 8, 0.5, seed=0, selection="herding", feature_extractor=net.backbone)
+    classifier = NearestMeanClassifier(net, net.backbone, replay.memory)
+    curves = ForgettingCurves(predictor=classifier)
+    by_hand = []
+
+    class Measure(L.Callback):  # after ForgettingCurves: what NCM predicts at each task's end
+        def on_train_end(self, trainer, pl_module):
+            reference = NearestMeanClassifier(net, "backbone", replay.memory)
+            reference.update_means()
+            by_hand.append([(reference.predict(t.inputs) == t.targets).double().mean().item() for t in tasks])
+
+    datamodule = TaskSequenceDataModule(tasks, tasks, batch_size=8)
+    fit_sequence(quiet_trainer(callbacks=[replay, curves, Measure()]), lit_classifier(net), datamodule, epochs_per_task=1)
+    assert curves.matrix.accuracies().flatten().tolist() == pytest.approx(sum(by_hand, []), abs=1e-12)
+    assert by_hand[0][1] == 0.0  # task 1's classes have no exemplars yet: never predicted
