@@ -27,6 +27,8 @@ from neurenix.continual import (  # noqa: E402
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
 )
 from neurenix.continual.distributed import rank_and_world_size  # noqa: E402
@@ -129,6 +131,10 @@ def main(out: Path, devices: int, fail_on_rank: int | None, replay: bool) -> Non
         L2Regularization(model.net, importance=0.1),
         KnowledgeDistillation(model.net, alpha=0.3),
     ]
+    # issue 17: MAS's importance from each rank's share of one subset, RWalk's statistics from the
+    # all-reduced gradient
+    mas, rwalk = MAS(model.net, importance=0.5, sample_size=40, seed=5), RWalk(model.net, importance=0.5, interval=3)
+    methods += [mas, rwalk]
     if replay:  # per-rank reservoirs: replay differs from one process by design
         methods.append(ExperienceReplay(model.net, memory_size=20, replay_ratio=0.5, seed=4))
     curves = ForgettingCurves()
@@ -155,7 +161,10 @@ def main(out: Path, devices: int, fail_on_rank: int | None, replay: bool) -> Non
             "ewc_samples": methods[0]._tasks[0]["samples"],
             "si_big_omega": methods[1].big_omega,
             "teacher": methods[3].teacher.state_dict(),
-            "replay_seen": methods[4].memory.num_seen if replay else None,
+            "replay_seen": methods[-1].memory.num_seen if replay else None,
+            "mas_omega": mas.omega,
+            "rwalk_fisher": rwalk.fisher,
+            "rwalk_scores": rwalk.scores,
             "matrix": curves.matrix.compute(),
             "matrix_counts": curves.matrix.total.clone(),
             "evaluated_samples": model.evaluated_samples,

@@ -20,6 +20,8 @@ from neurenix.continual import (
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
     TaskBoundaryDetector,
 )
@@ -68,6 +70,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(runs):
     _assert_close(ddp["ewc_fisher"], single["ewc_fisher"])  # shards summed, then divided
     assert ddp["ewc_samples"] == single["ewc_samples"] == 40  # the global sample size, not 2 x 40
     _assert_close(ddp["si_big_omega"], single["si_big_omega"])  # ω from the all-reduced gradient
+    _assert_close(ddp["mas_omega"], single["mas_omega"])  # each rank's share of one subset, summed
+    _assert_close(ddp["rwalk_fisher"], single["rwalk_fisher"])  # from the all-reduced gradient
+    _assert_close(ddp["rwalk_scores"], single["rwalk_scores"], atol=1e-4)
     _assert_close(ddp["teacher"], single["teacher"])
     _assert_close(ddp["matrix"], single["matrix"], atol=0)  # whole test sets, counts reduced
     assert torch.equal(ddp["matrix_counts"], single["matrix_counts"])  # each test sample counted once
@@ -155,6 +160,8 @@ _EVERY_STATEFUL_CALLBACK = {
     "ExperienceReplay": lambda net: ExperienceReplay(net, memory_size=8),
     "L2Regularization": lambda net: L2Regularization(net),
     "SynapticIntelligence": lambda net: SynapticIntelligence(net),
+    "MAS": lambda net: MAS(net),
+    "RWalk": lambda net: RWalk(net),
     "KnowledgeDistillation": lambda net: KnowledgeDistillation(net),
     "TaskBoundaryDetector": lambda net: TaskBoundaryDetector(net),
     "ForgettingCurves": lambda net: ForgettingCurves(),
