@@ -33,6 +33,8 @@ from neurenix.continual import (
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
 )
 from neurenix.data import (
@@ -53,9 +55,11 @@ from tests.helpers import lit_classifier, quiet_trainer
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 #: The rehearsal methods of issue 15: their train_step stores its own batch; they need class labels.
 REHEARSAL = (DarkExperienceReplay, ERACE, AGEM, GEM)
-METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation, *REHEARSAL)
+#: The importance methods of issue 17.
+IMPORTANCE = (MAS, RWalk)
+METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation, *REHEARSAL, *IMPORTANCE)
 ALL_METHODS = ("`EWC`, `ExperienceReplay`, `L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, "
-               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`")
+               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`, `MAS`, `RWalk`")
 POLICY = "none (policy)"
 
 
@@ -154,7 +158,7 @@ def fit_again(_):
     trainer.fit(module, loader())
 
 
-def dict_batches_with_ewc(_):
+def dict_batches_with_ewc(_, cls: type = EWC):
     net = mlp()
 
     class DictModule(L.LightningModule):
@@ -168,7 +172,11 @@ def dict_batches_with_ewc(_):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    fit([EWC(net)], DictModule(), DataLoader(DictBatches(), batch_size=4))
+    fit([cls(net)], DictModule(), DataLoader(DictBatches(), batch_size=4))
+
+
+def dict_batches_with(cls: type) -> Callable[[Any], Any]:
+    return lambda tmp: dict_batches_with_ewc(tmp, cls)
 
 
 class _CallsItsNet(ContinualLossMixin, L.LightningModule):
@@ -225,7 +233,7 @@ def nan_penalty(cls: type) -> Callable[[Any], Any]:
         method = trained(cls)
         method.register_task(0, loader())  # task 0 consolidated on clean data
         step(method, 1, nan=True)  # the parameters are NaN now
-        (method.get_ewc_loss if cls is EWC else method.get_regularization_loss)()
+        (method.get_ewc_loss if cls is EWC else method.get_regularization_loss)()  # MAS, RWalk: the same getter
 
     return call
 
@@ -277,11 +285,22 @@ def dict_batches(_):
     fit([ExperienceReplay(net)], lit_classifier(net), DataLoader(DictBatches(), batch_size=4))
 
 
-def nan_parameters_clean_data(_):
-    method = trained(EWC)
-    with torch.no_grad():
-        method.model[0].weight.fill_(float("nan"))
-    method.register_task(0, loader())  # consolidates task 0 at NaN parameters
+def nan_parameters_clean_data_of(cls: type) -> Callable[[Any], Any]:
+    def call(_):
+        method = trained(cls)
+        with torch.no_grad():
+            method.model[0].weight.fill_(float("nan"))
+        method.register_task(0, loader())  # consolidates task 0 at NaN parameters
+
+    return call
+
+
+nan_parameters_clean_data = nan_parameters_clean_data_of(EWC)
+
+
+def predicted_fisher_with_mse(_):
+    model = nn.Sequential(nn.Linear(4, 3))
+    EWC(model, fisher="predicted").train_step(torch.optim.SGD(model.parameters()), F.mse_loss, X, torch.zeros(16, 3), 0)
 
 
 def fisher_supplied_later(fisher: str) -> Callable[[Any], Any]:
@@ -467,6 +486,8 @@ DER = "`DarkExperienceReplay(model, ...)`"
 ACE = "`ERACE(model, ...)`"
 AG = "`AGEM(model, ...)`"
 GE = "`GEM(model, ...)`"
+MA = "`MAS(model, ...)`"
+RW = "`RWalk(model, ...)`"
 NEW = "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`"
 NEW_ATM = f"`add_to_memory(inputs, targets, task_id)` of {NEW}"
 NEW_TS = f"`train_step(optimizer, loss_fn, inputs, targets, task_id)` of {NEW}"
@@ -494,7 +515,7 @@ ROWS: list[Row] = [
     row(E, "`fisher_sample_size=0`", ValueError, "fisher_sample_size must be >= 1, got 0", lambda _: EWC(mlp(), fisher_sample_size=0)),
     row(E, "`fisher_sample_size=2.5`", TypeError, "fisher_sample_size must be an int, got float: 2.5", lambda _: EWC(mlp(), fisher_sample_size=2.5)),
     row(E, "`gamma=1.5`", ValueError, "gamma must be <= 1.0, got 1.5", lambda _: EWC(mlp(), gamma=1.5)),
-    row(E, "`fisher=\"fast\"`", ValueError, "fisher must be one of 'empirical', 'true'; got 'fast'", lambda _: EWC(mlp(), fisher="fast")),
+    row(E, "`fisher=\"fast\"`", ValueError, "fisher must be one of 'empirical', 'true', 'predicted'; got 'fast'", lambda _: EWC(mlp(), fisher="fast")),
     row(E, "`online=\"yes\"`", TypeError, "online must be a bool, got str: 'yes'", lambda _: EWC(mlp(), online="yes")),
     row(E, "`seed=-1`", ValueError, "seed must be >= 0, got -1", lambda _: EWC(mlp(), seed=-1)),
     row(E, "`likelihood=\"mse\"`", ValueError, "likelihood must be one of 'categorical', 'gaussian', 'bernoulli'; got 'mse'",
@@ -520,6 +541,16 @@ ROWS: list[Row] = [
     row(AG, "`reference_size=2.5`", TypeError, "reference_size must be an int, got float: 2.5", lambda _: AGEM(mlp(), reference_size=2.5)),
     row(GE, "`margin=-0.5`", ValueError, "margin must be >= 0.0, got -0.5", lambda _: GEM(mlp(), margin=-0.5)),
     row(GE, "`margin=nan`", ValueError, "margin must be finite, got nan", lambda _: GEM(mlp(), margin=float("nan"))),
+    row(MA, "`importance=-1.0`", ValueError, "importance must be >= 0.0, got -1.0", lambda _: MAS(mlp(), importance=-1.0)),
+    row(MA, "`sample_size=0`", ValueError, "sample_size must be >= 1, got 0", lambda _: MAS(mlp(), sample_size=0)),
+    row(MA, "`sample_size=2.5`", TypeError, "sample_size must be an int, got float: 2.5", lambda _: MAS(mlp(), sample_size=2.5)),
+    row(MA, "`seed=-1`", ValueError, "seed must be >= 0, got -1", lambda _: MAS(mlp(), seed=-1)),
+    row(RW, "`importance=nan`", ValueError, "importance must be finite, got nan", lambda _: RWalk(mlp(), importance=float("nan"))),
+    row(RW, "`alpha=1.5`", ValueError, "alpha must be <= 1.0, got 1.5", lambda _: RWalk(mlp(), alpha=1.5)),
+    row(RW, "`alpha=-0.1`", ValueError, "alpha must be >= 0.0, got -0.1", lambda _: RWalk(mlp(), alpha=-0.1)),
+    row(RW, "`epsilon=0`", ValueError, "epsilon must be > 0.0, got 0.0", lambda _: RWalk(mlp(), epsilon=0)),
+    row(RW, "`interval=0`", ValueError, "interval must be >= 1, got 0", lambda _: RWalk(mlp(), interval=0)),
+    row(RW, "`interval=2.5`", TypeError, "interval must be an int, got float: 2.5", lambda _: RWalk(mlp(), interval=2.5)),
     row("`L2Regularization(model, ...)`", "`importance=inf`", ValueError, "importance must be finite, got inf", lambda _: L2Regularization(mlp(), importance=float("inf"))),
     row("`SynapticIntelligence(model, ...)`", "`xi=-0.1`", ValueError, "xi must be >= 0.0, got -0.1", lambda _: SynapticIntelligence(mlp(), xi=-0.1)),
     row("`KnowledgeDistillation(model, ...)`", "`temperature=0`", ValueError, "temperature must be > 0.0, got 0.0", lambda _: KnowledgeDistillation(mlp(), temperature=0)),
@@ -567,6 +598,20 @@ ROWS: list[Row] = [
         "EWC penalty is nan: the parameter of '0.weight' holds NaN or infinite values", nan_penalty(EWC)),
     row("`L2Regularization` / `SynapticIntelligence` `.get_regularization_loss()`", "NaN parameters (a NaN batch trained)", FloatingPointError,
         "penalty is nan: the parameter of '0.weight' holds NaN or infinite values", nan_penalty(L2Regularization), nan_penalty(SynapticIntelligence)),
+    row("`MAS` / `RWalk` `.get_regularization_loss()`", "NaN parameters (a NaN batch trained)", FloatingPointError,
+        "penalty is nan: the parameter of '0.weight' holds NaN or infinite values", nan_penalty(MAS), nan_penalty(RWalk)),
+    row(MA, "`register_task(task_id, dataloader)` with a dataloader that yields nothing", ValueError,
+        "MAS cannot estimate the importance: the task's data yielded no samples", lambda _: trained(MAS).register_task(0, loader(0))),
+    row(MA, "`register_task(task_id, dataloader)` with NaN in the task's inputs", ValueError,
+        "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's importance",
+        lambda _: trained(MAS).register_task(0, loader(nan=True))),
+    row(MA, "`register_task(task_id, dataloader)`, NaN parameters (set outside training), clean data", FloatingPointError,
+        "MAS's importance holds NaN or infinite values for parameters ['0.weight'", nan_parameters_clean_data_of(MAS)),
+    row(E, "`fisher=\"predicted\", likelihood=\"gaussian\"`", ValueError,
+        "fisher='predicted' needs a likelihood with a most likely label (categorical or bernoulli), got a gaussian one",
+        lambda _: EWC(mlp(), fisher="predicted", likelihood="gaussian")),
+    row("`EWC(model, fisher=\"predicted\").train_step(...)`", "a `loss_fn` of a Gaussian likelihood (`mse_loss`)", ValueError,
+        "fisher='predicted' needs a likelihood with a most likely label", predicted_fisher_with_mse),
     row(ER, "`inputs` a list", TypeError, "inputs must be a torch.Tensor, got list", lambda _: ExperienceReplay(mlp()).add_to_memory([1.0], Y[:1], 0)),
     row(ER, "float64 samples after float32 ones", ValueError,
         "inputs of shape (16, 4) and dtype torch.float64 do not match the replay memory, which holds samples of shape (4,) and dtype torch.float32",
@@ -629,10 +674,16 @@ ROWS: list[Row] = [
     row(FIT, "`EWC`, NaN in the task's data", ValueError,
         "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's Fisher", lambda _: fit_with(EWC, nan=True)),
     row(FIT, "`L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, `ExperienceReplay`, `DarkExperienceReplay`, "
-        "`ERACE`, `AGEM`, `GEM`, NaN in the task's data", None,
+        "`ERACE`, `AGEM`, `GEM`, `RWalk`, NaN in the task's data", None,
         "not scanned: the loss and then the parameters become NaN (the memories keep the batches they are offered); "
         "the penalty getters raise FloatingPointError when read",
-        *(nan_fit_runs_on(cls) for cls in METHODS if cls is not EWC)),
+        *(nan_fit_runs_on(cls) for cls in METHODS if cls not in (EWC, MAS))),
+    row(FIT, "`MAS`, NaN in the task's data", ValueError,
+        "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's importance: "
+        "MAS would consolidate a NaN importance", lambda _: fit_with(MAS, nan=True)),
+    row(FIT, "`MAS` with dict batches (refused at the first batch)", TypeError,
+        "MAS computes task 0's importance from the fit's training batches when the task ends, and cannot read them",
+        dict_batches_with(MAS)),
     row(FIT, "`strategy=\"ddp_spawn\"` (refused in the parent, before any process starts)", RuntimeError,
         "does not support strategies that run each fit in new processes (start method 'spawn'", *(spawned_with(cls) for cls in METHODS)),
     row(FIT, "the same `Trainer` fit again (its `max_epochs` already reached)", RuntimeError,
