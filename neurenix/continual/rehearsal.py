@@ -155,9 +155,10 @@ class RehearsalMethod(ContinualCallback):
     def check_targets(self, targets: Tensor) -> None:
         """Refuse targets the method cannot learn from (class labels where it needs them)."""
         if self.needs_class_labels and not is_class_labels(targets):
+            why = "its exemplars are chosen per class" if self.selection is not None else "its memory terms are cross-entropies"
             raise ValueError(
-                f"{type(self).__name__} needs class labels as targets (a 1-D integer tensor: its memory terms "
-                f"are cross-entropies), got targets of shape {tuple(targets.shape)} and dtype {targets.dtype}"
+                f"{type(self).__name__} needs class labels as targets (a 1-D integer tensor: {why}), got targets "
+                f"of shape {tuple(targets.shape)} and dtype {targets.dtype}"
             )
 
     # ---------------------------------------------------------------------------- storing once

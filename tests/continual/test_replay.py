@@ -414,3 +414,35 @@ def test_selection_under_a_trainer_equals_standalone(selection):
         assert torch.equal(p, q)
     assert memory_by_class(lightning) == memory_by_class(standalone)
     assert len(lightning.memory) == 12 and lightning.finished_tasks == [0, 1]
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64), ("bf16-mixed", torch.float32)])
+def test_selection_under_lightning_precisions_stores_inputs_as_the_fit_feeds_them(precision, dtype):
+    # The exemplars are the fit's own inputs, converted as its batches are (bf16-true: bfloat16),
+    # and the second task replays them into batches of that dtype.
+    tasks = [class_pair_task(0), class_pair_task(1)]
+    module = SelectionModule()
+    replay = ExperienceReplay(module.net, 8, 0.5, seed=2, selection="herding", feature_extractor="backbone")
+    for data in tasks:
+        trainer = pl.Trainer(
+            max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, precision=precision,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[replay],
+        )  # fmt: skip
+        trainer.fit(module, loader(data, batch_size=8))
+    stored = replay.memory.state_dict()
+    assert stored["inputs"].dtype == dtype and len(replay.memory) == 8
+    assert sorted(stored["targets"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # Each exemplar is one of the task's samples (in the fit's dtype).
+    x = torch.cat([t.tensors[0] for t in tasks]).to(dtype)
+    assert all(any(torch.equal(row, candidate) for candidate in x) for row in stored["inputs"])
+
+
+def test_selection_refuses_targets_that_are_not_class_labels_at_the_first_batch():
+    module = SelectionModule()
+    replay = ExperienceReplay(module.net, 8, seed=0, selection="random")
+    x, y = class_pair_task(0).tensors
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match=r"ExperienceReplay needs class labels as targets \(a 1-D integer tensor: its exemplars are chosen per class\), got targets of shape \(8, 2\)"):
+        fit(module, [replay], TensorDataset(x, F.one_hot(y, 2).float()))
+    assert all(torch.equal(p, q) for p, q in zip(before, module.parameters())) and len(replay.memory) == 0
+    assert replay.finished_tasks == []
