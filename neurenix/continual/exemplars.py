@@ -263,6 +263,7 @@ def _features_of(
     """Every candidate's normalized features (``None`` when not ``needed``) and labels, in order."""
     device = _model_device(extractor.model)
     features, labels = [], []
+    not_finite = torch.zeros(1, dtype=torch.float64, device=device)
     for inputs, targets in candidates.batches():
         if targets.dim() != 1 or targets.is_floating_point() or targets.dtype == torch.bool:
             raise ValueError(
@@ -270,8 +271,19 @@ def _features_of(
                 f"of shape {tuple(targets.shape)} and dtype {targets.dtype}"
             )
         labels.append(targets.to(device))
+        inputs = inputs.to(device)
+        if inputs.is_floating_point():
+            not_finite += (~torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(1)).sum()
         if needed:
-            features.append(F.normalize(extractor(convert_inputs(inputs.to(device))), dim=1))
+            features.append(F.normalize(extractor(convert_inputs(inputs)), dim=1))
+    # Summed over the ranks, so that all refuse together (one raising alone would leave the
+    # others waiting in their next collective).
+    sum_across_ranks_([not_finite])
+    if not_finite.item() > 0:
+        raise ValueError(
+            f"the task's data holds {int(not_finite.item())} samples with NaN or infinite inputs: they would be "
+            "kept as exemplars and replayed; no exemplar of this task was chosen"
+        )
     if not labels:
         raise ValueError("select_exemplars got a task without samples: the data yielded no batch")
     return (torch.cat(features) if needed else None), torch.cat(labels)

@@ -266,6 +266,11 @@ def test_select_exemplars_refuses_bad_input_with_the_memory_unchanged():
         select_exemplars(memory, extractor, (x, y), 0, strategy="mean")
     with pytest.raises(ValueError, match=r"targets must be class labels \(a 1-D integer tensor\), got targets of shape \(21,\) and dtype torch.float32"):
         select_exemplars(memory, extractor, (x, y.float()), 0)
+    bad = x.clone()
+    bad[4, 1], bad[9, 0] = float("nan"), float("inf")
+    for strategy in ("herding", "random"):
+        with pytest.raises(ValueError, match=r"the task's data holds 2 samples with NaN or infinite inputs"):
+            select_exemplars(memory, extractor, (bad, y), 0, strategy=strategy)
     with pytest.raises(ValueError, match=r"the data yielded no batch"):
         select_exemplars(memory, extractor, [], 0)
     with pytest.raises(TypeError, match=r"the task's data must be a DataLoader, .* got int"):
