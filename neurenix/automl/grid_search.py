@@ -106,7 +106,7 @@ class GridSearch:
     ``torch.Generator().manual_seed(seed)`` per run (one permutation per epoch):
 
     - ``method.register_task(t, DataLoader(TensorDataset(x_t, y_t), batch_size=batch_size))``
-      before the task (EWC's Fisher gets its data; the previous task is consolidated);
+      before the task (EWC's Fisher and MAS's importance get their data; the previous task is consolidated);
     - ``method.train_step(optimizer, loss_fn, xb, yb, task_id=t)`` per batch, then
       ``method.add_to_memory(xb, yb, t)`` for ``ExperienceReplay``, whose ``train_step`` leaves
       that to its caller (the rehearsal methods whose ``remembers_training_batches`` is true,

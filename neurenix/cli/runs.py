@@ -45,6 +45,8 @@ from neurenix.continual import (
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
 )
 from neurenix.data import DownloadError, IDXFormatError, TaskSequenceDataModule, fit_sequence, permuted_benchmark, split_benchmark
@@ -93,6 +95,10 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "er_ace": lambda model, s, scenario: [ERACE(model, memory_size=s.memory_size, replay_ratio=s.replay_ratio)],
     "agem": lambda model, s, scenario: [AGEM(model, memory_size=s.memory_size, reference_size=s.reference_size)],
     "gem": lambda model, s, scenario: [GEM(model, memory_size=s.memory_size, margin=s.margin)],
+    "mas": lambda model, s, scenario: [MAS(model, importance=s.importance, sample_size=s.sample_size)],
+    "rwalk": lambda model, s, scenario: [
+        RWalk(model, importance=s.importance, alpha=s.alpha, epsilon=s.epsilon, interval=s.interval)
+    ],
 }
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "METHODS", "METHOD_SETTINGS", "AGEMSettings", "CompareError", "DERPPSettings", "DERSettings",
-    "DistillationSettings", "ERACESettings", "EWCSettings", "GEMSettings", "L2Settings", "OnlineEWCSettings",
-    "ReplaySettings", "SISettings", "UsageError",
+    "DistillationSettings", "ERACESettings", "EWCSettings", "GEMSettings", "L2Settings", "MASSettings",
+    "OnlineEWCSettings", "RWalkSettings", "ReplaySettings", "SISettings", "UsageError",
 ]
 
 
@@ -26,6 +26,9 @@ class CompareError(Exception):
 
 
 # ---------------------------------------------------------------------------- method settings
+MAS_IMPORTANCE = 1.0  # placeholder until the grid below is run
+RWALK_IMPORTANCE = 1.0
+
 # Defaults: the best average accuracy of a coarse grid (importance ×2-5 apart) on the default
 # benchmark (split digits, domain-incremental, 5 tasks, 4 epochs) over seeds 10-14, so that the
 # default run (seed 0) is not the data they were chosen on. Other benchmarks want other values.
@@ -36,7 +39,8 @@ class EWCSettings:
     Args:
         importance: the penalty's weight λ.
         fisher_sample_size: samples of each task the diagonal Fisher is estimated from.
-        fisher: empirical (dataset labels) or true (labels sampled from the model).
+        fisher: empirical (dataset labels), true (labels sampled from the model) or predicted
+            (the model's most likely label).
     """
 
     importance: float = 2000.0
@@ -51,7 +55,8 @@ class OnlineEWCSettings(EWCSettings):
     Args:
         importance: the penalty's weight λ.
         fisher_sample_size: samples of each task the diagonal Fisher is estimated from.
-        fisher: empirical (dataset labels) or true (labels sampled from the model).
+        fisher: empirical (dataset labels), true (labels sampled from the model) or predicted
+            (the model's most likely label).
         gamma: how much of the running Fisher each new task keeps, in [0, 1].
     """
 
@@ -183,6 +188,37 @@ class GEMSettings:
     margin: float = 0.5
 
 
+# Issue 17's importance methods; importance chosen as the others' (see the top of this section).
+@dataclass
+class MASSettings:
+    """MAS (Aljundi et al. 2018): importance · Σ Ω·(θ − θ*)², Ω = mean |∂‖f(x)‖²/∂θ| summed over tasks.
+
+    Args:
+        importance: the penalty's weight λ.
+        sample_size: samples of each task the importance is computed from.
+    """
+
+    importance: float = MAS_IMPORTANCE
+    sample_size: int = 200
+
+
+@dataclass
+class RWalkSettings:
+    """RWalk (Chaudhry et al. 2018): importance · Σ (F̂ + ŝ)·(θ − θ*)², online Fisher and path scores.
+
+    Args:
+        importance: the penalty's weight λ.
+        alpha: the online Fisher's weight of each new step, in [0, 1].
+        epsilon: ε > 0 in the scores' denominator ½·F·Δ² + ε.
+        interval: optimizer steps per score interval.
+    """
+
+    importance: float = RWALK_IMPORTANCE
+    alpha: float = 0.9
+    epsilon: float = 1e-3
+    interval: int = 10
+
+
 #: Every method's settings, in the order of ``--methods``' default.
 METHOD_SETTINGS: dict[str, type] = {
     "ewc": EWCSettings,
@@ -196,6 +232,8 @@ METHOD_SETTINGS: dict[str, type] = {
     "er_ace": ERACESettings,
     "agem": AGEMSettings,
     "gem": GEMSettings,
+    "mas": MASSettings,
+    "rwalk": RWalkSettings,
 }
 #: ``none`` (plain fine-tuning) and the methods.
 METHODS = ("none", *METHOD_SETTINGS)

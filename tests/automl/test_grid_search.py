@@ -17,9 +17,11 @@ from neurenix.continual import (
     ERACE,
     EWC,
     GEM,
+    MAS,
     DarkExperienceReplay,
     ExperienceReplay,
     L2Regularization,
+    RWalk,
 )
 from neurenix.data import split_benchmark
 
@@ -245,6 +247,38 @@ def test_sequence_score_is_the_average_score_of_a_hand_run():
         tasks=[p[:2] for p in parts], validation_tasks=[TensorDataset(*p[2:]) for p in parts])
     assert given.cv_results_["split0_test_score"] == [without, with_ewc]
     assert "split1_test_score" not in given.cv_results_
+
+
+#: Issue 17's importance methods on the blobs' network (seeded as GridSearch seeds each run).
+IMPORTANCE_METHODS = {
+    "mas": lambda importance: MAS(_blobs_net(), importance=importance, sample_size=64, seed=0),
+    "rwalk": lambda importance: RWalk(_blobs_net(), importance=importance, interval=2),
+}
+
+
+@pytest.mark.parametrize("name", IMPORTANCE_METHODS)
+def test_an_importance_search_scores_each_value_as_a_hand_run(name):
+    make = IMPORTANCE_METHODS[name]
+    options = dict(scoring="neg_log_loss", cv=2, epochs=3, batch_size=16, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), seed=3)
+    tasks = [blobs([0, 1], seed=1), blobs([2, 3], seed=2)]
+    search = GridSearch(make, {"importance": [0.0, 100.0]}, **options).fit(tasks=tasks)
+    without, with_penalty = search.cv_results_["split1_test_score"]
+    assert without != with_penalty  # the penalty acted on task 1
+
+    parts = [split(x, y, folds_by_hand(y, 2, seed=3)[1]) for x, y in tasks]
+    torch.manual_seed(3)
+    method = make(100.0)
+    optimizer = torch.optim.SGD(method.model.parameters(), lr=0.1)
+    order = torch.Generator().manual_seed(3)
+    for t, (x, y, _, _) in enumerate(parts):
+        method.register_task(t, DataLoader(TensorDataset(x, y), batch_size=16))
+        for _ in range(3):
+            for batch in torch.randperm(len(y), generator=order).split(16):
+                method.train_step(optimizer, nn.CrossEntropyLoss(), x[batch], y[batch], task_id=t)
+    assert float(method.get_regularization_loss().detach()) > 0
+    with torch.no_grad():
+        losses = [nn.functional.cross_entropy(method.model(xv).double(), yv).item() for _, _, xv, yv in parts]
+    assert with_penalty == pytest.approx(-sum(losses) / 2, abs=1e-12)
 
 
 def test_a_benchmark_is_searched_on_its_training_tasks_only():
