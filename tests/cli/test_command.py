@@ -202,6 +202,9 @@ def test_strategies_that_start_processes_from_this_one_are_refused_before_any_st
         (["--derpp.beta", "-0.5"], 2, "--derpp.beta must be >= 0.0, got -0.5"),
         (["--agem.reference_size", "0"], 2, "--agem.reference_size must be >= 1, got 0"),
         (["--gem.margin", "-1"], 2, "--gem.margin must be >= 0.0, got -1.0"),
+        (["--mas.sample_size", "0"], 2, "--mas.sample_size must be >= 1, got 0"),
+        (["--rwalk.alpha", "2"], 2, "--rwalk.alpha must be <= 1.0, got 2.0"),
+        (["--ewc.fisher", "sampled"], 2, "--ewc.fisher must be one of 'empirical', 'true', 'predicted'; got 'sampled'"),
         (["--er_ace.memory_size", "-3"], 2, "--er_ace.memory_size must be >= 0, got -3"),
         (["--num_tasks", "20"], 2, "--num_tasks must be at most 10"),
         (["--batch-size", "8"], 2, "nrecognized arguments: --batch-size"),  # "Unrecognized" before jsonargparse 4.40

@@ -24,7 +24,7 @@ from neurenix.cli.runs import (
     run_method,
 )
 from neurenix.cli.settings import METHOD_SETTINGS, CompareError, UsageError
-from neurenix.continual import AGEM, ERACE, GEM, DarkExperienceReplay, ExperienceReplay
+from neurenix.continual import AGEM, ERACE, GEM, MAS, DarkExperienceReplay, ExperienceReplay, RWalk
 from tests.data.test_idx import write_idx
 from tests.data.test_mnist import DEBIAN_FASHION_MNIST, write_dataset
 
@@ -141,6 +141,23 @@ def test_each_rehearsal_name_builds_its_class_with_the_settings_given(name):
     expected = {**dict(values), **({"beta": 0.0} if name == "der" else {})}
     assert methods[0].hyperparameters() == expected
     assert set(dataclasses.asdict(METHOD_SETTINGS[name]())) | ({"beta"} if name == "der" else set()) == set(expected)
+
+
+#: Issue 17's importance methods: name, class, settings unlike the defaults.
+IMPORTANCE = {
+    "mas": (MAS, {"importance": 0.25, "sample_size": 37}),
+    "rwalk": (RWalk, {"importance": 0.25, "alpha": 0.5, "epsilon": 0.01, "interval": 3}),
+}
+
+
+@pytest.mark.parametrize("name", IMPORTANCE)
+def test_each_importance_name_builds_its_class_with_the_settings_given(name):
+    cls, values = IMPORTANCE[name]
+    settings = command_settings(*[arg for key, value in values.items() for arg in (f"--{name}.{key}", str(value))])
+    methods = method_callbacks(name, MLPClassifier(4, 3), settings, "task")
+    assert [type(method) for method in methods] == [cls]
+    assert methods[0].hyperparameters() == values
+    assert set(dataclasses.asdict(METHOD_SETTINGS[name]())) == set(values)
 
 
 def test_der_and_derpp_defaults_are_the_papers_and_differ_only_in_the_second_memory_batch():
