@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import re
 
+import lightning as L
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from neurenix.continual import KnowledgeDistillation
 from neurenix.continual import functional as CF
+from neurenix.continual.exemplars import NearestMeanClassifier
+from neurenix.continual.icarl import ICaRL
+from neurenix.continual.memory import ExemplarMemory
+from tests.helpers import lit_classifier, loader, quiet_trainer, saved_and_loaded
 
 D = torch.float64
 
@@ -77,3 +88,357 @@ def test_icarl_loss_refuses_what_does_not_fit():
         CF.icarl_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"old_logits must be \(N, C\) = \(2, 3\) and old_classes a boolean \(3,\) mask, got \(2, 4\)"):
         CF.icarl_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, 4), torch.ones(3, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------- the method
+def make_net(seed: int = 0, inputs: int = 6, hidden: int = 5, classes: int = 4) -> nn.Sequential:
+    """``nn.Sequential(backbone, head)`` in float64: iCaRL's features are the backbone's output."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh())
+    return nn.Sequential(backbone, nn.Linear(hidden, classes)).double()
+
+
+def class_task(labels: tuple[int, ...], samples: int = 24, seed: int = 1, inputs: int = 6) -> TensorDataset:
+    """``samples`` random inputs labelled in turn with ``labels``, each class shifted apart."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.tensor(labels).repeat(samples // len(labels))
+    x = torch.randn(samples, inputs, generator=generator, dtype=D) + y[:, None].double()
+    return TensorDataset(x, y)
+
+
+def test_constructor_defaults_and_hyperparameters():
+    net = make_net()
+    icarl = ICaRL(net)
+    assert icarl.hyperparameters() == {"memory_size": 2000, "replay_ratio": 0.5, "selection": "herding"}
+    assert icarl.features.module is net[0]  # nn.Sequential: its second-to-last child
+    assert isinstance(icarl.memory, ExemplarMemory) and isinstance(icarl.classifier, NearestMeanClassifier)
+    assert icarl.teacher is None and icarl.needs_loss_mixin
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(memory_size=-1), ValueError, "memory_size must be >= 0, got -1"),
+        (dict(replay_ratio=-0.5), ValueError, "replay_ratio"),
+        (dict(selection="greedy"), ValueError, "selection"),
+        (dict(feature_extractor="nowhere"), ValueError, "nowhere"),
+        (dict(feature_extractor=nn.Linear(2, 2)), ValueError, "feature_extractor"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        ICaRL(make_net(), **kwargs)
+
+
+def test_a_model_that_is_not_sequential_must_name_its_features():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.backbone(x).tanh())
+
+    with pytest.raises(ValueError, match=r"feature_extractor=None needs an nn.Sequential model .* got Net: name the submodule"):
+        ICaRL(Net())
+    assert ICaRL(Net(), feature_extractor="backbone").features.module is not None
+
+
+def test_ncm_predicts_the_nearest_mean_of_normalized_exemplars_by_hand():
+    # Features are the inputs (an Identity backbone). Class 0's exemplars (10, 0), (5, 0) have the
+    # normalized mean (1, 0); class 1's (0, 1), (1, 1): ((0, 1) + (1, 1)/√2)/2, normalized again.
+    net = nn.Sequential(nn.Identity(), nn.Linear(2, 3)).double()
+    icarl = ICaRL(net, memory_size=10, feature_extractor=net[0])
+    exemplars = torch.tensor([[10.0, 0.0], [5.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=D)
+    icarl.memory.add_ranked(exemplars, torch.tensor([0, 0, 1, 1]), 0, torch.tensor([0, 1, 0, 1]))
+    r = 1 / math.sqrt(2)
+    m1 = (r / 2, (1 + r) / 2)
+    n1 = math.hypot(*m1)
+    mu = [(1.0, 0.0), (m1[0] / n1, m1[1] / n1)]
+    # (1, 0.2) is nearer class 1's raw mean (0.5, 1) than class 0's (7.5, 0), but normalized it is class 0's.
+    points = torch.tensor([[1.0, 0.2], [0.2, 1.0]], dtype=D)
+    expected = []
+    for px, py in points.tolist():
+        n = math.hypot(px, py)
+        expected.append([-((px / n - a) ** 2 + (py / n - b) ** 2) for a, b in mu])
+    scores = icarl.classifier(points)
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=scores.dtype), rtol=0, atol=1e-6)
+    assert icarl.classifier.predict(points).tolist() == [0, 1]
+
+
+def _herded(net: nn.Sequential, x: Tensor, y: Tensor, label: int, count: int) -> Tensor:
+    """The first ``count`` inputs of class ``label`` in herding order of the normalized features now."""
+    rows = x[y == label]
+    with torch.no_grad():
+        features = F.normalize(net[0](rows), dim=1)
+    return rows[CF.herding_order(features, count)]
+
+
+def _held(icarl: ICaRL, label: int) -> Tensor:
+    """The inputs the memory holds for class ``label``, in rank order."""
+    state = icarl.memory.state_dict()
+    mine = state["targets"] == label
+    return state["inputs"][mine][torch.argsort(state["ranks"][mine])]
+
+
+def test_the_tasks_end_herds_each_class_and_a_new_class_shrinks_the_old_to_their_prefix():
+    net = make_net(seed=2)
+    icarl = ICaRL(net, memory_size=12, replay_ratio=0.0)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x0, y0 = class_task((0, 1), seed=3).tensors
+    for inputs, targets in loader(TensorDataset(x0, y0)):
+        icarl.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=0)
+    icarl.register_task(0, loader(TensorDataset(x0, y0)))  # consolidated now: 6 exemplars per class
+    herded_at_0 = {label: _herded(net, x0, y0, label, 12) for label in (0, 1)}
+    for label in (0, 1):
+        assert torch.equal(_held(icarl, label), herded_at_0[label][:6])
+    assert icarl.teacher is not None and not icarl.teacher.training
+    assert icarl._old_classes.tolist() == [True, True, False, False]
+
+    x1, y1 = class_task((2, 3), seed=4).tensors
+    for inputs, targets in loader(TensorDataset(x1, y1)):
+        icarl.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=1)
+    icarl.register_task(1, loader(TensorDataset(x1, y1)))
+    for label in (0, 1):  # ReduceExemplarSet: the first 3 of the order chosen at task 0's end
+        assert torch.equal(_held(icarl, label), herded_at_0[label][:3])
+    for label in (2, 3):  # ConstructExemplarSet with the network at task 1's end
+        assert torch.equal(_held(icarl, label), _herded(net, x1, y1, label, 3))
+    # NCM's means: every class's normalized exemplar features, averaged, normalized again.
+    with torch.no_grad():
+        means = torch.stack([F.normalize(F.normalize(net[0](_held(icarl, c)), dim=1).mean(0), dim=0) for c in range(4)])
+    probe = torch.randn(5, 6, dtype=D)
+    with torch.no_grad():
+        features = F.normalize(net[0](probe), dim=1)
+    torch.testing.assert_close(icarl.classifier(probe), -torch.cdist(features, means).square().to(icarl.classifier(probe).dtype), rtol=0, atol=1e-6)
+
+
+def test_one_step_by_hand_with_the_teacher_and_the_whole_memory_replayed():
+    net = make_net(seed=5)
+    icarl = ICaRL(net, memory_size=4, replay_ratio=1.0)
+    x0, y0 = class_task((0, 1), samples=8, seed=6).tensors
+    icarl.train_step(torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, x0, y0, task_id=0)
+    icarl.register_task(0, loader(TensorDataset(x0, y0)))
+    teacher = copy.deepcopy(net)
+    exemplars = icarl.memory.state_dict()
+    x, y = class_task((2, 3), samples=4, seed=7).tensors
+
+    # By hand: the step trains on the 4 new samples and all 4 exemplars (a mean over samples:
+    # their order does not matter); old units 0 and 1 take the teacher's sigmoid as targets.
+    reference = copy.deepcopy(net)
+    all_x, all_y = torch.cat([x, exemplars["inputs"]]), torch.cat([y, exemplars["targets"]])
+    logits, old = reference(all_x), torch.sigmoid(teacher(all_x)).detach()
+    q = F.one_hot(all_y, 4).double()
+    q[:, :2] = old[:, :2]
+    hand = -(q * torch.log(torch.sigmoid(logits)) + (1 - q) * torch.log(1 - torch.sigmoid(logits))).mean()
+    hand.backward()
+
+    loss = icarl.train_step(torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, x, y, task_id=1)
+    assert loss.item() == pytest.approx(hand.item(), abs=1e-12)
+    for p, r in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, r.detach() - 0.1 * r.grad, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- Lightning
+def fit(module: L.LightningModule, callbacks: list, data: TensorDataset, ckpt_path=None, **kwargs) -> L.Trainer:
+    trainer = quiet_trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=ckpt_path)
+    return trainer
+
+
+TASKS = ((0, 1), (2, 3))
+
+
+def test_lightning_equals_train_step_over_two_tasks():
+    net, twin = make_net(seed=3), make_net(seed=3)
+    options = dict(memory_size=10, replay_ratio=0.5, seed=5)
+    standalone, callback = ICaRL(net, **options), ICaRL(twin, **options)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    module = lit_classifier(twin)
+    for task_id, labels in enumerate(TASKS):
+        data = class_task(labels, samples=36, seed=task_id + 1)  # 4 batches of 8 and one of 4
+        for inputs, targets in loader(data):
+            standalone.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=task_id)
+        standalone.register_task(task_id, loader(data))
+        fit(module, [callback], data)
+
+    assert callback.finished_tasks == standalone.finished_tasks == [0, 1]
+    for (name, ours), theirs in zip(twin.named_parameters(), net.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10, msg=name)
+    ours, theirs = callback.memory.state_dict(), standalone.memory.state_dict()
+    for field in ("inputs", "targets", "ranks", "generator"):
+        torch.testing.assert_close(ours[field], theirs[field], rtol=0, atol=1e-10, msg=field)
+    probe = torch.randn(7, 6, dtype=D)
+    torch.testing.assert_close(callback.classifier(probe), standalone.classifier(probe), rtol=0, atol=1e-10)
+    assert not twin._forward_hooks  # the capture is removed when training ends
+
+
+def test_lightning_without_the_mixin_is_refused_at_setup():
+    net = make_net()
+    with pytest.raises(TypeError, match="ContinualLossMixin"):
+        fit(lit_classifier(net, mixin=False), [ICaRL(net)], class_task((0, 1)))
+
+
+def test_with_distillation_on_one_trainer_is_refused_at_setup():
+    net = make_net()
+    icarl = ICaRL(net)
+    with pytest.raises(ValueError, match="ICaRL and KnowledgeDistillation are on one Trainer"):
+        fit(lit_classifier(net), [icarl, KnowledgeDistillation(net)], class_task((0, 1)))
+    assert icarl.finished_tasks == [] and icarl.active_task is None
+
+
+# ------------------------------------------------------------------------- state and checkpoints
+def _trained(seed: int = 0) -> tuple[nn.Sequential, ICaRL, torch.optim.Optimizer]:
+    net = make_net(seed=2)
+    icarl = ICaRL(net, memory_size=8, replay_ratio=0.5, seed=seed)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    data = class_task((0, 1), seed=3)
+    for inputs, targets in loader(data):
+        icarl.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=0)
+    icarl.register_task(0, loader(data))
+    return net, icarl, optimizer
+
+
+def test_state_round_trip_through_weights_only_continues_exactly():
+    net, icarl, optimizer = _trained()
+    twin = copy.deepcopy(net)
+    restored = ICaRL(twin, memory_size=8, replay_ratio=0.5, seed=77)
+    restored.load_state_dict(saved_and_loaded(icarl.state_dict()))
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.1)
+    data = class_task((2, 3), seed=4)
+    for inputs, targets in loader(data):
+        icarl.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=1)
+        restored.train_step(twin_optimizer, F.cross_entropy, inputs, targets, task_id=1)
+    icarl.register_task(1, loader(data))
+    restored.register_task(1, loader(data))
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    for key, value in icarl.memory.state_dict().items():
+        theirs = restored.memory.state_dict()[key]
+        assert torch.equal(value, theirs) if isinstance(value, Tensor) else value == theirs, key
+    probe = torch.randn(5, 6, dtype=D)
+    assert torch.equal(icarl.classifier(probe), restored.classifier(probe))
+
+
+def float_task(labels: tuple[int, ...], seed: int) -> TensorDataset:
+    x, y = class_task(labels, samples=32, seed=seed).tensors
+    return TensorDataset(x.float(), y)
+
+
+def _methods(net: nn.Module, seed: int) -> list:
+    return [ICaRL(net, memory_size=8, replay_ratio=0.5, seed=seed)]
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+@pytest.mark.parametrize("where", ["mid-task", "task-end"])
+def test_a_lightning_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, where):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    init = make_net(seed=7).float()
+    net = copy.deepcopy(init)
+    (icarl,) = methods = _methods(net, seed=1)
+    fit(lit_classifier(net), methods, float_task((0, 1), 1))
+    fit(lit_classifier(net), methods, float_task((2, 3), 2), max_epochs=2)
+
+    stopped = copy.deepcopy(init)
+    stopped_methods = _methods(stopped, seed=1)
+    fit(lit_classifier(stopped), stopped_methods, float_task((0, 1), 1))
+    saver = ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True, save_top_k=-1)
+    epochs = 1 if where == "mid-task" else 2  # epoch 1 of 2, or the task's last epoch end
+    fit(lit_classifier(stopped), [*stopped_methods, saver], float_task((2, 3), 2), max_epochs=epochs, enable_checkpointing=True)
+    checkpoint = sorted(tmp_path.glob("*.ckpt"))[-1]
+    saved = torch.load(checkpoint, weights_only=True)["callbacks"][icarl.state_key]
+    assert saved["active_task"] == 1 and saved["teacher"] is not None
+
+    resumed_net = make_net(seed=98).float()  # other weights and seed: the checkpoint's must win
+    (resumed,) = resumed_methods = _methods(resumed_net, seed=9)
+    fit(lit_classifier(resumed_net), resumed_methods, float_task((2, 3), 2), max_epochs=2, ckpt_path=checkpoint)
+    for (name, a), b in zip(net.named_parameters(), resumed_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    ours, theirs = resumed.memory.state_dict(), icarl.memory.state_dict()
+    for field in ("inputs", "targets", "ranks", "generator"):
+        torch.testing.assert_close(ours[field], theirs[field], rtol=0, atol=1e-6, msg=field)
+    probe = torch.randn(5, 6)
+    torch.testing.assert_close(resumed.classifier(probe), icarl.classifier(probe), rtol=0, atol=1e-6)
+    assert resumed.finished_tasks == [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+def test_a_checkpoint_saved_with_other_hyperparameters_is_refused(tmp_path):
+    net = make_net(seed=7).float()
+    trainer = fit(lit_classifier(net), [ICaRL(net, memory_size=8, seed=0)], float_task((0, 1), 1))
+    trainer.save_checkpoint(tmp_path / "task0.ckpt")
+    other = ICaRL(net, memory_size=16, seed=0)
+    saved = "ICaRL{'memory_size': 8, 'replay_ratio': 0.5, 'selection': 'herding'}"
+    wanted = "ICaRL{'memory_size': 16, 'replay_ratio': 0.5, 'selection': 'herding'}"
+    with pytest.raises(ValueError, match=re.escape(f"the checkpoint holds state for {saved}, not for {wanted}")):
+        fit(lit_classifier(net), [other], float_task((0, 1), 1), max_epochs=2, ckpt_path=tmp_path / "task0.ckpt")
+    assert other.finished_tasks == [] and len(other.memory) == 0 and other.teacher is None
+
+
+# ------------------------------------------------------------------------- precision
+def _precision_run(precision: str) -> tuple[nn.Module, ICaRL]:
+    net = make_net(seed=4).float()
+    icarl = ICaRL(net, memory_size=8, replay_ratio=0.5, seed=0)
+    for task_id, labels in enumerate(TASKS):
+        fit(lit_classifier(net, lr=0.05), [icarl], float_task(labels, task_id + 1), precision=precision, deterministic=False)
+    return net, icarl
+
+
+@functools.cache
+def _32_bit_run() -> tuple[nn.Module, ICaRL]:
+    return _precision_run("32-true")
+
+
+@pytest.mark.parametrize("precision, params_atol", [("bf16-mixed", 2e-3), ("bf16-true", 2e-2)])
+def test_bf16_precisions_train_choose_and_classify_like_32_bit(precision, params_atol):
+    reference, reference_icarl = _32_bit_run()
+    net, icarl = _precision_run(precision)
+    for (name, ours), theirs in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=params_atol, msg=name)
+    stored = icarl.memory.state_dict()
+    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32  # as the fit's batches
+    assert stored["inputs"].dtype == expected_dtype and sorted(icarl.memory.groups) == [0, 1, 2, 3]
+    probe = float_task((0, 1, 2, 3), 9).tensors[0]
+    agree = (icarl.classifier.predict(probe.to(expected_dtype)) == reference_icarl.classifier.predict(probe)).double().mean()
+    assert agree >= 0.9
+
+
+# ------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "targets, described",
+    [(torch.zeros(8), "dtype torch.float32"), (torch.zeros(8, 2, dtype=torch.long), "shape (8, 2)")],
+)
+def test_train_step_refuses_targets_that_are_not_labels_before_any_change(targets, described):
+    net = make_net()
+    icarl = ICaRL(net)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=re.escape(described)):
+        icarl.train_step(torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, torch.zeros(8, 6, dtype=D), targets, 0)
+    assert icarl.active_task is None and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_trained_task_ending_without_data_is_refused_before_any_change():
+    net, icarl, optimizer = _trained()
+    x, y = class_task((0, 1), seed=5).tensors
+    icarl.train_step(optimizer, F.cross_entropy, x, y, task_id=1)
+    state = copy.deepcopy(icarl.state_dict())
+    with pytest.raises(ValueError, match=re.escape("ICaRL chooses task 1's exemplars from its data when the task ends, and got none: pass the task's data to register_task(1, dataloader)")):
+        icarl.train_step(optimizer, F.cross_entropy, x, y, task_id=2)
+    assert icarl.active_task == 1 and icarl.finished_tasks == [0]
+    assert torch.equal(icarl.memory.state_dict()["inputs"], state["memory"]["inputs"])
+
+
+def test_add_to_memory_is_refused_exemplars_come_from_a_tasks_data():
+    net, icarl, optimizer = _trained()
+    held = icarl.memory.state_dict()["inputs"].clone()
+    x, y = class_task((2, 3), samples=8, seed=5).tensors
+    with pytest.raises(ValueError, match=re.escape("chooses its exemplars from each task's data at the task's end")):
+        icarl.add_to_memory(x, y, 1)
+    assert torch.equal(icarl.memory.state_dict()["inputs"], held)
+
+
+def test_a_model_whose_outputs_are_not_logits_per_sample_is_refused():
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Flatten(0)).double()
+    icarl = ICaRL(net, feature_extractor=net[1])
+    with pytest.raises(ValueError, match=r"ICaRL reads the model's outputs as one logit per class, \(samples, classes\) for 8 targets: the model \(Sequential\) returned outputs of shape \(32,\)"):
+        icarl.train_step(torch.optim.SGD(net.parameters(), lr=0.1), lambda o, t: o.sum(), torch.zeros(8, 6, dtype=D), torch.zeros(8, dtype=torch.long), 0)
