@@ -74,6 +74,8 @@ from neurenix.continual import (
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
 )
 from neurenix.continual.footprint import held_bytes, state_bytes
@@ -93,8 +95,10 @@ TEMPERATURE, ALPHA = 2.0, 0.5
 #: command's (its authors' for sequential MNIST): der is DER (beta 0), derpp DER++.
 DER_ALPHA, DERPP_BETA = 0.2, 1.0
 AGEM_REFERENCE_SIZE, GEM_MARGIN = 256, 0.5
+#: Issue 17's importance methods at their defaults (MAS samples as many as EWC's Fisher).
+MAS_IMPORTANCE, RWALK_IMPORTANCE = 1.0, 1.0
 
-METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem")
+METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem", "mas", "rwalk")
 #: Methods that change the batch or the loss: their LightningModule needs ContinualLossMixin.
 NEEDS_MIXIN = ("replay", "distillation", "der", "derpp", "er_ace")
 
@@ -243,6 +247,10 @@ def make_method(name: str, net: nn.Module, setup: Setup) -> Any:
         return AGEM(net, memory_size=MEMORY_SIZE, reference_size=AGEM_REFERENCE_SIZE, seed=setup.seed)
     if name == "gem":
         return GEM(net, memory_size=MEMORY_SIZE, margin=GEM_MARGIN, seed=setup.seed)
+    if name == "mas":
+        return MAS(net, importance=MAS_IMPORTANCE, sample_size=setup.fisher_samples, seed=setup.seed)
+    if name == "rwalk":
+        return RWalk(net, importance=RWALK_IMPORTANCE)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -552,7 +560,7 @@ def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple
         def run() -> Timing:
             method = make_method(name, net, setup)
             method.enter_task(0)
-            return timed(lambda: method.finish_task(batches if name == "ewc" else None))
+            return timed(lambda: method.finish_task(batches if name in ("ewc", "mas") else None))
 
         return run
 

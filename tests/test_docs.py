@@ -37,6 +37,8 @@ from neurenix.continual import (
     ExperienceReplay,
     KnowledgeDistillation,
     L2Regularization,
+    MAS,
+    RWalk,
     SynapticIntelligence,
 )
 from tests.test_api_document import METHOD_CLASSES, document_signatures, document_text
@@ -45,12 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 MARKER = "<!-- runnable -->"
 #: The methods the package has beyond the API's five: on the API page too, every argument "ours".
-BEYOND_API = {cls.__name__: cls for cls in (DarkExperienceReplay, ERACE, AGEM, GEM)}
+BEYOND_API = {cls.__name__: cls for cls in (DarkExperienceReplay, ERACE, AGEM, GEM, MAS, RWalk)}
 #: Each method class's page under docs/methods.
 METHOD_PAGES = {
     "EWC": "ewc", "SynapticIntelligence": "synaptic-intelligence", "L2Regularization": "l2",
     "KnowledgeDistillation": "distillation", "ExperienceReplay": "replay", "DarkExperienceReplay": "dark-experience-replay",
-    "ERACE": "er-ace", "AGEM": "a-gem", "GEM": "gem",
+    "ERACE": "er-ace", "AGEM": "a-gem", "GEM": "gem", "MAS": "mas", "RWalk": "rwalk",
 }
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
