@@ -446,3 +446,48 @@ def test_selection_refuses_targets_that_are_not_class_labels_at_the_first_batch(
         fit(module, [replay], TensorDataset(x, F.one_hot(y, 2).float()))
     assert all(torch.equal(p, q) for p, q in zip(before, module.parameters())) and len(replay.memory) == 0
     assert replay.finished_tasks == []
+
+
+def fit_epochs(module, callbacks, data, epochs, *, ckpt_path=None, enable_checkpointing=False) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, enable_checkpointing=enable_checkpointing,
+    )  # fmt: skip
+    trainer.fit(module, loader(data, batch_size=8), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+@pytest.mark.parametrize("where", ["mid-task", "task-end"])
+def test_selection_resumes_from_a_lightning_checkpoint_to_the_uninterrupted_run(tmp_path, where):
+    # Task-end: the checkpoint of task 1's last epoch end, written before the task's exemplars are
+    # chosen; the resumed fit skips training and must still choose them, from the fit's data.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tasks = [class_pair_task(0), class_pair_task(1)]
+
+    def methods(net, seed):
+        return [ExperienceReplay(net, 8, 0.5, seed=seed, selection="herding", feature_extractor="backbone")]
+
+    module = SelectionModule()
+    (replay,) = uninterrupted = methods(module.net, 1)
+    fit_epochs(module, uninterrupted, tasks[0], 1)
+    fit_epochs(module, uninterrupted, tasks[1], 2)
+
+    stopped = SelectionModule()
+    stopped_methods = methods(stopped.net, 1)
+    fit_epochs(stopped, stopped_methods, tasks[0], 1)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True, save_top_k=-1)
+    fit_epochs(stopped, [*stopped_methods, saver], tasks[1], 1 if where == "mid-task" else 2, enable_checkpointing=True)
+    checkpoint = sorted(tmp_path.glob("*.ckpt"))[-1]
+    saved = torch.load(checkpoint, weights_only=True)["callbacks"][replay.state_key]
+    assert saved["active_task"] == 1 and saved["memory"]["inputs"].shape[0] == 8  # task 0's exemplars only
+
+    resumed_module = SelectionModule()
+    torch.nn.init.zeros_(resumed_module.net.head.weight)  # other weights: the checkpoint's must win
+    (resumed,) = resumed_methods = methods(resumed_module.net, 9)
+    fit_epochs(resumed_module, resumed_methods, tasks[1], 2, ckpt_path=checkpoint)
+    for p, q in zip(module.net.parameters(), resumed_module.net.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.finished_tasks == [0, 1] and memory_by_class(resumed) == memory_by_class(replay)
+    assert {k: len(v) for k, v in memory_by_class(resumed).items()} == {0: 2, 1: 2, 2: 2, 3: 2}
