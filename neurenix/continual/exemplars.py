@@ -16,7 +16,6 @@ Features are L2-normalized, and so are the class means after averaging, as in th
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
@@ -25,7 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_choice, check_int, check_model, check_task_id
+from neurenix.continual._checks import (
+    check_choice,
+    check_model,
+    check_task_id,
+)
 from neurenix.continual.base import (
     _first_parameter,
     evaluation_mode,
@@ -35,7 +38,11 @@ from neurenix.continual.base import (
 )
 from neurenix.continual.callback import split_batch
 from neurenix.continual.capture import hidden_forwards
-from neurenix.continual.distributed import all_gather_objects, rank_and_world_size, sum_across_ranks_
+from neurenix.continual.distributed import (
+    all_gather_objects,
+    rank_and_world_size,
+    sum_across_ranks_,
+)
 from neurenix.continual.memory import ExemplarMemory
 
 __all__ = ["STRATEGIES", "FeatureExtractor", "NearestMeanClassifier", "select_exemplars"]

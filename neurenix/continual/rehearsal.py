@@ -4,6 +4,10 @@ Experience replay, Dark Experience Replay, ER-ACE, A-GEM and GEM differ in what 
 remembered samples; the memory itself (a reservoir, or one balanced over classes or tasks), the
 public ``add_to_memory`` / ``get_replay_batch``, the state under DDP (one memory per rank, all of
 them in the checkpoint) and the checks on what may be stored are this one base class.
+
+With ``selection=`` (``"herding"``, ``"closest"``, ``"random"``) the memory is an
+:class:`~neurenix.continual.memory.ExemplarMemory` filled at each task's end from the task's data
+(:func:`~neurenix.continual.exemplars.select_exemplars`) instead of from the stream.
 """
 
 from __future__ import annotations
