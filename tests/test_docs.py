@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Optional, get_type_hints
+from typing import Optional, Union, get_type_hints
 
 import pytest
 import torch
@@ -52,7 +52,8 @@ BEYOND_API = {cls.__name__: cls for cls in (DarkExperienceReplay, ERACE, AGEM, G
 METHOD_PAGES = {
     "EWC": "ewc", "SynapticIntelligence": "synaptic-intelligence", "L2Regularization": "l2",
     "KnowledgeDistillation": "distillation", "ExperienceReplay": "replay", "DarkExperienceReplay": "dark-experience-replay",
-    "ERACE": "er-ace", "AGEM": "a-gem", "GEM": "gem", "MAS": "mas", "RWalk": "rwalk",
+    "ERACE": "er-ace", "AGEM": "a-gem", "GEM": "gem", "MAS": "mas", "RWalk": "rwalk", "ICaRL": "icarl",
+    "GDumb": "gdumb",
 }
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
@@ -139,7 +140,7 @@ TABLE_HEADER = "| parameter | type | default | | meaning |"
 def _signature_scope() -> dict:
     """The names the page's signatures, defaults and types are written with."""
     classes = (EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence, GridSearch)
-    return {"neurenix": neurenix, "default_optimizer": default_optimizer, "Optional": Optional, **BEYOND_API,
+    return {"neurenix": neurenix, "default_optimizer": default_optimizer, "Optional": Optional, "Union": Union, **BEYOND_API,
             **{cls.__name__: cls for cls in classes}, **{t.__name__: t for t in (bool, int, float, str)}}  # fmt: skip
 
 

@@ -17,11 +17,15 @@ from neurenix.continual.dark_replay import DarkExperienceReplay
 from neurenix.continual.distillation import KnowledgeDistillation
 from neurenix.continual.er_ace import ERACE
 from neurenix.continual.ewc import EWC
+from neurenix.continual.exemplars import FeatureExtractor, NearestMeanClassifier, select_exemplars
+from neurenix.continual.gdumb import GDumb
 from neurenix.continual.gradient_episodic import AGEM, GEM
+from neurenix.continual.icarl import ICaRL
 from neurenix.continual.l2 import L2Regularization
 from neurenix.continual.mas import MAS
 from neurenix.continual.memory import (
     ClassBalancedMemory,
+    ExemplarMemory,
     ReplayBatch,
     ReservoirMemory,
     TaskBalancedMemory,
@@ -43,15 +47,21 @@ __all__ = [
     "DarkExperienceReplay",
     "ERACE",
     "EWC",
+    "ExemplarMemory",
     "ExperienceReplay",
+    "FeatureExtractor",
+    "GDumb",
     "GEM",
+    "ICaRL",
     "KnowledgeDistillation",
     "L2Regularization",
     "MAS",
+    "NearestMeanClassifier",
     "RehearsalMethod",
     "ReplayBatch",
     "ReservoirMemory",
     "RWalk",
+    "select_exemplars",
     "SynapticIntelligence",
     "TaskBalancedMemory",
 ]

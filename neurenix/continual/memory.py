@@ -488,8 +488,9 @@ class ExemplarMemory(ClassBalancedMemory):
         compare). New classes first shrink the others to their lowest ranks.
 
         Args:
-            inputs, targets, task_ids: the candidates (targets: class labels; task ids per sample
-                or one int).
+            inputs: the candidates' inputs.
+            targets: their class labels.
+            task_ids: their task ids, per sample or one int.
             ranks: ``(N,)`` integers, each candidate's place in its class's selection order.
             extras: further per-sample fields, as for :meth:`ReservoirMemory.add`.
 
