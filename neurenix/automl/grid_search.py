@@ -113,8 +113,12 @@ class GridSearch:
       ``DarkExperienceReplay``, ``ERACE``, ``AGEM`` and ``GEM``, offer the batch to their
       memory inside ``train_step``).
 
+    ``GDumb`` instead gets each task's batches through ``add_to_memory`` and is then retrained on
+    its memory (``train_on_memory`` with the same optimizer factory, loss, epochs and batch size).
     Then the model, in eval mode without gradients, is scored on each task's held-out samples
-    and the scores are averaged over the tasks. Floating-point inputs are cast to the model's
+    and the scores are averaged over the tasks; a method that predicts through a classifier of
+    its own (``ICaRL.classifier``, nearest means of exemplars) ends the last task and is scored
+    by it. Floating-point inputs are cast to the model's
     floating dtype (NumPy's float64 meets a float32 model).
 
     Args:
@@ -244,7 +248,10 @@ class GridSearch:
             order = torch.Generator().manual_seed(seed)
             for task_id, task in enumerate(tasks):
                 self._train_task(method, optimizer, task_id, _cast(task.train_inputs, dtype), task.train_targets, order)
-            return sum(self._score(method, _cast(t.val_inputs, dtype), t.val_targets) for t in tasks) / len(tasks)
+            predictor = getattr(method, "classifier", None)
+            if predictor is not None:  # iCaRL predicts by nearest means, which a task's end computes
+                method.finish_task()
+            return sum(self._score(method, predictor, _cast(t.val_inputs, dtype), t.val_targets) for t in tasks) / len(tasks)
 
     def _build(self, params: dict[str, Any]) -> ContinualMethod:
         try:
@@ -265,6 +272,11 @@ class GridSearch:
         self, method: ContinualMethod, optimizer: torch.optim.Optimizer, task_id: int, inputs: Tensor, targets: Tensor, order: torch.Generator
     ) -> None:
         method.register_task(task_id, DataLoader(TensorDataset(inputs, targets), batch_size=self.batch_size))
+        if hasattr(method, "train_on_memory"):  # GDumb: the task fills the memory, then retrains on it alone
+            for batch in torch.randperm(inputs.shape[0], generator=order).split(self.batch_size):
+                method.add_to_memory(inputs[batch], targets[batch], task_id)
+            method.train_on_memory(self.optimizer, self.loss_fn, self.epochs, self.batch_size, generator=order)
+            return
         # Only ExperienceReplay leaves the memory to its caller; the other rehearsal methods
         # store the batch in train_step and refuse it a second time.
         remembers_itself = getattr(method, "remembers_training_batches", True)
@@ -277,10 +289,11 @@ class GridSearch:
                 if remember is not None:
                     remember(xb, yb, task_id)
 
-    def _score(self, method: ContinualMethod, inputs: Tensor, targets: Tensor) -> float:
+    def _score(self, method: ContinualMethod, predictor: Optional[Callable[[Tensor], Tensor]], inputs: Tensor, targets: Tensor) -> float:
+        predict = method.model if predictor is None else predictor
         with evaluation_mode(method.model), torch.no_grad():
             chunks = inputs.to(method.device).split(self.batch_size)
-            logits = torch.cat([method.model(chunk) for chunk in chunks])
+            logits = torch.cat([predict(chunk) for chunk in chunks])
         return float(self._scorer(logits, targets.to(logits.device)))
 
     def _record(self, grid: list[dict[str, Any]], scores: list[list[float]], single_task: bool) -> None:

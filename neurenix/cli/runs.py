@@ -43,6 +43,8 @@ from neurenix.continual import (
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
+    ICaRL,
     KnowledgeDistillation,
     L2Regularization,
     MAS,
@@ -78,6 +80,12 @@ def _distillation(model: nn.Module, s: DistillationSettings, scenario: str) -> l
 
 
 #: name -> builder of the callbacks; ``none`` (plain fine-tuning) has none.
+def _icarl(model: nn.Module, s: Any, scenario: str) -> ICaRL:
+    if scenario == "task":  # one head per task: labels repeat across tasks, nearest means would mix them
+        raise ValueError("icarl learns classes incrementally over one head: use --scenario class or domain, not task")
+    return ICaRL(model, memory_size=s.memory_size, feature_extractor=model.body, replay_ratio=s.replay_ratio)
+
+
 _BUILDERS: dict[str, Callable[..., list]] = {
     "ewc": _ewc,
     "online_ewc": _online_ewc,
@@ -95,6 +103,8 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "er_ace": lambda model, s, scenario: [ERACE(model, memory_size=s.memory_size, replay_ratio=s.replay_ratio)],
     "agem": lambda model, s, scenario: [AGEM(model, memory_size=s.memory_size, reference_size=s.reference_size)],
     "gem": lambda model, s, scenario: [GEM(model, memory_size=s.memory_size, margin=s.margin)],
+    "icarl": lambda model, s, scenario: [_icarl(model, s, scenario)],
+    "gdumb": lambda model, s, scenario: [GDumb(model, memory_size=s.memory_size)],
     "mas": lambda model, s, scenario: [MAS(model, importance=s.importance, sample_size=s.sample_size)],
     "rwalk": lambda model, s, scenario: [
         RWalk(model, importance=s.importance, alpha=s.alpha, epsilon=s.epsilon, interval=s.interval)
@@ -396,7 +406,11 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress:
     inputs = math.prod(benchmark.input_shape)
     model = MLPClassifier(inputs, benchmark.num_classes, settings.hidden, heads, settings.lr)
     methods = method_callbacks(name, model, settings, benchmark.scenario)
-    curves, recorder = ForgettingCurves(every_n_epochs=1), CurveRecorder()
+    # A method that predicts otherwise than the network's outputs (iCaRL: nearest mean of exemplars) is measured so.
+    predictor = next((m.classifier for m in methods if getattr(m, "classifier", None) is not None), None)
+    # Its curves have a point at each task's end only: nearest means exist once a task has ended.
+    curves = ForgettingCurves(every_n_epochs=None if predictor else 1, predictor=predictor)
+    recorder = CurveRecorder()
     # One run per folder (neurenix.cli.output): the method's own folder, no version_N below it.
     tensorboard = TensorBoardLogger(output / TENSORBOARD, name="", version=name, default_hp_metric=False)
     bars = [SequenceProgressBar(name, settings.epochs)] if progress else []

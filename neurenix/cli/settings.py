@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "METHODS", "METHOD_SETTINGS", "AGEMSettings", "CompareError", "DERPPSettings", "DERSettings",
-    "DistillationSettings", "ERACESettings", "EWCSettings", "GEMSettings", "L2Settings", "MASSettings",
+    "DistillationSettings", "ERACESettings", "EWCSettings", "GDumbSettings", "GEMSettings", "ICaRLSettings", "L2Settings", "MASSettings",
     "OnlineEWCSettings", "RWalkSettings", "ReplaySettings", "SISettings", "UsageError",
 ]
 
@@ -191,6 +191,30 @@ class GEMSettings:
     margin: float = 0.5
 
 
+@dataclass
+class ICaRLSettings:
+    """iCaRL (Rebuffi et al. 2017): sigmoid loss distilled from the last task's network, herded exemplars, nearest-mean prediction.
+
+    Args:
+        memory_size: exemplars kept in all (an equal share per class).
+        replay_ratio: exemplars replayed per new sample.
+    """
+
+    memory_size: int = 200
+    replay_ratio: float = 1.0
+
+
+@dataclass
+class GDumbSettings:
+    """GDumb (Prabhu et al. 2020): a class-balanced memory; each task retrains the network from its initial weights on it alone.
+
+    Args:
+        memory_size: samples the memory holds (an equal share per class); each task's --epochs are epochs over it.
+    """
+
+    memory_size: int = 200
+
+
 # Issue 17's importance methods; importance from the grid at the top of this section.
 @dataclass
 class MASSettings:
@@ -235,6 +259,8 @@ METHOD_SETTINGS: dict[str, type] = {
     "er_ace": ERACESettings,
     "agem": AGEMSettings,
     "gem": GEMSettings,
+    "icarl": ICaRLSettings,
+    "gdumb": GDumbSettings,
     "mas": MASSettings,
     "rwalk": RWalkSettings,
 }

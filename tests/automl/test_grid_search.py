@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import neurenix as nx
 from neurenix.automl import GridSearch, stratified_folds
 from neurenix.continual import (
+    GDumb,
+    ICaRL,
     AGEM,
     ERACE,
     EWC,
@@ -279,6 +281,48 @@ def test_an_importance_search_scores_each_value_as_a_hand_run(name):
     with torch.no_grad():
         losses = [nn.functional.cross_entropy(method.model(xv).double(), yv).item() for _, _, xv, yv in parts]
     assert with_penalty == pytest.approx(-sum(losses) / 2, abs=1e-12)
+
+
+#: iCaRL (scored by its nearest-mean classifier) and GDumb (retrained on its memory), blobs' network.
+OWN_TRAINING = {
+    "icarl": lambda memory_size: ICaRL(_blobs_net(), memory_size=memory_size, replay_ratio=1.0),
+    "gdumb": lambda memory_size: GDumb(_blobs_net(), memory_size=memory_size),
+}
+
+
+def _by_hand(name: str, parts, memory_size: int, seed: int, epochs: int, lr: float) -> float:
+    """The run GridSearch documents for ``name``, written out: the mean held-out accuracy."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        method = OWN_TRAINING[name](memory_size)
+        optimizer = torch.optim.Adam(method.model.parameters(), lr=lr)
+        order = torch.Generator().manual_seed(seed)
+        for task_id, (x, y, _, _) in enumerate(parts):
+            method.register_task(task_id, DataLoader(TensorDataset(x, y), batch_size=10))
+            if name == "gdumb":
+                for batch in torch.randperm(len(y), generator=order).split(10):
+                    method.add_to_memory(x[batch], y[batch], task_id)
+                method.train_on_memory(lambda p: torch.optim.Adam(p, lr=lr), nn.CrossEntropyLoss(), epochs, 10, generator=order)
+                continue
+            for _ in range(epochs):
+                for batch in torch.randperm(len(y), generator=order).split(10):
+                    method.train_step(optimizer, nn.CrossEntropyLoss(), x[batch], y[batch], task_id=task_id)
+        predict = method.model
+        if name == "icarl":
+            method.finish_task()  # the last task's exemplars and means
+            predict = method.classifier
+        with torch.no_grad():
+            return sum((predict(x).argmax(1) == y).double().mean().item() for _, _, x, y in parts) / len(parts)
+
+
+@pytest.mark.parametrize("name", OWN_TRAINING)
+def test_icarl_and_gdumb_are_scored_as_their_hand_runs(name):
+    tasks = [blobs([0, 1], seed=1), blobs([2, 3], seed=2)]
+    options = dict(cv=2, epochs=10, batch_size=10, optimizer=lambda p: torch.optim.Adam(p, lr=0.02), seed=4)
+    search = GridSearch(OWN_TRAINING[name], {"memory_size": [4, 40]}, **options).fit(tasks=tasks)
+    parts = [split(x, y, folds_by_hand(y, 2, seed=4)[1]) for x, y in tasks]
+    by_hand = [_by_hand(name, parts, memory_size, seed=4, epochs=10, lr=0.02) for memory_size in (4, 40)]
+    assert search.cv_results_["split1_test_score"] == pytest.approx(by_hand, abs=1e-12)
 
 
 def test_a_benchmark_is_searched_on_its_training_tasks_only():

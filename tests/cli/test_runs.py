@@ -24,7 +24,17 @@ from neurenix.cli.runs import (
     run_method,
 )
 from neurenix.cli.settings import METHOD_SETTINGS, CompareError, UsageError
-from neurenix.continual import AGEM, ERACE, GEM, MAS, DarkExperienceReplay, ExperienceReplay, RWalk
+from neurenix.continual import (
+    AGEM,
+    ERACE,
+    GEM,
+    MAS,
+    DarkExperienceReplay,
+    ExperienceReplay,
+    GDumb,
+    ICaRL,
+    RWalk,
+)
 from tests.data.test_idx import write_idx
 from tests.data.test_mnist import DEBIAN_FASHION_MNIST, write_dataset
 
@@ -123,6 +133,8 @@ REHEARSAL = {
     "er_ace": (ERACE, {"memory_size": 37, "replay_ratio": 0.5}),
     "agem": (AGEM, {"memory_size": 37, "reference_size": 5}),
     "gem": (GEM, {"memory_size": 37, "margin": 0.25}),
+    "icarl": (ICaRL, {"memory_size": 37, "replay_ratio": 0.5}),
+    "gdumb": (GDumb, {"memory_size": 37}),
 }
 
 
@@ -139,7 +151,7 @@ def test_each_rehearsal_name_builds_its_class_with_the_settings_given(name):
     assert [type(method) for method in methods] == [cls]
     # every setting reaches the method, and der (DER++'s beta left at 0) is DER
     expected = {**dict(values), **({"beta": 0.0} if name == "der" else {})}
-    assert methods[0].hyperparameters() == expected
+    assert {key: value for key, value in methods[0].hyperparameters().items() if key != "selection"} == expected
     assert set(dataclasses.asdict(METHOD_SETTINGS[name]())) | ({"beta"} if name == "der" else set()) == set(expected)
 
 
@@ -212,3 +224,36 @@ def _task_of_each_input(benchmark) -> dict[bytes, int]:
         for index in range(len(dataset)):
             seen.setdefault(_key(dataset[index][0]), set()).add(task)
     return {key: next(iter(tasks)) for key, tasks in seen.items() if len(tasks) == 1}
+
+
+def test_icarl_ranks_the_commands_model_by_its_body_and_refuses_one_head_per_task():
+    icarl = method_callbacks("icarl", MLPClassifier(4, 3), command_settings(), "class")[0]
+    assert icarl.hyperparameters()["selection"] == "herding"
+    model = icarl.model
+    assert icarl.classifier.extractor.module is model.body  # the features feeding the head
+    with pytest.raises(UsageError, match="--icarl: icarl learns classes incrementally over one head: use --scenario class"):
+        method_callbacks("icarl", MLPClassifier(4, 3, heads=2), command_settings(), "task")
+
+
+@pytest.mark.parametrize("name", ["icarl", "replay"])
+def test_a_method_with_a_classifier_of_its_own_is_measured_by_it(name, tmp_path, monkeypatch):
+    # The command's table reports what iCaRL predicts, the nearest mean of exemplars, not its
+    # head; the curves then have a point at each task's end only (no means before a task ends).
+    made = []
+
+    class Recording(runs.ForgettingCurves):
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+            super().__init__(**kwargs)
+
+    built = []
+    monkeypatch.setattr(runs, "ForgettingCurves", Recording)
+    monkeypatch.setitem(runs._BUILDERS, name, lambda *args, builder=runs._BUILDERS[name]: built.extend(builder(*args)) or built)
+    settings = command_settings("--methods", name, "--epochs", "1", "--num_tasks", "2", "--seed", "1",
+                                "--accelerator", "cpu", "--output", str(tmp_path), "--scenario", "class")
+    run, _ = runs.run_method(name, settings, runs.load_benchmark(settings)[0], tmp_path, progress=False)
+    if name == "icarl":
+        assert made == [{"every_n_epochs": None, "predictor": built[0].classifier}]
+    else:
+        assert made == [{"every_n_epochs": 1, "predictor": None}]
+    assert run.matrix.shape == (2, 2)
