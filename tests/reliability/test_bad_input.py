@@ -31,6 +31,8 @@ from neurenix.continual import (
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
+    ICaRL,
     KnowledgeDistillation,
     L2Regularization,
     MAS,
@@ -57,9 +59,11 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 REHEARSAL = (DarkExperienceReplay, ERACE, AGEM, GEM)
 #: The importance methods of issue 17.
 IMPORTANCE = (MAS, RWalk)
-METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation, *REHEARSAL, *IMPORTANCE)
+#: The exemplar methods of issue 16.
+EXEMPLAR = (ICaRL, GDumb)
+METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation, *REHEARSAL, *IMPORTANCE, *EXEMPLAR)
 ALL_METHODS = ("`EWC`, `ExperienceReplay`, `L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, "
-               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`, `MAS`, `RWalk`")
+               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`, `MAS`, `RWalk`, `ICaRL`, `GDumb`")
 POLICY = "none (policy)"
 
 
@@ -357,6 +361,46 @@ def er_ace_with_distillation(_):
     fit([KnowledgeDistillation(net), ERACE(net)], lit_classifier(net), loader())
 
 
+def icarl_with_distillation(_):
+    net = mlp()
+    fit([ICaRL(net), KnowledgeDistillation(net)], lit_classifier(net), loader())
+
+
+def gdumb_without_a_task_sequence(_):
+    net = mlp()
+    fit([GDumb(net)], lit_classifier(net), loader())
+
+
+def gdumb_with_another_method(tmp):
+    fit_sequence_with(tmp, lambda net: GDumb(net))  # a task sequence alone is fine
+    net = mlp()
+    trainer = quiet_trainer(callbacks=[GDumb(net), EWC(net)])
+    fit_sequence(trainer, lit_classifier(net), sequence(), epochs_per_task=1)
+
+
+def icarl_task_switch_without_data(_):
+    net = mlp()
+    icarl, optimizer = ICaRL(net, memory_size=10), torch.optim.SGD(net.parameters(), lr=0.1)
+    icarl.train_step(optimizer, F.cross_entropy, X, Y, 1)
+    state = {name: p.detach().clone() for name, p in net.named_parameters()}
+    try:
+        icarl.train_step(optimizer, F.cross_entropy, X, Y, 2)
+    finally:  # refused before any change: the parameters are task 1's
+        assert all(torch.equal(p, state[name]) for name, p in net.named_parameters()) and icarl.active_task == 1
+
+
+def gdumb_training(**options: Any) -> Callable[[Any], Any]:
+    def call(_):
+        gdumb = GDumb(mlp(), memory_size=10)
+        if options.pop("filled", True):
+            gdumb.add_to_memory(X, Y, 0)
+        arguments = {"optimizer_factory": lambda p: torch.optim.SGD(p, lr=0.1), "loss_fn": F.cross_entropy,
+                     "epochs": 1, "batch_size": 4, **options}
+        gdumb.train_on_memory(**arguments)
+
+    return call
+
+
 def nan_fit_runs_on(cls: type) -> Callable[[Any], Any]:
     def call(_):
         method = fit_with(cls, nan=True)
@@ -486,6 +530,10 @@ DER = "`DarkExperienceReplay(model, ...)`"
 ACE = "`ERACE(model, ...)`"
 AG = "`AGEM(model, ...)`"
 GE = "`GEM(model, ...)`"
+IC = "`ICaRL(model, ...)`"
+GD = "`GDumb(model, ...)`"
+GDT = "`GDumb.train_on_memory(optimizer_factory, loss_fn, epochs, batch_size)`"
+ERX = "`ExperienceReplay(model, ...)` with exemplars"
 MA = "`MAS(model, ...)`"
 RW = "`RWalk(model, ...)`"
 NEW = "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`"
@@ -541,6 +589,40 @@ ROWS: list[Row] = [
     row(AG, "`reference_size=2.5`", TypeError, "reference_size must be an int, got float: 2.5", lambda _: AGEM(mlp(), reference_size=2.5)),
     row(GE, "`margin=-0.5`", ValueError, "margin must be >= 0.0, got -0.5", lambda _: GEM(mlp(), margin=-0.5)),
     row(GE, "`margin=nan`", ValueError, "margin must be finite, got nan", lambda _: GEM(mlp(), margin=float("nan"))),
+    row(ERX, "`selection=\"mean\"`", ValueError, "selection must be one of 'herding', 'closest', 'random'; got 'mean'",
+        lambda _: ExperienceReplay(mlp(), selection="mean")),
+    row(ERX, "`selection=\"herding\"` without `feature_extractor`", ValueError,
+        "selection='herding' ranks samples by their features: give feature_extractor=", lambda _: ExperienceReplay(mlp(), selection="herding")),
+    row(ERX, "`feature_extractor=\"encoder\"` (no such submodule)", ValueError,
+        "feature_extractor='encoder' names no submodule of Sequential; its submodules include ['0', '1', '2']",
+        lambda _: ExperienceReplay(mlp(), selection="closest", feature_extractor="encoder")),
+    row(ERX, "`feature_extractor` without `selection`", ValueError, "feature_extractor is used by exemplar selection only",
+        lambda _: ExperienceReplay(mlp(), feature_extractor="0")),
+    row(f"{ER} with `selection=`", "any batch", ValueError,
+        "ExperienceReplay(selection='random') chooses its exemplars from each task's data at the task's end",
+        lambda _: ExperienceReplay(mlp(), selection="random").add_to_memory(X, Y, 0)),
+    row(IC, "`memory_size=-1`", ValueError, "memory_size must be >= 0, got -1", lambda _: ICaRL(mlp(), memory_size=-1)),
+    row(IC, "`replay_ratio=-1.0`", ValueError, "replay_ratio must be >= 0.0, got -1.0", lambda _: ICaRL(mlp(), replay_ratio=-1.0)),
+    row(IC, "`selection=\"greedy\"`", ValueError, "selection must be one of 'herding', 'closest', 'random'; got 'greedy'",
+        lambda _: ICaRL(mlp(), selection="greedy")),
+    row(IC, "`feature_extractor=\"nowhere\"`", ValueError, "feature_extractor='nowhere' names no submodule of Sequential",
+        lambda _: ICaRL(mlp(), feature_extractor="nowhere")),
+    row("`ICaRL.train_step(...)`", "a new `task_id` while the task before was given no data", ValueError,
+        "ICaRL chooses task 1's exemplars from its data when the task ends, and got none: pass the task's data to register_task(1, dataloader)",
+        icarl_task_switch_without_data),
+    row("`ICaRL.train_step(...)`", "float targets", ValueError, "ICaRL needs class labels as targets (a 1-D integer tensor",
+        lambda _: ICaRL(mlp()).train_step(torch.optim.SGD(mlp().parameters(), lr=0.1), F.cross_entropy, X, Y.float(), 0)),
+    row(GD, "`memory_size=0`", ValueError, "memory_size must be >= 1, got 0", lambda _: GDumb(mlp(), memory_size=0)),
+    row(GD, "`memory_size=2.5`", TypeError, "memory_size must be an int, got float: 2.5", lambda _: GDumb(mlp(), memory_size=2.5)),
+    row("`GDumb.train_step(...)`", "any batch", TypeError, "GDumb does not train on the stream, so it has no train_step",
+        lambda _: GDumb(mlp()).train_step(torch.optim.SGD(mlp().parameters(), lr=0.1), F.cross_entropy, X, Y, 0)),
+    row(GDT, "an empty memory", ValueError, "train_on_memory: the memory is empty; offer samples with add_to_memory first",
+        gdumb_training(filled=False)),
+    row(GDT, "`epochs=0`", ValueError, "epochs must be >= 1, got 0", gdumb_training(epochs=0)),
+    row(GDT, "`batch_size=0`", ValueError, "batch_size must be >= 1, got 0", gdumb_training(batch_size=0)),
+    row(GDT, "`optimizer_factory=\"sgd\"`", TypeError, "optimizer_factory must be a function parameters -> optimizer",
+        gdumb_training(optimizer_factory="sgd")),
+    row(GDT, "`loss_fn=\"ce\"`", TypeError, "loss_fn must be callable, got str", gdumb_training(loss_fn="ce")),
     row(MA, "`importance=-1.0`", ValueError, "importance must be >= 0.0, got -1.0", lambda _: MAS(mlp(), importance=-1.0)),
     row(MA, "`sample_size=0`", ValueError, "sample_size must be >= 1, got 0", lambda _: MAS(mlp(), sample_size=0)),
     row(MA, "`sample_size=2.5`", TypeError, "sample_size must be an int, got float: 2.5", lambda _: MAS(mlp(), sample_size=2.5)),
@@ -662,6 +744,11 @@ ROWS: list[Row] = [
     row(FIT, "two rehearsal methods (`ExperienceReplay` and `DarkExperienceReplay`)", ValueError,
         "ExperienceReplay and DarkExperienceReplay are on one Trainer: each keeps its own memory of the same stream",
         two_rehearsal_methods),
+    row(FIT, "`ICaRL` and `KnowledgeDistillation`", ValueError, "ICaRL and KnowledgeDistillation are on one Trainer",
+        icarl_with_distillation),
+    row(FIT, "`GDumb`, a fit without a `TaskSequenceDataModule`", ValueError,
+        "GDumb under a Trainer needs a neurenix.data.TaskSequenceDataModule", gdumb_without_a_task_sequence),
+    row(FIT, "`GDumb` and another method (`EWC`)", ValueError, "GDumb and EWC are on one Trainer", gdumb_with_another_method),
     row(FIT, "`ERACE` and `KnowledgeDistillation`", ValueError, "ERACE and KnowledgeDistillation are on one Trainer: ERACE masks the outputs",
         er_ace_with_distillation),
     row(FIT, f"{NEW}, float targets (refused at the first batch)", ValueError, f"{LABELS} (4,) and dtype torch.float32",
@@ -677,7 +764,7 @@ ROWS: list[Row] = [
         "`ERACE`, `AGEM`, `GEM`, `RWalk`, NaN in the task's data", None,
         "not scanned: the loss and then the parameters become NaN (the memories keep the batches they are offered); "
         "the penalty getters raise FloatingPointError when read",
-        *(nan_fit_runs_on(cls) for cls in METHODS if cls not in (EWC, MAS))),
+        *(nan_fit_runs_on(cls) for cls in METHODS if cls not in (EWC, MAS, *EXEMPLAR))),
     row(FIT, "`MAS`, NaN in the task's data", ValueError,
         "dataloader must yield finite inputs, got NaN or infinity in 1 of the 16 samples drawn for task 0's importance: "
         "MAS would consolidate a NaN importance", lambda _: fit_with(MAS, nan=True)),
