@@ -61,6 +61,8 @@ from neurenix.continual import (  # noqa: E402
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
+    ICaRL,
     KnowledgeDistillation,
     L2Regularization,
     MAS,
@@ -78,7 +80,7 @@ TEST_SAMPLES = 30
 FEATURES, CLASSES = 8, 3
 #: The methods that run together on one Trainer (the older-checkpoint tests); build_methods also
 #: knows the rehearsal methods of issue 15 (der, er_ace, agem, gem), each one rehearsal method
-#: per Trainer as replay is, and issue 17's mas and rwalk.
+#: per Trainer as replay is, issue 17's mas and rwalk, and issue 16's replay_herding, icarl and gdumb.
 METHODS = ("ewc", "replay", "l2", "si", "distillation")
 #: A resumed run's objects are built from other seeds: only the checkpoint can make it match.
 RESUME_SEED_SHIFT = 1000
@@ -119,6 +121,13 @@ def build_methods(names: Sequence[str], net: nn.Module, seed: int) -> dict[str, 
         # (2 steps an interval, three batches an epoch: kills fall inside intervals too)
         "mas": lambda: MAS(net, importance=1.0, sample_size=20, seed=seed + 2),
         "rwalk": lambda: RWalk(net, importance=1.0, interval=2),
+        # issue 16: exemplars (with their ranks) chosen at each task's end, iCaRL's teacher and
+        # nearest means, GDumb's memory served as the task's training data after its reset
+        "replay_herding": lambda: ExperienceReplay(
+            net, memory_size=20, replay_ratio=0.5, seed=seed + 1, selection="herding", feature_extractor="1"
+        ),
+        "icarl": lambda: ICaRL(net, memory_size=20, replay_ratio=0.5, seed=seed + 1),
+        "gdumb": lambda: GDumb(net, memory_size=20, seed=seed + 1),
     }
     unknown = [name for name in names if name not in makers]
     if unknown:
