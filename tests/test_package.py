@@ -11,9 +11,15 @@ from torch.utils.data import TensorDataset
 
 import neurenix as nx
 from neurenix.continual import (
+    AGEM,
+    ERACE,
     EWC,
+    GEM,
     MAS,
+    DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
+    ICaRL,
     KnowledgeDistillation,
     L2Regularization,
     RWalk,
@@ -22,7 +28,7 @@ from neurenix.continual import (
 
 METHODS = [EWC, ExperienceReplay, L2Regularization, KnowledgeDistillation, SynapticIntelligence]
 #: Methods beyond the API document, in its shape (positional arguments as the five's, options keyword-only).
-BEYOND_API = [MAS, RWalk]
+BEYOND_API = [DarkExperienceReplay, ERACE, AGEM, GEM, MAS, RWalk, ICaRL, GDumb]
 
 
 # ---------------------------------------------------------------------------- names
@@ -65,6 +71,14 @@ DOCUMENTED = {
 
 
 OURS = {
+    DarkExperienceReplay: [("model", inspect.Parameter.empty), ("memory_size", 1000), ("alpha", 0.2), ("beta", 0.0),
+                           ("replay_ratio", 1.0), ("device", None)],
+    ERACE: [("model", inspect.Parameter.empty), ("memory_size", 1000), ("replay_ratio", 1.0), ("device", None)],
+    AGEM: [("model", inspect.Parameter.empty), ("memory_size", 1000), ("reference_size", 256), ("device", None)],
+    GEM: [("model", inspect.Parameter.empty), ("memory_size", 1000), ("margin", 0.5), ("device", None)],
+    ICaRL: [("model", inspect.Parameter.empty), ("memory_size", 2000), ("feature_extractor", None), ("replay_ratio", 0.5),
+            ("device", None)],
+    GDumb: [("model", inspect.Parameter.empty), ("memory_size", 2000), ("device", None)],
     MAS: [("model", inspect.Parameter.empty), ("importance", 1.0), ("sample_size", 1000), ("device", None)],
     RWalk: [("model", inspect.Parameter.empty), ("importance", 1.0), ("alpha", 0.9), ("epsilon", 1e-3), ("device", None)],
 }
@@ -121,6 +135,17 @@ METHOD_PARAMETERS = {
         "get_regularization_loss": [],
         "train_step": ["optimizer", "loss_fn", "inputs", "targets", "task_id"],
     },
+    **{cls: {
+        "register_task": ["task_id", "dataloader"],
+        "add_to_memory": ["inputs", "targets", "task_id"],
+        "get_replay_batch": ["batch_size"],
+        "train_step": ["optimizer", "loss_fn", "inputs", "targets", "task_id"],
+    } for cls in (DarkExperienceReplay, ERACE, AGEM, GEM, ICaRL)},
+    GDumb: {
+        "register_task": ["task_id", "dataloader"],
+        "add_to_memory": ["inputs", "targets", "task_id"],
+        "train_on_memory": ["optimizer_factory", "loss_fn", "epochs", "batch_size"],
+    },
 }
 
 
@@ -144,7 +169,8 @@ def test_register_task_dataloader_may_be_none():
 @pytest.mark.parametrize("cls", METHODS + BEYOND_API)
 def test_every_method_is_a_lightning_callback(cls):
     assert issubclass(cls, Callback)
-    assert isinstance(cls(torch.nn.Linear(2, 2)), Callback)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))  # iCaRL's features: the first layer's
+    assert isinstance(cls(model), Callback)
 
 
 # ---------------------------------------------------------------------------- nx.init
