@@ -18,9 +18,13 @@ __all__ = [
     "add_quadratic_penalty_grad_",
     "agem_project_",
     "as_arguments",
+    "BIAS_FIT_STEPS",
+    "bias_corrected",
+    "bic_loss",
     "class_sums",
     "closest_to_mean_order",
     "distillation_loss",
+    "fit_bias_correction",
     "GEM_DIAGONAL_EPS",
     "gem_dual",
     "gem_project",
@@ -1143,3 +1147,136 @@ def rwalk_weights(fisher: Mapping[str, Tensor], scores: Mapping[str, Tensor]) ->
 
     fisher, scores = scaled(fisher), scaled(scores)
     return {name: fisher[name] + scores[name] for name in fisher}
+
+
+# --------------------------------------------------------------------------------------------
+# BiC: bias correction (Wu et al. 2019)
+# --------------------------------------------------------------------------------------------
+
+
+def bic_loss(
+    logits: Tensor,
+    targets: Tensor,
+    classes: Tensor,
+    old_logits: Optional[Tensor] = None,
+    old_classes: Optional[Tensor] = None,
+    temperature: float = 2.0,
+) -> Tensor:
+    """BiC's training loss: ``λ·L_d + (1 − λ)·L_c`` with ``λ = n_old / (n_old + n_new)``.
+
+    ``L_c`` is the cross-entropy of the labels over the softmax of the ``classes`` units (the
+    classes learned so far, old and new: the paper's network has no others); ``L_d`` the soft
+    cross-entropy ``−Σ_k π̂_k log π_k`` over the old classes, ``π̂ = softmax(ẑ_old / T)`` from
+    the previous network and ``π = softmax(z_old / T)`` from the current one (the paper's Eq. 1,
+    without a ``T²`` factor), both means over the batch. Without ``old_logits`` (the first task)
+    the loss is ``L_c`` alone. Computed in float32 at least.
+
+    Args:
+        logits: ``(N, C)`` outputs of the network being trained (bias-corrected where it applies).
+        targets: ``(N,)`` class labels, each in ``classes``.
+        classes: boolean ``(C,)`` mask of the classes learned so far (``n_old + n_new`` of them).
+        old_logits: ``(N, C)`` outputs of the previous network on the same inputs, or ``None``.
+        old_classes: boolean ``(C,)`` mask of the classes the previous network learned
+            (``n_old``, inside ``classes``); required with ``old_logits``.
+        temperature: ``T > 0``, the distillation's temperature (the paper's 2).
+
+    Raises:
+        ValueError: shapes that do not fit, or ``old_logits`` without ``old_classes``.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or classes.shape != logits.shape[1:] or classes.dtype != torch.bool:
+        raise ValueError(
+            f"logits must be (N, C), targets (N,) class labels and classes a boolean (C,) mask, got {tuple(logits.shape)}, "
+            f"{tuple(targets.shape)} and {classes.dtype} {tuple(classes.shape)}"
+        )
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(dtype)
+    masked = z.masked_fill(~classes.to(z.device), float("-inf"))
+    classification = F.cross_entropy(masked, targets.to(z.device).long())
+    if old_logits is None:
+        return classification
+    if old_classes is None or old_logits.shape != logits.shape or old_classes.shape != classes.shape or old_classes.dtype != torch.bool:
+        raise ValueError(
+            f"old_logits must be (N, C) = {tuple(logits.shape)} with old_classes a boolean ({classes.shape[0]},) mask, got "
+            f"{tuple(old_logits.shape)} and {None if old_classes is None else tuple(old_classes.shape)}"
+        )
+    old = old_classes.to(z.device)
+    num_old, num_all = int(old.sum()), int((classes.to(z.device) | old).sum())
+    if num_old == 0:
+        return classification
+    teacher = F.softmax(old_logits.detach().to(dtype)[:, old] / temperature, dim=1)
+    distillation = -(teacher * F.log_softmax(z[:, old] / temperature, dim=1)).sum(1).mean()
+    share = num_old / num_all  # λ: the old classes' share of those learned
+    return share * distillation + (1 - share) * classification
+
+
+def bias_corrected(logits: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``scale · z + shift`` per output unit: BiC's bias layers (``scale`` 1 and ``shift`` 0 on
+    the units without a correction), in the logits' dtype. ``scale``/``shift`` are ``(C,)``."""
+    return logits * scale.to(logits.device, logits.dtype) + shift.to(logits.device, logits.dtype)
+
+
+#: Most Newton steps :func:`fit_bias_correction` takes (it converges in far fewer on held-out logits).
+BIAS_FIT_STEPS = 100
+
+
+def fit_bias_correction(logits: Tensor, targets: Tensor, new_classes: Tensor, l2: float = 0.0) -> tuple[float, float]:
+    """BiC's stage 2: the ``(α, β)`` minimizing the mean cross-entropy of ``targets`` over the
+    logits with ``α·z + β`` on the ``new_classes`` units (the others as they are), plus
+    ``l2/2 · ((α − 1)² + β²)``.
+
+    The loss is convex in ``(α, β)`` (a log-sum-exp of affine functions, less an affine one), so
+    a damped Newton method in float64 from ``(1, 0)`` finds its minimum exactly and
+    deterministically (the paper runs SGD on the two scalars; the minimum is the same). Without
+    ``l2`` a held-out set that the correction can separate perfectly has no finite minimum: the
+    steps stop after :data:`BIAS_FIT_STEPS`; ``l2 > 0`` makes the minimum unique and finite.
+
+    Args:
+        logits: ``(N, C)`` cached logits of the held-out samples (the network frozen), restricted
+            to the classes learned so far (or ``−inf`` elsewhere).
+        targets: ``(N,)`` their class labels.
+        new_classes: boolean ``(C,)`` mask of the units corrected.
+        l2: ``>= 0``, the pull towards no correction.
+
+    Returns:
+        ``(α, β)`` as floats; ``(1.0, 0.0)`` for no samples.
+
+    Raises:
+        ValueError: shapes that do not fit, or a negative ``l2``.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or new_classes.shape != logits.shape[1:] or new_classes.dtype != torch.bool:
+        raise ValueError(
+            f"logits must be (N, C), targets (N,) class labels and new_classes a boolean (C,) mask, got "
+            f"{tuple(logits.shape)}, {tuple(targets.shape)} and {new_classes.dtype} {tuple(new_classes.shape)}"
+        )
+    if not l2 >= 0:
+        raise ValueError(f"l2 must be >= 0, got {l2!r}")
+    if logits.shape[0] == 0:
+        return 1.0, 0.0
+    z, labels, new = logits.detach().double(), targets.long().to(logits.device), new_classes.to(logits.device)
+
+    def loss(theta: Tensor) -> Tensor:
+        corrected = torch.where(new, theta[0] * z + theta[1], z)
+        penalty = 0.5 * l2 * ((theta[0] - 1) ** 2 + theta[1] ** 2)
+        return F.cross_entropy(corrected, labels) + penalty
+
+    theta = torch.tensor([1.0, 0.0], dtype=torch.float64, device=z.device)
+    value = loss(theta)
+    for _ in range(BIAS_FIT_STEPS):
+        gradient = grad(loss)(theta)
+        if float(gradient.abs().max()) < 1e-12:
+            break
+        hessian = torch.func.hessian(loss)(theta) + 1e-12 * torch.eye(2, dtype=z.dtype, device=z.device)
+        step = torch.linalg.solve(hessian, gradient)
+        size = 1.0
+        while size > 1e-10:  # backtracking: the full Newton step, halved until the loss decreases
+            candidate = theta - size * step
+            candidate_value = loss(candidate)
+            if bool(candidate_value <= value):
+                break
+            size /= 2
+        else:
+            break
+        if bool(candidate_value == value) and torch.equal(candidate, theta):
+            break
+        theta, value = candidate, candidate_value
+    return float(theta[0]), float(theta[1])
