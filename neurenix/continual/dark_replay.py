@@ -7,7 +7,7 @@ stored; a training step keeps the network's outputs on memory samples close to t
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,12 @@ class DarkExperienceReplay(CapturesTrainingForwards, RehearsalMethod):
             batch as large as the new batch, as in the paper).
         device: where the memory lives; ``None`` follows the model.
         seed: seeds the memory's sampling; ``None`` derives one from PyTorch's initial seed.
+        selection: ``None``: the memory is a reservoir over the stream. ``"herding"``, ``"closest"``
+            or ``"random"``: an exemplar memory chosen from each task's data at its end (as
+            :class:`~neurenix.continual.ExperienceReplay`'s option: the stored logits are the network's outputs on the exemplars when the task ends); nothing enters it during a
+            task, and ``add_to_memory`` is refused.
+        feature_extractor: with ``"herding"`` or ``"closest"``, the submodule of ``model`` (or its
+            name) whose output ranks the samples.
 
     In a plain loop, ``train_step`` stores each batch itself (its logits are those of the step):
     call ``add_to_memory`` only for samples that are not trained with ``train_step`` (its logits
@@ -95,17 +101,20 @@ class DarkExperienceReplay(CapturesTrainingForwards, RehearsalMethod):
         device: Optional[torch.device] = None,
         *,
         seed: Optional[int] = None,
+        selection: Optional[str] = None,
+        feature_extractor: Union[None, torch.nn.Module, str] = None,
     ) -> None:
         check_model(model)
         check_int("memory_size", memory_size, minimum=0)
         self.alpha = check_real("alpha", alpha, minimum=0.0)
         self.beta = check_real("beta", beta, minimum=0.0)
         self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
-        super().__init__(model, memory_size, device, seed)
+        super().__init__(model, memory_size, device, seed, selection=selection, feature_extractor=feature_extractor)
         self._capture = ForwardCapture(model)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"memory_size": self.memory_size, "alpha": self.alpha, "beta": self.beta, "replay_ratio": self.replay_ratio}
+        selection = {} if self.selection is None else {"selection": self.selection}  # the default's state key as before
+        return {"memory_size": self.memory_size, "alpha": self.alpha, "beta": self.beta, "replay_ratio": self.replay_ratio, **selection}
 
     def replay_count(self, batch_size: int) -> int:
         """Samples in each memory batch of a step on ``batch_size`` new ones:

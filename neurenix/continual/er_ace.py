@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -77,6 +77,12 @@ class ERACE(CapturesTrainingForwards, RehearsalMethod):
         replay_ratio: replayed samples per new sample, ``>= 0``.
         device: where the memory lives; ``None`` follows the model.
         seed: seeds the memory's sampling; ``None`` derives one from PyTorch's initial seed.
+        selection: ``None``: the memory is a reservoir over the stream. ``"herding"``, ``"closest"``
+            or ``"random"``: an exemplar memory chosen from each task's data at its end (as
+            :class:`~neurenix.continual.ExperienceReplay`'s option); nothing enters it during a
+            task (the first task trains without replay), and ``add_to_memory`` is refused.
+        feature_extractor: with ``"herding"`` or ``"closest"``, the submodule of ``model`` (or its
+            name) whose output ranks the samples.
 
     Raises:
         TypeError / ValueError: an argument of the wrong type or out of range.
@@ -100,10 +106,12 @@ class ERACE(CapturesTrainingForwards, RehearsalMethod):
         device: Optional[torch.device] = None,
         *,
         seed: Optional[int] = None,
+        selection: Optional[str] = None,
+        feature_extractor: Union[None, nn.Module, str] = None,
     ) -> None:
         check_model(model)
         self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
-        super().__init__(model, memory_size, device, seed)
+        super().__init__(model, memory_size, device, seed, selection=selection, feature_extractor=feature_extractor)
         #: Boolean mask over output units: the classes trained on or added to memory so far.
         self._seen: Optional[Tensor] = None
         #: Under a Trainer: the step's incoming targets and replayed samples, from
@@ -113,7 +121,8 @@ class ERACE(CapturesTrainingForwards, RehearsalMethod):
         self._capture = ForwardCapture(model, transform=self._mask_captured)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio}
+        selection = {} if self.selection is None else {"selection": self.selection}  # the default's state key as before
+        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **selection}
 
     def replay_count(self, batch_size: int) -> int:
         """How many samples a step on ``batch_size`` new ones replays: ``round(replay_ratio · batch_size)``."""

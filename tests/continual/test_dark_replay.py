@@ -519,3 +519,45 @@ def test_a_model_whose_outputs_are_not_one_row_of_logits_per_sample_is_refused()
     with pytest.raises(ValueError, match=re.escape(message)):
         der.add_to_memory(*make_task(8).tensors, task_id=0)
     assert der.memory.num_seen == 0
+
+
+# ------------------------------------------------------------------------------------ exemplars
+def herded_by_hand(net: nn.Module, x: torch.Tensor, y: torch.Tensor, per_class: int) -> list[int]:
+    """Each class's first ``per_class`` samples in herding order on the hidden layer's normalized output."""
+    from neurenix.continual import functional as CF
+
+    with torch.no_grad():
+        features = F.normalize(net[:2](x), dim=1)
+    chosen = []
+    for label in y.unique().tolist():
+        rows = torch.nonzero(y == label).squeeze(1)
+        chosen += rows[CF.herding_order(features[rows], per_class)].tolist()
+    return chosen
+
+
+def rows_of(stored: torch.Tensor, x: torch.Tensor) -> list[int]:
+    """Which row of ``x`` each stored input is."""
+    return [int(torch.nonzero((x == row).all(1)).squeeze()) for row in stored]
+
+
+def test_with_selection_the_memory_holds_herded_exemplars_with_their_logits_at_the_tasks_end():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    der = DarkExperienceReplay(net, memory_size=6, alpha=0.5, selection="herding", feature_extractor="1", seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 4, generator=generator, dtype=torch.float64), torch.arange(20) % 2
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    der.register_task(0, DataLoader(TensorDataset(x, y), batch_size=5))
+    for start in range(0, 20, 5):
+        der.train_step(optimizer, F.cross_entropy, x[start:start + 5], y[start:start + 5], 0)
+    assert len(der.memory) == 0  # nothing enters during a task
+    expected = herded_by_hand(net, x, y, per_class=3)
+    with torch.no_grad():
+        logits_at_end = net(x)
+    der.register_task(1)  # ends task 0: its exemplars are chosen at the parameters it ended with
+    state = der.memory.state_dict()
+    assert sorted(rows_of(state["inputs"], x)) == sorted(expected)
+    torch.testing.assert_close(state["logits"], logits_at_end[rows_of(state["inputs"], x)], rtol=0, atol=1e-12)
+    assert der.hyperparameters()["selection"] == "herding"
+    with pytest.raises(ValueError, match="chooses its exemplars from each task's data at the task's end"):
+        der.add_to_memory(x[:2], y[:2], 1)

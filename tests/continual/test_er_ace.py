@@ -536,3 +536,23 @@ def test_a_lightning_fit_whose_targets_are_not_labels_is_refused_at_its_first_ba
         quiet_trainer(callbacks=[ace]).fit(lit_classifier(net), DataLoader(data, batch_size=8))
     assert (len(ace.memory), ace.seen_classes) == (0, [])
     assert all(torch.equal(p, before[name]) for name, p in net.named_parameters())
+
+
+def test_with_selection_the_replayed_samples_are_the_herded_exemplars_of_the_finished_task():
+    from tests.continual.test_dark_replay import herded_by_hand, rows_of
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    ace = ERACE(net, memory_size=4, selection="herding", feature_extractor="1", seed=0)
+    generator = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 4, generator=generator, dtype=torch.float64), torch.arange(16) % 2
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    ace.register_task(0, DataLoader(TensorDataset(x, y), batch_size=8))
+    for start in (0, 8):
+        ace.train_step(optimizer, F.cross_entropy, x[start:start + 8], y[start:start + 8], 0)
+    assert len(ace.memory) == 0  # the first task trains without replay
+    expected = herded_by_hand(net, x, y, per_class=2)
+    new_x, new_y = torch.randn(4, 4, generator=generator, dtype=torch.float64), torch.tensor([2, 3, 2, 3])
+    ace.train_step(optimizer, F.cross_entropy, new_x, new_y, 1)  # ends task 0, then replays its exemplars
+    assert sorted(rows_of(ace.memory.state_dict()["inputs"], x)) == sorted(expected)
+    assert ace.seen_classes == [0, 1, 2, 3] and len(ace.memory) == 4  # task 1's batch is not stored
