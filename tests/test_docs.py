@@ -53,7 +53,7 @@ METHOD_PAGES = {
     "EWC": "ewc", "SynapticIntelligence": "synaptic-intelligence", "L2Regularization": "l2",
     "KnowledgeDistillation": "distillation", "ExperienceReplay": "replay", "DarkExperienceReplay": "dark-experience-replay",
     "ERACE": "er-ace", "AGEM": "a-gem", "GEM": "gem", "MAS": "mas", "RWalk": "rwalk", "ICaRL": "icarl",
-    "GDumb": "gdumb",
+    "GDumb": "gdumb", "BiC": "bic",
 }
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 

@@ -16,6 +16,7 @@ from neurenix.continual import (
     EWC,
     GEM,
     MAS,
+    BiC,
     DarkExperienceReplay,
     ExperienceReplay,
     GDumb,
@@ -28,7 +29,7 @@ from neurenix.continual import (
 
 METHODS = [EWC, ExperienceReplay, L2Regularization, KnowledgeDistillation, SynapticIntelligence]
 #: Methods beyond the API document, in its shape (positional arguments as the five's, options keyword-only).
-BEYOND_API = [DarkExperienceReplay, ERACE, AGEM, GEM, MAS, RWalk, ICaRL, GDumb]
+BEYOND_API = [DarkExperienceReplay, ERACE, AGEM, GEM, MAS, RWalk, ICaRL, BiC, GDumb]
 
 
 # ---------------------------------------------------------------------------- names
@@ -51,7 +52,12 @@ def test_document_names_are_pytorch_classes(ours, theirs):
 
 def test_document_imports():
     from neurenix.continual import EWC as ewc  # noqa: F401
-    from neurenix.continual import ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence  # noqa: F401
+    from neurenix.continual import (  # noqa: F401
+        ExperienceReplay,
+        KnowledgeDistillation,
+        L2Regularization,
+        SynapticIntelligence,
+    )
     from neurenix.data import DataLoader  # noqa: F401
     from neurenix.nn import Linear, ReLU, Sequential  # noqa: F401
     from neurenix.optim import Adam  # noqa: F401
@@ -78,6 +84,8 @@ OURS = {
     GEM: [("model", inspect.Parameter.empty), ("memory_size", 1000), ("margin", 0.5), ("device", None)],
     ICaRL: [("model", inspect.Parameter.empty), ("memory_size", 2000), ("feature_extractor", None), ("replay_ratio", 0.5),
             ("device", None)],
+    BiC: [("model", inspect.Parameter.empty), ("memory_size", 2000), ("feature_extractor", None), ("replay_ratio", 0.5),
+          ("device", None)],
     GDumb: [("model", inspect.Parameter.empty), ("memory_size", 2000), ("device", None)],
     MAS: [("model", inspect.Parameter.empty), ("importance", 1.0), ("sample_size", 1000), ("device", None)],
     RWalk: [("model", inspect.Parameter.empty), ("importance", 1.0), ("alpha", 0.9), ("epsilon", 1e-3), ("device", None)],
@@ -140,7 +148,7 @@ METHOD_PARAMETERS = {
         "add_to_memory": ["inputs", "targets", "task_id"],
         "get_replay_batch": ["batch_size"],
         "train_step": ["optimizer", "loss_fn", "inputs", "targets", "task_id"],
-    } for cls in (DarkExperienceReplay, ERACE, AGEM, GEM, ICaRL)},
+    } for cls in (DarkExperienceReplay, ERACE, AGEM, GEM, ICaRL, BiC)},
     GDumb: {
         "register_task": ["task_id", "dataloader"],
         "add_to_memory": ["inputs", "targets", "task_id"],
@@ -212,10 +220,10 @@ def test_ewc_example(datasets):
     task1_dataset, task2_dataset = datasets
     # ---- the document's code, unchanged ----
     import neurenix as nx
-    from neurenix.nn import Sequential, Linear, ReLU
-    from neurenix.optim import Adam
     from neurenix.continual import EWC
     from neurenix.data import DataLoader
+    from neurenix.nn import Linear, ReLU, Sequential
+    from neurenix.optim import Adam
 
     model = Sequential(Linear(784, 256), ReLU(), Linear(256, 10))
     ewc = EWC(model, importance=1000.0)
@@ -240,10 +248,10 @@ def test_ewc_example(datasets):
 def test_experience_replay_example(datasets):
     task1_dataset, task2_dataset = datasets
     import neurenix as nx
-    from neurenix.nn import Sequential, Linear, ReLU
-    from neurenix.optim import Adam
     from neurenix.continual import ExperienceReplay
     from neurenix.data import DataLoader
+    from neurenix.nn import Linear, ReLU, Sequential
+    from neurenix.optim import Adam
 
     model = Sequential(Linear(784, 256), ReLU(), Linear(256, 10))
     replay = ExperienceReplay(model, memory_size=1000, replay_ratio=0.5)
@@ -270,10 +278,10 @@ def test_experience_replay_example(datasets):
 def test_l2_example(datasets):
     task1_dataset, task2_dataset = datasets
     import neurenix as nx
-    from neurenix.nn import Sequential, Linear, ReLU
-    from neurenix.optim import Adam
     from neurenix.continual import L2Regularization
     from neurenix.data import DataLoader
+    from neurenix.nn import Linear, ReLU, Sequential
+    from neurenix.optim import Adam
 
     model = Sequential(Linear(784, 256), ReLU(), Linear(256, 10))
     l2_reg = L2Regularization(model, importance=1.0)
@@ -303,10 +311,10 @@ def test_l2_example(datasets):
 def test_knowledge_distillation_example(datasets):
     task1_dataset, task2_dataset = datasets
     import neurenix as nx
-    from neurenix.nn import Sequential, Linear, ReLU
-    from neurenix.optim import Adam
     from neurenix.continual import KnowledgeDistillation
     from neurenix.data import DataLoader
+    from neurenix.nn import Linear, ReLU, Sequential
+    from neurenix.optim import Adam
 
     model = Sequential(Linear(784, 256), ReLU(), Linear(256, 10))
     distillation = KnowledgeDistillation(model, temperature=2.0, alpha=0.5)
@@ -338,10 +346,10 @@ def test_knowledge_distillation_example(datasets):
 def test_synaptic_intelligence_example(datasets):
     task1_dataset, task2_dataset = datasets
     import neurenix as nx
-    from neurenix.nn import Sequential, Linear, ReLU
-    from neurenix.optim import Adam
     from neurenix.continual import SynapticIntelligence
     from neurenix.data import DataLoader
+    from neurenix.nn import Linear, ReLU, Sequential
+    from neurenix.optim import Adam
 
     model = Sequential(Linear(784, 256), ReLU(), Linear(256, 10))
     si = SynapticIntelligence(model, importance=1.0, xi=0.1)

@@ -40,6 +40,8 @@ from neurenix.continual import (
     ERACE,
     EWC,
     GEM,
+    MAS,
+    BiC,
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
@@ -47,11 +49,17 @@ from neurenix.continual import (
     ICaRL,
     KnowledgeDistillation,
     L2Regularization,
-    MAS,
     RWalk,
     SynapticIntelligence,
 )
-from neurenix.data import DownloadError, IDXFormatError, TaskSequenceDataModule, fit_sequence, permuted_benchmark, split_benchmark
+from neurenix.data import (
+    DownloadError,
+    IDXFormatError,
+    TaskSequenceDataModule,
+    fit_sequence,
+    permuted_benchmark,
+    split_benchmark,
+)
 from neurenix.data.benchmarks import TaskSequence
 from neurenix.metrics import ForgettingCurves
 
@@ -80,10 +88,19 @@ def _distillation(model: nn.Module, s: DistillationSettings, scenario: str) -> l
 
 
 #: name -> builder of the callbacks; ``none`` (plain fine-tuning) has none.
+def _one_head(name: str, scenario: str) -> None:
+    if scenario == "task":  # one head per task: labels repeat across tasks, class means or biases would mix them
+        raise ValueError(f"{name} learns classes incrementally over one head: use --scenario class or domain, not task")
+
+
 def _icarl(model: nn.Module, s: Any, scenario: str) -> ICaRL:
-    if scenario == "task":  # one head per task: labels repeat across tasks, nearest means would mix them
-        raise ValueError("icarl learns classes incrementally over one head: use --scenario class or domain, not task")
+    _one_head("icarl", scenario)
     return ICaRL(model, memory_size=s.memory_size, feature_extractor=model.body, replay_ratio=s.replay_ratio)
+
+
+def _bic(model: nn.Module, s: Any, scenario: str) -> BiC:
+    _one_head("bic", scenario)
+    return BiC(model, memory_size=s.memory_size, feature_extractor=model.body, replay_ratio=s.replay_ratio)
 
 
 _BUILDERS: dict[str, Callable[..., list]] = {
@@ -104,6 +121,7 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "agem": lambda model, s, scenario: [AGEM(model, memory_size=s.memory_size, reference_size=s.reference_size)],
     "gem": lambda model, s, scenario: [GEM(model, memory_size=s.memory_size, margin=s.margin)],
     "icarl": lambda model, s, scenario: [_icarl(model, s, scenario)],
+    "bic": lambda model, s, scenario: [_bic(model, s, scenario)],
     "gdumb": lambda model, s, scenario: [GDumb(model, memory_size=s.memory_size)],
     "mas": lambda model, s, scenario: [MAS(model, importance=s.importance, sample_size=s.sample_size)],
     "rwalk": lambda model, s, scenario: [
@@ -406,9 +424,10 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress:
     inputs = math.prod(benchmark.input_shape)
     model = MLPClassifier(inputs, benchmark.num_classes, settings.hidden, heads, settings.lr)
     methods = method_callbacks(name, model, settings, benchmark.scenario)
-    # A method that predicts otherwise than the network's outputs (iCaRL: nearest mean of exemplars) is measured so.
+    # A method that predicts otherwise than the network's outputs (iCaRL: nearest mean of exemplars;
+    # BiC: bias-corrected logits) is measured so.
     predictor = next((m.classifier for m in methods if getattr(m, "classifier", None) is not None), None)
-    # Its curves have a point at each task's end only: nearest means exist once a task has ended.
+    # Its curves have a point at each task's end only: its predictor is fitted when a task ends.
     curves = ForgettingCurves(every_n_epochs=None if predictor else 1, predictor=predictor)
     recorder = CurveRecorder()
     # One run per folder (neurenix.cli.output): the method's own folder, no version_N below it.

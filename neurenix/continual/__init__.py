@@ -11,6 +11,7 @@ Plain PyTorch (the Neurenix continual-learning API)::
 """
 
 from neurenix.continual.base import ContinualMethod
+from neurenix.continual.bic import BiC
 from neurenix.continual.boundary import ShiftDetector, TaskBoundaryDetector
 from neurenix.continual.callback import ContinualCallback
 from neurenix.continual.dark_replay import DarkExperienceReplay
@@ -38,6 +39,7 @@ from neurenix.continual.synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
     "AGEM",
+    "BiC",
     "ClassBalancedMemory",
     "ShiftDetector",
     "TaskBoundaryDetector",

@@ -13,15 +13,16 @@ from torch.utils.data import DataLoader, TensorDataset
 import neurenix as nx
 from neurenix.automl import GridSearch, stratified_folds
 from neurenix.continual import (
-    GDumb,
-    ICaRL,
     AGEM,
     ERACE,
     EWC,
     GEM,
     MAS,
+    BiC,
     DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
+    ICaRL,
     L2Regularization,
     RWalk,
 )
@@ -287,6 +288,7 @@ def test_an_importance_search_scores_each_value_as_a_hand_run(name):
 OWN_TRAINING = {
     "icarl": lambda memory_size: ICaRL(_blobs_net(), memory_size=memory_size, replay_ratio=1.0),
     "gdumb": lambda memory_size: GDumb(_blobs_net(), memory_size=memory_size),
+    "bic": lambda memory_size: BiC(_blobs_net(), memory_size=memory_size, replay_ratio=1.0),
 }
 
 
@@ -308,8 +310,8 @@ def _by_hand(name: str, parts, memory_size: int, seed: int, epochs: int, lr: flo
                 for batch in torch.randperm(len(y), generator=order).split(10):
                     method.train_step(optimizer, nn.CrossEntropyLoss(), x[batch], y[batch], task_id=task_id)
         predict = method.model
-        if name == "icarl":
-            method.finish_task()  # the last task's exemplars and means
+        if name in ("icarl", "bic"):
+            method.finish_task()  # the last task's exemplars and means, or bias correction
             predict = method.classifier
         with torch.no_grad():
             return sum((predict(x).argmax(1) == y).double().mean().item() for _, _, x, y in parts) / len(parts)

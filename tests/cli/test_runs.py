@@ -29,6 +29,7 @@ from neurenix.continual import (
     ERACE,
     GEM,
     MAS,
+    BiC,
     DarkExperienceReplay,
     ExperienceReplay,
     GDumb,
@@ -134,6 +135,7 @@ REHEARSAL = {
     "agem": (AGEM, {"memory_size": 37, "reference_size": 5}),
     "gem": (GEM, {"memory_size": 37, "margin": 0.25}),
     "icarl": (ICaRL, {"memory_size": 37, "replay_ratio": 0.5}),
+    "bic": (BiC, {"memory_size": 37, "replay_ratio": 0.5}),
     "gdumb": (GDumb, {"memory_size": 37}),
 }
 
@@ -151,7 +153,8 @@ def test_each_rehearsal_name_builds_its_class_with_the_settings_given(name):
     assert [type(method) for method in methods] == [cls]
     # every setting reaches the method, and der (DER++'s beta left at 0) is DER
     expected = {**dict(values), **({"beta": 0.0} if name == "der" else {})}
-    assert {key: value for key, value in methods[0].hyperparameters().items() if key != "selection"} == expected
+    options = ("selection", "held_out", "temperature")  # the methods' own defaults, not the command's
+    assert {key: value for key, value in methods[0].hyperparameters().items() if key not in options} == expected
     assert set(dataclasses.asdict(METHOD_SETTINGS[name]())) | ({"beta"} if name == "der" else set()) == set(expected)
 
 
@@ -231,11 +234,12 @@ def test_icarl_ranks_the_commands_model_by_its_body_and_refuses_one_head_per_tas
     assert icarl.hyperparameters()["selection"] == "herding"
     model = icarl.model
     assert icarl.classifier.extractor.module is model.body  # the features feeding the head
-    with pytest.raises(UsageError, match="--icarl: icarl learns classes incrementally over one head: use --scenario class"):
-        method_callbacks("icarl", MLPClassifier(4, 3, heads=2), command_settings(), "task")
+    for name in ("icarl", "bic"):
+        with pytest.raises(UsageError, match=f"--{name}: {name} learns classes incrementally over one head: use --scenario class"):
+            method_callbacks(name, MLPClassifier(4, 3, heads=2), command_settings(), "task")
 
 
-@pytest.mark.parametrize("name", ["icarl", "replay"])
+@pytest.mark.parametrize("name", ["icarl", "bic", "replay"])
 def test_a_method_with_a_classifier_of_its_own_is_measured_by_it(name, tmp_path, monkeypatch):
     # The command's table reports what iCaRL predicts, the nearest mean of exemplars, not its
     # head; the curves then have a point at each task's end only (no means before a task ends).
@@ -252,7 +256,7 @@ def test_a_method_with_a_classifier_of_its_own_is_measured_by_it(name, tmp_path,
     settings = command_settings("--methods", name, "--epochs", "1", "--num_tasks", "2", "--seed", "1",
                                 "--accelerator", "cpu", "--output", str(tmp_path), "--scenario", "class")
     run, _ = runs.run_method(name, settings, runs.load_benchmark(settings)[0], tmp_path, progress=False)
-    if name == "icarl":
+    if name in ("icarl", "bic"):
         assert made == [{"every_n_epochs": None, "predictor": built[0].classifier}]
     else:
         assert made == [{"every_n_epochs": 1, "predictor": None}]

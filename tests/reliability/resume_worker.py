@@ -58,6 +58,8 @@ from neurenix.continual import (  # noqa: E402
     ERACE,
     EWC,
     GEM,
+    MAS,
+    BiC,
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
@@ -65,7 +67,6 @@ from neurenix.continual import (  # noqa: E402
     ICaRL,
     KnowledgeDistillation,
     L2Regularization,
-    MAS,
     RWalk,
     SynapticIntelligence,
 )
@@ -127,6 +128,7 @@ def build_methods(names: Sequence[str], net: nn.Module, seed: int) -> dict[str, 
             net, memory_size=20, replay_ratio=0.5, seed=seed + 1, selection="herding", feature_extractor="1"
         ),
         "icarl": lambda: ICaRL(net, memory_size=20, replay_ratio=0.5, seed=seed + 1),
+        "bic": lambda: BiC(net, memory_size=20, replay_ratio=0.5, seed=seed + 1),
         "gdumb": lambda: GDumb(net, memory_size=20, seed=seed + 1),
     }
     unknown = [name for name in names if name not in makers]

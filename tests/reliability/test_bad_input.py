@@ -28,6 +28,8 @@ from neurenix.continual import (
     ERACE,
     EWC,
     GEM,
+    MAS,
+    BiC,
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
@@ -35,14 +37,13 @@ from neurenix.continual import (
     ICaRL,
     KnowledgeDistillation,
     L2Regularization,
-    MAS,
     RWalk,
     SynapticIntelligence,
 )
 from neurenix.data import (
-    IDXFormatError,
     MNIST,
     Digits,
+    IDXFormatError,
     PermutePixels,
     TaskDataset,
     TaskSequenceDataModule,
@@ -51,7 +52,12 @@ from neurenix.data import (
     read_idx,
     split_benchmark,
 )
-from neurenix.metrics import AccuracyMatrix, ForgettingCurves, average_accuracy, forward_transfer
+from neurenix.metrics import (
+    AccuracyMatrix,
+    ForgettingCurves,
+    average_accuracy,
+    forward_transfer,
+)
 from tests.helpers import lit_classifier, quiet_trainer
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
@@ -60,10 +66,10 @@ REHEARSAL = (DarkExperienceReplay, ERACE, AGEM, GEM)
 #: The importance methods of issue 17.
 IMPORTANCE = (MAS, RWalk)
 #: The exemplar methods of issue 16.
-EXEMPLAR = (ICaRL, GDumb)
+EXEMPLAR = (ICaRL, BiC, GDumb)
 METHODS = (EWC, ExperienceReplay, L2Regularization, SynapticIntelligence, KnowledgeDistillation, *REHEARSAL, *IMPORTANCE, *EXEMPLAR)
 ALL_METHODS = ("`EWC`, `ExperienceReplay`, `L2Regularization`, `SynapticIntelligence`, `KnowledgeDistillation`, "
-               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`, `MAS`, `RWalk`, `ICaRL`, `GDumb`")
+               "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`, `MAS`, `RWalk`, `ICaRL`, `BiC`, `GDumb`")
 POLICY = "none (policy)"
 
 
@@ -378,15 +384,18 @@ def gdumb_with_another_method(tmp):
     fit_sequence(trainer, lit_classifier(net), sequence(), epochs_per_task=1)
 
 
-def icarl_task_switch_without_data(_):
-    net = mlp()
-    icarl, optimizer = ICaRL(net, memory_size=10), torch.optim.SGD(net.parameters(), lr=0.1)
-    icarl.train_step(optimizer, F.cross_entropy, X, Y, 1)
-    state = {name: p.detach().clone() for name, p in net.named_parameters()}
-    try:
-        icarl.train_step(optimizer, F.cross_entropy, X, Y, 2)
-    finally:  # refused before any change: the parameters are task 1's
-        assert all(torch.equal(p, state[name]) for name, p in net.named_parameters()) and icarl.active_task == 1
+def task_switch_without_data(cls: type) -> Callable[[Any], Any]:
+    def call(_):
+        net = mlp()
+        method, optimizer = cls(net, memory_size=10), torch.optim.SGD(net.parameters(), lr=0.1)
+        method.train_step(optimizer, F.cross_entropy, X, Y, 1)
+        state = {name: p.detach().clone() for name, p in net.named_parameters()}
+        try:
+            method.train_step(optimizer, F.cross_entropy, X, Y, 2)
+        finally:  # refused before any change: the parameters are task 1's
+            assert all(torch.equal(p, state[name]) for name, p in net.named_parameters()) and method.active_task == 1
+
+    return call
 
 
 def gdumb_training(**options: Any) -> Callable[[Any], Any]:
@@ -609,7 +618,17 @@ ROWS: list[Row] = [
         lambda _: ICaRL(mlp(), feature_extractor="nowhere")),
     row("`ICaRL.train_step(...)`", "a new `task_id` while the task before was given no data", ValueError,
         "ICaRL chooses task 1's exemplars from its data when the task ends, and got none: pass the task's data to register_task(1, dataloader)",
-        icarl_task_switch_without_data),
+        task_switch_without_data(ICaRL)),
+    row("`BiC(model, ...)`", "`memory_size=-1`", ValueError, "memory_size must be >= 0, got -1", lambda _: BiC(mlp(), memory_size=-1)),
+    row("`BiC(model, ...)`", "`held_out=0`", ValueError, "held_out must be > 0.0, got 0.0", lambda _: BiC(mlp(), held_out=0.0)),
+    row("`BiC(model, ...)`", "`held_out=0.6`", ValueError, "held_out must be <= 0.5, got 0.6", lambda _: BiC(mlp(), held_out=0.6)),
+    row("`BiC(model, ...)`", "`temperature=0`", ValueError, "temperature must be > 0.0, got 0.0", lambda _: BiC(mlp(), temperature=0)),
+    row("`BiC(model, ...)`", "`feature_extractor=\"nowhere\"`", ValueError, "feature_extractor='nowhere' names no submodule of Sequential",
+        lambda _: BiC(mlp(), feature_extractor="nowhere")),
+    row("`BiC.train_step(...)`", "a new `task_id` while the task before was given no data", ValueError,
+        "BiC chooses task 1's exemplars from its data when the task ends, and got none", task_switch_without_data(BiC)),
+    row("`BiC.train_step(...)`", "float targets", ValueError, "BiC needs class labels as targets (a 1-D integer tensor",
+        lambda _: BiC(mlp()).train_step(torch.optim.SGD(mlp().parameters(), lr=0.1), F.cross_entropy, X, Y.float(), 0)),
     row("`ICaRL.train_step(...)`", "float targets", ValueError, "ICaRL needs class labels as targets (a 1-D integer tensor",
         lambda _: ICaRL(mlp()).train_step(torch.optim.SGD(mlp().parameters(), lr=0.1), F.cross_entropy, X, Y.float(), 0)),
     row(GD, "`memory_size=0`", ValueError, "memory_size must be >= 1, got 0", lambda _: GDumb(mlp(), memory_size=0)),

@@ -53,6 +53,7 @@ CONFIGS = {
     # issue 16's exemplar methods
     "replay_herding": ("replay_herding",),
     "icarl": ("icarl",),
+    "bic": ("bic",),
     "gdumb": ("gdumb",),
 }
 #: Kill point -> where the last checkpoint on disk stands then: (task, global epoch it ended).
