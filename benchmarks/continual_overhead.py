@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from neurenix.continual import (
     AGEM,
+    BiC,
     ERACE,
     EWC,
     GEM,
@@ -99,9 +100,9 @@ AGEM_REFERENCE_SIZE, GEM_MARGIN = 256, 0.5
 #: Issue 17's importance methods at their defaults (MAS samples as many as EWC's Fisher).
 MAS_IMPORTANCE, RWALK_IMPORTANCE = 1.0, 1.0
 
-METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem", "mas", "rwalk", "icarl")
+METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem", "mas", "rwalk", "icarl", "bic")
 #: Methods that change the batch or the loss: their LightningModule needs ContinualLossMixin.
-NEEDS_MIXIN = ("replay", "distillation", "der", "derpp", "er_ace", "icarl")
+NEEDS_MIXIN = ("replay", "distillation", "der", "derpp", "er_ace", "icarl", "bic")
 
 #: Targets of issue 7, as the largest (or, for the Fisher's speed-up, smallest) ratio allowed.
 #: Issue 15 sets none for its methods (A-GEM's reference gradient is an extra forward and
@@ -254,6 +255,8 @@ def make_method(name: str, net: nn.Module, setup: Setup) -> Any:
         return RWalk(net, importance=RWALK_IMPORTANCE)
     if name == "icarl":  # features: the last hidden layer's output (the head's input)
         return ICaRL(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
+    if name == "bic":
+        return BiC(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -563,7 +566,7 @@ def measure_consolidation(setup: Setup, data: Data, trained: nn.Module) -> tuple
         def run() -> Timing:
             method = make_method(name, net, setup)
             method.enter_task(0)
-            return timed(lambda: method.finish_task(batches if name in ("ewc", "mas", "icarl") else None))
+            return timed(lambda: method.finish_task(batches if name in ("ewc", "mas", "icarl", "bic") else None))
 
         return run
 

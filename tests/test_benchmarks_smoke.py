@@ -20,7 +20,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "continual_overhead.py"
-METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem", "mas", "rwalk", "icarl")
+METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem", "mas", "rwalk", "icarl", "bic")
 #: The methods issue 7 set step targets for (issue 15 set none: its methods are reported only).
 TARGETED = ("ewc", "l2", "si", "replay", "distillation")
 
