@@ -274,11 +274,11 @@ METHOD_SETTINGS: dict[str, type] = {
     "er_ace": ERACESettings,
     "agem": AGEMSettings,
     "gem": GEMSettings,
+    "mas": MASSettings,
+    "rwalk": RWalkSettings,
     "icarl": ICaRLSettings,
     "bic": BiCSettings,
     "gdumb": GDumbSettings,
-    "mas": MASSettings,
-    "rwalk": RWalkSettings,
 }
 #: ``none`` (plain fine-tuning) and the methods.
 METHODS = ("none", *METHOD_SETTINGS)
