@@ -9,26 +9,19 @@ are balanced; the correction is frozen and applies at prediction time.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Union
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_choice, check_int, check_model, check_real
+from neurenix.continual._checks import check_real
 from neurenix.continual.base import evaluation_mode, model_arguments, widened_mask
-from neurenix.continual.callback import continual_methods, join_batch, split_batch
-from neurenix.continual.capture import (
-    CapturesTrainingForwards,
-    ForwardCapture,
-    hidden_forwards,
-)
+from neurenix.continual.capture import hidden_forwards
+from neurenix.continual.distilled_exemplars import DistilledExemplars
 from neurenix.continual.distributed import all_gather_objects
-from neurenix.continual.exemplars import STRATEGIES
-from neurenix.continual.rehearsal import RehearsalMethod
+from neurenix.continual.memory import ReplayBatch
 
 __all__ = ["BiC", "BiasCorrectedClassifier", "BIAS_L2", "held_out_ranks"]
 
@@ -46,7 +39,7 @@ def held_out_ranks(ranks: Tensor, fraction: float) -> Tensor:
     return torch.floor((r + 1) * fraction + 1e-9) > torch.floor(r * fraction + 1e-9)
 
 
-class BiC(CapturesTrainingForwards, RehearsalMethod):
+class BiC(DistilledExemplars):
     """BiC: distillation and exemplars, and a bias correction of the new classes' logits.
 
     Wu, Chen, Wang, Ye, Liu, Guo & Fu, "Large Scale Incremental Learning", *CVPR* 2019.
@@ -117,8 +110,9 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
         predictions = bic.classifier.predict(test_inputs)
     """
 
-    needs_loss_mixin = True
-    needs_class_labels = True
+    method_name = "BiC"
+    paper_name = "BiC"
+    own_distillation = "its λ-weighted soft cross-entropy on the old classes"
 
     def __init__(
         self,
@@ -133,32 +127,22 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
         held_out: float = 0.1,
         temperature: float = 2.0,
     ) -> None:
-        check_model(model)
-        check_int("memory_size", memory_size, minimum=0)
-        self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
-        check_choice("selection", selection, STRATEGIES)
         self.held_out = check_real("held_out", held_out, minimum=0.0, strict_minimum=True, maximum=0.5)
         self.temperature = check_real("temperature", temperature, minimum=0.0, strict_minimum=True)
-        if feature_extractor is None and selection != "random":
-            feature_extractor = _default_features(model, selection)
-        super().__init__(model, memory_size, device, seed, selection=selection, feature_extractor=feature_extractor)
+        super().__init__(model, memory_size, feature_extractor, replay_ratio, device, seed, selection)
         self.classifier = BiasCorrectedClassifier(self)
-        self.teacher: Optional[nn.Module] = None
-        #: Output units of the classes met in training targets so far, and of those the teacher learned.
-        self._seen_classes: Optional[Tensor] = None
-        self._old_classes: Optional[Tensor] = None
         #: Per output unit, the frozen correction ``scale · z + shift`` (1 and 0 where none).
         self.scale: Optional[Tensor] = None
         self.shift: Optional[Tensor] = None
         #: ``(task_id, α, β)`` of every correction fitted, in order.
         self.corrections: list[tuple[int, float, float]] = []
-        self._capture = ForwardCapture(model)
+
+    @override
+    def _default_features(self, model: nn.Module, selection: str) -> Optional[nn.Module]:
+        return None if selection == "random" else _default_features(model, selection)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "memory_size": self.memory_size, "replay_ratio": self.replay_ratio, "selection": self.selection,
-            "held_out": self.held_out, "temperature": self.temperature,
-        }  # fmt: skip
+        return {**super().hyperparameters(), "held_out": self.held_out, "temperature": self.temperature}
 
     # ---------------------------------------------------------------------------- the memory's two parts
     def _held_out_mask(self) -> Tensor:
@@ -177,35 +161,16 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
         """The slots of the held-out exemplars (the bias fit's validation set)."""
         return torch.nonzero(self._held_out_mask()).flatten()
 
-    def replay_count(self, batch_size: int) -> int:
-        """How many exemplars a step on ``batch_size`` new samples appends, ``round(replay_ratio · B)``."""
-        return round(self.replay_ratio * batch_size)
-
     @override
-    def extend_batch(
-        self, inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        count = self.replay_count(inputs.shape[0])
-        if count == 0 or len(self.memory) == 0:
-            return inputs, targets, task_ids
-        slots = self.training_slots()
+    def _replayed(self, count: int) -> Optional[ReplayBatch]:
+        slots = self.training_slots()  # the held-out exemplars are never replayed
         if slots.numel() == 0:
-            return inputs, targets, task_ids
-        replayed = self.memory.take(self.memory.draw_from(slots, count))
-        inputs = torch.cat([inputs, replayed.inputs.to(inputs.device)])
-        targets = torch.cat([targets, replayed.targets.to(targets.device)])
-        if task_ids is not None:
-            task_ids = torch.cat([task_ids, replayed.task_ids.to(task_ids.device, task_ids.dtype)])
-        return inputs, targets, task_ids
-
-    @override
-    def extend_lightning_batch(self, batch: Any) -> Any:
-        inputs, targets, task_ids = split_batch(batch)
-        return join_batch(batch, *self.extend_batch(inputs, targets, task_ids))
+            return None
+        return self.memory.take(self.memory.draw_from(slots, count))
 
     # ---------------------------------------------------------------------------- shared core
     @override
-    def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
+    def _method_loss(self, inputs: Union[Tensor, tuple[Tensor, ...]], outputs: Tensor, targets: Tensor) -> Tensor:
         return self.bic_loss(inputs, outputs, targets)
 
     def bic_loss(self, inputs: Union[Tensor, tuple[Tensor, ...]], outputs: Tensor, targets: Tensor) -> Tensor:
@@ -215,23 +180,13 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
         Raises:
             ValueError: ``outputs`` not one row of logits per target.
         """
-        arguments = CF.as_arguments(inputs)
-        if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[0] != targets.shape[0]:
-            described = f"outputs of shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else f"a {type(outputs).__name__}"
-            raise ValueError(
-                f"BiC reads the model's outputs as one logit per class, (samples, classes) for {targets.shape[0]} "
-                f"targets: the model ({type(self.model).__name__}) returned {described}"
-            )
+        teacher = self._read_step(inputs, outputs, targets)
         width = outputs.shape[1]
-        self._seen_classes = widened_mask(self._seen_classes, width, outputs.device)
-        self._seen_classes.index_fill_(0, targets.to(self._seen_classes.device), True)
         classes = widened_mask(self._learned_classes(), width)[:width].to(outputs.device)
         corrected = self.corrected(outputs)
-        if self.teacher is None or self._old_classes is None:
+        if teacher is None:
             return CF.bic_loss(corrected, targets, classes)
-        with torch.no_grad(), hidden_forwards():
-            old_logits = self.teacher(*(a.to(self.device) for a in arguments)).to(outputs.device)
-        old_classes = widened_mask(self._old_classes, width)[:width].to(outputs.device)
+        old_logits, old_classes = teacher
         return CF.bic_loss(corrected, targets, classes, self.corrected(old_logits), old_classes, self.temperature)
 
     def corrected(self, logits: Tensor) -> Tensor:
@@ -242,38 +197,16 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
         scale, shift = _widened(self.scale, width, 1.0), _widened(self.shift, width, 0.0)
         return CF.bias_corrected(logits, scale[:width], shift[:width])
 
-    def _learned_classes(self) -> Optional[Tensor]:
+    @override
+    def _learned_classes(self, *taught: Optional[Tensor]) -> Optional[Tensor]:
         """The output units of every class trained on, held in memory, or learned by the teacher."""
-        held = list(self.memory.groups)  # type: ignore[attr-defined]
-        widths = [int(m.numel()) for m in (self._seen_classes, self._old_classes) if m is not None]
-        width = max([*widths, *(c + 1 for c in held)], default=0)
-        if width == 0:
-            return None
-        learned = widened_mask(self._seen_classes, width, self.device).clone().to(self.device)
-        if self._old_classes is not None:
-            learned |= widened_mask(self._old_classes, width).to(self.device)[:width]
-        if held:
-            learned[torch.tensor(held, device=self.device)] = True
-        return learned
+        return super()._learned_classes(self._old_classes, *taught)
 
     # ---------------------------------------------------------------------------- the task's end
-    def _check_consolidation_data(self, task_id: int, data: Any) -> None:
-        if data is None and self.memory_size > 0:
-            raise ValueError(
-                f"BiC chooses task {task_id}'s exemplars from its data when the task ends, and got none: pass "
-                f"the task's data to register_task({task_id}, dataloader) (before or after training it)"
-            )
-
     @override
-    def _consolidate(self, task_id: int, data: Any) -> None:
-        self._check_consolidation_data(task_id, data)
-        super()._consolidate(task_id, data)  # the task's exemplars, chosen from its data
+    def _before_snapshot(self, task_id: int) -> None:
         if self.memory_size > 0 and self._old_classes is not None:  # the same on every rank
             self._fit_correction(task_id)
-        with self._capture.paused():
-            teacher = copy.deepcopy(self.model)
-        self.teacher = _frozen(teacher.to(self.device))
-        self._old_classes = self._learned_classes()
 
     def _fit_correction(self, task_id: int) -> None:
         """Stage 2: ``(α, β)`` of the classes new in this task, fitted on every rank's held-out logits."""
@@ -313,38 +246,10 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
                 labels.append(stored.targets.cpu())
         return (torch.cat(rows[1:]) if slots.numel() else rows[0]), torch.cat(labels)
 
-    # ---------------------------------------------------------------------------- Lightning side
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        from neurenix.continual.distillation import KnowledgeDistillation
-
-        distillers = [m for m in continual_methods(trainer) if isinstance(m, KnowledgeDistillation)]
-        if stage == "fit" and distillers:
-            raise ValueError(
-                "BiC and KnowledgeDistillation are on one Trainer: BiC distils the previous network's outputs itself "
-                "(its λ-weighted soft cross-entropy on the old classes), and the two would each rewrite the step's "
-                "loss. Use BiC alone"
-            )
-
-    @override
-    def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
-        arguments, outputs = self._captured_step("the logits of its loss")
-        return self.bic_loss(arguments, outputs, split_batch(batch)[1])
-
-    @override
-    def prepare_for_device(self) -> None:
-        super().prepare_for_device()
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
-            "teacher": None if self.teacher is None else {k: v.clone() for k, v in self.teacher.state_dict().items()},
-            "seen_classes": self._seen_classes,
-            "old_classes": self._old_classes,
             "scale": None if self.scale is None else self.scale.clone(),
             "shift": None if self.shift is None else self.shift.clone(),
             "corrections": torch.tensor([[t, a, b] for t, a, b in self.corrections], dtype=torch.float64).reshape(-1, 3),
@@ -352,16 +257,6 @@ class BiC(CapturesTrainingForwards, RehearsalMethod):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        teacher_state = state_dict.get("teacher")
-        self.teacher = None
-        if teacher_state is not None:
-            with self._capture.paused():
-                teacher = copy.deepcopy(self.model)
-            teacher.load_state_dict(teacher_state)
-            self.teacher = _frozen(teacher.to(self.device))
-        seen, old = state_dict.get("seen_classes"), state_dict.get("old_classes")
-        self._seen_classes = None if seen is None else seen.to(self.device)
-        self._old_classes = None if old is None else old.to(self.device)
         scale, shift = state_dict.get("scale"), state_dict.get("shift")
         self.scale = None if scale is None else scale.clone()
         self.shift = None if shift is None else shift.clone()
@@ -433,8 +328,3 @@ def _default_features(model: nn.Module, selection: str) -> nn.Module:
         "BiC(model, feature_extractor=model.backbone) or feature_extractor='backbone', or use selection='random'"
     )
 
-
-def _frozen(module: nn.Module) -> nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module

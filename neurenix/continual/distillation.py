@@ -166,9 +166,7 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
                     "dataloader to register_task, or train the task with train_step"
                 )
             self._record_units_from(data)
-        with self._capture.paused():
-            teacher = copy.deepcopy(self.model)
-        self.teacher = _frozen(teacher.to(self.device))
+        self.teacher = frozen_copy(self.model, self._capture, self.device)
         if self._seen_units is not None:
             self._teacher_units = self._seen_units.clone()
 
@@ -191,27 +189,49 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
-            "teacher": None if self.teacher is None else {k: v.clone() for k, v in self.teacher.state_dict().items()},
+            "teacher": teacher_state(self.teacher),
             "seen_units": self._seen_units,
             "teacher_units": self._teacher_units,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        teacher_state = state_dict.get("teacher")
-        self.teacher = None
-        if teacher_state is not None:
-            with self._capture.paused():
-                teacher = copy.deepcopy(self.model)
-            teacher.load_state_dict(teacher_state)
-            self.teacher = _frozen(teacher.to(self.device))
+        self.teacher = loaded_teacher(self.model, self._capture, self.device, state_dict.get("teacher"))
         device = self.device
         seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
         self._seen_units = None if seen is None else seen.to(device)
         self._teacher_units = None if taught is None else taught.to(device)
 
 
-def _frozen(module: nn.Module) -> nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
+def frozen_copy(model: nn.Module, capture: ForwardCapture, device: torch.device) -> nn.Module:
+    """A teacher: a copy of ``model`` on ``device``, in eval mode, without gradients.
+
+    Copied with ``capture`` paused: the capture's hook on ``model`` must not follow it into the
+    copy, or the teacher's forwards would pass for the student's. Shared by every method that
+    distils from a snapshot (KnowledgeDistillation, ICaRL, BiC), so that they freeze alike.
+    """
+    with capture.paused():
+        teacher = copy.deepcopy(model)
+    teacher = teacher.to(device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def teacher_state(teacher: Optional[nn.Module]) -> Optional[dict[str, Tensor]]:
+    """The checkpoint's ``"teacher"`` entry: cloned tensors (the teacher may live on), or ``None``."""
+    return None if teacher is None else {k: v.clone() for k, v in teacher.state_dict().items()}
+
+
+def loaded_teacher(
+    model: nn.Module, capture: ForwardCapture, device: torch.device, state: Optional[dict[str, Tensor]]
+) -> Optional[nn.Module]:
+    """The teacher a checkpoint's ``"teacher"`` entry describes (``None``: no teacher yet).
+
+    ``model``'s architecture with the saved weights, frozen as :func:`frozen_copy` freezes.
+    """
+    if state is None:
+        return None
+    teacher = frozen_copy(model, capture, device)
+    teacher.load_state_dict(state)
+    return teacher

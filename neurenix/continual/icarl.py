@@ -8,36 +8,20 @@ a nearest-mean-of-exemplars classifier (NCM) that predicts from the exemplars' c
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Union
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
-from neurenix.continual._checks import check_choice, check_int, check_model, check_real
-from neurenix.continual.base import widened_mask
-from neurenix.continual.callback import continual_methods, split_batch
-from neurenix.continual.capture import (
-    CapturesTrainingForwards,
-    ForwardCapture,
-    hidden_forwards,
-)
-from neurenix.continual.exemplars import (
-    STRATEGIES,
-    FeatureExtractor,
-    NearestMeanClassifier,
-)
-from neurenix.continual.memory import ExemplarMemory
-from neurenix.continual.rehearsal import RehearsalMethod
-from neurenix.continual.replay import ExperienceReplay
+from neurenix.continual.distilled_exemplars import DistilledExemplars
+from neurenix.continual.exemplars import FeatureExtractor, NearestMeanClassifier
 
 __all__ = ["ICaRL"]
 
 
-class ICaRL(CapturesTrainingForwards, RehearsalMethod):
+class ICaRL(DistilledExemplars):
     """iCaRL: a sigmoid classifier distilled from its previous self, herded exemplars, and NCM.
 
     Rebuffi, Kolesnikov, Sperl & Lampert, "iCaRL: Incremental Classifier and Representation
@@ -105,8 +89,9 @@ class ICaRL(CapturesTrainingForwards, RehearsalMethod):
         predictions = icarl.classifier.predict(test_inputs)
     """
 
-    needs_loss_mixin = True
-    needs_class_labels = True
+    method_name = "ICaRL"
+    paper_name = "iCaRL"
+    own_distillation = "its sigmoid targets for the old classes"
 
     def __init__(
         self,
@@ -119,30 +104,15 @@ class ICaRL(CapturesTrainingForwards, RehearsalMethod):
         seed: Optional[int] = None,
         selection: str = "herding",
     ) -> None:
-        check_model(model)
-        check_int("memory_size", memory_size, minimum=0)
-        self.replay_ratio = check_real("replay_ratio", replay_ratio, minimum=0.0)
-        check_choice("selection", selection, STRATEGIES)
-        features = _default_features(model) if feature_extractor is None else feature_extractor
-        super().__init__(model, memory_size, device, seed, ExemplarMemory, selection=selection, feature_extractor=features)
+        super().__init__(model, memory_size, feature_extractor, replay_ratio, device, seed, selection)
         assert self._extractor is not None  # set with selection
         #: The features ``φ`` that exemplars are chosen by and NCM classifies by.
         self.features: FeatureExtractor = self._extractor
         self.classifier = NearestMeanClassifier(model, self.features, self.memory)
-        self.teacher: Optional[nn.Module] = None
-        #: Output units of the classes met in training targets so far, and of those the teacher learned.
-        self._seen_classes: Optional[Tensor] = None
-        self._old_classes: Optional[Tensor] = None
-        self._capture = ForwardCapture(model)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, "selection": self.selection}
-
-    #: Exemplars a step on ``B`` new samples appends, ``round(replay_ratio · B)``, drawn and
-    #: appended as ExperienceReplay does (one implementation).
-    replay_count = ExperienceReplay.replay_count
-    extend_batch = ExperienceReplay.extend_batch
-    extend_lightning_batch = ExperienceReplay.extend_lightning_batch
+    @override
+    def _default_features(self, model: nn.Module, selection: str) -> nn.Module:
+        return _default_features(model)  # NCM needs features whatever the selection
 
     # ---------------------------------------------------------------------------- the continual-learning API
     def register_task(self, task_id: int, dataloader: Any = None) -> None:
@@ -160,7 +130,7 @@ class ICaRL(CapturesTrainingForwards, RehearsalMethod):
 
     # ---------------------------------------------------------------------------- shared core
     @override
-    def transform_loss(self, loss: Tensor, inputs: tuple[Tensor, ...], outputs: Any, targets: Tensor) -> Tensor:
+    def _method_loss(self, inputs: Union[Tensor, tuple[Tensor, ...]], outputs: Tensor, targets: Tensor) -> Tensor:
         return self.icarl_loss(inputs, outputs, targets)
 
     def icarl_loss(self, inputs: Union[Tensor, tuple[Tensor, ...]], outputs: Tensor, targets: Tensor) -> Tensor:
@@ -170,99 +140,25 @@ class ICaRL(CapturesTrainingForwards, RehearsalMethod):
         Raises:
             ValueError: ``outputs`` not one row of logits per target.
         """
-        arguments = CF.as_arguments(inputs)
-        if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[0] != targets.shape[0]:
-            described = f"outputs of shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else f"a {type(outputs).__name__}"
-            raise ValueError(
-                f"ICaRL reads the model's outputs as one logit per class, (samples, classes) for {targets.shape[0]} "
-                f"targets: the model ({type(self.model).__name__}) returned {described}"
-            )
-        self._seen_classes = widened_mask(self._seen_classes, outputs.shape[1], outputs.device)
-        self._seen_classes.index_fill_(0, targets.to(self._seen_classes.device), True)
-        if self.teacher is None or self._old_classes is None:
+        teacher = self._read_step(inputs, outputs, targets)
+        if teacher is None:
             return CF.icarl_loss(outputs, targets)
-        with torch.no_grad(), hidden_forwards():
-            old_logits = self.teacher(*(a.to(self.device) for a in arguments)).to(outputs.device)
-        old_classes = widened_mask(self._old_classes, outputs.shape[1])[: outputs.shape[1]].to(outputs.device)
+        old_logits, old_classes = teacher
         return CF.icarl_loss(outputs, targets, old_logits, old_classes)
 
     # ---------------------------------------------------------------------------- the task's end
-    def _check_consolidation_data(self, task_id: int, data: Any) -> None:
-        if data is None and self.memory_size > 0:
-            raise ValueError(
-                f"ICaRL chooses task {task_id}'s exemplars from its data when the task ends, and got none: pass "
-                f"the task's data to register_task({task_id}, dataloader) (before or after training it)"
-            )
-
     @override
     def _consolidate(self, task_id: int, data: Any) -> None:
-        self._check_consolidation_data(task_id, data)
-        super()._consolidate(task_id, data)  # the task's exemplars, chosen from its data
-        with self._capture.paused():
-            teacher = copy.deepcopy(self.model)
-        self.teacher = _frozen(teacher.to(self.device))
-        self._old_classes = self._learned_classes()
+        super()._consolidate(task_id, data)  # the exemplars, then the teacher
         if self.memory_size > 0:  # a collective under DDP: every rank has the same memory_size
             self.classifier.update_means(self._convert_inputs)
 
-    def _learned_classes(self) -> Optional[Tensor]:
-        """The output units of every class trained on or held in memory (the teacher's classes)."""
-        held = list(self.memory.groups)
-        width = max([int(self._seen_classes.numel()) if self._seen_classes is not None else 0, *(c + 1 for c in held)])
-        if width == 0:
-            return None
-        learned = widened_mask(self._seen_classes, width, self.device).clone().to(self.device)
-        if held:
-            learned[torch.tensor(held, device=self.device)] = True
-        return learned
-
-    # ---------------------------------------------------------------------------- Lightning side
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        from neurenix.continual.distillation import KnowledgeDistillation
-
-        distillers = [m for m in continual_methods(trainer) if isinstance(m, KnowledgeDistillation)]
-        if stage == "fit" and distillers:
-            raise ValueError(
-                "ICaRL and KnowledgeDistillation are on one Trainer: iCaRL distils the previous network's outputs "
-                "itself (its sigmoid targets for the old classes), and the two would each rewrite the step's loss. "
-                "Use ICaRL alone"
-            )
-
-    @override
-    def transform_lightning_loss(self, loss: Tensor, batch: Any) -> Tensor:
-        arguments, outputs = self._captured_step("the logits of its loss")
-        return self.icarl_loss(arguments, outputs, split_batch(batch)[1])
-
-    @override
-    def prepare_for_device(self) -> None:
-        super().prepare_for_device()
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "teacher": None if self.teacher is None else {k: v.clone() for k, v in self.teacher.state_dict().items()},
-            "seen_classes": self._seen_classes,
-            "old_classes": self._old_classes,
-            "classifier": self.classifier.state_dict(),
-        }
+        return {**super().state_dict(), "classifier": self.classifier.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        teacher_state = state_dict.get("teacher")
-        self.teacher = None
-        if teacher_state is not None:
-            with self._capture.paused():
-                teacher = copy.deepcopy(self.model)
-            teacher.load_state_dict(teacher_state)
-            self.teacher = _frozen(teacher.to(self.device))
-        seen, old = state_dict.get("seen_classes"), state_dict.get("old_classes")
-        self._seen_classes = None if seen is None else seen.to(self.device)
-        self._old_classes = None if old is None else old.to(self.device)
         classifier = state_dict.get("classifier")
         if classifier is not None:
             self.classifier.load_state_dict(classifier)
@@ -278,8 +174,3 @@ def _default_features(model: nn.Module) -> nn.Module:
         "or feature_extractor='backbone'"
     )
 
-
-def _frozen(module: nn.Module) -> nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module

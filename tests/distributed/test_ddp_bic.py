@@ -17,7 +17,13 @@ import torch
 from neurenix.continual import functional as CF
 from neurenix.continual.bic import BIAS_L2, held_out_ranks
 from tests.distributed import bic_worker as worker
-from tests.distributed.workers import launch, network, rank_results
+from tests.distributed.workers import (
+    assert_resumed_like_uninterrupted,
+    assert_same_parameters,
+    launch,
+    network,
+    rank_results,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,7 @@ def job(tmp_path_factory) -> Path:
 
 def test_both_ranks_end_with_the_same_parameters_correction_and_predictions(job):
     first, second = (run["uninterrupted"] for run in rank_results(job))
-    for name in first["params"]:
-        assert torch.equal(first["params"][name], second["params"][name]), name
+    assert_same_parameters(first, second)
     assert first["method"]["corrections"].shape == (1, 3)  # task 1's correction, none for task 0
     assert torch.equal(first["method"]["corrections"], second["method"]["corrections"])
     assert torch.equal(first["scores"], second["scores"])
@@ -60,12 +65,6 @@ def test_the_correction_is_fitted_on_both_ranks_held_out_logits(job):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_two_processes_resume_to_the_uninterrupted_run(job, rank):
     run = rank_results(job)[rank]
+    assert_resumed_like_uninterrupted(run)
     uninterrupted, resumed = run["uninterrupted"], run["resumed"]
-    for name, value in uninterrupted["params"].items():
-        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-6, msg=name)
-    ours, theirs = resumed["method"]["memory"], uninterrupted["method"]["memory"]
-    for name in ("inputs", "targets", "ranks", "generator"):
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
     torch.testing.assert_close(resumed["method"]["corrections"], uninterrupted["method"]["corrections"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(resumed["scores"], uninterrupted["scores"], rtol=0, atol=1e-6)
-    assert resumed["method"]["finished_tasks"] == [0, 1]

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from tests.distributed import icarl_worker as worker
-from tests.distributed.workers import launch, network, rank_results
+from tests.distributed.workers import (
+    assert_resumed_like_uninterrupted,
+    assert_same_parameters,
+    class_incremental_task,
+    launch,
+    network,
+    probe as probe_inputs,
+    rank_results,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,7 @@ def _rows_in(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def test_both_ranks_end_with_the_same_parameters_and_the_same_ncm(job):
     first, second = (run["uninterrupted"] for run in rank_results(job))
-    for name in first["params"]:
-        assert torch.equal(first["params"][name], second["params"][name]), name
+    assert_same_parameters(first, second)
     assert torch.equal(first["scores"], second["scores"])
 
 
@@ -43,8 +50,8 @@ def test_each_rank_chooses_its_exemplars_from_its_own_share(job):
         memory = run["method"]["memory"]
         assert sorted(memory["targets"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # 8 exemplars, 2 per class
         # select_exemplars' share of a task's dataset on this rank: every second sample from its rank.
-        share = torch.cat([worker.task(index).inputs[rank::2] for index in (0, 1)])
-        others = torch.cat([worker.task(index).inputs[1 - rank :: 2] for index in (0, 1)])
+        share = torch.cat([class_incremental_task(index).inputs[rank::2] for index in (0, 1)])
+        others = torch.cat([class_incremental_task(index).inputs[1 - rank :: 2] for index in (0, 1)])
         assert bool(_rows_in(memory["inputs"], share).all())
         assert not bool(_rows_in(memory["inputs"], others).any())
 
@@ -58,18 +65,11 @@ def test_the_class_means_are_those_of_both_ranks_exemplars(job):
     with torch.no_grad():
         features = F.normalize(net[1](net[0](inputs)), dim=1)
         means = F.normalize(torch.stack([features[labels == c].mean(0) for c in range(4)]), dim=1)
-        probe = F.normalize(net[1](net[0](worker.probe())), dim=1)
+        probe = F.normalize(net[1](net[0](probe_inputs())), dim=1)
     torch.testing.assert_close(runs[0]["scores"], -torch.cdist(probe, means).square(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_two_processes_resume_to_the_uninterrupted_run(job, rank):
     run = rank_results(job)[rank]
-    uninterrupted, resumed = run["uninterrupted"], run["resumed"]
-    for name, value in uninterrupted["params"].items():
-        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-6, msg=name)
-    ours, theirs = resumed["method"]["memory"], uninterrupted["method"]["memory"]
-    for name in ("inputs", "targets", "ranks", "generator"):
-        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
-    torch.testing.assert_close(resumed["scores"], uninterrupted["scores"], rtol=0, atol=1e-6)
-    assert resumed["method"]["finished_tasks"] == [0, 1]
+    assert_resumed_like_uninterrupted(run)

@@ -23,7 +23,7 @@ from torch import nn
 
 from neurenix.continual import ContinualLossMixin
 from neurenix.continual.distributed import rank_and_world_size
-from neurenix.data import TaskDataset
+from neurenix.data import TaskDataset, TaskSequenceDataModule, fit_sequence
 
 RANKS = (0, 1)
 TIMEOUT = 240  # seconds: a DDP job that has not ended by then has hung
@@ -97,6 +97,79 @@ def main(doc: str, resume_step: int, results: Callable[[Path, int], dict]) -> No
     torch.save(saved, args.out / f"rank{rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # before exit: gloo's threads torn down at exit can abort
+
+
+# ---------------------------------------------------------------------------- class-incremental jobs
+# iCaRL's and BiC's workers run the same job and differ only in the method they build.
+
+#: 32 samples per task, 16 a rank: four batches of 4 per rank, one epoch a task, 8 steps in all.
+CLASS_INCREMENTAL_SAMPLES, CLASS_INCREMENTAL_BATCH, CLASS_INCREMENTAL_EVERY = 32, 4, 3
+CLASS_INCREMENTAL_LABELS = ((0, 1), (2, 3))
+
+
+def class_incremental_task(index: int) -> TaskDataset:
+    """Task ``index``: random inputs labelled with its two classes by the sign of the first input."""
+    generator = torch.Generator().manual_seed(index + 1)
+    x = torch.randn(CLASS_INCREMENTAL_SAMPLES, 6, generator=generator)
+    labels = torch.tensor(CLASS_INCREMENTAL_LABELS[index])
+    return TaskDataset(x, labels[(x[:, 0] > 0).long()], index)
+
+
+def probe() -> torch.Tensor:
+    """Fixed inputs whose scores the class-incremental workers report."""
+    return torch.randn(10, 6, generator=torch.Generator().manual_seed(99))
+
+
+class SeenInputs(L.Callback):
+    """The inputs of every training batch this rank trains on (before replay extends it)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs.append(batch[0].detach().clone())
+
+
+def class_incremental_run(make_method: Callable[[nn.Module, int], L.Callback], out: Path, resume: str | None) -> dict:
+    """Two class-incremental tasks with the method ``make_method(net, seed)`` builds, checkpointed
+    every few steps (or resumed from ``resume``); the parameters, the method's ``state_dict``, the
+    inputs this rank trained on and its ``classifier``'s scores on ``probe()``."""
+    shift = 100 if resume else 0  # a resumed run starts from other weights and seeds
+    model = Classifier(seed=shift, outputs=4)
+    method, seen = make_method(model.net, shift + 1), SeenInputs()
+    trainer = ddp_trainer([method, seen], out, resume, CLASS_INCREMENTAL_EVERY)
+    tasks = [class_incremental_task(0), class_incremental_task(1)]
+    datamodule = TaskSequenceDataModule(tasks, tasks, batch_size=CLASS_INCREMENTAL_BATCH, seed=shift)
+    fit_sequence(trainer, model, datamodule, epochs_per_task=1, ckpt_path=resume)
+    with torch.no_grad():
+        scores = method.classifier(probe())
+    return {"params": cloned_params(model), "method": method.state_dict(), "seen": torch.cat(seen.inputs), "scores": scores}
+
+
+def class_incremental_main(doc: str, make_method: Callable[[nn.Module, int], L.Callback]) -> None:
+    """A class-incremental worker's entry: uninterrupted, then resumed from step 6 (task 1, two batches in)."""
+    main(doc, 6, lambda out, step: uninterrupted_and_resumed(lambda o, r: class_incremental_run(make_method, o, r), out / "checkpoints", step))
+
+
+def assert_same_parameters(first: dict, second: dict, **tolerance: float) -> None:
+    """Two runs' ``"params"`` agree: exactly, or within ``rtol``/``atol``."""
+    for name, value in first["params"].items():
+        if tolerance:
+            torch.testing.assert_close(second["params"][name], value, msg=name, **tolerance)
+        else:
+            assert torch.equal(second["params"][name], value), name
+
+
+def assert_resumed_like_uninterrupted(run: dict) -> None:
+    """A class-incremental rank's resumed run ended where its uninterrupted one did: parameters,
+    memory, scores on ``probe()``, both tasks finished."""
+    uninterrupted, resumed = run["uninterrupted"], run["resumed"]
+    assert_same_parameters(uninterrupted, resumed, rtol=0, atol=1e-6)
+    ours, theirs = resumed["method"]["memory"], uninterrupted["method"]["memory"]
+    for name in ("inputs", "targets", "ranks", "generator"):
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+    torch.testing.assert_close(resumed["scores"], uninterrupted["scores"], rtol=0, atol=1e-6)
+    assert resumed["method"]["finished_tasks"] == [0, 1]
 
 
 def launch(worker: Path, out: Path) -> None:
