@@ -73,6 +73,7 @@ from neurenix.continual import (
     ContinualLossMixin,
     DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
     ICaRL,
     KnowledgeDistillation,
     L2Regularization,
@@ -101,6 +102,9 @@ AGEM_REFERENCE_SIZE, GEM_MARGIN = 256, 0.5
 MAS_IMPORTANCE, RWALK_IMPORTANCE = 1.0, 1.0
 
 METHODS = ("ewc", "l2", "si", "replay", "distillation", "der", "derpp", "er_ace", "agem", "gem", "mas", "rwalk", "icarl", "bic")
+#: Methods measured only as whole sequences: GDumb has no training step of its own (each task's fit
+#: trains on its memory from the initial weights: a plain step on memory samples).
+SEQUENCE_ONLY = ("gdumb",)
 #: Methods that change the batch or the loss: their LightningModule needs ContinualLossMixin.
 NEEDS_MIXIN = ("replay", "distillation", "der", "derpp", "er_ace", "icarl", "bic")
 
@@ -257,6 +261,8 @@ def make_method(name: str, net: nn.Module, setup: Setup) -> Any:
         return ICaRL(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
     if name == "bic":
         return BiC(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
+    if name == "gdumb":
+        return GDumb(net, memory_size=MEMORY_SIZE, seed=setup.seed)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -631,7 +637,7 @@ def measure_sequence(setup: Setup, data: Data) -> tuple[dict[str, Any], dict[str
 
         return run
 
-    times = interleaved({variant: sequence(variant) for variant in ("plain", *METHODS)}, setup.sequence_repeats)
+    times = interleaved({variant: sequence(variant) for variant in ("plain", *METHODS, *SEQUENCE_ONLY)}, setup.sequence_repeats)
     result = {variant: summary(times[variant], times["plain"]) for variant in times}
     result["steps_per_task"] = steps_per_task
     memory = {}
