@@ -331,17 +331,12 @@ def _exemplar_selection(
 
 def _task_of_every_batch(trainer: "pl.Trainer") -> Optional[int]:
     """The task id in every training batch of this fit, where the data says so without reading a
-    batch: a :class:`~neurenix.data.TaskSequenceDataModule` serving a
-    :class:`~neurenix.data.TaskDataset` (one task id for all its samples); else ``None``."""
-    from neurenix.data import (  # neurenix.data imports neurenix.continual
-        TaskDataset,
-        TaskSequenceDataModule,
-    )
+    batch: the fit's training loader serves a :class:`~neurenix.data.TaskDataset` (one task id for
+    all its samples, as a :class:`~neurenix.data.TaskSequenceDataModule` serves each task); else
+    ``None``."""
+    from neurenix.data import TaskDataset  # neurenix.data imports neurenix.continual
 
-    datamodule = getattr(trainer, "datamodule", None)
-    if not isinstance(datamodule, TaskSequenceDataModule):
-        return None
-    dataset = datamodule.train_tasks[datamodule.current_task]
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
     return dataset.task_id if isinstance(dataset, TaskDataset) and dataset.with_task_ids else None
 
 

@@ -324,3 +324,18 @@ def test_draw_from_picks_distinct_given_slots_from_the_memorys_generator():
     assert drawn.shape == (3,) and len(set(drawn.tolist())) == 3 and set(drawn.tolist()) <= set(slots.tolist())
     expected = slots[torch.randperm(5, generator=torch.Generator().manual_seed(0).set_state(state))[:3]]
     assert torch.equal(drawn, expected)
+
+
+def test_batches_of_other_datasets_give_the_memory_their_own_task_ids(monkeypatch):
+    # A loader over a dataset that does not promise one task id per fit: the ids are read per sample.
+    x, y = torch.rand(24, 64), torch.randint(0, 5, (24,))
+    t = torch.tensor([0, 1] * 12)
+    model = lit_multi_head(TwoHeads())
+    method = AGEM(model.model, memory_size=40, seed=0)
+    given = []
+    original = TaskBalancedMemory.add
+    monkeypatch.setattr(TaskBalancedMemory, "add", lambda self, x, y, t, **e: given.append(t) or original(self, x, y, t, **e))
+    trainer = quiet_trainer(callbacks=[method], max_epochs=1)
+    trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, t), batch_size=8))
+    assert len(given) == 3 and all(isinstance(ids, torch.Tensor) for ids in given)
+    assert method.memory.group_sizes() == {0: 12, 1: 12}
