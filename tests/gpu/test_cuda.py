@@ -20,10 +20,14 @@ from neurenix.continual import (
     AGEM,
     ERACE,
     EWC,
+    MAS,
+    BiC,
     DarkExperienceReplay,
     ExperienceReplay,
+    ICaRL,
     KnowledgeDistillation,
     L2Regularization,
+    RWalk,
     SynapticIntelligence,
 )
 from neurenix.continual.memory import ReservoirMemory
@@ -106,6 +110,8 @@ def _deterministic_methods(net: nn.Module) -> list:
         L2Regularization(net, importance=2.0),
         SynapticIntelligence(net, importance=1.0, xi=0.1),
         KnowledgeDistillation(net, temperature=2.0, alpha=0.5),
+        MAS(net, importance=1.0, sample_size=20, seed=12),
+        RWalk(net, importance=1.0, interval=2),
     ]
 
 
@@ -336,3 +342,16 @@ def test_storing_in_the_reservoir_on_cuda_never_synchronizes_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(memory) == 50 and memory.num_seen == 352
+
+
+@pytest.mark.parametrize("method_class", [ICaRL, BiC])
+def test_an_exemplar_method_under_16_mixed_on_cuda_keeps_exemplars_teacher_and_predictor_on_the_device(method_class):
+    net = _net(seed=5)
+    method = method_class(net, memory_size=12, replay_ratio=0.5, seed=12)
+    for seed in (1, 2):
+        _fit(lit_classifier(net, lr=0.1), [method], _task(seed), precision="16-mixed")
+    state = method.memory.state_dict()
+    assert state["inputs"].device.type == "cuda" and len(method.memory) == 12
+    assert next(method.teacher.parameters()).device.type == "cuda"
+    scores = method.classifier(_task(3).tensors[0].to(CUDA))
+    assert scores.device.type == "cuda" and bool(torch.isfinite(scores[:, :3]).all())
