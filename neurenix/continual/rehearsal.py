@@ -270,6 +270,11 @@ class RehearsalMethod(ContinualCallback):
         super().on_train_end(trainer, pl_module)
 
     @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._fit_batches_task = None  # a later train_step's batches are not this fit's
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
     def check_task_batch(self, batch: Any) -> None:
         self.check_targets(split_batch(batch)[1])
 

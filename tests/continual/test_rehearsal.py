@@ -339,3 +339,18 @@ def test_batches_of_other_datasets_give_the_memory_their_own_task_ids(monkeypatc
     trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, t), batch_size=8))
     assert len(given) == 3 and all(isinstance(ids, torch.Tensor) for ids in given)
     assert method.memory.group_sizes() == {0: 12, 1: 12}
+
+
+def test_a_fit_that_fails_leaves_no_task_id_for_later_batches():
+    benchmark = split_benchmark("digits", num_tasks=2, scenario="task", seed=0)
+    datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=64)
+    model = lit_multi_head(TwoHeads())
+    method = AGEM(model.model, memory_size=40, seed=0)
+
+    def failing_step(batch, batch_idx):
+        raise RuntimeError("the user's step failed")
+
+    model.training_step = failing_step
+    with pytest.raises(RuntimeError, match="the user's step failed"):
+        fit_sequence(quiet_trainer(callbacks=[method], max_epochs=1), model, datamodule, epochs_per_task=1)
+    assert method._fit_batches_task is None  # standalone steps after it read their own task ids
