@@ -23,7 +23,7 @@ from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture,
 from neurenix.continual.distillation import KnowledgeDistillation, frozen_copy, loaded_teacher, teacher_state
 from neurenix.continual.exemplars import STRATEGIES
 from neurenix.continual.memory import ReplayBatch
-from neurenix.continual.rehearsal import RehearsalMethod
+from neurenix.continual.rehearsal import RehearsalMethod, with_replayed
 
 __all__ = ["DistilledExemplars"]
 
@@ -98,11 +98,7 @@ class DistilledExemplars(CapturesTrainingForwards, RehearsalMethod):
         replayed = self._replayed(count)
         if replayed is None:
             return inputs, targets, task_ids
-        inputs = torch.cat([inputs, replayed.inputs.to(inputs.device)])
-        targets = torch.cat([targets, replayed.targets.to(targets.device)])
-        if task_ids is not None:
-            task_ids = torch.cat([task_ids, replayed.task_ids.to(task_ids.device, task_ids.dtype)])
-        return inputs, targets, task_ids
+        return with_replayed(inputs, targets, task_ids, replayed)
 
     @override
     def extend_lightning_batch(self, batch: Any) -> Any:

@@ -47,7 +47,7 @@ from neurenix.continual.memory import (
     stored_fields,
 )
 
-__all__ = ["RehearsalMethod", "redistributed_memory"]
+__all__ = ["RehearsalMethod", "redistributed_memory", "with_replayed"]
 
 
 class RehearsalMethod(ContinualCallback):
@@ -332,6 +332,18 @@ def _exemplar_selection(
             )
         feature_extractor = model  # random selection runs no forward
     return selection, FeatureExtractor(model, feature_extractor)
+
+
+def with_replayed(
+    inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor], replayed: ReplayBatch
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The batch with ``replayed`` samples appended, each part on its batch part's device (task
+    ids only where the batch has them)."""
+    inputs = torch.cat([inputs, replayed.inputs.to(inputs.device)])
+    targets = torch.cat([targets, replayed.targets.to(targets.device)])
+    if task_ids is not None:
+        task_ids = torch.cat([task_ids, replayed.task_ids.to(task_ids.device, task_ids.dtype)])
+    return inputs, targets, task_ids
 
 
 def _task_of_every_batch(trainer: "pl.Trainer") -> Optional[int]:

@@ -12,7 +12,7 @@ from typing_extensions import override
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real
 from neurenix.continual.callback import join_batch, split_batch
 from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory
-from neurenix.continual.rehearsal import RehearsalMethod, redistributed_memory
+from neurenix.continual.rehearsal import RehearsalMethod, redistributed_memory, with_replayed
 
 __all__ = ["BALANCES", "ExperienceReplay", "ReplayBatch", "redistributed_memory"]
 
@@ -118,12 +118,7 @@ class ExperienceReplay(RehearsalMethod):
         count = self.replay_count(inputs.shape[0])
         if count == 0 or len(self.memory) == 0:
             return inputs, targets, task_ids
-        replayed = self.memory.sample(count)
-        inputs = torch.cat([inputs, replayed.inputs.to(inputs.device)])
-        targets = torch.cat([targets, replayed.targets.to(targets.device)])
-        if task_ids is not None:
-            task_ids = torch.cat([task_ids, replayed.task_ids.to(task_ids.device, task_ids.dtype)])
-        return inputs, targets, task_ids
+        return with_replayed(inputs, targets, task_ids, self.memory.sample(count))
 
     @override
     def extend_lightning_batch(self, batch: Any) -> Any:
