@@ -1,27 +1,26 @@
 """BiC: its loss and bias fit against hand-computed values, the held-out split, the task's end,
-the corrected predictor, both doors, state, precisions and bad input."""
+the corrected predictor, both doors, state, precisions and bad input.
+
+What BiC shares with iCaRL (bad arguments, Lightning, checkpoints, precisions, bad input) is
+checked for both in ``test_distilled_exemplars.py``."""
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import re
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch import nn
+from torch.utils.data import TensorDataset
 
-from neurenix.continual import KnowledgeDistillation
 from neurenix.continual import functional as CF
 from neurenix.continual.bic import BIAS_L2, BiasCorrectedClassifier, BiC, held_out_ranks
 from neurenix.continual.memory import ExemplarMemory
-from tests.helpers import lit_classifier, loader, quiet_trainer, saved_and_loaded
-
-D = torch.float64
+from tests.continual.test_distilled_exemplars import TASKS, D, class_task, make_net
+from tests.helpers import loader, saved_and_loaded
 
 
 # ------------------------------------------------------------------------- the maths, by hand
@@ -106,19 +105,6 @@ def test_held_out_ranks_spread_a_share_over_every_prefix():
 
 
 # ------------------------------------------------------------------------- the method
-def make_net(seed: int = 0, inputs: int = 6, hidden: int = 5, classes: int = 4) -> nn.Sequential:
-    torch.manual_seed(seed)
-    backbone = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh())
-    return nn.Sequential(backbone, nn.Linear(hidden, classes)).double()
-
-
-def class_task(labels: tuple[int, ...], samples: int = 24, seed: int = 1, inputs: int = 6) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.tensor(labels).repeat(samples // len(labels))
-    x = torch.randn(samples, inputs, generator=generator, dtype=D) + y[:, None].double()
-    return TensorDataset(x, y)
-
-
 def test_constructor_defaults_and_hyperparameters():
     net = make_net()
     bic = BiC(net)
@@ -131,33 +117,16 @@ def test_constructor_defaults_and_hyperparameters():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(memory_size=-1), ValueError, "memory_size must be >= 0, got -1"),
-        (dict(replay_ratio=-0.5), ValueError, "replay_ratio must be >= 0.0, got -0.5"),
-        (dict(selection="greedy"), ValueError, "selection must be one of 'herding', 'closest', 'random'; got 'greedy'"),
         (dict(held_out=0.0), ValueError, "held_out must be > 0.0, got 0.0"),
         (dict(held_out=0.75), ValueError, "held_out must be <= 0.5, got 0.75"),
         (dict(held_out="0.1"), TypeError, "held_out must be a real number, got str: '0.1'"),
         (dict(temperature=0), ValueError, "temperature must be > 0.0, got 0.0"),
-        (dict(feature_extractor="nowhere"), ValueError, "nowhere"),
     ],
 )
-def test_constructor_rejects_bad_arguments(kwargs, error, message):
+def test_constructor_rejects_bad_bic_arguments(kwargs, error, message):
+    # The arguments every distilled exemplar method takes: test_distilled_exemplars.py.
     with pytest.raises(error, match=re.escape(message)):
         BiC(make_net(), **kwargs)
-
-
-def test_a_model_that_is_not_sequential_must_name_its_features_unless_selection_is_random():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.head(self.backbone(x).tanh())
-
-    with pytest.raises(ValueError, match=r"feature_extractor=None with selection='herding' needs an nn.Sequential model .* got Net"):
-        BiC(Net())
-    assert BiC(Net(), selection="random").selection == "random"
 
 
 def _two_tasks(bic: BiC, net: nn.Module, samples: int = 24) -> list[TensorDataset]:
@@ -236,50 +205,6 @@ def test_one_step_by_hand_with_teacher_corrections_and_replay():
     del tasks
 
 
-# ------------------------------------------------------------------------- Lightning
-def fit(module: L.LightningModule, callbacks: list, data: TensorDataset, ckpt_path=None, **kwargs) -> L.Trainer:
-    trainer = quiet_trainer(callbacks=callbacks, **kwargs)
-    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=ckpt_path)
-    return trainer
-
-
-TASKS = ((0, 1), (2, 3))
-
-
-def test_lightning_equals_train_step_over_two_tasks():
-    net, twin = make_net(seed=3), make_net(seed=3)
-    options = dict(memory_size=12, replay_ratio=0.5, seed=5, held_out=0.34)
-    standalone, callback = BiC(net, **options), BiC(twin, **options)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    module = lit_classifier(twin)
-    for task_id, labels in enumerate(TASKS):
-        data = class_task(labels, samples=36, seed=task_id + 1)
-        for inputs, targets in loader(data):
-            standalone.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=task_id)
-        standalone.register_task(task_id, loader(data))
-        fit(module, [callback], data)
-
-    assert callback.finished_tasks == standalone.finished_tasks == [0, 1]
-    for (name, ours), theirs in zip(twin.named_parameters(), net.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10, msg=name)
-    ours, theirs = callback.memory.state_dict(), standalone.memory.state_dict()
-    for field in ("inputs", "targets", "ranks", "generator"):
-        torch.testing.assert_close(ours[field], theirs[field], rtol=0, atol=1e-10, msg=field)
-    assert len(callback.corrections) == 1
-    assert callback.corrections[0][1:] == pytest.approx(standalone.corrections[0][1:], abs=1e-9)
-    probe = torch.randn(7, 6, dtype=D)
-    torch.testing.assert_close(callback.classifier(probe), standalone.classifier(probe), rtol=0, atol=1e-9)
-    assert not twin._forward_hooks
-
-
-def test_with_distillation_on_one_trainer_is_refused_at_setup():
-    net = make_net()
-    bic = BiC(net)
-    with pytest.raises(ValueError, match="BiC and KnowledgeDistillation are on one Trainer"):
-        fit(lit_classifier(net), [bic, KnowledgeDistillation(net)], class_task((0, 1)))
-    assert bic.finished_tasks == [] and bic.active_task is None
-
-
 # ------------------------------------------------------------------------- state and checkpoints
 def _trained(seed: int = 0) -> tuple[nn.Sequential, BiC, torch.optim.Optimizer]:
     net = make_net(seed=2)
@@ -314,109 +239,7 @@ def test_state_round_trip_through_weights_only_continues_exactly():
     assert torch.equal(bic.classifier(probe), restored.classifier(probe))
 
 
-def float_task(labels: tuple[int, ...], seed: int) -> TensorDataset:
-    x, y = class_task(labels, samples=32, seed=seed).tensors
-    return TensorDataset(x.float(), y)
-
-
-def _methods(net: nn.Module, seed: int) -> list:
-    return [BiC(net, memory_size=8, replay_ratio=0.5, seed=seed, held_out=0.5)]
-
-
-@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
-@pytest.mark.parametrize("where", ["mid-task", "task-end"])
-def test_a_lightning_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, where):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    init = make_net(seed=7).float()
-    net = copy.deepcopy(init)
-    (bic,) = methods = _methods(net, seed=1)
-    fit(lit_classifier(net), methods, float_task((0, 1), 1))
-    fit(lit_classifier(net), methods, float_task((2, 3), 2), max_epochs=2)
-
-    stopped = copy.deepcopy(init)
-    stopped_methods = _methods(stopped, seed=1)
-    fit(lit_classifier(stopped), stopped_methods, float_task((0, 1), 1))
-    saver = ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True, save_top_k=-1)
-    epochs = 1 if where == "mid-task" else 2
-    fit(lit_classifier(stopped), [*stopped_methods, saver], float_task((2, 3), 2), max_epochs=epochs, enable_checkpointing=True)
-    checkpoint = sorted(tmp_path.glob("*.ckpt"))[-1]
-    saved = torch.load(checkpoint, weights_only=True)["callbacks"][bic.state_key]
-    assert saved["active_task"] == 1 and saved["teacher"] is not None
-
-    resumed_net = make_net(seed=98).float()
-    (resumed,) = resumed_methods = _methods(resumed_net, seed=9)
-    fit(lit_classifier(resumed_net), resumed_methods, float_task((2, 3), 2), max_epochs=2, ckpt_path=checkpoint)
-    for (name, a), b in zip(net.named_parameters(), resumed_net.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    ours, theirs = resumed.memory.state_dict(), bic.memory.state_dict()
-    for field in ("inputs", "targets", "ranks", "generator"):
-        torch.testing.assert_close(ours[field], theirs[field], rtol=0, atol=1e-6, msg=field)
-    assert len(resumed.corrections) == len(bic.corrections) == 1
-    assert resumed.corrections[0][1:] == pytest.approx(bic.corrections[0][1:], abs=1e-5)
-    probe = torch.randn(5, 6)
-    torch.testing.assert_close(resumed.classifier(probe), bic.classifier(probe), rtol=0, atol=1e-5)
-    assert resumed.finished_tasks == [0, 1]
-
-
-@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
-def test_a_checkpoint_saved_with_other_hyperparameters_is_refused(tmp_path):
-    net = make_net(seed=7).float()
-    trainer = fit(lit_classifier(net), [BiC(net, memory_size=8, seed=0)], float_task((0, 1), 1))
-    trainer.save_checkpoint(tmp_path / "task0.ckpt")
-    other = BiC(net, memory_size=8, seed=0, held_out=0.2)
-    saved = "BiC{'memory_size': 8, 'replay_ratio': 0.5, 'selection': 'herding', 'held_out': 0.1, 'temperature': 2.0}"
-    wanted = "BiC{'memory_size': 8, 'replay_ratio': 0.5, 'selection': 'herding', 'held_out': 0.2, 'temperature': 2.0}"
-    with pytest.raises(ValueError, match=re.escape(f"the checkpoint holds state for {saved}, not for {wanted}")):
-        fit(lit_classifier(net), [other], float_task((0, 1), 1), max_epochs=2, ckpt_path=tmp_path / "task0.ckpt")
-    assert other.finished_tasks == [] and len(other.memory) == 0 and other.teacher is None
-
-
-# ------------------------------------------------------------------------- precision
-def _precision_run(precision: str) -> tuple[nn.Module, BiC]:
-    net = make_net(seed=4).float()
-    bic = BiC(net, memory_size=8, replay_ratio=0.5, seed=0, held_out=0.5)
-    for task_id, labels in enumerate(TASKS):
-        fit(lit_classifier(net, lr=0.05), [bic], float_task(labels, task_id + 1), precision=precision, deterministic=False)
-    return net, bic
-
-
-@functools.cache
-def _32_bit_run() -> tuple[nn.Module, BiC]:
-    return _precision_run("32-true")
-
-
-# bf16-true's logits carry 8 bits: on a held-out set of 4 exemplars, nearly separated by the
-# correction (α ≈ 7), the fit moves by up to a quarter of itself; its predictions agree.
-@pytest.mark.parametrize("precision, params_atol, correction_rel", [("bf16-mixed", 2e-3, 1e-2), ("bf16-true", 2e-2, 0.25)])
-def test_bf16_precisions_train_and_correct_like_32_bit(precision, params_atol, correction_rel):
-    reference, reference_bic = _32_bit_run()
-    net, bic = _precision_run(precision)
-    for (name, ours), theirs in zip(net.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=params_atol, msg=name)
-    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    assert bic.memory.state_dict()["inputs"].dtype == expected_dtype
-    assert len(bic.corrections) == 1
-    assert bic.corrections[0][1:] == pytest.approx(reference_bic.corrections[0][1:], rel=correction_rel)
-    probe = float_task((0, 1, 2, 3), 9).tensors[0]
-    agree = (bic.classifier.predict(probe.to(expected_dtype)) == reference_bic.classifier.predict(probe)).double().mean()
-    assert agree >= 0.9
-
-
 # ------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "targets, described",
-    [(torch.zeros(8), "dtype torch.float32"), (torch.zeros(8, 2, dtype=torch.long), "shape (8, 2)")],
-)
-def test_train_step_refuses_targets_that_are_not_labels_before_any_change(targets, described):
-    net = make_net()
-    bic = BiC(net)
-    before = copy.deepcopy(net.state_dict())
-    with pytest.raises(ValueError, match=re.escape(described)):
-        bic.train_step(torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, torch.zeros(8, 6, dtype=D), targets, 0)
-    assert bic.active_task is None and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
-
-
 def test_a_trained_task_ending_without_data_is_refused_before_any_change():
     net, bic, optimizer = _trained()
     x, y = class_task((0, 1), seed=5).tensors
@@ -427,8 +250,3 @@ def test_a_trained_task_ending_without_data_is_refused_before_any_change():
     assert bic.active_task == 2 and bic.finished_tasks == [0, 1] and bic.corrections == corrections
 
 
-def test_a_model_whose_outputs_are_not_logits_per_sample_is_refused():
-    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Flatten(0)).double()
-    bic = BiC(net, feature_extractor=net[1])
-    with pytest.raises(ValueError, match=r"BiC reads the model's outputs as one logit per class, \(samples, classes\) for 8 targets: the model \(Sequential\) returned outputs of shape \(32,\)"):
-        bic.train_step(torch.optim.SGD(net.parameters(), lr=0.1), lambda o, t: o.sum(), torch.zeros(8, 6, dtype=D), torch.zeros(8, dtype=torch.long), 0)

@@ -1,27 +1,26 @@
-"""iCaRL: its loss and NCM against hand-computed values, the task's end, both doors, state."""
+"""iCaRL: its loss and NCM against hand-computed values, the task's end, both doors, state.
+
+What iCaRL shares with BiC (bad arguments, Lightning, checkpoints, precisions, bad input) is
+checked for both in ``test_distilled_exemplars.py``."""
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import re
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from neurenix.continual import KnowledgeDistillation
 from neurenix.continual import functional as CF
 from neurenix.continual.exemplars import NearestMeanClassifier
 from neurenix.continual.icarl import ICaRL
 from neurenix.continual.memory import ExemplarMemory
-from tests.helpers import lit_classifier, loader, quiet_trainer, saved_and_loaded
-
-D = torch.float64
+from tests.continual.test_distilled_exemplars import D, class_task, fit, make_net
+from tests.helpers import lit_classifier, loader, saved_and_loaded
 
 
 def _sigmoid(z: float) -> float:
@@ -91,21 +90,6 @@ def test_icarl_loss_refuses_what_does_not_fit():
 
 
 # ------------------------------------------------------------------------- the method
-def make_net(seed: int = 0, inputs: int = 6, hidden: int = 5, classes: int = 4) -> nn.Sequential:
-    """``nn.Sequential(backbone, head)`` in float64: iCaRL's features are the backbone's output."""
-    torch.manual_seed(seed)
-    backbone = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh())
-    return nn.Sequential(backbone, nn.Linear(hidden, classes)).double()
-
-
-def class_task(labels: tuple[int, ...], samples: int = 24, seed: int = 1, inputs: int = 6) -> TensorDataset:
-    """``samples`` random inputs labelled in turn with ``labels``, each class shifted apart."""
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.tensor(labels).repeat(samples // len(labels))
-    x = torch.randn(samples, inputs, generator=generator, dtype=D) + y[:, None].double()
-    return TensorDataset(x, y)
-
-
 def test_constructor_defaults_and_hyperparameters():
     net = make_net()
     icarl = ICaRL(net)
@@ -113,35 +97,6 @@ def test_constructor_defaults_and_hyperparameters():
     assert icarl.features.module is net[0]  # nn.Sequential: its second-to-last child
     assert isinstance(icarl.memory, ExemplarMemory) and isinstance(icarl.classifier, NearestMeanClassifier)
     assert icarl.teacher is None and icarl.needs_loss_mixin
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        (dict(memory_size=-1), ValueError, "memory_size must be >= 0, got -1"),
-        (dict(replay_ratio=-0.5), ValueError, "replay_ratio"),
-        (dict(selection="greedy"), ValueError, "selection"),
-        (dict(feature_extractor="nowhere"), ValueError, "nowhere"),
-        (dict(feature_extractor=nn.Linear(2, 2)), ValueError, "feature_extractor"),
-    ],
-)
-def test_constructor_rejects_bad_arguments(kwargs, error, message):
-    with pytest.raises(error, match=re.escape(message)):
-        ICaRL(make_net(), **kwargs)
-
-
-def test_a_model_that_is_not_sequential_must_name_its_features():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
-
-        def forward(self, x):
-            return self.head(self.backbone(x).tanh())
-
-    with pytest.raises(ValueError, match=r"feature_extractor=None needs an nn.Sequential model .* got Net: name the submodule"):
-        ICaRL(Net())
-    assert ICaRL(Net(), feature_extractor="backbone").features.module is not None
 
 
 def test_ncm_predicts_the_nearest_mean_of_normalized_exemplars_by_hand():
@@ -239,51 +194,10 @@ def test_one_step_by_hand_with_the_teacher_and_the_whole_memory_replayed():
 
 
 # ------------------------------------------------------------------------- Lightning
-def fit(module: L.LightningModule, callbacks: list, data: TensorDataset, ckpt_path=None, **kwargs) -> L.Trainer:
-    trainer = quiet_trainer(callbacks=callbacks, **kwargs)
-    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=False), ckpt_path=ckpt_path)
-    return trainer
-
-
-TASKS = ((0, 1), (2, 3))
-
-
-def test_lightning_equals_train_step_over_two_tasks():
-    net, twin = make_net(seed=3), make_net(seed=3)
-    options = dict(memory_size=10, replay_ratio=0.5, seed=5)
-    standalone, callback = ICaRL(net, **options), ICaRL(twin, **options)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    module = lit_classifier(twin)
-    for task_id, labels in enumerate(TASKS):
-        data = class_task(labels, samples=36, seed=task_id + 1)  # 4 batches of 8 and one of 4
-        for inputs, targets in loader(data):
-            standalone.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=task_id)
-        standalone.register_task(task_id, loader(data))
-        fit(module, [callback], data)
-
-    assert callback.finished_tasks == standalone.finished_tasks == [0, 1]
-    for (name, ours), theirs in zip(twin.named_parameters(), net.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10, msg=name)
-    ours, theirs = callback.memory.state_dict(), standalone.memory.state_dict()
-    for field in ("inputs", "targets", "ranks", "generator"):
-        torch.testing.assert_close(ours[field], theirs[field], rtol=0, atol=1e-10, msg=field)
-    probe = torch.randn(7, 6, dtype=D)
-    torch.testing.assert_close(callback.classifier(probe), standalone.classifier(probe), rtol=0, atol=1e-10)
-    assert not twin._forward_hooks  # the capture is removed when training ends
-
-
 def test_lightning_without_the_mixin_is_refused_at_setup():
     net = make_net()
     with pytest.raises(TypeError, match="ContinualLossMixin"):
         fit(lit_classifier(net, mixin=False), [ICaRL(net)], class_task((0, 1)))
-
-
-def test_with_distillation_on_one_trainer_is_refused_at_setup():
-    net = make_net()
-    icarl = ICaRL(net)
-    with pytest.raises(ValueError, match="ICaRL and KnowledgeDistillation are on one Trainer"):
-        fit(lit_classifier(net), [icarl, KnowledgeDistillation(net)], class_task((0, 1)))
-    assert icarl.finished_tasks == [] and icarl.active_task is None
 
 
 # ------------------------------------------------------------------------- state and checkpoints
@@ -319,104 +233,7 @@ def test_state_round_trip_through_weights_only_continues_exactly():
     assert torch.equal(icarl.classifier(probe), restored.classifier(probe))
 
 
-def float_task(labels: tuple[int, ...], seed: int) -> TensorDataset:
-    x, y = class_task(labels, samples=32, seed=seed).tensors
-    return TensorDataset(x.float(), y)
-
-
-def _methods(net: nn.Module, seed: int) -> list:
-    return [ICaRL(net, memory_size=8, replay_ratio=0.5, seed=seed)]
-
-
-@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
-@pytest.mark.parametrize("where", ["mid-task", "task-end"])
-def test_a_lightning_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, where):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    init = make_net(seed=7).float()
-    net = copy.deepcopy(init)
-    (icarl,) = methods = _methods(net, seed=1)
-    fit(lit_classifier(net), methods, float_task((0, 1), 1))
-    fit(lit_classifier(net), methods, float_task((2, 3), 2), max_epochs=2)
-
-    stopped = copy.deepcopy(init)
-    stopped_methods = _methods(stopped, seed=1)
-    fit(lit_classifier(stopped), stopped_methods, float_task((0, 1), 1))
-    saver = ModelCheckpoint(dirpath=tmp_path, save_on_train_epoch_end=True, save_top_k=-1)
-    epochs = 1 if where == "mid-task" else 2  # epoch 1 of 2, or the task's last epoch end
-    fit(lit_classifier(stopped), [*stopped_methods, saver], float_task((2, 3), 2), max_epochs=epochs, enable_checkpointing=True)
-    checkpoint = sorted(tmp_path.glob("*.ckpt"))[-1]
-    saved = torch.load(checkpoint, weights_only=True)["callbacks"][icarl.state_key]
-    assert saved["active_task"] == 1 and saved["teacher"] is not None
-
-    resumed_net = make_net(seed=98).float()  # other weights and seed: the checkpoint's must win
-    (resumed,) = resumed_methods = _methods(resumed_net, seed=9)
-    fit(lit_classifier(resumed_net), resumed_methods, float_task((2, 3), 2), max_epochs=2, ckpt_path=checkpoint)
-    for (name, a), b in zip(net.named_parameters(), resumed_net.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    ours, theirs = resumed.memory.state_dict(), icarl.memory.state_dict()
-    for field in ("inputs", "targets", "ranks", "generator"):
-        torch.testing.assert_close(ours[field], theirs[field], rtol=0, atol=1e-6, msg=field)
-    probe = torch.randn(5, 6)
-    torch.testing.assert_close(resumed.classifier(probe), icarl.classifier(probe), rtol=0, atol=1e-6)
-    assert resumed.finished_tasks == [0, 1]
-
-
-@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
-def test_a_checkpoint_saved_with_other_hyperparameters_is_refused(tmp_path):
-    net = make_net(seed=7).float()
-    trainer = fit(lit_classifier(net), [ICaRL(net, memory_size=8, seed=0)], float_task((0, 1), 1))
-    trainer.save_checkpoint(tmp_path / "task0.ckpt")
-    other = ICaRL(net, memory_size=16, seed=0)
-    saved = "ICaRL{'memory_size': 8, 'replay_ratio': 0.5, 'selection': 'herding'}"
-    wanted = "ICaRL{'memory_size': 16, 'replay_ratio': 0.5, 'selection': 'herding'}"
-    with pytest.raises(ValueError, match=re.escape(f"the checkpoint holds state for {saved}, not for {wanted}")):
-        fit(lit_classifier(net), [other], float_task((0, 1), 1), max_epochs=2, ckpt_path=tmp_path / "task0.ckpt")
-    assert other.finished_tasks == [] and len(other.memory) == 0 and other.teacher is None
-
-
-# ------------------------------------------------------------------------- precision
-def _precision_run(precision: str) -> tuple[nn.Module, ICaRL]:
-    net = make_net(seed=4).float()
-    icarl = ICaRL(net, memory_size=8, replay_ratio=0.5, seed=0)
-    for task_id, labels in enumerate(TASKS):
-        fit(lit_classifier(net, lr=0.05), [icarl], float_task(labels, task_id + 1), precision=precision, deterministic=False)
-    return net, icarl
-
-
-@functools.cache
-def _32_bit_run() -> tuple[nn.Module, ICaRL]:
-    return _precision_run("32-true")
-
-
-@pytest.mark.parametrize("precision, params_atol", [("bf16-mixed", 2e-3), ("bf16-true", 2e-2)])
-def test_bf16_precisions_train_choose_and_classify_like_32_bit(precision, params_atol):
-    reference, reference_icarl = _32_bit_run()
-    net, icarl = _precision_run(precision)
-    for (name, ours), theirs in zip(net.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=params_atol, msg=name)
-    stored = icarl.memory.state_dict()
-    expected_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32  # as the fit's batches
-    assert stored["inputs"].dtype == expected_dtype and sorted(icarl.memory.groups) == [0, 1, 2, 3]
-    probe = float_task((0, 1, 2, 3), 9).tensors[0]
-    agree = (icarl.classifier.predict(probe.to(expected_dtype)) == reference_icarl.classifier.predict(probe)).double().mean()
-    assert agree >= 0.9
-
-
 # ------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(
-    "targets, described",
-    [(torch.zeros(8), "dtype torch.float32"), (torch.zeros(8, 2, dtype=torch.long), "shape (8, 2)")],
-)
-def test_train_step_refuses_targets_that_are_not_labels_before_any_change(targets, described):
-    net = make_net()
-    icarl = ICaRL(net)
-    before = copy.deepcopy(net.state_dict())
-    with pytest.raises(ValueError, match=re.escape(described)):
-        icarl.train_step(torch.optim.SGD(net.parameters(), lr=0.1), F.cross_entropy, torch.zeros(8, 6, dtype=D), targets, 0)
-    assert icarl.active_task is None and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
-
-
 def test_a_trained_task_ending_without_data_is_refused_before_any_change():
     net, icarl, optimizer = _trained()
     x, y = class_task((0, 1), seed=5).tensors
@@ -437,8 +254,3 @@ def test_add_to_memory_is_refused_exemplars_come_from_a_tasks_data():
     assert torch.equal(icarl.memory.state_dict()["inputs"], held)
 
 
-def test_a_model_whose_outputs_are_not_logits_per_sample_is_refused():
-    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Flatten(0)).double()
-    icarl = ICaRL(net, feature_extractor=net[1])
-    with pytest.raises(ValueError, match=r"ICaRL reads the model's outputs as one logit per class, \(samples, classes\) for 8 targets: the model \(Sequential\) returned outputs of shape \(32,\)"):
-        icarl.train_step(torch.optim.SGD(net.parameters(), lr=0.1), lambda o, t: o.sum(), torch.zeros(8, 6, dtype=D), torch.zeros(8, dtype=torch.long), 0)
