@@ -62,6 +62,13 @@ def _neg_log_loss(logits: Tensor, targets: Tensor) -> float:
 SCORERS: dict[str, Scorer] = {"accuracy": _accuracy, "neg_log_loss": _neg_log_loss}
 
 
+def _run_with_threads(search: "GridSearch", params: dict[str, Any], tasks: list, seed: int, threads: int) -> float:
+    """One run in a worker process, with the caller's number of PyTorch threads (a float sum
+    split over another number of threads may round differently)."""
+    torch.set_num_threads(threads)
+    return search._run(params, tasks, seed)
+
+
 def parameter_grid(param_space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of ``param_space``, the last name varying fastest (``itertools.product``).
 
@@ -138,6 +145,11 @@ class GridSearch:
         seed: the seed of the folds, the model initialization and the batch order; ``None``
             takes ``torch.initial_seed()`` at ``fit`` (so ``nx.init(seed)`` makes runs repeatable).
         verbose: print each combination's mean score.
+        n_jobs: runs (combination × fold) at once, each in a process of its own (joblib's
+            ``loky`` backend, which scikit-learn uses for its searches); ``-1`` uses every CPU.
+            Each run is seeded as in one process and runs with the caller's number of PyTorch
+            threads, so the results equal ``n_jobs=1``'s bit for bit. ``model_fn``, the optimizer
+            factory and the loss are sent to the processes (lambdas and closures included).
 
     Attributes (after ``fit``):
         cv_results_: scikit-learn style, one entry per combination in grid order: ``params``,
@@ -174,6 +186,7 @@ class GridSearch:
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         seed: Optional[int] = None,
         verbose: bool = False,
+        n_jobs: int = 1,
     ) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}: {model_fn!r:.80}")
@@ -192,6 +205,9 @@ class GridSearch:
         self.loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         self.seed = None if seed is None else check_int("seed", seed, minimum=0)
         self.verbose = bool(verbose)
+        self.n_jobs = check_int("n_jobs", n_jobs, minimum=-1)
+        if self.n_jobs == 0 or self.n_jobs < -1:
+            raise ValueError(f"n_jobs must be a number of processes >= 1, or -1 for every CPU, got {n_jobs!r}")
 
     # ---------------------------------------------------------------------------- fitting
     def fit(
@@ -222,7 +238,8 @@ class GridSearch:
         seed = torch.initial_seed() if self.seed is None else self.seed
         folds = self._folds(X, y, tasks, validation_tasks, seed)
         grid = parameter_grid(self.param_space)
-        scores = [[self._run(params, fold, seed) for fold in folds] for params in grid]
+        flat = self._run_all([(params, fold) for params in grid for fold in folds], seed)
+        scores = [flat[k : k + len(folds)] for k in range(0, len(flat), len(folds))]
         self.seed_ = seed
         self._record(grid, scores, single_task=len(folds[0]) == 1)
         return self
@@ -236,6 +253,16 @@ class GridSearch:
         if not hasattr(self, "best_params_"):
             raise RuntimeError("GridSearch.best_params() was called before fit(X, y) or fit(tasks=...): nothing was searched yet")
         return dict(self.best_params_)
+
+    def _run_all(self, runs: list[tuple[dict[str, Any], list[_Task]]], seed: int) -> list[float]:
+        """Every run's score, in the order of ``runs``: here, or in ``n_jobs`` processes."""
+        if self.n_jobs == 1 or len(runs) == 1:
+            return [self._run(params, tasks, seed) for params, tasks in runs]
+        import joblib  # scikit-learn's dependency: imported only for a parallel search
+
+        threads = torch.get_num_threads()
+        jobs = (joblib.delayed(_run_with_threads)(self, params, tasks, seed, threads) for params, tasks in runs)
+        return list(joblib.Parallel(n_jobs=self.n_jobs, backend="loky")(jobs))
 
     def _run(self, params: dict[str, Any], tasks: list[_Task], seed: int) -> float:
         """Build ``model_fn(**params)``, train it on the tasks in order, return the mean held-out score."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -426,3 +427,26 @@ def test_the_document_example_runs_unchanged(capsys):
     assert len(search.cv_results_["params"]) == 9
     assert namespace["best_params"] == {"importance": 100.0, "fisher_sample_size": 100}
     assert "Best hyperparameters: {'importance': 100.0, 'fisher_sample_size': 100}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- parallel runs
+def test_runs_in_parallel_processes_give_the_results_of_one_process():
+    # Lambdas travel to the processes (joblib's loky pickles them), each run is seeded as in one
+    # process and keeps the caller's thread count: equal bit for bit, not merely close.
+    tasks = [blobs([0, 1], seed=1), blobs([2, 3], seed=2)]
+    options = dict(cv=2, epochs=3, batch_size=10, optimizer=lambda p: torch.optim.Adam(p, lr=0.02), seed=4)
+    space = {"importance": [0.0, 10.0, 1000.0]}
+    one = GridSearch(ewc_net, space, **options).fit(tasks=tasks)
+    parallel = GridSearch(ewc_net, space, n_jobs=2, **options).fit(tasks=tasks)
+    assert parallel.cv_results_ == one.cv_results_ and parallel.best_params() == one.best_params()
+    assert len(set(one.cv_results_["mean_test_score"])) > 1  # the values differ: the comparison can fail
+
+
+@pytest.mark.parametrize(("n_jobs", "error", "message"), [
+    (0, ValueError, "n_jobs must be a number of processes >= 1, or -1 for every CPU, got 0"),
+    (-2, ValueError, "n_jobs must be >= -1, got -2"),
+    (1.5, TypeError, "n_jobs must be an int, got float: 1.5"),
+])
+def test_a_bad_n_jobs_is_refused(n_jobs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        GridSearch(ewc_net, {"importance": [1.0]}, n_jobs=n_jobs)

@@ -878,6 +878,8 @@ ROWS: list[Row] = [
         lambda _: fit([ForgettingCurves()], lit_classifier(mlp()), loader())),
     # search and session
     row(GS, "`model_fn=3`", TypeError, "model_fn must be callable, got int: 3", lambda _: GridSearch(3, {"a": [1]})),
+    row(GS, "`n_jobs=0`", ValueError, "n_jobs must be a number of processes >= 1, or -1 for every CPU, got 0",
+        lambda _: GridSearch(lambda a: None, {"a": [1]}, n_jobs=0)),
     row(GS, "`param_space={}`", ValueError, "param_space must name at least one hyperparameter, got an empty dict {}", lambda _: GridSearch(lambda a: None, {})),
     row(GS, "`param_space={\"a\": 1}`", TypeError, "param_space['a'] must be a list of values to try, got int: 1", lambda _: GridSearch(lambda a: None, {"a": 1})),
     row(GS, "a name `model_fn` does not take", ValueError, "param_space names ['b'] but model_fn", lambda _: GridSearch(lambda a: None, {"b": [1]})),
