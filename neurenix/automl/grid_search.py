@@ -150,6 +150,8 @@ class GridSearch:
             Each run is seeded as in one process and runs with the caller's number of PyTorch
             threads, so the results equal ``n_jobs=1``'s bit for bit. ``model_fn``, the optimizer
             factory and the loss are sent to the processes (lambdas and closures included).
+            joblib keeps its worker processes for the next parallel call (they exit after a few
+            idle minutes, or with ``joblib.externals.loky.get_reusable_executor().shutdown()``).
 
     Attributes (after ``fit``):
         cv_results_: scikit-learn style, one entry per combination in grid order: ``params``,

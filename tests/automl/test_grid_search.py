@@ -437,7 +437,12 @@ def test_runs_in_parallel_processes_give_the_results_of_one_process():
     options = dict(cv=2, epochs=3, batch_size=10, optimizer=lambda p: torch.optim.Adam(p, lr=0.02), seed=4)
     space = {"importance": [0.0, 10.0, 1000.0]}
     one = GridSearch(ewc_net, space, **options).fit(tasks=tasks)
-    parallel = GridSearch(ewc_net, space, n_jobs=2, **options).fit(tasks=tasks)
+    try:
+        parallel = GridSearch(ewc_net, space, n_jobs=2, **options).fit(tasks=tasks)
+    finally:  # joblib keeps its worker processes for the next search: none may outlive this test
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
     assert parallel.cv_results_ == one.cv_results_ and parallel.best_params() == one.best_params()
     assert len(set(one.cv_results_["mean_test_score"])) > 1  # the values differ: the comparison can fail
 
