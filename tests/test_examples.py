@@ -35,6 +35,7 @@ EXAMPLES = REPO / "examples"
 #: Seconds one example may take; they take 5-20 s each on two idle cores.
 TIMEOUT = 300
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+HAS_OPTUNA = importlib.util.find_spec("optuna") is not None
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Example:
     command: Callable[[Path], list[str]]  # the command line, given the run's own folder
     check: Callable[[str, Path], None]  # (stdout, folder) -> assertions
     needs_matplotlib: bool = False
+    needs_optuna: bool = False
 
 
 def _python(script: str, *args: str) -> Callable[[Path], list[str]]:
@@ -102,6 +104,30 @@ def _check_compare(out: str, folder: Path) -> None:
     assert (folder / "out" / "forgetting_curves.png").stat().st_size > 0
 
 
+def _two_optuna_workers(folder: Path) -> list[str]:
+    """Two workers of one study at once, sharing its SQLite storage; fails if either fails."""
+    worker = f"{sys.executable} {EXAMPLES / 'optuna_search.py'} --storage sqlite:///{folder / 'search.db'}"
+    return ["bash", "-c", f"{worker} --create && {{ {worker} & first=$!; {worker}; second=$?; wait $first; exit $(( $? | second )); }}"]
+
+
+def _check_optuna(out: str, folder: Path) -> None:
+    import optuna
+
+    spec = importlib.util.spec_from_file_location("optuna_search", EXAMPLES / "optuna_search.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    study = optuna.load_study(study_name="neurenix-ewc-importance", storage=f"sqlite:///{folder / 'search.db'}")
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {t.params["importance"] for t in trials} == set(example.SPACE["importance"])  # every combination tried
+    fitted = example.make_search().fit(tasks=example.tasks()).cv_results_  # the same search in one process
+    by_params = {p["importance"]: (m, [fitted[f"split{k}_test_score"][i] for k in range(2)])
+                 for i, (p, m) in enumerate(zip(fitted["params"], fitted["mean_test_score"]))}  # fmt: skip
+    for trial in trials:  # each trial's value is fit's score of its combination, bit for bit
+        assert (trial.value, trial.user_attrs["split_scores"]) == by_params[trial.params["importance"]]
+    assert study.best_params == {"importance": fitted["params"][fitted["rank_test_score"].index(1)]["importance"]}
+    assert len(set(fitted["mean_test_score"])) > 1 and "best {'importance':" in out
+
+
 EXAMPLES_RUN = {
     "tutorial_ewc.py": Example(_tutorial("tutorial_ewc.py"), _check_tutorial("EWC", "ewc_comparison.png"), needs_matplotlib=True),
     "tutorial_replay.py": Example(
@@ -110,6 +136,7 @@ EXAMPLES_RUN = {
     "plain_pytorch.py": Example(_python("plain_pytorch.py", "--fast"), _check_plain),
     "lightning_sequence.py": Example(lambda folder: [*_python("lightning_sequence.py")(folder), "--epochs", "1", "--output", str(folder / "logs")], _check_lightning),
     "ddp_sequence.py": Example(_python("ddp_sequence.py", "--epochs", "1"), _check_ddp),
+    "optuna_search.py": Example(_two_optuna_workers, _check_optuna, needs_optuna=True),
     "compare.yaml": Example(
         lambda folder: [sys.executable, "-m", "neurenix", "--config", str(EXAMPLES / "compare.yaml"), "--epochs", "1", "--output", str(folder / "out")],
         _check_compare,
@@ -142,7 +169,7 @@ def runs(request, tmp_path_factory):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(REPO)}
     started: dict[str, _Run] = {}
     for name, example in EXAMPLES_RUN.items():
-        if name not in selected or (example.needs_matplotlib and not HAS_MATPLOTLIB):
+        if name not in selected or (example.needs_matplotlib and not HAS_MATPLOTLIB) or (example.needs_optuna and not HAS_OPTUNA):
             continue
         folder = tmp_path_factory.mktemp(name.replace(".", "_"))
         process = subprocess.Popen(example.command(folder), cwd=folder, env=environment, text=True,
@@ -160,6 +187,8 @@ def test_an_example_runs_fast_and_does_its_job(runs, name):
     example = EXAMPLES_RUN[name]
     if example.needs_matplotlib and not HAS_MATPLOTLIB:
         pytest.skip("matplotlib is not installed (pip install 'neurenix[tutorials]')")
+    if example.needs_optuna and not HAS_OPTUNA:
+        pytest.skip("optuna is not installed (pip install 'neurenix[search]')")
     run = runs[name]
     status, out, err = run.wait()
     assert status == 0, f"exit status {status}\n--- stdout\n{out}\n--- stderr\n{err[-5000:]}"

@@ -246,6 +246,40 @@ class GridSearch:
         self._record(grid, scores, single_task=len(folds[0]) == 1)
         return self
 
+    def score(
+        self,
+        params: Mapping[str, Any],
+        X: Any = None,
+        y: Any = None,
+        *,
+        tasks: Any = None,
+        validation_tasks: Any = None,
+    ) -> list[float]:
+        """One combination's score on each fold, exactly as :meth:`fit` computes it (the same
+        folds, seed and runs): ``fit``'s ``split<k>_test_score`` of that combination.
+
+        For running a search's combinations elsewhere, one at a time: each trial of a
+        distributed search engine (an Optuna study with shared storage) scores its combination
+        with ``score``, and the search over every combination equals ``fit``'s
+        (``examples/optuna_search.py``).
+
+        Args:
+            params: the arguments of ``model_fn``: one value for each name of ``param_space``.
+            X: one task's inputs, as for :meth:`fit`.
+            y: its labels.
+            tasks: a task sequence instead of ``X, y``.
+            validation_tasks: with ``tasks``, one validation set per task.
+
+        Raises:
+            ValueError: ``params`` names other arguments than ``param_space``; and as :meth:`fit`.
+        """
+        params = dict(params)
+        if set(params) != set(self.param_space):
+            raise ValueError(f"params must give a value for each of {sorted(self.param_space)}, got {sorted(params)}")
+        seed = torch.initial_seed() if self.seed is None else self.seed
+        folds = self._folds(X, y, tasks, validation_tasks, seed)
+        return self._run_all([(params, fold) for fold in folds], seed)
+
     def best_params(self) -> dict[str, Any]:
         """The best combination found by :meth:`fit` (a copy).
 

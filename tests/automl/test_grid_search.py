@@ -455,3 +455,14 @@ def test_runs_in_parallel_processes_give_the_results_of_one_process():
 def test_a_bad_n_jobs_is_refused(n_jobs, error, message):
     with pytest.raises(error, match=re.escape(message)):
         GridSearch(ewc_net, {"importance": [1.0]}, n_jobs=n_jobs)
+
+
+def test_score_gives_one_combinations_fold_scores_as_fit_does():
+    tasks = [blobs([0, 1], seed=1), blobs([2, 3], seed=2)]
+    options = dict(cv=2, epochs=3, batch_size=10, optimizer=lambda p: torch.optim.Adam(p, lr=0.02), seed=4)
+    search = GridSearch(ewc_net, {"importance": [0.0, 1000.0]}, **options)
+    results = search.fit(tasks=tasks).cv_results_
+    for i, params in enumerate(results["params"]):
+        assert search.score(params, tasks=tasks) == [results["split0_test_score"][i], results["split1_test_score"][i]]
+    with pytest.raises(ValueError, match=re.escape("params must give a value for each of ['importance'], got ['gamma']")):
+        search.score({"gamma": 1.0}, tasks=tasks)
