@@ -22,13 +22,12 @@ from neurenix.continual.callback import continual_methods, join_batch, split_bat
 from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture, hidden_forwards
 from neurenix.continual.distillation import KnowledgeDistillation, frozen_copy, loaded_teacher, teacher_state
 from neurenix.continual.exemplars import STRATEGIES
-from neurenix.continual.memory import ReplayBatch
-from neurenix.continual.rehearsal import RehearsalMethod, with_replayed
+from neurenix.continual.rehearsal import AppendsReplayedSamples, RehearsalMethod
 
 __all__ = ["DistilledExemplars"]
 
 
-class DistilledExemplars(CapturesTrainingForwards, RehearsalMethod):
+class DistilledExemplars(CapturesTrainingForwards, AppendsReplayedSamples, RehearsalMethod):
     """Exemplars chosen at each task's end, replayed in every step, and a loss distilled from a teacher.
 
     Subclasses give :meth:`_method_loss` (the loss that replaces the user's, from the step's
@@ -80,26 +79,6 @@ class DistilledExemplars(CapturesTrainingForwards, RehearsalMethod):
         return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, "selection": self.selection}
 
     # ---------------------------------------------------------------------------- replay
-    def replay_count(self, batch_size: int) -> int:
-        """How many exemplars a step on ``batch_size`` new samples appends, ``round(replay_ratio · B)``."""
-        return round(self.replay_ratio * batch_size)
-
-    def _replayed(self, count: int) -> Optional[ReplayBatch]:
-        """``count`` exemplars drawn for a step from a non-empty memory (``None``: none to replay)."""
-        return self.memory.sample(count)
-
-    @override
-    def extend_batch(
-        self, inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        count = self.replay_count(inputs.shape[0])
-        if count == 0 or len(self.memory) == 0:
-            return inputs, targets, task_ids
-        replayed = self._replayed(count)
-        if replayed is None:
-            return inputs, targets, task_ids
-        return with_replayed(inputs, targets, task_ids, replayed)
-
     @override
     def extend_lightning_batch(self, batch: Any) -> Any:
         # Nothing is remembered from the batch: exemplars are chosen from the task's data at its end.

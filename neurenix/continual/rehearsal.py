@@ -47,7 +47,7 @@ from neurenix.continual.memory import (
     stored_fields,
 )
 
-__all__ = ["RehearsalMethod", "redistributed_memory", "with_replayed"]
+__all__ = ["AppendsReplayedSamples", "RehearsalMethod", "redistributed_memory", "with_replayed"]
 
 
 class RehearsalMethod(ContinualCallback):
@@ -302,6 +302,32 @@ class RehearsalMethod(ContinualCallback):
             return
         states = all_gather_objects(_on_cpu(self.memory.state_dict()))
         checkpoint["callbacks"][self.state_key]["memory_per_rank"] = states
+
+
+class AppendsReplayedSamples:
+    """For a rehearsal method that appends ``round(replay_ratio · B)`` remembered samples to each
+    batch of ``B`` (ExperienceReplay, iCaRL, BiC); placed before :class:`RehearsalMethod` in the
+    bases. :meth:`_replayed` says which samples a step draws."""
+
+    replay_ratio: float
+    memory: ReservoirMemory
+
+    def replay_count(self, batch_size: int) -> int:
+        """How many samples a step on ``batch_size`` new ones replays: ``round(replay_ratio · batch_size)``."""
+        return round(self.replay_ratio * batch_size)
+
+    def _replayed(self, count: int) -> Optional[ReplayBatch]:
+        """``count`` samples drawn from the non-empty memory for a step (``None``: none to replay)."""
+        return self.memory.sample(count)
+
+    def extend_batch(
+        self, inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        count = self.replay_count(inputs.shape[0])
+        replayed = None if count == 0 or len(self.memory) == 0 else self._replayed(count)
+        if replayed is None:
+            return inputs, targets, task_ids
+        return with_replayed(inputs, targets, task_ids, replayed)
 
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])

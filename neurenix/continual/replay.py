@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-from torch import Tensor
 from typing_extensions import override
 
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real
 from neurenix.continual.callback import join_batch, split_batch
 from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory
-from neurenix.continual.rehearsal import RehearsalMethod, redistributed_memory, with_replayed
+from neurenix.continual.rehearsal import AppendsReplayedSamples, RehearsalMethod, redistributed_memory
 
 __all__ = ["BALANCES", "ExperienceReplay", "ReplayBatch", "redistributed_memory"]
 
@@ -20,7 +19,7 @@ __all__ = ["BALANCES", "ExperienceReplay", "ReplayBatch", "redistributed_memory"
 BALANCES = ("classes",)
 
 
-class ExperienceReplay(RehearsalMethod):
+class ExperienceReplay(AppendsReplayedSamples, RehearsalMethod):
     """Train on new samples together with samples remembered from the whole stream so far.
 
     The memory keeps ``memory_size`` samples by reservoir sampling, so every sample offered
@@ -106,20 +105,7 @@ class ExperienceReplay(RehearsalMethod):
         selection = {} if self.selection is None else {"selection": self.selection}
         return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **balance, **selection}
 
-    def replay_count(self, batch_size: int) -> int:
-        """How many samples a step on ``batch_size`` new ones replays: ``round(replay_ratio · batch_size)``."""
-        return round(self.replay_ratio * batch_size)
-
     # ---------------------------------------------------------------------------- shared core
-    @override
-    def extend_batch(
-        self, inputs: Tensor, targets: Tensor, task_ids: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        count = self.replay_count(inputs.shape[0])
-        if count == 0 or len(self.memory) == 0:
-            return inputs, targets, task_ids
-        return with_replayed(inputs, targets, task_ids, self.memory.sample(count))
-
     @override
     def extend_lightning_batch(self, batch: Any) -> Any:
         inputs, targets, task_ids = split_batch(batch)

@@ -14,36 +14,29 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning as L
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for `neurenix` and `tests` from a checkout
 
 from neurenix.continual.distributed import rank_and_world_size  # noqa: E402
 from neurenix.continual.gdumb import GDumb  # noqa: E402
 from neurenix.data import TaskDataset, TaskSequenceDataModule, fit_sequence  # noqa: E402
-from tests.distributed.workers import PlainClassifier, cloned_params, ddp_trainer, main, uninterrupted_and_resumed  # noqa: E402
+from tests.distributed.workers import (  # noqa: E402
+    PlainClassifier,
+    RecordBatches,
+    cloned_params,
+    ddp_trainer,
+    main,
+    two_class_task,
+    uninterrupted_and_resumed,
+)
 
 SAMPLES, BATCH_PER_RANK, EVAL_BATCH, EVERY, RESUME_STEP = 32, 2, 8, 2, 6  # 2 steps an epoch, 2 epochs a task
 LR, MEMORY_SIZE, SEED, OUTPUTS = 0.2, 6, 4, 4
-CLASSES = {0: (0, 1), 1: (2, 3)}
 
-
-class RecordBatches(L.Callback):
-    """This rank's share of every global batch, with its task."""
-
-    def __init__(self) -> None:
-        self.batches: list = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append((trainer.datamodule.current_task, batch[0].clone(), batch[1].clone()))
 
 
 def task(task_id: int) -> TaskDataset:
-    generator = torch.Generator().manual_seed(task_id)
-    x = torch.randn(SAMPLES, 6, generator=generator)
-    classes = torch.tensor(CLASSES[task_id])
-    return TaskDataset(x, classes[torch.randint(0, 2, (SAMPLES,), generator=generator)], task_id)
+    return two_class_task(task_id, SAMPLES)
 
 
 def run(out: Path, resume: str | None) -> dict:

@@ -99,6 +99,29 @@ def main(doc: str, resume_step: int, results: Callable[[Path, int], dict]) -> No
     torch.distributed.destroy_process_group()  # before exit: gloo's threads torn down at exit can abort
 
 
+# ---------------------------------------------------------------------------- two tasks of two classes
+#: The classes of each task of :func:`two_class_task`.
+TWO_CLASS_LABELS = {0: (0, 1), 1: (2, 3)}
+
+
+def two_class_task(task_id: int, samples: int) -> TaskDataset:
+    """Task ``task_id``: random inputs, each labelled with one of the task's two classes at random."""
+    generator = torch.Generator().manual_seed(task_id)
+    x = torch.randn(samples, 6, generator=generator)
+    classes = torch.tensor(TWO_CLASS_LABELS[task_id])
+    return TaskDataset(x, classes[torch.randint(0, 2, (samples,), generator=generator)], task_id)
+
+
+class RecordBatches(L.Callback):
+    """This rank's share of every global batch, with its task."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((trainer.datamodule.current_task, batch[0].clone(), batch[1].clone()))
+
+
 # ---------------------------------------------------------------------------- class-incremental jobs
 # iCaRL's and BiC's workers run the same job and differ only in the method they build.
 
