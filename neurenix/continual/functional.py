@@ -881,8 +881,11 @@ def herding_order(features: Tensor, count: int) -> Tensor:
     order = torch.empty(picks, dtype=torch.long, device=rows.device)
     running = torch.zeros_like(target)
     picked = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    norms = rows.square().sum(1)
     for k in range(1, picks + 1):
-        distances = (k * target - running - rows).square().sum(1).masked_fill_(picked, float("inf"))
+        # ‖a − φ_i‖² = ‖a‖² − 2 a·φ_i + ‖φ_i‖² with a = k·μ − Σ picked: ‖a‖² is the same for every
+        # row, so a matrix-vector product ranks them, with no (N, D) temporary per pick.
+        distances = torch.addmv(norms, rows, k * target - running, alpha=-2.0).masked_fill_(picked, float("inf"))
         choice = torch.argmin(distances)  # the first minimum: the lowest index on ties
         order[k - 1] = choice
         picked[choice] = True
