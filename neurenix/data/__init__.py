@@ -6,7 +6,7 @@
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from neurenix.data.benchmarks import SCENARIOS, TaskSequence, permuted_benchmark, split_benchmark
-from neurenix.data.datamodule import TaskSequenceDataModule
+from neurenix.data.datamodule import TRAINING_REGIMES, TaskSequenceDataModule
 from neurenix.data.sequence import fit_sequence
 from neurenix.data.digits import Digits
 from neurenix.data.download import DownloadError, download_file
@@ -16,6 +16,7 @@ from neurenix.data.stream import StreamDataset, StreamSampler, TaskStream, task_
 from neurenix.data.tasks import (
     AddChannel,
     Compose,
+    ConcatTaskDataset,
     Flatten,
     PermutePixels,
     TaskDataLoader,
@@ -32,6 +33,7 @@ __all__ = [
     "task_free_stream",
     "AddChannel",
     "Compose",
+    "ConcatTaskDataset",
     "DataLoader",
     "Dataset",
     "Digits",
@@ -42,6 +44,7 @@ __all__ = [
     "MNIST",
     "PermutePixels",
     "SCENARIOS",
+    "TRAINING_REGIMES",
     "TaskDataset",
     "TaskSequence",
     "TaskSequenceDataModule",

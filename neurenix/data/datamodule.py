@@ -3,6 +3,8 @@
 :class:`TaskSequenceDataModule` serves the current task's training (and validation) data and
 one test loader per task, so every task's accuracy can be measured after each task;
 :func:`neurenix.data.fit_sequence` trains the tasks one after the other with one ``Trainer``.
+Its ``training`` option also serves the two usual baselines of a sequence from the same tasks:
+cumulative training (task ``t`` trains on tasks ``0..t``) and joint training (one fit on all).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from neurenix.continual._checks import check_int
 from neurenix.continual.callback import continual_methods
-from neurenix.data.tasks import TaskDataLoader, TaskDataset, TensorBatchSampler, collate_batch
+from neurenix.data.tasks import ConcatTaskDataset, TaskDataLoader, TaskDataset, TensorBatchSampler, collate_batch
 
-__all__ = ["TaskSequenceDataModule"]
+__all__ = ["TRAINING_REGIMES", "TaskSequenceDataModule"]
+
+TRAINING_REGIMES = ("sequential", "cumulative", "joint")
+"""The values of ``TaskSequenceDataModule(training=...)``."""
 
 
 class TaskSequenceDataModule(pl.LightningDataModule):
@@ -28,6 +33,24 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     Any map-style datasets work as tasks; :class:`~neurenix.data.TaskDataset` tasks (what the
     benchmarks build) are batched by one tensor index per batch. The neurenix methods read the
     task id of a fit from :attr:`current_task`.
+
+    **Training regimes.** ``training`` says what the fit of the current task ``t`` trains on:
+
+    - ``"sequential"`` (the default): task ``t``'s own training data (continual learning);
+    - ``"cumulative"``: tasks ``0..t``'s training data shuffled together (a
+      :class:`~neurenix.data.ConcatTaskDataset`), the baseline that never loses its data;
+    - ``"joint"``: every task's training data at once, in one fit (offline training, the usual
+      upper bound). The data module then starts at the last task (``current_task = num_tasks - 1``),
+      so :func:`~neurenix.data.fit_sequence` runs exactly one fit, and ``ForgettingCurves``
+      fills the accuracy matrix's last row only: its average accuracy is that row's mean, and
+      backward transfer and forgetting are NaN (there is no sequence to forget along).
+
+    Each sample keeps its own task's id and transform, so a multi-head model trains on the union
+    as it does on one task. Validation follows the training data: the current task's validation
+    set for ``"sequential"``, the union of the validation sets of the tasks trained on for
+    ``"cumulative"`` and ``"joint"``. Test loaders stay one per task, whatever the regime, and
+    :meth:`task_train_dataloader` stays a task's own data. The regime travels in checkpoints: a
+    checkpoint of one regime is refused by a data module of another.
 
     Attributes:
         current_task: the task that ``train_dataloader`` serves (an ``int``, from 0).
@@ -53,10 +76,12 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             one would. (Under DDP, Lightning's ``DistributedSampler`` shuffles instead, seeded from
             ``PL_GLOBAL_SEED``.)
         pin_memory: ``DataLoader``'s ``pin_memory``.
+        training: ``"sequential"``, ``"cumulative"`` or ``"joint"`` (see above).
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: no tasks, task lists of different lengths, an empty task, or a bad count.
+        ValueError: no tasks, task lists of different lengths, an empty task, a bad count, or a
+            ``training`` that is not one of :data:`TRAINING_REGIMES`.
 
     Example::
 
@@ -65,6 +90,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         trainer = L.Trainer(callbacks=[EWC(model)])
         fit_sequence(trainer, model, datamodule, epochs_per_task=2)
         trainer.test(model, datamodule=datamodule)   # one test loader (dataloader_idx) per task
+
+        # the joint-training baseline of the same tasks: one fit on all of them
+        joint = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=64, training="joint")
     """
 
     def __init__(
@@ -79,8 +107,12 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         pin_memory: bool = False,
+        training: str = "sequential",
     ) -> None:
         super().__init__()
+        if training not in TRAINING_REGIMES:
+            raise ValueError(f"training must be one of {', '.join(map(repr, TRAINING_REGIMES))}, got {training!r}")
+        self.training = training
         self.train_tasks = _checked_tasks("train_tasks", train_tasks)
         self.test_tasks = _checked_tasks("test_tasks", test_tasks, len(self.train_tasks))
         self.val_tasks = None if val_tasks is None else _checked_tasks("val_tasks", val_tasks, len(self.train_tasks))
@@ -91,8 +123,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.seed = check_int("seed", seed, minimum=0)
         # One generator for the whole sequence: its state is checkpointed with the current task.
         self._shuffle_generator = torch.Generator().manual_seed(self.seed)
-        self.current_task = 0
-        self.tasks_seen: list[int] = [0]
+        # Joint training is one fit, run as the last task's (see the class docstring).
+        self.current_task = self.num_tasks - 1 if training == "joint" else 0
+        self.tasks_seen: list[int] = [self.current_task]
         self.task_start: dict[str, int] = {"epoch": 0, "step": 0}  # where fit_sequence began the task
         self.num_classes: Optional[int] = None
         self.scenario: Optional[str] = None
@@ -141,9 +174,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return self._loader(self._training_dataset(), self.batch_size, self.shuffle, generator)
 
     def _training_dataset(self) -> Dataset:
-        """The current task's training data, or the dataset a neurenix method on the fit's trainer
-        serves in its place (``training_dataset``: GDumb's fit of a task trains on its memory)."""
-        dataset = self.train_tasks[self.current_task]
+        """The current task's training data under the regime (its own, tasks ``0..t``, all), or the
+        dataset a neurenix method on the fit's trainer serves in its place (``training_dataset``:
+        GDumb's fit of a task trains on its memory)."""
+        dataset = self._regime_dataset(self.train_tasks)
         for method in continual_methods(self.trainer):
             served = method.training_dataset(self.current_task, dataset)
             if served is not None:
@@ -161,8 +195,22 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader:
-        """The current task's validation loader (``None`` in place of the method without ``val_tasks``)."""
-        return self._loader(self.val_tasks[self.current_task], self.eval_batch_size)  # type: ignore[index]
+        """The validation loader of the data the current fit trains on: the current task's for
+        ``"sequential"``, that of tasks ``0..t`` (``"cumulative"``) or all (``"joint"``) together.
+        (``None`` in place of the method without ``val_tasks``.)"""
+        return self._loader(self._regime_dataset(self.val_tasks), self.eval_batch_size)  # type: ignore[arg-type]
+
+    def _regime_dataset(self, tasks: Sequence[Dataset]) -> Dataset:
+        """What the current fit reads of ``tasks`` (one dataset per task) under :attr:`training`."""
+        if self.training == "sequential":
+            return tasks[self.current_task]
+        last = self.current_task if self.training == "cumulative" else self.num_tasks - 1
+        members = list(tasks[: last + 1])
+        if len(members) == 1:
+            return members[0]
+        if all(isinstance(task, TaskDataset) for task in members):
+            return ConcatTaskDataset(members)
+        return ConcatDataset(members)  # other datasets: PyTorch's per-sample union
 
     @override
     def test_dataloader(self) -> list[DataLoader]:
@@ -190,6 +238,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "training": self.training,
             "current_task": self.current_task,
             "tasks_seen": list(self.tasks_seen),
             "task_start": dict(self.task_start),
@@ -198,6 +247,20 @@ class TaskSequenceDataModule(pl.LightningDataModule):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state.
+
+        Raises:
+            ValueError: the state is of another training regime (a checkpoint of a joint run
+                cannot resume a sequential one), or names a task this data module does not have.
+        """
+        training = state_dict.get("training", "sequential")  # checkpoints from before the option: sequential
+        if training != self.training:
+            raise ValueError(
+                f"the checkpoint was written with TaskSequenceDataModule(training={training!r}), but this data module "
+                f"has training={self.training!r}: resume it with training={training!r}, or start the "
+                f"{self.training!r} run afresh"
+            )
+        self._checked_task(state_dict["current_task"])
         self.current_task = self._checked_task(state_dict["current_task"])
         self.tasks_seen = [int(task) for task in state_dict.get("tasks_seen", range(self.current_task + 1))]
         self.task_start = dict(state_dict.get("task_start", {"epoch": 0, "step": 0}))
@@ -212,7 +275,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return int(task)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_tasks={self.num_tasks}, current_task={self.current_task}, batch_size={self.batch_size})"
+        return (
+            f"{type(self).__name__}(num_tasks={self.num_tasks}, current_task={self.current_task}, "
+            f"batch_size={self.batch_size}, training={self.training!r})"
+        )
 
 
 def _checked_tasks(name: str, tasks: object, expected: Optional[int] = None) -> list:

@@ -27,6 +27,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 __all__ = [
     "AddChannel",
     "Compose",
+    "ConcatTaskDataset",
     "Flatten",
     "PermutePixels",
     "SampleBatch",
@@ -448,6 +449,131 @@ class TaskDataset(Dataset):
             f"TaskDataset(task_id={self.task_id}, samples={len(self)}, inputs={shape} {self.inputs.dtype}, "
             f"transform={self.transform!r}, with_task_ids={self.with_task_ids})"
         )
+
+
+class ConcatTaskDataset(Dataset):
+    """The union of several :class:`TaskDataset` tasks, batched by one tensor index.
+
+    Sample ``i`` of the union is sample ``i - offset`` of the task it falls in (the tasks one
+    after the other, in the order given), and keeps that task's own ``task_id`` and
+    ``transform``: permuted-MNIST tasks, each with its own :class:`PermutePixels`, stay each
+    under its own permutation, and a multi-head model reads each sample's own task id. A batch of
+    indices is built with one index per task it touches (each task's part by its own transform)
+    and put back in the order asked for: equal to the per-sample items stacked. It is what
+    :class:`~neurenix.data.TaskSequenceDataModule` serves for ``training="cumulative"`` and
+    ``"joint"``.
+
+    Attributes:
+        tasks: the member tasks, in order.
+        with_task_ids: whether items carry task ids (as the members all do, or all do not).
+
+    Args:
+        tasks: the tasks to join (a non-empty list of :class:`TaskDataset`), whose items must
+            agree: all with task ids or all without, and the same transformed input shape and
+            dtype.
+
+    Raises:
+        TypeError: ``tasks`` is not a list of ``TaskDataset``.
+        ValueError: ``tasks`` is empty, or its members disagree (task ids, transformed inputs).
+
+    Example::
+
+        joint = ConcatTaskDataset(benchmark.train)         # every task's training data
+        x, y, task_ids = joint[torch.tensor([0, 70_000])]  # task_ids: tensor([0, 1]) (60,000 a task)
+    """
+
+    def __init__(self, tasks: Sequence[TaskDataset]) -> None:
+        self.tasks = _checked_members(tasks)
+        self.with_task_ids = self.tasks[0].with_task_ids
+        sizes = torch.tensor([len(task) for task in self.tasks])
+        self._ends = sizes.cumsum(0)  # one past task k's last index in the union
+        self._starts = self._ends - sizes
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, index: Index) -> Batch:
+        if isinstance(index, slice):
+            return self._batch(torch.arange(len(self))[index])
+        if _is_scalar_index(index):
+            batch = self._batch(torch.tensor([int(index)]))
+            return tuple(item[0] for item in batch)  # type: ignore[return-value]
+        return self._batch(_index_tensor(index))
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
+        """The batch of ``indices`` (``DataLoader`` calls this instead of one item per index)."""
+        return SampleBatch(self._batch(_index_tensor(indices)))
+
+    def _batch(self, index: Tensor) -> Batch:
+        index = self._in_range(index)
+        member = torch.searchsorted(self._ends, index, right=True)
+        local = index - self._starts[member]
+        present = torch.unique(member).tolist()
+        if len(present) <= 1:  # one task's batch (or an empty one, of the members' shapes): no reordering
+            return self.tasks[present[0] if present else 0]._batch(local)
+        out: Optional[list[Tensor]] = None
+        for k in present:
+            where = (member == k).nonzero().squeeze(1)
+            part = self.tasks[k]._batch(local[where])
+            if out is None:
+                out = [item.new_empty((len(index), *item.shape[1:])) for item in part]
+            for whole, piece in zip(out, part):
+                whole[where] = piece
+        return tuple(out)  # type: ignore[arg-type, return-value]
+
+    def _in_range(self, index: Tensor) -> Tensor:
+        """``index`` with negative entries counted from the end; out of range is an ``IndexError``."""
+        size = len(self)
+        if index.numel() and (int(index.min()) < -size or int(index.max()) >= size):
+            bad = index[(index < -size) | (index >= size)][0]
+            raise IndexError(f"index {int(bad)} is out of range for a ConcatTaskDataset of {size} samples")
+        return torch.where(index < 0, index + size, index)
+
+    @property
+    def targets(self) -> Tensor:
+        """Every sample's label, in the union's order."""
+        return torch.cat([task.targets for task in self.tasks])
+
+    @property
+    def classes(self) -> list[int]:
+        """The labels present in any of the tasks, sorted."""
+        return torch.unique(self.targets).tolist()
+
+    @property
+    def task_ids(self) -> list[int]:
+        """The members' task ids, in order."""
+        return [task.task_id for task in self.tasks]
+
+    def __repr__(self) -> str:
+        return f"ConcatTaskDataset(task_ids={self.task_ids}, samples={len(self)}, with_task_ids={self.with_task_ids})"
+
+
+def _checked_members(tasks: object) -> list[TaskDataset]:
+    if isinstance(tasks, (str, bytes, Dataset)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a list of TaskDataset, got {type(tasks).__name__}: {tasks!r:.80}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError(f"tasks must hold at least one TaskDataset, got {tasks!r}")
+    for k, task in enumerate(tasks):
+        if not isinstance(task, TaskDataset):
+            raise TypeError(f"tasks[{k}] must be a TaskDataset, got {type(task).__name__}: {task!r:.80}")
+    first = tasks[0]
+    flags = [task.with_task_ids for task in tasks]
+    if len(set(flags)) > 1:
+        raise ValueError(
+            f"tasks must all carry task ids or all not, got with_task_ids={flags}: a batch mixing them would "
+            "have task ids for some samples only"
+        )
+    x0 = first[0:1][0]  # one transformed sample: what a batch of the union must agree on
+    for k, task in enumerate(tasks[1:], start=1):
+        x = task[0:1][0]
+        if x.shape[1:] != x0.shape[1:] or x.dtype != x0.dtype:
+            raise ValueError(
+                f"tasks[{k}] (task_id={task.task_id}) gives inputs of shape {tuple(x.shape[1:])} {x.dtype} after its "
+                f"transform, but tasks[0] (task_id={first.task_id}) gives {tuple(x0.shape[1:])} {x0.dtype}: the tasks of "
+                "one batch must agree"
+            )
+    return tasks
 
 
 def _checked_tensors(inputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
