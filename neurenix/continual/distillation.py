@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Union
+from numbers import Real
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,15 @@ from neurenix.continual.base import global_generator_kept, running_statistics_ke
 from neurenix.continual.callback import ContinualCallback, split_batch
 from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture, hidden_forwards
 
-__all__ = ["KnowledgeDistillation"]
+__all__ = ["ALPHA_SCHEDULES", "KnowledgeDistillation"]
+
+#: The named schedules ``KnowledgeDistillation(alpha=...)`` takes besides a number or a callable:
+#: ``"1-1/t"`` weighs the teacher by the share of the classes (tasks) it has learned, α = 1 − 1/t
+#: at the ``t``-th task (Li & Hoiem's usual setting in class-incremental code: ½ at the second
+#: task, ⅔ at the third).
+ALPHA_SCHEDULES = ("1-1/t",)
+
+Alpha = Union[float, str, Callable[[int], float]]
 
 
 class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
@@ -29,7 +38,14 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
     Args:
         model: the network being trained; its outputs are read as class logits.
         temperature: ``T > 0``.
-        alpha: weight of the distillation term, in ``[0, 1]``.
+        alpha: weight of the distillation term: a number in ``[0, 1]`` for every task; the
+            string ``"1-1/t"``: ``α = 1 − 1/t`` with ``t`` = 1 + the number of tasks finished
+            before the current one (0 for the first task, ½ for the second, ⅔ for the third);
+            or a callable ``alpha(task_index) -> float`` of that number of finished tasks (from
+            0), its value checked in ``[0, 1]`` when a task with a teacher starts and at each
+            step. The checkpoint's state key holds the number, the string, or the callable's
+            ``__qualname__``, so it stays the same all run long and a resumed run finds its
+            state. :attr:`current_alpha` is the value in use.
         device: where the teacher lives; ``None`` follows the model.
         units: ``"all"`` output units, or ``"seen"``: only the units of classes met in the
             targets of earlier tasks (class-incremental runs, where later classes have no
@@ -61,14 +77,14 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
         self,
         model: nn.Module,
         temperature: float = 2.0,
-        alpha: float = 0.5,
+        alpha: Alpha = 0.5,
         device: Optional[torch.device] = None,
         *,
         units: str = "all",
     ) -> None:
         check_model(model)
         self.temperature = check_real("temperature", temperature, minimum=0.0, strict_minimum=True)
-        self.alpha = check_real("alpha", alpha, minimum=0.0, maximum=1.0)
+        self.alpha = _checked_alpha(alpha)
         self.units = check_choice("units", units, ("all", "seen"))
         super().__init__(model, device)
         self.teacher: Optional[nn.Module] = None
@@ -78,7 +94,34 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
         self._heads: Optional[tuple[tuple[int, ...], Tensor]] = None  # see _learned_heads
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "alpha": self.alpha, "units": self.units}
+        alpha = self.alpha if isinstance(self.alpha, (float, str)) else _name_of(self.alpha)
+        return {"temperature": self.temperature, "alpha": alpha, "units": self.units}
+
+    @property
+    def current_alpha(self) -> float:
+        """α for the task being trained (or the next one, between tasks): ``alpha`` itself, or the
+        schedule's value at the number of tasks finished so far.
+
+        Raises:
+            ValueError: a callable ``alpha`` returned something other than a number in ``[0, 1]``
+                (the message names the value and the task).
+        """
+        index = len(self.finished_tasks)
+        if isinstance(self.alpha, float):
+            return self.alpha
+        if self.alpha == "1-1/t":
+            return 1.0 - 1.0 / (index + 1)
+        return self._called_alpha(index)
+
+    def _called_alpha(self, index: int) -> float:
+        value = self.alpha(index)  # type: ignore[operator]
+        task = f"task {self.active_task}" if self.active_task is not None else "the next task"
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(
+                f"alpha={_name_of(self.alpha)} returned {value!r} for task index {index} ({task}, after "
+                f"{index} finished task{'s' if index != 1 else ''}): it must be a number in [0, 1]"
+            )
+        return float(value)
 
     # ---------------------------------------------------------------------------- the continual-learning API
     def register_task(self, task_id: int, dataloader: Any = None) -> None:
@@ -144,7 +187,8 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
             self._record_units(outputs, targets)
         if self.teacher is None:
             return loss
-        return (1.0 - self.alpha) * loss + self.alpha * self.get_distillation_loss(inputs, outputs)
+        alpha = self.current_alpha
+        return (1.0 - alpha) * loss + alpha * self.get_distillation_loss(inputs, outputs)
 
     def _record_units(self, outputs: Tensor, targets: Tensor) -> None:
         self._seen_units = widened_mask(self._seen_units, outputs.shape[-1], outputs.device)
@@ -157,6 +201,11 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
                 targets = split_batch(batch)[1].to(self.device)
                 self._seen_units = widened_mask(self._seen_units, int(targets.max()) + 1, self.device)
                 self._seen_units[targets] = True
+
+    def _begin_task(self, task_id: int) -> None:
+        super()._begin_task(task_id)
+        if self.teacher is not None and callable(self.alpha):
+            self._called_alpha(len(self.finished_tasks))  # a bad value is refused before the task's first step
 
     def _consolidate(self, task_id: int, data: Any) -> None:
         if self.units == "seen" and self.steps_in_active_task == 0:
@@ -201,6 +250,30 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
         seen, taught = state_dict.get("seen_units"), state_dict.get("teacher_units")
         self._seen_units = None if seen is None else seen.to(device)
         self._teacher_units = None if taught is None else taught.to(device)
+
+
+def _checked_alpha(alpha: object) -> Alpha:
+    """``alpha`` as a float in ``[0, 1]``, a schedule's name, or a callable.
+
+    Raises:
+        TypeError / ValueError: anything else (the message names the value and the choices).
+    """
+    if isinstance(alpha, str):
+        if alpha not in ALPHA_SCHEDULES:
+            raise ValueError(
+                f"alpha must be a number in [0, 1], one of {', '.join(map(repr, ALPHA_SCHEDULES))} or a callable "
+                f"of the task index; got {alpha!r}"
+            )
+        return alpha
+    if callable(alpha):
+        return alpha  # type: ignore[return-value]
+    return check_real("alpha", alpha, minimum=0.0, maximum=1.0)
+
+
+def _name_of(function: Callable[..., Any]) -> str:
+    """A callable's name for the state key: its ``__qualname__`` (a ``functools.partial``: its function's)."""
+    name = getattr(function, "__qualname__", None) or getattr(getattr(function, "func", None), "__qualname__", None)
+    return name or type(function).__qualname__
 
 
 def frozen_copy(model: nn.Module, capture: ForwardCapture, device: torch.device) -> nn.Module:

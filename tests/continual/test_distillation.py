@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -84,6 +86,8 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, **tol) -> None:
         ({"temperature": "2"}, TypeError, "temperature must be a real number, got str"),
         ({"alpha": -0.1}, ValueError, "alpha must be >= 0.0, got -0.1"),
         ({"alpha": 1.5}, ValueError, "alpha must be <= 1.0, got 1.5"),
+        ({"alpha": "sometimes"}, ValueError, r"alpha must be a number in \[0, 1\], one of '1-1/t' or a callable of the task index; got 'sometimes'"),
+        ({"alpha": None}, TypeError, "alpha must be a real number, got NoneType: None"),
         ({"units": "new"}, ValueError, "units must be one of 'all', 'seen'; got 'new'"),
         ({"units": None}, ValueError, "units must be one of 'all', 'seen'; got None"),
     ],
@@ -431,3 +435,141 @@ def test_lightning_distils_a_multi_head_model_as_train_step_does():
     assert kd_a.finished_tasks == [0, 1] and kd_b.finished_tasks == [0, 1, 2]  # each fit ends its task
     for (name, ours), theirs in zip(lightning_model.state_dict().items(), standalone.state_dict().values()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10, msg=name)
+
+
+# ------------------------------------------------------------------------------------ alpha's schedule
+
+
+def train_tasks(model: nn.Module, kd: KnowledgeDistillation, tasks: list, check_step=None) -> None:
+    """Each task by train_step (SGD 0.1), ``check_step(task, loss, reference, teacher, x, y)`` on every step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for task, data in enumerate(tasks):
+        kd.register_task(task)  # ends the previous task: the teacher is the model now
+        teacher, reference = copy.deepcopy(model).eval(), copy.deepcopy(model)
+        for x, y in loader(data):
+            loss = kd.train_step(optimizer, F.cross_entropy, x, y, task_id=task)
+            if check_step is not None:
+                check_step(task, loss, reference, teacher, x, y)
+
+
+@pytest.mark.parametrize(
+    "alpha, by_task",
+    [("1-1/t", [0.0, 1 / 2, 2 / 3]), (0.25, [0.25, 0.25, 0.25]), (lambda index: [0.9, 0.1, 0.6][index], [0.9, 0.1, 0.6])],
+    ids=["1-1/t", "constant", "callable"],
+)
+def test_each_task_s_loss_uses_alpha_of_its_task_index(alpha, by_task):
+    model = make_mlp()
+    kd = KnowledgeDistillation(model, temperature=2.0, alpha=alpha)
+    alphas, state_keys = [], {kd.state_key}
+
+    def check_step(task, loss, reference, teacher, x, y):
+        out = reference(x)
+        a = by_task[task] if task > 0 else 0.0  # no teacher in the first task: the task loss alone
+        expected = (1 - a) * F.cross_entropy(out, y) + a * hand_kd(out, teacher(x), 2.0)
+        assert_close(loss, expected.detach())
+        sgd_step(reference, expected, lr=0.1)
+        alphas.append(kd.current_alpha)
+        state_keys.add(kd.state_key)
+
+    train_tasks(model, kd, [make_task(16, seed=s) for s in (1, 2, 3)], check_step)
+    assert alphas == pytest.approx([a for a in by_task for _ in range(2)], abs=1e-15)
+    assert len(state_keys) == 1  # the checkpoint's key never changes during the run
+
+
+def test_one_minus_one_over_t_at_task_indices_0_1_2_by_hand():
+    kd = KnowledgeDistillation(make_mlp(), alpha="1-1/t")
+    values = []
+    for task in range(3):
+        kd.register_task(task)
+        values.append(kd.current_alpha)
+        with torch.no_grad():
+            kd.model[0].bias.add_(0.1)  # "trained": the next register_task ends this task
+    assert values == [0.0, 0.5, pytest.approx(2 / 3, abs=1e-15)]
+    assert kd.hyperparameters()["alpha"] == "1-1/t"
+
+
+def test_a_callable_alpha_gets_the_number_of_finished_tasks_and_names_the_state_key():
+    calls = []
+
+    def halves(index: int) -> float:
+        calls.append(index)
+        return 1 - 0.5**index
+
+    model = make_mlp()
+    kd = KnowledgeDistillation(model, alpha=halves)
+    assert kd.state_key == "KnowledgeDistillation{'temperature': 2.0, 'alpha': '" + halves.__qualname__ + "', 'units': 'all'}"
+    train_tasks(model, kd, [make_task(16, seed=s) for s in (1, 2, 3)])
+    assert set(calls) == {1, 2} and kd.current_alpha == 0.75
+    partial = KnowledgeDistillation(make_mlp(), alpha=functools.partial(min, 0.5))
+    assert partial.hyperparameters()["alpha"] == "min"
+
+
+@pytest.mark.parametrize("value", [1.5, -0.25, float("nan"), "0.5", True])
+def test_a_callable_s_value_outside_0_1_is_refused_naming_the_value_and_the_task(value):
+    model = make_mlp()
+    kd = KnowledgeDistillation(model, alpha=lambda index: 0.5 if index != 1 else value)
+    x, y = make_task(8, seed=1).tensors
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kd.train_step(optimizer, F.cross_entropy, x, y, task_id=0)
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=rf"alpha=.*<lambda> returned {re.escape(repr(value))} for task index 1 \(task 1, after 1 finished task\): it must be a number in \[0, 1\]"):
+        kd.train_step(optimizer, F.cross_entropy, x, y, task_id=1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))  # no step taken
+
+
+def test_lightning_follows_the_schedule_as_train_step_does():
+    tasks = [make_task(16, seed=s) for s in (1, 2, 3)]
+    module = Classifier()
+    lightning_kd = KnowledgeDistillation(module.net, temperature=2.0, alpha="1-1/t")
+    for data in tasks:
+        fit(module, [lightning_kd], data)
+    standalone = make_mlp()
+    kd = KnowledgeDistillation(standalone, temperature=2.0, alpha="1-1/t")
+    train_tasks(standalone, kd, tasks)
+    assert lightning_kd.finished_tasks == [0, 1, 2] and lightning_kd.current_alpha == 0.75
+    for p, q in zip(module.net.parameters(), standalone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    # A constant alpha of 1/2 ends elsewhere: the third task's 2/3 mattered.
+    constant = make_mlp()
+    train_tasks(constant, KnowledgeDistillation(constant, temperature=2.0, alpha=0.5), tasks)
+    assert (constant[0].weight - standalone[0].weight).abs().max() > 1e-4
+
+
+def sequence_run(tasks, alpha, callbacks=(), ckpt_path=None):
+    """Three tasks under fit_sequence, two epochs of three batches each; the module and the method."""
+    from neurenix.data import TaskSequenceDataModule, fit_sequence
+    from tests.helpers import lit_classifier, quiet_trainer
+
+    module = lit_classifier(make_mlp())
+    kd = KnowledgeDistillation(module.net, temperature=2.0, alpha=alpha)
+    datamodule = TaskSequenceDataModule(tasks, tasks, batch_size=4, seed=5)
+    trainer = quiet_trainer(callbacks=[kd, *callbacks], enable_checkpointing=bool(callbacks))
+    fit_sequence(trainer, module, datamodule, epochs_per_task=2, ckpt_path=ckpt_path)
+    return module, kd
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+def test_resumed_in_the_middle_of_task_2_the_schedule_continues_as_the_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from neurenix.data import TaskDataset
+
+    tasks = [TaskDataset(*make_task(12, seed=s).tensors, task_id=t) for t, s in enumerate((1, 2, 3))]
+    saving = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    uninterrupted, kd = sequence_run(tasks, "1-1/t", callbacks=[saving])
+    # Step 16: task 2's steps are 13-18, three a epoch; 16 is its second epoch's first batch.
+    path = tmp_path / "step=16.ckpt"
+    states = [torch.load(p, weights_only=True)["callbacks"] for p in sorted(tmp_path.glob("*.ckpt"))]
+    assert {key for state in states for key in state if key.startswith("KnowledgeDistillation")} == {kd.state_key}
+    saved = torch.load(path, weights_only=True)["callbacks"][kd.state_key]
+    assert (saved["active_task"], saved["finished_tasks"]) == (2, [0, 1])
+
+    resumed, resumed_kd = sequence_run(tasks, "1-1/t", ckpt_path=str(path))
+    for name, value in uninterrupted.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[name], value), name
+    assert resumed_kd.finished_tasks == [0, 1, 2] and resumed_kd.current_alpha == 0.75
+    for name, value in kd.teacher.state_dict().items():
+        assert torch.equal(resumed_kd.teacher.state_dict()[name], value), name
+    # The schedule mattered: alpha 1/2 throughout ends elsewhere.
+    constant, _ = sequence_run(tasks, 0.5)
+    assert (constant.net[0].weight - uninterrupted.net[0].weight).abs().max() > 1e-4
