@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from typing_extensions import override
@@ -37,6 +38,7 @@ def fit_sequence(
     epochs_per_task: Optional[int] = None,
     steps_per_task: Optional[int] = None,
     ckpt_path: Optional[str] = None,
+    keep_optimizer_state: bool = False,
 ) -> None:
     """Train the tasks from ``datamodule.current_task`` to the last, one ``trainer.fit`` each.
 
@@ -51,6 +53,19 @@ def fit_sequence(
     all shown. An ``OnExceptionCheckpoint`` writes its checkpoint on an exception (``SIGTERM``
     included) as usual, but does not make each task's fit resume from the last checkpoint.
 
+    **Optimizer state.** Lightning builds the optimizers afresh (``configure_optimizers``) at
+    every fit, so by default each task starts with a new optimizer: Adam's moments and step count
+    restart at every task. With ``keep_optimizer_state=True`` the sequence keeps one optimizer
+    state, as reference code that builds one optimizer for the whole sequence does: every
+    optimizer's ``state_dict()`` at the end of a task's fit (moments, step counts, and the
+    param groups' hyper-parameters, the learning rate included) is loaded into the optimizers of
+    the next task's fit before its first step. LR schedulers are not carried: each fit builds its
+    own, which starts from the learning rate the previous task ended with. The optimizers must
+    keep their structure from task to task (the same number, types, param groups and parameter
+    shapes). A resumed fit gets the optimizer state Lightning restores from the checkpoint, so a
+    run resumed from a checkpoint written anywhere, a task's last epoch end included, carries
+    what the uninterrupted run would.
+
     Args:
         trainer: the ``Trainer`` for the whole sequence (its ``max_epochs``/``max_steps`` are
             set per task).
@@ -61,6 +76,8 @@ def fit_sequence(
         ckpt_path: a checkpoint file written during an earlier ``fit_sequence`` run, at an epoch
             end or anywhere inside an epoch; the sequence resumes in the task it was saved in (the
             task travels in the checkpoint), at the batch it was saved after.
+        keep_optimizer_state: carry the optimizers' state from each task's fit into the next
+            (see above); ``False``: a fresh optimizer per task, Lightning's behaviour.
 
     Raises:
         TypeError: ``trainer`` or ``datamodule`` is of the wrong type, or a count is not an int.
@@ -70,7 +87,9 @@ def fit_sequence(
             corrupt, not a Lightning checkpoint), not written while fitting this kind of
             datamodule, or saved in a task this datamodule does not have; a ``trainer`` whose
             strategy starts new processes for each fit (``ddp_spawn``, ``ddp_fork``: use
-            ``strategy="ddp"``), refused before the first fit.
+            ``strategy="ddp"``), refused before the first fit; with ``keep_optimizer_state=True``,
+            a task whose ``configure_optimizers`` returns optimizers of another structure than the
+            previous task's (raised inside that task's fit, before its first step).
         FileNotFoundError: ``ckpt_path`` does not exist (``IsADirectoryError``: it is a directory;
             ``PermissionError``: it cannot be read).
 
@@ -88,10 +107,12 @@ def fit_sequence(
     if start_method != "popen":  # refused here, in the parent, before the first fit starts processes
         raise ValueError(spawn_refusal("fit_sequence", start_method))
     unit, per_task = _checked_budget(epochs_per_task, steps_per_task)
+    if not isinstance(keep_optimizer_state, bool):
+        raise TypeError(f"keep_optimizer_state must be a bool, got {type(keep_optimizer_state).__name__}: {keep_optimizer_state!r}")
     if ckpt_path is not None:
         datamodule.load_state_dict(_checkpointed_datamodule_state(trainer, datamodule, ckpt_path))
     first = datamodule.current_task
-    with _loggers_open_across_fits(trainer), _LightningNotesOnce() as notes:
+    with _loggers_open_across_fits(trainer), _LightningNotesOnce() as notes, _optimizer_state_carried(trainer, keep_optimizer_state):
         for task in range(first, datamodule.num_tasks):
             resuming = ckpt_path is not None and task == first
             if not resuming:  # a resumed task keeps the start it had before the interruption
@@ -105,6 +126,86 @@ def fit_sequence(
                 trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
             if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
                 return
+
+
+@contextlib.contextmanager
+def _optimizer_state_carried(trainer: "pl.Trainer", active: bool) -> Iterator[None]:
+    """With ``active``, a :class:`_OptimizerStateAcrossTasks` on ``trainer`` for the sequence's fits."""
+    if not active:
+        yield
+        return
+    carrier = _OptimizerStateAcrossTasks()
+    trainer.callbacks.insert(0, carrier)  # first: the state is in place before any callback's on_train_start
+    try:
+        yield
+    finally:
+        trainer.callbacks.remove(carrier)
+
+
+class _OptimizerStateAcrossTasks(Callback):
+    """Every optimizer's state at the end of one fit, loaded into the next fit's optimizers.
+
+    Made anew for each ``fit_sequence`` call, so the first fit, the only one that may resume from
+    a checkpoint (whose optimizer state Lightning restores), never gets a carried state.
+    Holds no checkpointed state of its own: a checkpoint holds the optimizers' state already.
+    """
+
+    def __init__(self) -> None:
+        self._carried: Optional[list[dict[str, Any]]] = None  # each optimizer's state_dict()
+        self._layout: list[tuple[str, list[list[tuple[int, ...]]]]] = []  # each optimizer's type and parameter shapes
+        self._task: Any = None  # the task whose fit the state comes from
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._carried is None:
+            return
+        optimizers = trainer.optimizers
+        self._check_layout(_layout(optimizers), trainer.datamodule.current_task)
+        for optimizer, state in zip(optimizers, self._carried):
+            optimizer.load_state_dict(state)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        optimizers = trainer.optimizers
+        self._carried = [optimizer.state_dict() for optimizer in optimizers]
+        self._layout = _layout(optimizers)
+        self._task = trainer.datamodule.current_task
+
+    def _check_layout(self, layout: list[tuple[str, list[list[tuple[int, ...]]]]], task: Any) -> None:
+        difference = _first_difference(self._layout, layout, f"at task {self._task}", f"at task {task}")
+        if difference is not None:
+            raise ValueError(
+                f"fit_sequence(keep_optimizer_state=True) cannot carry task {self._task}'s optimizer state into task "
+                f"{task}: {difference}; configure_optimizers must return optimizers of the same number, types, param "
+                "groups and parameter shapes at every task, or use keep_optimizer_state=False"
+            )
+
+
+def _first_difference(before: list, after: list, then: str, now: str) -> Optional[str]:
+    """The first way two :func:`_layout` results differ, in words; ``None`` if they do not."""
+    if len(before) != len(after):
+        return f"configure_optimizers returned {len(before)} optimizer(s) {then} and {len(after)} {now}"
+    for index, ((kind, groups), (new_kind, new_groups)) in enumerate(zip(before, after)):
+        name = f"optimizer {index}"
+        if kind != new_kind:
+            return f"{name} is {kind} {then} and {new_kind} {now}"
+        if len(groups) != len(new_groups):
+            return f"{name} has {len(groups)} param group(s) {then} and {len(new_groups)} {now}"
+        for group, (shapes, new_shapes) in enumerate(zip(groups, new_groups)):
+            if len(shapes) != len(new_shapes):
+                return f"param group {group} of {name} holds {len(shapes)} parameters {then} and {len(new_shapes)} {now}"
+            for position, (shape, new_shape) in enumerate(zip(shapes, new_shapes)):
+                if shape != new_shape:
+                    return f"parameter {position} of param group {group} of {name} has shape {shape} {then} and {new_shape} {now}"
+    return None
+
+
+def _layout(optimizers: list[torch.optim.Optimizer]) -> list[tuple[str, list[list[tuple[int, ...]]]]]:
+    """Each optimizer's type and its param groups' parameter shapes: what its state_dict() fits."""
+    return [
+        (type(optimizer).__name__, [[tuple(p.shape) for p in group["params"]] for group in optimizer.param_groups])
+        for optimizer in optimizers
+    ]
 
 
 @contextlib.contextmanager
