@@ -16,7 +16,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from neurenix.cli.output import check_output, is_launching_process
 from neurenix.cli.parser import PROG, SUBCOMMANDS, build_parser, one_line, parse
-from neurenix.cli.settings import CompareError, UsageError
+from neurenix.cli.settings import CompareError, UsageError, seeds_of
 
 __all__ = ["main"]
 
@@ -53,10 +53,13 @@ def _config_yaml(parser: ArgumentParser, settings: Namespace) -> str:
     """config.yaml of the run: what --config reads back (the subcommand's settings, no ``compare:`` level).
 
     ``overwrite`` is written as false: a config replays the settings of a run, not a permission
-    to delete the next run's folder.
+    to delete the next run's folder. The seeds are written as given: ``seeds`` for several,
+    ``seed`` for one (0 when neither was given), never both (which the command refuses).
     """
     settings = settings.clone()
     settings.overwrite = False
+    if settings.seeds is None:
+        settings.seed = seeds_of(settings)[0]
     return parser.compare_parser.dump(settings)
 
 

@@ -18,12 +18,13 @@ __all__ = ["RUN_FILES", "TENSORBOARD", "check_output", "is_launching_process", "
 
 #: The files a run writes at the top of --output.
 RUN_FILES = ("results.json", "config.yaml", "forgetting_curves.png")
-#: The folder of the TensorBoard logs, one sub-folder per method.
+#: The folder of the TensorBoard logs, one sub-folder per method (with several seeds, one per seed below it).
 TENSORBOARD = "tensorboard"
 #: What TensorBoard's logger writes in a method's folder: event files and the hyper-parameters.
 _LOG_FILE = re.compile(r"events\.out\.tfevents\..*|hparams\.yaml")
-#: The folders of the logger's versions, as runs before one-run-per-folder wrote them.
-_VERSION_FOLDER = re.compile(r"version_\d+")
+#: The folders below a method's: the logger's versions, as runs before one-run-per-folder wrote
+#: them, and one per seed (``seed_<s>``) of a run with several seeds.
+_RUN_FOLDER = re.compile(r"version_\d+|seed_\d+")
 
 
 def run_files_in(output: Path) -> list[str]:
@@ -71,8 +72,8 @@ def remove_run(output: Path) -> list[Path]:
     for method in METHODS:
         folder = logs / method
         if folder.is_dir():
-            versions = [sub for sub in folder.iterdir() if sub.is_dir() and _VERSION_FOLDER.fullmatch(sub.name)]
-            for log_folder in [*versions, folder]:
+            runs = [sub for sub in folder.iterdir() if sub.is_dir() and _RUN_FOLDER.fullmatch(sub.name)]
+            for log_folder in [*runs, folder]:
                 removed += _remove_log_files(log_folder)
     _remove_if_empty(logs)
     return removed

@@ -15,12 +15,12 @@ import re
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter, Namespace
 
-from neurenix.cli.settings import METHOD_SETTINGS, METHODS, UsageError
+from neurenix.cli.settings import ALPHA_SCHEDULE, METHOD_SETTINGS, METHODS, REPLAY_OFFERS, UsageError
 
 __all__ = [
     "PROG", "SUBCOMMANDS", "build_parser", "check_config", "check_config_files", "check_settings", "one_line", "parse",
@@ -29,6 +29,9 @@ __all__ = [
 PROG = "neurenix"
 #: The subcommands; a command line that starts with none of them runs the first.
 SUBCOMMANDS = ("compare",)
+#: The settings whose null means "not given" (--print_config prints them so): the seeds, of which
+#: one may be given (--seed for one, --seeds for several; neither: seed 0).
+_NOT_GIVEN = ("seed", "seeds")
 #: Every source (digits, MNIST, Fashion-MNIST) has ten classes: a split has at most ten tasks.
 SOURCE_CLASSES = 10
 
@@ -36,21 +39,33 @@ _DESCRIPTION = """\
 Compare continual-learning methods on one task sequence, offline.
 
 The first line printed names the benchmark, the data read (and the folder it was read
-from), the scenario, the tasks and their classes. Each method in --methods (and "none", plain fine-tuning) trains a fresh MLP (two hidden
-ReLU layers of --hidden units, Adam) on the tasks one after the other, --epochs epochs
-each, from the same --seed. After every epoch every task's test accuracy is measured and
-logged. At the end a table gives, per method: average accuracy over all tasks after the
-last one, backward transfer (BWT: mean change of each earlier task's accuracy since it
-was learned; negative means forgetting), forgetting (mean drop from each earlier task's
-best accuracy) and wall time. Tasks are numbered from 0 everywhere (the table's header,
-the plot, results.json, TensorBoard's accuracy/task_0, ...). Progress bars are shown
-when the output is a terminal; a redirected run prints the table and the files written.
+from), the scenario, the tasks and their classes, and the seeds. Each method in --methods
+trains a fresh MLP (two hidden ReLU layers of --hidden units, Adam) on the tasks one after
+the other, --epochs epochs each, from the same --seed. Besides the methods, --methods takes
+three baselines: "none" (plain fine-tuning), "joint" (one fit on every task's data together,
+--epochs epochs: the offline upper bound; it has no sequence, so no BWT or forgetting) and
+"cumulative" (task t trained on the data of tasks 0..t). After every epoch every task's test
+accuracy is measured and logged. At the end a table gives, per method: average accuracy over
+all tasks after the last one, backward transfer (BWT: mean change of each earlier task's
+accuracy since it was learned; negative means forgetting), forgetting (mean drop from each
+earlier task's best accuracy) and wall time. Tasks are numbered from 0 everywhere (the
+table's header, the plot, results.json, TensorBoard's accuracy/task_0, ...). Progress bars
+are shown when the output is a terminal (and --jobs is 1); a redirected run prints the table
+and the files written.
+
+Seeds: --seeds 0 1 2 runs every method once per seed (a seed draws the class order or the
+permutations, the initial weights and the batch order: each seed's run is the run --seed
+would make). The table then gives each metric as mean ± standard deviation over the seeds
+(the sample standard deviation, ddof=1) and the mean time of one run; results.json holds
+every seed's run and the aggregates; the plot draws each task's mean curve with a band of
+± one standard deviation. --jobs N runs N of the (method, seed) runs at once, each in a
+process of its own (joblib's loky processes), with the same results as --jobs 1.
 
 Written under --output, one run per folder: results.json (settings, accuracy matrices,
 metrics), config.yaml (the settings, for --config), forgetting_curves.png, and
-tensorboard/<method> (tensorboard --logdir OUTPUT/tensorboard). A folder that already
-holds a run is refused; --overwrite first removes the files a run writes there (and no
-others).
+tensorboard/<method> (with several seeds tensorboard/<method>/seed_<s>; tensorboard
+--logdir OUTPUT/tensorboard). A folder that already holds a run is refused; --overwrite
+first removes the files a run writes there (and no others).
 
 Scenarios (van de Ven & Tolias 2019): "task": the task id is given, one output head per
 task; "domain": one head shared by all tasks, labels within the task (split: which of the
@@ -103,13 +118,26 @@ def _compare_parser() -> ArgumentParser:
     train.add_argument("--batch_size", type=int, default=32, help="training batch size")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     train.add_argument("--hidden", type=int, default=128, help="units in each of the MLP's two hidden layers")
-    train.add_argument("--seed", type=int, default=0, help="seed of the class order, permutations, initialization and shuffling")
+    train.add_argument("--seed", type=int, default=None,
+                       help="seed of the class order, permutations, initialization and shuffling (0 when neither "
+                            "--seed nor --seeds is given)")
+    train.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="several seeds: each method runs once per seed, the table gives mean ± std (not with --seed)")
+    train.add_argument("--keep_optimizer_state", action=ActionYesNo, default=False,
+                       help="carry Adam's state (moments, step counts) from each task to the next; by default each "
+                            "task starts a fresh optimizer, as Lightning does at every fit")
+    train.add_argument("--mask_unseen_classes", action=ActionYesNo, default=False,
+                       help="--scenario class only: the MLP's logits of classes not seen yet are masked out, in "
+                            "training and prediction (the single head trains over the classes seen so far)")
     hardware = parser.add_argument_group("Hardware (Lightning Trainer arguments)")
     hardware.add_argument("--accelerator", type=str, default="auto", help="cpu, gpu, mps, auto, ...")
     hardware.add_argument("--devices", type=Union[int, list[int], str], default=1, help="a count, a list of ids, or auto")
     hardware.add_argument("--strategy", type=str, default="auto",
                           help="auto, ddp, ... (ddp runs every method on every device; strategies that start their "
                                "processes from this one, such as ddp_spawn and ddp_fork, are refused: use ddp)")
+    hardware.add_argument("--jobs", type=int, default=1,
+                          help="runs (method x seed) at once, each in a process of its own (joblib's loky), with the "
+                               "results of --jobs 1; not with a DDP strategy")
     hardware.add_argument("--threads", type=int, default=1,
                           help="PyTorch CPU threads per process; 0: PyTorch's default. One is fastest for these small MLPs "
                                "(more threads only add synchronisation, and thrash on a busy machine)")
@@ -132,13 +160,41 @@ def check_settings(settings: Namespace) -> None:
     _at_least("hidden", settings.hidden, 1)
     _at_least("num_tasks", settings.num_tasks, 2)  # with one task there is nothing to forget
     _at_least("threads", settings.threads, 0)
+    _at_least("jobs", settings.jobs, 1)
     if settings.benchmark == "split" and settings.num_tasks > SOURCE_CLASSES:
         raise UsageError(f"--num_tasks must be at most {SOURCE_CLASSES} for a split benchmark (a class per task), got {settings.num_tasks}")
-    if not 0 <= settings.seed < 2**32:
-        raise UsageError(f"--seed must be in [0, 2**32), got {settings.seed}")
+    _check_seeds(settings.seed, settings.seeds)
     if not settings.lr > 0:
         raise UsageError(f"--lr must be > 0, got {settings.lr}")
     _check_methods(list(settings.methods))
+    _check_options(settings)
+
+
+def _check_seeds(seed: Optional[int], seeds: Optional[list]) -> None:
+    if seed is not None and seeds is not None:
+        raise UsageError(f"--seed {seed} and --seeds {' '.join(map(str, seeds))} both given: give --seed for one seed, "
+                         "or --seeds for several")
+    for value in [seed] if seeds is None else seeds:
+        if value is not None and not 0 <= value < 2**32:
+            raise UsageError(f"--{'seed' if seeds is None else 'seeds'} must be in [0, 2**32), got {value}")
+    if seeds is not None and len(set(seeds)) < len(seeds):
+        repeated = sorted({value for value in seeds if seeds.count(value) > 1})
+        raise UsageError(f"--seeds lists {', '.join(map(str, repeated))} more than once")
+
+
+def _check_options(settings: Namespace) -> None:
+    """The options that hold for some runs only, and the values a method's own check could not name."""
+    if settings.jobs > 1 and "ddp" in str(settings.strategy).lower():
+        raise UsageError(f"--jobs {settings.jobs} runs the methods in processes of its own, which --strategy "
+                         f"{settings.strategy} cannot run in: use --jobs 1 with a DDP strategy")
+    if settings.mask_unseen_classes and settings.scenario != "class":
+        raise UsageError(f"--mask_unseen_classes needs --scenario class (one head over all classes), got --scenario "
+                         f"{settings.scenario}")
+    alpha = settings.distillation.alpha
+    if isinstance(alpha, str) and alpha != ALPHA_SCHEDULE:
+        raise UsageError(f"--distillation.alpha must be a number in [0, 1] or {ALPHA_SCHEDULE!r}, got {alpha!r}")
+    if settings.replay.offer not in REPLAY_OFFERS:
+        raise UsageError(f"--replay.offer must be one of {', '.join(REPLAY_OFFERS)}, got {settings.replay.offer!r}")
 
 
 def _check_shapes(settings: Namespace) -> None:
@@ -148,7 +204,8 @@ def _check_shapes(settings: Namespace) -> None:
         if not isinstance(section, Namespace):
             raise UsageError(f"--{name} must be a mapping of {name}'s settings ({_field_list(fields)}), got {_kind(section)}")
     for key, value in settings.items():
-        if value is None and key != "config":  # config: the files read, None when there were none
+        # config: the files read, None when there were none; seed and seeds: None when not given
+        if value is None and key not in ("config", *_NOT_GIVEN):
             raise UsageError(f"--{key} has no value (null); give one, or leave it out for its default")
     if not isinstance(settings.methods, list):
         raise UsageError(f"--methods must be a list of method names, got {_kind(settings.methods)}")
@@ -224,7 +281,7 @@ def check_config(content: Any, parser: ArgumentParser) -> None:
     for key, value in content.items():
         if key not in known:
             raise UsageError(f"unknown setting {key!r}{_did_you_mean(key, known)}; neurenix --help lists them")
-        if value is None:
+        if value is None and key not in _NOT_GIVEN:
             raise UsageError(f"{key} has no value (null); give one, or leave the key out for its default")
         if key == "methods":
             _check_method_list(value)

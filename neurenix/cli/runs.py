@@ -1,10 +1,11 @@
-"""The runs behind ``neurenix compare``: the data, a model, the methods, one Trainer per method.
+"""The runs behind ``neurenix compare``: the data, a model, the methods, one Trainer per run.
 
-Each method gets the same benchmark, the same seed (so the same initial weights and batch
-order) and a fresh model; a ``ForgettingCurves`` callback measures every task after every
-epoch, and the values it logs are kept (:class:`CurveRecorder`) for the plot. This module
-imports torch and Lightning; it knows nothing of the reports (:mod:`neurenix.cli.report` reads
-what it returns).
+Each method gets, for each seed, the same benchmark, the same seed (so the same initial weights
+and batch order) and a fresh model; a ``ForgettingCurves`` callback measures every task after
+every epoch, and the values it logs are kept (:class:`CurveRecorder`) for the plot.
+:func:`run_many` runs a list of such runs, one after the other or in joblib's loky processes.
+This module imports torch and Lightning; it knows nothing of the reports
+(:mod:`neurenix.cli.report` reads what it returns).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -29,11 +30,14 @@ from typing_extensions import override
 
 from neurenix.cli.output import TENSORBOARD
 from neurenix.cli.settings import (
+    BASELINES,
     CompareError,
     DistillationSettings,
     EWCSettings,
     OnlineEWCSettings,
+    ReplaySettings,
     UsageError,
+    seeds_of,
 )
 from neurenix.continual import (
     AGEM,
@@ -52,6 +56,7 @@ from neurenix.continual import (
     RWalk,
     SynapticIntelligence,
 )
+from neurenix.continual.seen_classes import SeenClassMask, mark_seen_classes
 from neurenix.data import (
     DownloadError,
     IDXFormatError,
@@ -64,8 +69,8 @@ from neurenix.data.benchmarks import TaskSequence
 from neurenix.metrics import ForgettingCurves
 
 __all__ = [
-    "CurveRecorder", "DataSource", "MLPClassifier", "MethodRun", "SequenceProgressBar", "cpu_threads",
-    "load_benchmark", "make_trainer", "method_callbacks", "quiet_lightning", "run_method", "task_label",
+    "CurveRecorder", "DataSource", "MLPClassifier", "MethodRun", "SequenceProgressBar", "cpu_threads", "load_benchmark",
+    "make_trainer", "method_callbacks", "quiet_lightning", "run_many", "run_method", "run_seed", "task_label",
 ]
 
 
@@ -85,6 +90,10 @@ def _online_ewc(model: nn.Module, s: OnlineEWCSettings, scenario: str) -> list:
 def _distillation(model: nn.Module, s: DistillationSettings, scenario: str) -> list:
     # Class-incremental: distil only the units of the classes seen so far (the teacher knows no others).
     return [KnowledgeDistillation(model, s.temperature, s.alpha, units="seen" if scenario == "class" else "all")]
+
+
+def _replay(model: nn.Module, s: ReplaySettings, scenario: str) -> list:
+    return [ExperienceReplay(model, s.memory_size, s.replay_ratio, offer=s.offer)]
 
 
 #: name -> builder of the callbacks; ``none`` (plain fine-tuning) has none.
@@ -109,7 +118,7 @@ _BUILDERS: dict[str, Callable[..., list]] = {
     "si": lambda model, s, scenario: [SynapticIntelligence(model, s.importance, s.xi)],
     "l2": lambda model, s, scenario: [L2Regularization(model, s.importance)],
     "distillation": _distillation,
-    "replay": lambda model, s, scenario: [ExperienceReplay(model, s.memory_size, s.replay_ratio)],
+    "replay": _replay,
     # der and derpp: one class, DER++ being DER with a cross-entropy term on a second memory batch (beta > 0).
     "der": lambda model, s, scenario: [
         DarkExperienceReplay(model, memory_size=s.memory_size, alpha=s.alpha, replay_ratio=s.replay_ratio)
@@ -131,8 +140,11 @@ _BUILDERS: dict[str, Callable[..., list]] = {
 
 
 def method_callbacks(name: str, model: nn.Module, settings: Any, scenario: str) -> list:
-    """The callbacks of method ``name``; a bad hyper-parameter raises :class:`UsageError` naming its flag."""
-    if name == "none":
+    """The callbacks of method ``name``; a bad hyper-parameter raises :class:`UsageError` naming its flag.
+
+    ``none`` and the baselines (``joint``, ``cumulative``: the data module's ``training``) have none.
+    """
+    if name == "none" or name in BASELINES:
         return []
     options = getattr(settings, name)
     try:
@@ -153,17 +165,27 @@ class MLPClassifier(ContinualLossMixin, L.LightningModule):
         hidden: units per hidden layer.
         heads: output heads; with more than one, ``forward`` needs the task ids.
         lr: Adam's learning rate.
+        mask_unseen_classes: end in a :class:`~neurenix.continual.seen_classes.SeenClassMask`
+            (``self.mask``; one head only): the logits of classes not seen yet are masked out.
     """
 
-    def __init__(self, inputs: int, classes: int, hidden: int = 128, heads: int = 1, lr: float = 1e-3) -> None:
+    def __init__(
+        self, inputs: int, classes: int, hidden: int = 128, heads: int = 1, lr: float = 1e-3,
+        mask_unseen_classes: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, classes * heads)
+        if mask_unseen_classes and heads > 1:
+            raise ValueError("mask_unseen_classes needs one head (class-incremental), got heads=" + str(heads))
+        self.mask = SeenClassMask(classes) if mask_unseen_classes else None
         self.classes, self.heads, self.lr = classes, heads, lr
 
     def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         logits = self.head(self.body(x))
+        if self.mask is not None:
+            return self.mask(logits)
         if self.heads == 1:
             return logits
         if task_ids is None:
@@ -265,7 +287,12 @@ def quiet_lightning() -> Iterator[None]:
 # ---------------------------------------------------------------------------- the comparison
 @dataclass
 class MethodRun:
-    """What one method's run left: the metrics after the last task, the matrix, the curves."""
+    """What one method's run with one seed left: the metrics after the last task, the matrix, the curves.
+
+    ``training`` is the data module's (``joint``, ``cumulative`` for those baselines). A joint run
+    measures every task once, after its one fit: its matrix has that row only (the others NaN),
+    and its backward transfer and forgetting are NaN (there is no sequence).
+    """
 
     name: str
     hyperparameters: dict[str, Any]
@@ -278,6 +305,8 @@ class MethodRun:
     wall_time: float
     log_dir: str
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    seed: int = 0
+    training: str = "sequential"
 
 
 @dataclass
@@ -302,15 +331,20 @@ class DataSource:
 _DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 
 
+def run_seed(settings: Any) -> int:
+    """The seed of a run: ``settings.seed``, else the first of ``settings.seeds``, else 0."""
+    return seeds_of(settings)[0] if settings.seed is None else settings.seed
+
+
 def load_benchmark(settings: Any) -> tuple[TaskSequence, DataSource]:
-    """The task sequence the settings name, and what it was read from.
+    """The task sequence the settings name (its class order or permutations from :func:`run_seed`), and what it was read from.
 
     Raises:
         CompareError: the data is missing, unreadable, or not the dataset asked for.
         UsageError: the settings do not fit the data (the benchmark's own checks).
     """
     source, data = _read_source(settings)
-    options = dict(num_tasks=settings.num_tasks, seed=settings.seed, scenario=settings.scenario)
+    options = dict(num_tasks=settings.num_tasks, seed=run_seed(settings), scenario=settings.scenario)
     try:
         if settings.benchmark == "split":
             return split_benchmark(source, classes_per_task=10 // settings.num_tasks, **options), data
@@ -408,21 +442,38 @@ def _refuse_multiprocessing(trainer: "L.Trainer", strategy: str) -> None:
         )
 
 
+class _MarkSeenClasses(Callback):
+    """Marks the classes of each task's training data on the model's :class:`SeenClassMask` when its fit starts."""
+
+    @override
+    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        mark_seen_classes(pl_module, trainer.train_dataloader.dataset)
+
+
+def _log_folder(name: str, settings: Any) -> tuple[Path, str]:
+    """The TensorBoard logger's (root, version): ``<method>``, or ``<method>/seed_<s>`` with several seeds."""
+    if len(seeds_of(settings)) > 1:
+        return Path(name), f"seed_{run_seed(settings)}"
+    return Path(), name
+
+
 def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress: bool) -> tuple[MethodRun, bool]:
     """Train a fresh model on the benchmark with method ``name``; returns its run and whether this is rank zero.
 
     Args:
-        name: the method (``none``: plain fine-tuning).
-        settings: the command's settings.
-        benchmark: the tasks.
-        output: the run's folder; the TensorBoard logs go to ``output/tensorboard/<name>``.
+        name: the method (``none``: plain fine-tuning; ``joint``, ``cumulative``: those baselines).
+        settings: the command's settings; the run's seed is :func:`run_seed`'s.
+        benchmark: the tasks (drawn with that seed).
+        output: the run's folder; the TensorBoard logs go to ``output/tensorboard/<name>`` (with
+            several ``settings.seeds``: ``output/tensorboard/<name>/seed_<seed>``).
         progress: show Lightning's progress bar (on a terminal only: redirected, its redraws
             would fill the file).
     """
-    L.seed_everything(settings.seed, verbose=False)
+    seed = run_seed(settings)
+    L.seed_everything(seed, verbose=False)
     heads = benchmark.num_tasks if benchmark.scenario == "task" else 1
     inputs = math.prod(benchmark.input_shape)
-    model = MLPClassifier(inputs, benchmark.num_classes, settings.hidden, heads, settings.lr)
+    model = MLPClassifier(inputs, benchmark.num_classes, settings.hidden, heads, settings.lr, settings.mask_unseen_classes)
     methods = method_callbacks(name, model, settings, benchmark.scenario)
     # A method that predicts otherwise than the network's outputs (iCaRL: nearest mean of exemplars;
     # BiC: bias-corrected logits) is measured so.
@@ -430,15 +481,22 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress:
     # Its curves have a point at each task's end only: its predictor is fitted when a task ends.
     curves = ForgettingCurves(every_n_epochs=None if predictor else 1, predictor=predictor)
     recorder = CurveRecorder()
-    # One run per folder (neurenix.cli.output): the method's own folder, no version_N below it.
-    tensorboard = TensorBoardLogger(output / TENSORBOARD, name="", version=name, default_hp_metric=False)
+    # One run per folder (neurenix.cli.output): the run's own folder, no version_N below it.
+    root, version = _log_folder(name, settings)
+    tensorboard = TensorBoardLogger(output / TENSORBOARD / root, name="", version=version, default_hp_metric=False)
     bars = [SequenceProgressBar(name, settings.epochs)] if progress else []
+    marks = [_MarkSeenClasses()] if settings.mask_unseen_classes else []
     trainer = make_trainer(
-        settings, callbacks=[*methods, curves, *bars], logger=[tensorboard, recorder], enable_progress_bar=progress
+        settings, callbacks=[*marks, *methods, curves, *bars], logger=[tensorboard, recorder], enable_progress_bar=progress
     )
-    datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=settings.batch_size, eval_batch_size=512, seed=settings.seed)
+    training = name if name in BASELINES else "sequential"
+    datamodule = TaskSequenceDataModule.from_benchmark(
+        benchmark, batch_size=settings.batch_size, eval_batch_size=512, seed=seed, training=training
+    )
     start = time.perf_counter()
-    fit_sequence(trainer, model, datamodule, epochs_per_task=settings.epochs)  # one event file per run
+    fit_sequence(  # one event file per run
+        trainer, model, datamodule, epochs_per_task=settings.epochs, keep_optimizer_state=settings.keep_optimizer_state
+    )
     wall_time = time.perf_counter() - start
     if trainer.interrupted:
         raise CompareError(f"training with {name} stopped before the last task")
@@ -447,6 +505,63 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress:
     run = MethodRun(
         name, hyperparameters, matrix.accuracies().cpu(), matrix.initial.cpu(),
         float(matrix.average_accuracy()), float(matrix.backward_transfer()), float(matrix.forgetting()),
-        float(matrix.forward_transfer()), wall_time, tensorboard.log_dir, recorder.history,
+        float(matrix.forward_transfer()), wall_time, tensorboard.log_dir, recorder.history, seed, training,
     )
     return run, trainer.is_global_zero
+
+
+#: One run for :func:`run_many`: (method name, settings, benchmark, output folder), as :func:`run_method` takes them.
+RunCall = tuple[str, Any, Any, Path]
+
+
+def run_many(
+    calls: Sequence[RunCall], jobs: int = 1, *, progress: bool = False, done: Optional[Callable[[MethodRun], None]] = None
+) -> list[MethodRun]:
+    """Run :func:`run_method` for each call, ``jobs`` at a time; returns their runs in the order of ``calls``.
+
+    With ``jobs`` 1 the runs are made here, one after the other; with more, each in a process of
+    joblib's ``loky`` backend (as ``GridSearch(n_jobs=...)``). Either way each run is seeded by
+    :func:`run_method` and runs with the same number of PyTorch threads (``settings.threads``, or
+    this process's count when it is 0), so the results are equal bit for bit. Lightning's notes
+    are quietened (:func:`quiet_lightning`). joblib keeps its worker processes for the next call
+    (they exit after a few idle minutes, or with
+    ``joblib.externals.loky.get_reusable_executor().shutdown()``).
+
+    Args:
+        calls: the runs, each ``(name, settings, benchmark, output)``.
+        jobs: runs at once, >= 1. Not for DDP runs (the command refuses ``--jobs`` > 1 with one).
+        progress: show each run's progress bar (``jobs`` 1 only: the processes' bars would mix).
+        done: called with each run as it is returned, in order (the command prints a line).
+
+    Raises:
+        ValueError: ``jobs`` < 1.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    runs = []
+    for run in _runs(list(calls), jobs, progress):
+        runs.append(run)
+        if done is not None:
+            done(run)
+    return runs
+
+
+def _runs(calls: list[RunCall], jobs: int, progress: bool) -> Iterator[MethodRun]:
+    if jobs == 1 or len(calls) <= 1:
+        for name, settings, benchmark, output in calls:
+            with quiet_lightning(), cpu_threads(settings.threads):
+                yield run_method(name, settings, benchmark, output, progress)[0]
+        return
+    import joblib  # scikit-learn's dependency: imported only for parallel runs
+
+    threads = [settings.threads or torch.get_num_threads() for _, settings, _, _ in calls]
+    work = (joblib.delayed(_run_in_process)(*call, count) for call, count in zip(calls, threads))
+    yield from joblib.Parallel(n_jobs=min(jobs, len(calls)), backend="loky", return_as="generator")(work)
+
+
+def _run_in_process(name: str, settings: Any, benchmark: Any, output: Path, threads: int) -> MethodRun:
+    """One run in a worker process, with the caller's number of PyTorch threads (a float sum split
+    over another number of threads may round differently)."""
+    torch.set_num_threads(threads)
+    with quiet_lightning():
+        return run_method(name, settings, benchmark, output, progress=False)[0]

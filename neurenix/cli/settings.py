@@ -9,11 +9,13 @@ option errors answer at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 __all__ = [
-    "METHODS", "METHOD_SETTINGS", "AGEMSettings", "BiCSettings", "CompareError", "DERPPSettings", "DERSettings",
+    "ALPHA_SCHEDULE", "BASELINES", "METHODS", "METHOD_SETTINGS", "REPLAY_OFFERS", "AGEMSettings", "BiCSettings",
+    "CompareError", "DERPPSettings", "DERSettings",
     "DistillationSettings", "ERACESettings", "EWCSettings", "GDumbSettings", "GEMSettings", "ICaRLSettings", "L2Settings", "MASSettings",
-    "OnlineEWCSettings", "RWalkSettings", "ReplaySettings", "SISettings", "UsageError",
+    "OnlineEWCSettings", "RWalkSettings", "ReplaySettings", "SISettings", "UsageError", "seeds_of",
 ]
 
 
@@ -98,11 +100,12 @@ class DistillationSettings:
 
     Args:
         temperature: the softmax temperature T, > 0.
-        alpha: the weight α of the distillation term, in [0, 1].
+        alpha: the weight α of the distillation term: a number in [0, 1], or "1-1/t" (α = 1 − 1/t
+            at the t-th task: 0, then 1/2, 2/3, ...).
     """
 
     temperature: float = 2.0
-    alpha: float = 0.7
+    alpha: Union[float, str] = 0.7  # a str: only ALPHA_SCHEDULE (the parser checks it)
 
 
 @dataclass
@@ -112,10 +115,13 @@ class ReplaySettings:
     Args:
         memory_size: samples the memory holds.
         replay_ratio: replayed samples per new sample in a batch.
+        offer: when the task's samples are offered to the memory: every_epoch (each epoch's
+            batches), or once (each sample once, in the task's first epoch).
     """
 
     memory_size: int = 200
     replay_ratio: float = 1.0
+    offer: str = "every_epoch"  # one of REPLAY_OFFERS (the parser checks it)
 
 
 # The rehearsal methods below share replay's memory (200 samples). DER's and DER++'s weights are
@@ -280,5 +286,20 @@ METHOD_SETTINGS: dict[str, type] = {
     "bic": BiCSettings,
     "gdumb": GDumbSettings,
 }
-#: ``none`` (plain fine-tuning) and the methods.
-METHODS = ("none", *METHOD_SETTINGS)
+#: The baselines beside ``none`` (plain fine-tuning), which take no settings: ``joint`` trains once
+#: on every task's data together, ``cumulative`` trains task t on the data of tasks 0..t.
+BASELINES = ("joint", "cumulative")
+#: ``none`` (plain fine-tuning), the baselines and the methods.
+METHODS = ("none", *BASELINES, *METHOD_SETTINGS)
+#: The schedule ``--distillation.alpha`` takes besides a number.
+ALPHA_SCHEDULE = "1-1/t"
+#: The values of ``--replay.offer``.
+REPLAY_OFFERS = ("every_epoch", "once")
+
+
+def seeds_of(settings: Any) -> list[int]:
+    """The seeds a run trains each method with: ``--seeds``, else ``[--seed]``, else ``[0]``."""
+    seeds: Optional[list[int]] = settings.seeds
+    if seeds is not None:
+        return list(seeds)
+    return [0 if settings.seed is None else settings.seed]

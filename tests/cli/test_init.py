@@ -12,8 +12,9 @@ import neurenix.cli
 
 PACKAGE = Path(neurenix.cli.__file__).parent
 #: The order of neurenix/cli/__init__.py's docstring: each module imports only modules before it.
-LAYERS = ["settings", "parser", "output", "runs", "report", "compare", "command", "__init__"]
+LAYERS = ["settings", "parser", "output", "runs", "report", "compare", "reproduce", "command", "__init__"]
 #: The modules that must load without torch or Lightning (help and option errors).
+#: (reproduce too, at its top: it imports the runs inside the functions that run.)
 LIGHT = {"settings", "parser", "output", "command", "__init__"}
 
 
@@ -55,7 +56,12 @@ def test_a_module_imports_only_modules_of_earlier_layers(module):
 @pytest.mark.parametrize("module", sorted(LIGHT))
 def test_the_modules_help_needs_import_neither_torch_nor_lightning_at_their_top(module):
     assert top_level_imports(module) & {"torch", "lightning", "PIL"} == set()
-    assert package_imports(module) <= LIGHT | {"compare"}  # compare: command imports it inside main, for a run
+    # compare and reproduce: command imports them inside main, for a run
+    assert package_imports(module) <= LIGHT | {"compare", "reproduce"}
+
+
+def test_reproduce_imports_neither_torch_nor_lightning_at_its_top():
+    assert top_level_imports("reproduce") & {"torch", "lightning", "PIL"} == set()
 
 
 @pytest.mark.parametrize("name", ["neurenix.cli_compare", "neurenix.cli_report", "neurenix.cli_settings"])

@@ -57,7 +57,7 @@ WRONG_CONFIGS = [
     ("ewc:\n  fisher_samples: 100", "ewc has no setting 'fisher_samples' (did you mean fisher_sample_size?); "
                                     "its settings: importance, fisher_sample_size, fisher"),
     ("l2:\n  importance:", "l2.importance has no value (null); give one, or leave the key out for its default"),
-    ("seed: null", "seed has no value (null); give one, or leave the key out for its default"),
+    ("epochs: null", "epochs has no value (null); give one, or leave the key out for its default"),
     ("batch-size: 8", "unknown setting 'batch-size' (did you mean batch_size?); neurenix --help lists them"),
     ("", 'holds no settings; write one "key: value" a line (neurenix --print_config prints them all)'),
     ("# nothing but a comment", 'holds no settings; write one "key: value" a line (neurenix --print_config prints them all)'),
@@ -88,7 +88,7 @@ def test_an_inline_config_is_checked_as_a_file_is(tmp_path, capsys):
     ("change", "says"),
     [
         ({"ewc": 5}, "--ewc must be a mapping of ewc's settings (importance, fisher_sample_size, fisher), got the number 5"),
-        ({"seed": None}, "--seed has no value (null); give one, or leave it out for its default"),
+        ({"epochs": None}, "--epochs has no value (null); give one, or leave it out for its default"),
         ({"si.xi": None}, "--si.xi has no value (null); give one, or leave it out for its default"),
         ({"methods": "ewc"}, "--methods must be a list of method names, got the string 'ewc'"),
     ],

@@ -128,7 +128,7 @@ def test_make_trainer_takes_the_strategies_that_run_the_command_once_per_device(
 # ---------------------------------------------------------------------------- the rehearsal methods
 #: Each rehearsal method's name in the command, its class, and settings unlike the defaults.
 REHEARSAL = {
-    "replay": (ExperienceReplay, {"memory_size": 37, "replay_ratio": 0.5}),
+    "replay": (ExperienceReplay, {"memory_size": 37, "replay_ratio": 0.5, "offer": "once"}),
     "der": (DarkExperienceReplay, {"memory_size": 37, "alpha": 0.7, "replay_ratio": 0.5}),
     "derpp": (DarkExperienceReplay, {"memory_size": 37, "alpha": 0.7, "beta": 0.3, "replay_ratio": 0.5}),
     "er_ace": (ERACE, {"memory_size": 37, "replay_ratio": 0.5}),
