@@ -47,7 +47,11 @@ from neurenix.continual.memory import (
     stored_fields,
 )
 
-__all__ = ["AppendsReplayedSamples", "RehearsalMethod", "redistributed_memory", "with_replayed"]
+__all__ = ["OFFERS", "AppendsReplayedSamples", "RehearsalMethod", "redistributed_memory", "with_replayed"]
+
+#: Values of ``offer=``: which training batches of a Trainer's fit are offered to the memory.
+#: ``"every_epoch"``: every batch of every epoch; ``"once"``: those of the task's first epoch only.
+OFFERS = ("every_epoch", "once")
 
 
 class RehearsalMethod(ContinualCallback):
@@ -56,6 +60,17 @@ class RehearsalMethod(ContinualCallback):
     Subclasses choose the memory (``memory_class``) and what a training step does with it. One
     rehearsal method per ``Trainer``: two would each keep a memory of the same stream and add
     their terms to the same step.
+
+    ``offer`` says which training batches a Trainer's fit offers to a stream memory:
+    ``"every_epoch"`` (every batch of every epoch: with ``E`` epochs each sample is offered ``E``
+    times), or ``"once"`` (the batches of the task's first epoch: each training sample of the task
+    is offered once, later epochs replay and offer nothing). With ``"once"``, each sample of the
+    stream (every task's samples, once each) is in a reservoir memory with probability
+    ``min(1, memory_size / samples offered so far)``. The epoch a task began in is part of the
+    state, so a run resumed in a later epoch of the task offers nothing, as the uninterrupted run
+    did. Under DDP each process offers its own shard of the first epoch to its own memory.
+    Standalone, the caller offers (``add_to_memory``, or ``train_step`` where it stores its
+    batch): ``offer`` does not apply.
     """
 
     #: Whether stored targets must be class labels (the memory terms are cross-entropies).
@@ -75,11 +90,19 @@ class RehearsalMethod(ContinualCallback):
         *,
         selection: Optional[str] = None,
         feature_extractor: Union[None, torch.nn.Module, str] = None,
+        offer: str = "every_epoch",
     ) -> None:
         check_model(model)
         self.memory_size = check_int("memory_size", memory_size, minimum=0)
         seed = default_seed(type(self).__name__) if seed is None else check_int("seed", seed, minimum=0)
+        self.offer = check_choice("offer", offer, OFFERS)
         self.selection, self._extractor = _exemplar_selection(model, selection, feature_extractor)
+        if self.selection is not None and self.offer != "every_epoch":
+            raise ValueError(
+                f"offer={self.offer!r} says which training batches enter a memory filled from the stream; with "
+                f"selection={self.selection!r} exemplars are chosen from each task's data at its end: leave offer "
+                "at 'every_epoch'"
+            )
         if self.selection is not None:
             memory_class = ExemplarMemory
             self.needs_class_labels = True  # exemplars are chosen per class
@@ -93,6 +116,11 @@ class RehearsalMethod(ContinualCallback):
         #: The task id that every training batch of the running fit carries, where the data
         #: module says so (then the memory needs not read the batch's task ids from the device).
         self._fit_batches_task: Optional[int] = None
+        #: The trainer's epoch when the active task's first fit began (``None``: not under a
+        #: Trainer yet); with ``offer="once"`` only that epoch's batches are offered.
+        self._task_first_epoch: Optional[int] = None
+        #: Whether the running epoch's training batches are offered to the memory.
+        self._offering = True
 
     def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
         check_batch(inputs, targets)
@@ -237,8 +265,15 @@ class RehearsalMethod(ContinualCallback):
             raise RuntimeError(f"{type(self).__name__} got a training batch outside a task (on_train_start did not run)")
         return self.active_task
 
+    def _begin_task(self, task_id: int) -> None:
+        super()._begin_task(task_id)
+        self._task_first_epoch = None
+
     def _remember_batch(self, batch: Any) -> None:
-        """Offer a Lightning training batch's samples to the memory."""
+        """Offer a Lightning training batch's samples to the memory (with ``offer="once"``, in
+        the task's first epoch only)."""
+        if not self._offering:
+            return
         inputs, targets, task_ids = split_batch(batch)
         self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
 
@@ -263,15 +298,30 @@ class RehearsalMethod(ContinualCallback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
         self._fit_batches_task = _task_of_every_batch(trainer)
+        if self._task_first_epoch is None:  # the task's first fit (a resumed one has it from the state)
+            self._task_first_epoch = trainer.current_epoch
+        # Resumed inside an epoch, Lightning goes on with it without on_train_epoch_start.
+        self._offering = self._offers_in_epoch(trainer.current_epoch)
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._offering = self._offers_in_epoch(trainer.current_epoch)
+
+    def _offers_in_epoch(self, epoch: int) -> bool:
+        """Whether the training batches of the trainer's ``epoch`` are offered to the memory: the
+        trainer's epoch, as Lightning restores it on resume, says whether it is the task's first."""
+        return self.offer == "every_epoch" or epoch == self._task_first_epoch
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._fit_batches_task = None
+        self._offering = True
         super().on_train_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._fit_batches_task = None  # a later train_step's batches are not this fit's
+        self._offering = True
         super().on_exception(trainer, pl_module, exception)
 
     @override
@@ -280,10 +330,11 @@ class RehearsalMethod(ContinualCallback):
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
+        return {**super().state_dict(), "memory": self.memory.state_dict(), "task_first_epoch": self._task_first_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._task_first_epoch = state_dict.get("task_first_epoch")  # older checkpoints: the resumed fit's
         self.memory.device = self.device
         per_rank = state_dict.get("memory_per_rank")
         rank, world_size = rank_and_world_size()

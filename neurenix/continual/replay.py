@@ -11,9 +11,9 @@ from typing_extensions import override
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real
 from neurenix.continual.callback import join_batch, split_batch
 from neurenix.continual.memory import ClassBalancedMemory, ReplayBatch, ReservoirMemory
-from neurenix.continual.rehearsal import AppendsReplayedSamples, RehearsalMethod, redistributed_memory
+from neurenix.continual.rehearsal import OFFERS, AppendsReplayedSamples, RehearsalMethod, redistributed_memory
 
-__all__ = ["BALANCES", "ExperienceReplay", "ReplayBatch", "redistributed_memory"]
+__all__ = ["BALANCES", "OFFERS", "ExperienceReplay", "ReplayBatch", "redistributed_memory"]
 
 #: Values of ``ExperienceReplay(balance=...)`` besides ``None`` (one reservoir over the whole stream).
 BALANCES = ("classes",)
@@ -23,8 +23,8 @@ class ExperienceReplay(AppendsReplayedSamples, RehearsalMethod):
     """Train on new samples together with samples remembered from the whole stream so far.
 
     The memory keeps ``memory_size`` samples by reservoir sampling, so every sample offered
-    (``add_to_memory``, or every training batch under a Trainer) is in memory with the same
-    probability. Each training step appends ``round(replay_ratio · batch_size)`` distinct samples
+    (``add_to_memory``, or the training batches under a Trainer: see ``offer``) is in memory with
+    the same probability, ``min(1, memory_size / samples offered so far)``. Each training step appends ``round(replay_ratio · batch_size)`` distinct samples
     drawn uniformly from memory to the new ones (fewer while the memory holds fewer).
 
     Args:
@@ -53,6 +53,17 @@ class ExperienceReplay(AppendsReplayedSamples, RehearsalMethod):
             selects from its own share of the data into its own memory (docs/methods/exemplars.md).
         feature_extractor: with ``"herding"`` or ``"closest"``, the submodule of ``model`` (or its
             name) whose output is the features samples are ranked by (``model.backbone``).
+        offer: under a Trainer, which training batches are offered to the memory:
+            ``"every_epoch"`` (every batch of every epoch, so with ``E`` epochs per task each
+            sample is offered ``E`` times and may sit in memory more than once), or ``"once"``
+            (the batches of each task's first epoch: each training sample of a task is offered
+            once; later epochs replay and offer nothing). The reservoir's guarantee then holds
+            over the stream of distinct samples: each is in memory with probability
+            ``min(1, memory_size / samples offered so far)``. A run resumed in a later epoch of a
+            task offers nothing (the task's first epoch is in the state); under DDP each process
+            offers its shard of the first epoch to its own memory, as with ``"every_epoch"``.
+            Standalone the caller offers with ``add_to_memory`` and ``offer`` does not apply.
+            Not with ``selection`` (exemplars are chosen at each task's end).
 
     Under a Trainer the LightningModule needs :class:`~neurenix.continual.ContinualLossMixin`:
     its ``training_step`` then receives the extended batch, and each batch's new samples are
@@ -88,6 +99,7 @@ class ExperienceReplay(AppendsReplayedSamples, RehearsalMethod):
         balance: Optional[str] = None,
         selection: Optional[str] = None,
         feature_extractor: Union[None, torch.nn.Module, str] = None,
+        offer: str = "every_epoch",
     ) -> None:
         check_model(model)
         check_int("memory_size", memory_size, minimum=0)
@@ -95,20 +107,29 @@ class ExperienceReplay(AppendsReplayedSamples, RehearsalMethod):
         self.balance = None if balance is None else check_choice("balance", balance, BALANCES)
         memory_class = ReservoirMemory if self.balance is None else ClassBalancedMemory
         super().__init__(
-            model, memory_size, device, seed, memory_class, selection=selection, feature_extractor=feature_extractor
+            model,
+            memory_size,
+            device,
+            seed,
+            memory_class,
+            selection=selection,
+            feature_extractor=feature_extractor,
+            offer=offer,
         )
 
     def hyperparameters(self) -> dict[str, Any]:
-        # ``balance`` and ``selection`` only when set: the default's state key (hence its
-        # checkpoints) stays as it was.
+        # ``balance``, ``selection`` and ``offer`` only when set: the default's state key (hence
+        # its checkpoints) stays as it was.
         balance = {} if self.balance is None else {"balance": self.balance}
         selection = {} if self.selection is None else {"selection": self.selection}
-        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **balance, **selection}
+        offer = {} if self.offer == "every_epoch" else {"offer": self.offer}
+        return {"memory_size": self.memory_size, "replay_ratio": self.replay_ratio, **balance, **selection, **offer}
 
     # ---------------------------------------------------------------------------- shared core
     @override
     def extend_lightning_batch(self, batch: Any) -> Any:
         inputs, targets, task_ids = split_batch(batch)
         extended = self.extend_batch(inputs, targets, task_ids)
-        self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
+        if self._offering:  # offer="once": the task's first epoch only
+            self._remember(inputs.detach(), targets.detach(), self._task_ids_of(inputs, task_ids))
         return join_batch(batch, *extended)

@@ -23,7 +23,7 @@ from neurenix.continual.callback import ContinualCallback
 from neurenix.continual.capture import ForwardCapture
 from neurenix.continual.distributed import mean_across_ranks_
 from neurenix.continual.memory import ReservoirMemory, TaskBalancedMemory
-from neurenix.continual.rehearsal import redistributed_memory
+from neurenix.continual.rehearsal import RehearsalMethod, redistributed_memory
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
 from tests.helpers import lit_classifier, lit_multi_head, make_mlp, quiet_trainer
 from tests.host_reads import host_reads
@@ -354,3 +354,26 @@ def test_a_fit_that_fails_leaves_no_task_id_for_later_batches():
     with pytest.raises(RuntimeError, match="the user's step failed"):
         fit_sequence(quiet_trainer(callbacks=[method], max_epochs=1), model, datamodule, epochs_per_task=1)
     assert method._fit_batches_task is None  # standalone steps after it read their own task ids
+
+
+class RemembersEachBatch(RehearsalMethod):
+    """A rehearsal method that only offers each training batch to its memory, as A-GEM and GEM do."""
+
+    def __init__(self, model: nn.Module, offer: str) -> None:
+        super().__init__(model, 100, None, 0, offer=offer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._remember_batch(batch)
+
+
+@pytest.mark.parametrize("offer, offers", [("once", 1), ("every_epoch", 3)])
+def test_the_offer_option_is_the_base_s_for_every_rehearsal_method(offer, offers):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = lit_classifier(make_mlp())
+    method = RemembersEachBatch(module.net, offer)
+    x = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    quiet_trainer(max_epochs=3, callbacks=[method]).fit(module, DataLoader(TensorDataset(x, torch.arange(12) % 3), batch_size=4))
+    assert method.memory.num_seen == 12 * offers and len(method.memory) == 12 * offers
+    with pytest.raises(ValueError, match="offer must be one of 'every_epoch', 'once'; got 'always'"):
+        RemembersEachBatch(module.net, "always")

@@ -53,6 +53,9 @@ def sgd_step(model: nn.Module, loss: torch.Tensor, lr: float) -> None:
         ({"replay_ratio": float("nan")}, ValueError, "replay_ratio must be finite, got nan"),
         ({"replay_ratio": "0.5"}, TypeError, "replay_ratio must be a real number, got str"),
         ({"seed": -2}, ValueError, "seed must be >= 0, got -2"),
+        ({"offer": "twice"}, ValueError, "offer must be one of 'every_epoch', 'once'; got 'twice'"),
+        ({"offer": None}, ValueError, "offer must be one of 'every_epoch', 'once'; got None"),
+        ({"offer": "once", "selection": "random"}, ValueError, r"offer='once' says which training batches enter a memory filled from the stream; with selection='random'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, error, message):
@@ -62,7 +65,14 @@ def test_constructor_rejects_bad_arguments(kwargs, error, message):
 
 def test_documented_defaults():
     replay = ExperienceReplay(make_mlp())
-    assert (replay.memory_size, replay.replay_ratio, len(replay.memory)) == (1000, 0.5, 0)
+    assert (replay.memory_size, replay.replay_ratio, len(replay.memory), replay.offer) == (1000, 0.5, 0, "every_epoch")
+
+
+def test_offer_joins_the_state_key_only_when_not_the_default():
+    # Checkpoints written before offer existed keep loading into the default.
+    assert ExperienceReplay(make_mlp()).state_key == "ExperienceReplay{'memory_size': 1000, 'replay_ratio': 0.5}"
+    once = ExperienceReplay(make_mlp(), offer="once")
+    assert once.state_key == "ExperienceReplay{'memory_size': 1000, 'replay_ratio': 0.5, 'offer': 'once'}"
 
 
 # ------------------------------------------------------------------------------------ train_step
@@ -491,3 +501,67 @@ def test_selection_resumes_from_a_lightning_checkpoint_to_the_uninterrupted_run(
         assert torch.equal(p, q)
     assert resumed.finished_tasks == [0, 1] and memory_by_class(resumed) == memory_by_class(replay)
     assert {k: len(v) for k, v in memory_by_class(resumed).items()} == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
+# ------------------------------------------------------------------------------------ offer
+
+
+def stored_rows(replay: ExperienceReplay, x: torch.Tensor) -> list[int]:
+    """The row of ``x`` each stored sample is, sorted (a sample stored twice appears twice)."""
+    stored = replay.memory.state_dict()["inputs"][: len(replay.memory)]
+    matches = (stored[:, None, :] == x[None, :, :]).all(-1)
+    assert bool((matches.sum(1) == 1).all())
+    return sorted(matches.int().argmax(1).tolist())
+
+
+@pytest.mark.parametrize("offer, offers", [("once", 1), ("every_epoch", 3)])
+def test_three_epochs_of_a_task_offer_each_sample_once_or_every_epoch(offer, offers):
+    x, y = make_task(24, seed=1).tensors
+    module = RecordingModule()
+    replay = ExperienceReplay(module.net, memory_size=72, replay_ratio=0.5, seed=0, offer=offer)
+    fit_epochs(module, [replay], TensorDataset(x, y), 3)
+    assert replay.memory.num_seen == 24 * offers
+    assert stored_rows(replay, x) == sorted(list(range(24)) * offers)
+    # Later epochs still replay: every step after the first appends round(0.5 * 8) samples.
+    assert [len(batch[0]) for batch in module.batches] == [8] + [12] * 8
+
+
+def offer_once_run(tasks, callbacks=(), ckpt_path=None):
+    """Two tasks under fit_sequence, three epochs of three batches each, offer='once'."""
+    from neurenix.data import TaskSequenceDataModule, fit_sequence
+    from tests.helpers import lit_classifier, quiet_trainer
+
+    module = lit_classifier(make_mlp())
+    replay = ExperienceReplay(module.net, memory_size=10, replay_ratio=0.5, seed=4, offer="once")
+    datamodule = TaskSequenceDataModule(tasks, tasks, batch_size=4, seed=5)
+    trainer = quiet_trainer(callbacks=[replay, *callbacks], enable_checkpointing=bool(callbacks))
+    fit_sequence(trainer, module, datamodule, epochs_per_task=3, ckpt_path=ckpt_path)
+    return module, replay
+
+
+@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided")
+@pytest.mark.parametrize("task, step", [(0, 4), (1, 14)])
+def test_offer_once_resumed_in_a_task_s_second_epoch_equals_the_uninterrupted_run(tmp_path, task, step):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from neurenix.data import TaskDataset
+
+    tasks = [TaskDataset(*make_task(12, seed=s).tensors, task_id=t) for t, s in enumerate((1, 2))]
+    saving = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    uninterrupted, replay = offer_once_run(tasks, callbacks=[saving])
+    assert replay.memory.num_seen == 24  # each task's 12 samples once, not 3 times
+    # Three steps an epoch, nine a task: steps 4 and 14 are the first and second batches of the
+    # second epochs of tasks 0 and 1 (Lightning resumes those epochs without on_train_epoch_start).
+    path = tmp_path / f"step={step}.ckpt"
+    saved = torch.load(path, weights_only=True)["callbacks"][replay.state_key]
+    assert saved["active_task"] == task and saved["memory"]["num_seen"] == 12 * (task + 1)
+    assert saved["task_first_epoch"] == 3 * task
+
+    resumed, resumed_replay = offer_once_run(tasks, ckpt_path=str(path))
+    for name, value in uninterrupted.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[name], value), name
+    assert resumed_replay.memory.num_seen == 24 and resumed_replay.finished_tasks == [0, 1]
+    resumed_memory = resumed_replay.memory.state_dict()
+    for name, value in replay.memory.state_dict().items():
+        same = torch.equal(resumed_memory[name], value) if isinstance(value, torch.Tensor) else resumed_memory[name] == value
+        assert same, name
