@@ -11,11 +11,13 @@ from neurenix.cli.output import check_output, is_launching_process, remove_run, 
 from neurenix.cli.settings import UsageError
 
 
-def write_run(output: Path, *, versions: bool = False) -> list[Path]:
-    """The files a run writes (``versions``: the version_N layout of runs before one run per folder)."""
+def write_run(output: Path, *, versions: bool = False, seeds: bool = False) -> list[Path]:
+    """The files a run writes (``versions``: the version_N layout of runs before one run per folder;
+    ``seeds``: a run with seeds 0 and 1, a folder per seed)."""
     files = [output / "results.json", output / "config.yaml", output / "forgetting_curves.png"]
-    for method in ("none", "ewc"):
-        folder = output / "tensorboard" / method / ("version_0" if versions else "")
+    for method, below in [(method, below) for method in ("none", "joint", "ewc")
+                          for below in (["seed_0", "seed_1"] if seeds else ["version_0" if versions else ""])]:
+        folder = output / "tensorboard" / method / below
         files += [folder / "events.out.tfevents.1.host.1.0", folder / "hparams.yaml"]
     if versions:
         files += [output / "tensorboard" / "ewc" / "version_1" / "events.out.tfevents.2.host.2.0"]
@@ -50,9 +52,9 @@ def test_an_output_that_is_a_file_is_refused(tmp_path):
         check_output(tmp_path / "runs", overwrite=True)
 
 
-@pytest.mark.parametrize("versions", [False, True])
-def test_remove_run_removes_the_run_and_nothing_else(tmp_path, versions):
-    files = write_run(tmp_path, versions=versions)
+@pytest.mark.parametrize(("versions", "seeds"), [(False, False), (True, False), (False, True)])
+def test_remove_run_removes_the_run_and_nothing_else(tmp_path, versions, seeds):
+    files = write_run(tmp_path, versions=versions, seeds=seeds)
     mine = [tmp_path / "notes.txt", tmp_path / "tensorboard" / "ewc" / "notes.txt", tmp_path / "tensorboard" / "other" / "x"]
     for path in mine:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +65,9 @@ def test_remove_run_removes_the_run_and_nothing_else(tmp_path, versions):
     assert run_files_in(tmp_path) == ["tensorboard/"]  # still taken: someone's files are in it
 
 
-def test_remove_run_leaves_no_empty_folder_behind(tmp_path):
-    write_run(tmp_path, versions=True)
+@pytest.mark.parametrize("layout", [{"versions": True}, {"seeds": True}])
+def test_remove_run_leaves_no_empty_folder_behind(tmp_path, layout):
+    write_run(tmp_path, **layout)
     remove_run(tmp_path)
     assert list(tmp_path.iterdir()) == [] and run_files_in(tmp_path) == []
 

@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 
 from neurenix.cli import main
 from neurenix.cli.parser import build_parser, check_settings
-from neurenix.cli.settings import METHOD_SETTINGS, METHODS, UsageError
+from neurenix.cli.settings import BASELINES, METHOD_SETTINGS, METHODS, UsageError, seeds_of
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "compare.yaml"
 
@@ -114,8 +114,9 @@ def test_help_documents_every_option(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     options = ["--config", "--print_config", "--benchmark", "--dataset", "--data_root", "--download", "--scenario",
-               "--num_tasks", "--methods", "--epochs", "--batch_size", "--lr", "--hidden", "--seed", "--accelerator",
-               "--devices", "--strategy", "--threads", "--output", "--overwrite"]
+               "--num_tasks", "--methods", "--epochs", "--batch_size", "--lr", "--hidden", "--seed", "--seeds",
+               "--keep_optimizer_state", "--mask_unseen_classes", "--accelerator", "--devices", "--strategy", "--jobs",
+               "--threads", "--output", "--overwrite"]
     for name, settings in METHOD_SETTINGS.items():
         options += [f"--{name}.{field.name}" for field in dataclasses.fields(settings)]
     missing = [option for option in options if not re.search(rf"{re.escape(option)}\b", text)]
@@ -124,3 +125,66 @@ def test_help_documents_every_option(capsys):
     flat = " ".join(text.split())
     assert "one run per folder" in flat and "Tasks are numbered from 0" in flat and "tensorboard/<method>" in flat
     assert "such as ddp_spawn and ddp_fork, are refused: use ddp" in flat
+
+
+# ---------------------------------------------------------------------------- issue 18's options
+def settings_of(*flags: str) -> Namespace:
+    settings = build_parser().parse_args(["compare", *flags]).compare
+    check_settings(settings)
+    return settings
+
+
+def test_seeds_come_from_seeds_or_seed_or_default_to_zero(tmp_path):
+    assert seeds_of(settings_of()) == [0]
+    assert seeds_of(settings_of("--seed", "4")) == [4]
+    assert seeds_of(settings_of("--seeds", "3", "0", "1")) == [3, 0, 1]
+    config = tmp_path / "run.yaml"
+    config.write_text("seeds: [0, 1, 2]\n")
+    assert seeds_of(settings_of("--config", str(config))) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--seed", "1", "--seeds", "0", "2"], "--seed 1 and --seeds 0 2 both given: give --seed for one seed, or --seeds for several"),
+        (["--seeds", "0", "1", "0"], "--seeds lists 0 more than once"),
+        (["--seeds", "0", "-1"], "--seeds must be in [0, 2**32), got -1"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--jobs", "2", "--strategy", "ddp"], "--jobs 2 runs the methods in processes of its own, which --strategy ddp "
+                                               "cannot run in: use --jobs 1 with a DDP strategy"),
+        (["--mask_unseen_classes"], "--mask_unseen_classes needs --scenario class (one head over all classes), got --scenario domain"),
+        (["--mask_unseen_classes", "--scenario", "task"], "--mask_unseen_classes needs --scenario class"),
+        (["--distillation.alpha", "1-1/T"], "--distillation.alpha must be a number in [0, 1] or '1-1/t', got '1-1/T'"),
+        (["--replay.offer", "twice"], "--replay.offer must be one of every_epoch, once, got 'twice'"),
+    ],
+)
+def test_issue_18_options_are_checked_before_any_run(flags, says, tmp_path, capsys):
+    with pytest.raises(UsageError, match=re.escape(says)):
+        settings_of(*flags)
+    assert main([*flags, "--output", str(tmp_path / "out")]) == 2  # the command: one line, status 2, nothing written
+    assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_both_seeds_refusal_holds_across_a_config_file_and_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("seeds: [0, 1]\n")
+    with pytest.raises(UsageError, match="--seed 2 and --seeds 0 1 both given"):
+        settings_of("--config", str(config), "--seed", "2")
+
+
+def test_the_new_options_parse_to_what_the_runs_take():
+    settings = settings_of("--keep_optimizer_state", "--mask_unseen_classes", "--scenario", "class", "--jobs", "3",
+                           "--distillation.alpha", "1-1/t", "--replay.offer", "once")
+    assert (settings.keep_optimizer_state, settings.mask_unseen_classes, settings.jobs) == (True, True, 3)
+    assert settings.distillation.alpha == "1-1/t" and settings.replay.offer == "once"
+    assert settings_of("--distillation.alpha", "0.25").distillation.alpha == 0.25  # a number stays a number
+    defaults = settings_of()
+    assert (defaults.keep_optimizer_state, defaults.mask_unseen_classes, defaults.jobs) == (False, False, 1)
+    assert (defaults.seed, defaults.seeds, defaults.replay.offer) == (None, None, "every_epoch")
+
+
+def test_the_baselines_take_no_settings_and_are_in_the_default_methods():
+    assert METHODS[:3] == ("none", "joint", "cumulative")
+    assert not set(BASELINES) & set(METHOD_SETTINGS)
+    assert settings_of().methods[:3] == ["none", "joint", "cumulative"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -36,6 +37,7 @@ from neurenix.continual import (
     ICaRL,
     RWalk,
 )
+from neurenix.continual.seen_classes import SeenClassMask
 from tests.data.test_idx import write_idx
 from tests.data.test_mnist import DEBIAN_FASHION_MNIST, write_dataset
 
@@ -261,3 +263,117 @@ def test_a_method_with_a_classifier_of_its_own_is_measured_by_it(name, tmp_path,
     else:
         assert made == [{"every_n_epochs": 1, "predictor": None}]
     assert run.matrix.shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------- issue 18: baselines and options
+#: The command's method builders, as the module defines them (tests wrap them).
+BUILDERS = dict(runs._BUILDERS)
+
+
+class _Seen(runs.Callback):
+    """Records, at each task's fit start, the size of its training data and the classes its mask has marked."""
+
+    def __init__(self) -> None:
+        self.sizes, self.marked, self.alphas = [], [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self.sizes.append(len(trainer.train_dataloader.dataset))
+        self.marked.append(None if pl_module.mask is None else pl_module.mask.seen_classes)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:  # the distillation weight each task trains with
+            self.alphas += [method.current_alpha for method in trainer.callbacks if hasattr(method, "current_alpha")]
+
+
+def _tiny_run(name: str, tmp_path: Path, monkeypatch, *flags: str):
+    """run_method on two tasks, one epoch each: (its run, the trainer, the model, the fits seen, the methods built)."""
+    seen, made, built = _Seen(), {}, []
+    real_make, real_fit = runs.make_trainer, runs.fit_sequence
+
+    def make_trainer(settings, callbacks=(), **options):
+        return real_make(settings, callbacks=[*callbacks, seen], **options)
+
+    def fit_sequence(trainer, model, datamodule, **options):
+        made.update(trainer=trainer, model=model, datamodule=datamodule, options=options)
+        return real_fit(trainer, model, datamodule, **options)
+
+    monkeypatch.setattr(runs, "make_trainer", make_trainer)
+    monkeypatch.setattr(runs, "fit_sequence", fit_sequence)
+    if name in BUILDERS:
+
+        def build(*args):
+            built.extend(BUILDERS[name](*args))
+            return list(built)
+
+        monkeypatch.setitem(runs._BUILDERS, name, build)
+    settings = command_settings("--num_tasks", "2", "--epochs", "1", "--accelerator", "cpu", *flags)
+    benchmark, _ = load_benchmark(settings)
+    with runs.quiet_lightning(), runs.cpu_threads(settings.threads):
+        run, _ = run_method(name, settings, benchmark, tmp_path, progress=False)
+    return run, benchmark, made, seen, built
+
+
+def test_the_baselines_train_on_the_data_of_their_regime(tmp_path, monkeypatch):
+    none, benchmark, made, seen, _ = _tiny_run("none", tmp_path / "none", monkeypatch)
+    first, second = (len(task) for task in benchmark.train)
+    assert made["datamodule"].training == "sequential" and seen.sizes == [first, second]
+    cumulative, _, made, seen, _ = _tiny_run("cumulative", tmp_path / "cumulative", monkeypatch)
+    assert made["datamodule"].training == "cumulative" and seen.sizes == [first, first + second]
+    assert torch.equal(cumulative.matrix[0], none.matrix[0])  # the same seed: the same first task's fit
+    assert cumulative.training == "cumulative" and cumulative.hyperparameters == {}
+    joint, _, made, seen, _ = _tiny_run("joint", tmp_path / "joint", monkeypatch)
+    assert made["datamodule"].training == "joint" and seen.sizes == [first + second]  # one fit, on every task
+    assert joint.matrix[0].isnan().all() and not joint.matrix[1].isnan().any()
+    assert joint.average_accuracy == pytest.approx(float(joint.matrix[1].mean()))
+    assert np.isnan(joint.backward_transfer) and np.isnan(joint.forgetting)
+    assert method_callbacks("joint", MLPClassifier(4, 3), command_settings(), "class") == []
+
+
+def _adam_steps(trainer) -> int:
+    return int(trainer.optimizers[0].state_dict()["state"][0]["step"])
+
+
+def test_keep_optimizer_state_carries_adams_steps_across_tasks(tmp_path, monkeypatch):
+    _, benchmark, fresh, _, _ = _tiny_run("none", tmp_path / "fresh", monkeypatch)
+    steps = [-(-len(task) // 32) for task in benchmark.train]  # batches of 32 per task, the last one short
+    assert fresh["options"]["keep_optimizer_state"] is False and _adam_steps(fresh["trainer"]) == steps[1]
+    _, _, kept, _, _ = _tiny_run("none", tmp_path / "kept", monkeypatch, "--keep_optimizer_state")
+    assert kept["options"]["keep_optimizer_state"] is True and _adam_steps(kept["trainer"]) == sum(steps)
+
+
+def test_mask_unseen_classes_ends_the_mlp_in_a_mask_marked_task_by_task(tmp_path, monkeypatch):
+    flags = ("--scenario", "class", "--mask_unseen_classes")
+    run, benchmark, made, seen, _ = _tiny_run("none", tmp_path, monkeypatch, *flags)
+    model = made["model"]
+    assert isinstance(model.mask, SeenClassMask) and model.mask.num_classes == benchmark.num_classes == 10
+    assert seen.marked == [[0, 1, 2, 3, 4], list(range(10))]  # class-incremental labels: task 0's, then both tasks'
+    assert run.matrix[0, 1] == 0  # after task 0 no class of task 1 can be predicted: their logits are masked
+    logits = model(torch.zeros(3, *benchmark.input_shape))
+    assert not (logits == torch.finfo(logits.dtype).min).any()  # every class seen by the end
+    unmasked, _, made, seen, _ = _tiny_run("none", tmp_path / "plain", monkeypatch, "--scenario", "class")
+    assert made["model"].mask is None and seen.marked == [None, None]
+    assert not torch.equal(unmasked.matrix, run.matrix)
+
+
+def test_distillation_alpha_follows_one_minus_one_over_t(tmp_path, monkeypatch):
+    run, _, _, seen, built = _tiny_run("distillation", tmp_path, monkeypatch, "--distillation.alpha", "1-1/t")
+    assert run.hyperparameters["alpha"] == "1-1/t" and built[0].hyperparameters()["alpha"] == "1-1/t"
+    assert seen.alphas == [0.0, 0.5]  # t = 1, then 2
+    _, _, _, seen, _ = _tiny_run("distillation", tmp_path / "constant", monkeypatch, "--distillation.alpha", "0.25")
+    assert seen.alphas == [0.25, 0.25]
+
+
+def test_replay_offer_once_offers_each_sample_once_per_task(tmp_path, monkeypatch):
+    offered = {}
+    for offer in ("every_epoch", "once"):
+        run, benchmark, _, _, built = _tiny_run("replay", tmp_path / offer, monkeypatch, "--epochs", "2", "--replay.offer", offer)
+        offered[offer] = built[0].memory.num_seen
+        assert run.hyperparameters.get("offer", "every_epoch") == offer
+    samples = sum(len(task) for task in benchmark.train)
+    assert offered == {"every_epoch": 2 * samples, "once": samples}
+
+
+def test_run_many_refuses_a_bad_jobs_count():
+    for jobs in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"jobs must be an int >= 1, got {jobs!r}")):
+            runs.run_many([], jobs)
