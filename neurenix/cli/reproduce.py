@@ -36,8 +36,8 @@ from neurenix.cli.settings import CompareError, UsageError
 
 __all__ = [
     "HSU2018", "PROTOCOLS", "REPRODUCE_FILES", "Protocol", "Reported", "ScenarioResult", "Setting", "check_reproduce",
-    "mapping_table", "parse_reproduce", "reproduce_command", "reproduce_parser", "result_tables", "run_flags",
-    "run_reproduce",
+    "compare_flags", "draw_reproduction", "mapping_table", "parse_reproduce", "reproduce_command", "reproduce_parser",
+    "result_tables", "run_flags", "run_reproduce",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -98,7 +98,8 @@ class Protocol:
         rows: our method -> the paper's row, in the order of the output.
         reported: our method -> scenario -> the paper's number (absent: not found).
         sources: the key of each :class:`Reported` -> where its number was read.
-        notes: what the output says under the paper's column.
+        notes: what the output says under the tables when it compares: the paper's column, then ours.
+        method_notes: a method's note, said when the method ran and the output compares.
     """
 
     name: str
@@ -109,7 +110,8 @@ class Protocol:
     rows: dict[str, str]
     reported: dict[str, dict[str, Reported]]
     sources: dict[str, str]
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, str]
+    method_notes: dict[str, str] = field(default_factory=dict)
 
 
 def _same(value: Any) -> tuple[Any, Any, Any]:
@@ -245,11 +247,13 @@ HSU2018 = Protocol(
                        "only",
     },
     notes=(
-        "paper: Table 2's mean ± std of 10 runs, in %; a mean without ± was found without its std; — : not found "
-        "in any source we could read (left out, not guessed).",
+        ("paper: Table 2's mean ± std of 10 runs, in %; a mean without ± was found without its std; — : not found "
+         "in any source we could read (left out, not guessed)."),
         "ours: mean ± std over --seeds, std as the authors' iBatchLearn.py prints it (numpy's, ddof=0).",
-        "gem: the authors train GEM with SGD at lr 0.01; the command trains every method with Adam at 1e-3.",
     ),
+    method_notes={
+        "gem": "gem: the authors train GEM with SGD at lr 0.01; the command trains every method with Adam at 1e-3.",
+    },
 )
 
 #: The protocols ``neurenix reproduce`` knows.
@@ -336,6 +340,8 @@ def reproduce_parser() -> ArgumentParser:
     parser.add_argument("protocol", type=str, help=f"the published table to reproduce: {', '.join(PROTOCOLS)}")
     parser.add_argument("--root", type=str, default="data",
                         help="folder with the dataset's IDX files (ROOT, ROOT/MNIST/raw or ROOT/FashionMNIST/raw)")
+    parser.add_argument("--download", action=ActionYesNo, default=False,
+                        help="download missing MNIST/Fashion-MNIST files into --root")
     parser.add_argument("--dataset", type=str, default="mnist",
                         help="mnist (the paper's) or fashion_mnist (no paper numbers to compare with)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)),
@@ -381,6 +387,9 @@ def check_reproduce(settings: Namespace) -> None:
         _check_names("--methods", settings.methods, tuple(protocol.rows))
     if len(set(settings.seeds)) < len(settings.seeds):
         raise UsageError(f"--seeds lists a seed more than once: {' '.join(map(str, settings.seeds))}")
+    for seed in settings.seeds:
+        if not 0 <= seed < 2**32:
+            raise UsageError(f"--seeds must be in [0, 2**32), got {seed}")
     for name, minimum in (("epochs", 1), ("jobs", 1), ("threads", 0)):
         value = getattr(settings, name)
         if value is not None and value < minimum:
@@ -418,11 +427,13 @@ def _fail(message: str, *, status: int) -> int:
 # ---------------------------------------------------------------------------- the runs
 @dataclass
 class ScenarioResult:
-    """One method in one scenario: every seed's final average accuracy (%), their mean and std, the paper's."""
+    """One method in one scenario: its options, its method's hyper-parameters (as the run built them),
+    every seed's final average accuracy (%) and accuracy matrix, their mean and std, the paper's number."""
 
     method: str
     row: str
     flags: dict[str, Any]
+    hyperparameters: dict[str, Any]
     per_seed: dict[int, float]
     matrices: dict[int, list]
     paper: Optional[Reported]
@@ -472,11 +483,12 @@ def run_reproduce(settings: Namespace) -> Reproduction:
     _check_output(output, settings.overwrite)
     methods = list(settings.methods or protocol.rows)
     epochs = settings.epochs or protocol.epochs
-    runs = {(scenario, method, seed): _run_settings(settings, protocol, method, scenario, seed, epochs)
-            for scenario in settings.scenarios for method in methods for seed in settings.seeds}
     from neurenix.cli.runs import run_many  # torch and Lightning: only for a run
 
     benchmarks, data = _benchmarks(settings, settings.scenarios)
+    flags = {(scenario, method): compare_flags(settings, protocol, method, scenario, settings.seeds[0], epochs)
+             for scenario in settings.scenarios for method in methods}
+    runs = _run_settings(flags, settings.seeds)
     reproduction = Reproduction(protocol, settings.dataset, data.name, list(settings.seeds), epochs)
     _remove_earlier(output, settings.overwrite)
     for warning in data.warnings:
@@ -488,7 +500,8 @@ def run_reproduce(settings: Namespace) -> Reproduction:
     done = run_many(calls, settings.jobs, progress=False, done=_progress_line(keys))
     for scenario in settings.scenarios:
         reproduction.results[scenario] = [
-            _result(protocol, method, scenario, {key[2]: run for key, run in zip(keys, done) if key[:2] == (scenario, method)})
+            _result(protocol, method, scenario, flags[scenario, method],
+                    {key[2]: run for key, run in zip(keys, done) if key[:2] == (scenario, method)})
             for method in methods
         ]
     print()
@@ -498,14 +511,31 @@ def run_reproduce(settings: Namespace) -> Reproduction:
     return reproduction
 
 
-def _run_settings(settings: Namespace, protocol: Protocol, method: str, scenario: str, seed: int, epochs: int) -> Namespace:
-    """One run's ``neurenix compare`` settings, built by its parser from explicit flags (and checked by it)."""
-    flags = {
-        "benchmark": "split", "dataset": settings.dataset, "data_root": settings.root, "scenario": scenario,
+def compare_flags(settings: Namespace, protocol: Protocol, method: str, scenario: str, seed: int, epochs: int) -> dict[str, Any]:
+    """Every ``neurenix compare`` option of one run (flag without dashes -> value); the compare parser builds its settings."""
+    return {
+        "benchmark": "split", "dataset": settings.dataset, "data_root": settings.root, "download": settings.download,
+        "scenario": scenario,
         "num_tasks": 5, "methods": method, "seed": seed, "threads": settings.threads,
         **run_flags(protocol, method, scenario), "epochs": epochs,
     }
-    return parse(build_parser(), ["compare", *_argv(flags)])
+
+
+def _run_settings(flags: dict[tuple[str, str], dict[str, Any]], seeds: list[int]) -> dict[tuple[str, str, int], Namespace]:
+    """Each run's settings: the compare parser's from the flags with the first seed; a copy per other seed.
+
+    Parsing takes a run's settings through every check of ``neurenix compare``; the other seeds'
+    copies differ in ``seed`` only (checked by :func:`check_reproduce`), which spares the
+    hundreds of parses of a full reproduction.
+    """
+    parser = build_parser()
+    runs = {}
+    for (scenario, method), options in flags.items():
+        first = parse(parser, ["compare", *_argv(options)])
+        for seed in seeds:
+            runs[scenario, method, seed] = first.clone()
+            runs[scenario, method, seed].seed = seed
+    return runs
 
 
 def _benchmarks(settings: Namespace, scenarios: list[str]) -> tuple[dict[str, Any], Any]:
@@ -513,12 +543,20 @@ def _benchmarks(settings: Namespace, scenarios: list[str]) -> tuple[dict[str, An
     from neurenix.cli.runs import _read_source
     from neurenix.data import split_benchmark
 
-    source, data = _read_source(Namespace(dataset=settings.dataset, data_root=settings.root, download=False))
+    try:
+        source, data = _read_source(Namespace(dataset=settings.dataset, data_root=settings.root, download=settings.download))
+    except CompareError as error:  # the compare command's words, with this command's option
+        raise CompareError(_our_option(str(error))) from None
+    data.warnings = [_our_option(warning) for warning in data.warnings]
     benchmarks = {
         scenario: split_benchmark(source, num_tasks=5, classes_per_task=2, class_order=list(range(10)), scenario=scenario)
         for scenario in scenarios
     }
     return benchmarks, data
+
+
+def _our_option(message: str) -> str:
+    return message.replace("--data_root", "--root")
 
 
 def _progress_line(keys: list[tuple[str, str, int]]) -> Any:
@@ -532,9 +570,11 @@ def _progress_line(keys: list[tuple[str, str, int]]) -> Any:
     return line
 
 
-def _result(protocol: Protocol, method: str, scenario: str, runs: dict[int, Any]) -> ScenarioResult:
+def _result(protocol: Protocol, method: str, scenario: str, flags: dict[str, Any], runs: dict[int, Any]) -> ScenarioResult:
+    first = next(iter(runs.values()))
     return ScenarioResult(
-        method, protocol.rows[method], run_flags(protocol, method, scenario),
+        method, protocol.rows[method], {key: value for key, value in flags.items() if key != "seed"},
+        first.hyperparameters,
         {seed: 100 * run.average_accuracy for seed, run in runs.items()},
         {seed: _plain(run.matrix.tolist()) for seed, run in runs.items()},
         protocol.reported.get(method, {}).get(scenario),
@@ -580,9 +620,12 @@ def result_tables(reproduction: Reproduction, markdown: bool = False) -> str:
             rows.append(row)
         title = f"split {reproduction.data}, {SCENARIO_TITLES[scenario]} ({scenario}-incremental)"
         blocks.append(_markdown(title, header, rows) if markdown else _text(title, header, rows))
-    notes = list(reproduction.protocol.notes) if reproduction.compares else [_no_comparison(reproduction)]
-    if not reproduction.compares:
-        notes.append(reproduction.protocol.notes[1])
+    protocol = reproduction.protocol
+    if reproduction.compares:
+        ran = {result.method for results in reproduction.results.values() for result in results}
+        notes = [*protocol.notes, *(note for method, note in protocol.method_notes.items() if method in ran)]
+    else:
+        notes = [_no_comparison(reproduction), protocol.notes[1]]
     return "\n\n".join(blocks + ["\n".join(notes)])
 
 
@@ -621,6 +664,7 @@ def results_document(reproduction: Reproduction) -> dict[str, Any]:
                 result.method: {
                     "table_2_row": result.row,
                     "flags": result.flags,
+                    "hyperparameters": result.hyperparameters,
                     "average_accuracy": {str(seed): value for seed, value in result.per_seed.items()},
                     "accuracy_matrix": {str(seed): matrix for seed, matrix in result.matrices.items()},
                     "mean": result.mean,
