@@ -508,18 +508,40 @@ class ConcatTaskDataset(Dataset):
         index = self._in_range(index)
         member = torch.searchsorted(self._ends, index, right=True)
         local = index - self._starts[member]
-        present = torch.unique(member).tolist()
+        counts = torch.bincount(member, minlength=len(self.tasks)).tolist()
+        present = [k for k, count in enumerate(counts) if count]
         if len(present) <= 1:  # one task's batch (or an empty one, of the members' shapes): no reordering
             return self.tasks[present[0] if present else 0]._batch(local)
+        # Where each member's samples go in the batch; a stable sort keeps the order asked for within each.
+        positions = torch.argsort(member, stable=True).split(counts)
         out: Optional[list[Tensor]] = None
-        for k in present:
-            where = (member == k).nonzero().squeeze(1)
-            part = self.tasks[k]._batch(local[where])
+        for run in _shared_transform_runs(self.tasks, present):
+            where = torch.cat([positions[k] for k in run])
+            part = self._run_batch(run, [local[positions[k]] for k in run], where, len(index))
+            if len(where) == len(index) and len(run) > 1:  # one run: `part` is the batch, in order
+                return part
             if out is None:
                 out = [item.new_empty((len(index), *item.shape[1:])) for item in part]
             for whole, piece in zip(out, part):
                 whole[where] = piece
         return tuple(out)  # type: ignore[arg-type, return-value]
+
+    def _run_batch(self, run: list[int], parts: list[Tensor], where: Tensor, size: int) -> Batch:
+        """The samples ``parts`` of the members ``run`` (which share one transform), in the order of
+        ``where``, or, when they are the whole batch (``size`` samples), in the batch's order."""
+        if len(run) == 1:
+            return self.tasks[run[0]]._batch(parts[0])
+        tasks = [self.tasks[k] for k in run]
+        x = torch.cat([task.inputs[part] for task, part in zip(tasks, parts)])
+        y = torch.cat([task.targets[part] for task, part in zip(tasks, parts)])
+        ids = torch.tensor([task.task_id for task in tasks]).repeat_interleave(torch.tensor([len(part) for part in parts]))
+        if len(where) == size:  # the stored samples in the batch's order, then one transform
+            order = torch.empty_like(where)
+            order[where] = torch.arange(size)
+            x, y, ids = x[order], y[order], ids[order]
+        transform = tasks[0].transform
+        x = x if transform is None else transform(x)
+        return (x, y, ids) if self.with_task_ids else (x, y)
 
     def _in_range(self, index: Tensor) -> Tensor:
         """``index`` with negative entries counted from the end; out of range is an ``IndexError``."""
@@ -546,6 +568,31 @@ class ConcatTaskDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"ConcatTaskDataset(task_ids={self.task_ids}, samples={len(self)}, with_task_ids={self.with_task_ids})"
+
+
+def _shared_transform_runs(tasks: list[TaskDataset], present: list[int]) -> list[list[int]]:
+    """``present`` cut into runs of members that can be transformed as one batch: consecutive,
+    plain :class:`TaskDataset` batching, the same transform object, stored inputs of one shape and
+    dtype (the tasks of a split benchmark share their transform: a batch of them is one transform)."""
+    runs: list[list[int]] = []
+    for k in present:
+        task = tasks[k]
+        if runs and _batches_with(tasks[runs[-1][-1]], task):
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
+def _batches_with(a: TaskDataset, b: TaskDataset) -> bool:
+    plain = type(a)._batch is TaskDataset._batch and type(b)._batch is TaskDataset._batch
+    return (
+        plain
+        and a.transform is b.transform
+        and a.inputs.shape[1:] == b.inputs.shape[1:]
+        and a.inputs.dtype == b.inputs.dtype
+        and a.inputs.device == b.inputs.device
+    )
 
 
 def _checked_members(tasks: object) -> list[TaskDataset]:

@@ -64,6 +64,43 @@ def test_a_batch_equals_each_member_s_items_stacked_in_the_order_asked(with_task
         assert union[indices][2].tolist() == [7, 3, 1, 1, 3, 7, 1, 3, 7, 1]
 
 
+class CountingTransform:
+    """``ToFloat`` and ``Flatten``, counting the batches it transforms."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return x.float().flatten(1) / 255
+
+
+def test_members_sharing_a_transform_are_transformed_as_one_batch():
+    """A split benchmark's tasks share one transform: a batch over them is one transform call,
+    whatever the mix; runs of members with other transforms between them are built apart."""
+    shared = CountingTransform()
+    generator = torch.Generator().manual_seed(3)
+    tasks = [
+        TaskDataset(torch.randint(0, 256, (n, 3, 3), dtype=torch.uint8, generator=generator), torch.arange(n) + 10 * k, k, transform=shared, with_task_ids=True)
+        for k, n in enumerate((4, 5, 3))
+    ]
+    union = ConcatTaskDataset(tasks)
+    indices = [11, 0, 6, 3, 9, 4, 10, 1]
+    expected = per_sample_reference(tasks, indices)
+    shared.calls = 0
+    got = union[indices]
+    assert shared.calls == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert got[2].tolist() == [2, 0, 1, 0, 2, 1, 2, 0]
+    # another transform in the middle: runs [0], [1'], [2] (no two consecutive members share one);
+    # then consecutive sharing members before one of its own: runs [0, 1], [2']
+    for members, calls in (([tasks[0], permuted_task(5, 5, 4), tasks[2]], 2), ([tasks[0], tasks[1], permuted_task(5, 3, 4)], 1)):
+        union, expected = ConcatTaskDataset(members), per_sample_reference(members, indices)
+        shared.calls = 0
+        assert all(torch.equal(a, b) for a, b in zip(union[indices], expected))
+        assert shared.calls == calls
+
+
 def test_one_sample_slices_and_negative_indices():
     tasks = three_tasks()
     union = ConcatTaskDataset(tasks)
