@@ -165,7 +165,7 @@ def test_the_distillation_teacher_keeps_the_mask_of_its_task_end_while_the_stude
 class WithTargets(torch.utils.data.Dataset):
     """A torchvision-style dataset: class names in ``classes``, labels in ``targets``."""
 
-    classes = ["zero", "one", "two", "three"]
+    classes = ("zero", "one", "two", "three")
 
     def __init__(self, targets):
         self.targets = targets
