@@ -19,9 +19,8 @@ from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture,
 __all__ = ["ALPHA_SCHEDULES", "KnowledgeDistillation"]
 
 #: The named schedules ``KnowledgeDistillation(alpha=...)`` takes besides a number or a callable:
-#: ``"1-1/t"`` weighs the teacher by the share of the classes (tasks) it has learned, α = 1 − 1/t
-#: at the ``t``-th task (Li & Hoiem's usual setting in class-incremental code: ½ at the second
-#: task, ⅔ at the third).
+#: ``"1-1/t"``, α = 1 − 1/t at the ``t``-th task (½ at the second, ⅔ at the third): the teacher
+#: weighs as the share of the tasks so far that it has learned, ``t − 1`` of ``t``.
 ALPHA_SCHEDULES = ("1-1/t",)
 
 Alpha = Union[float, str, Callable[[int], float]]
