@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,107 @@ def test_help_option_errors_and_a_used_output_folder_import_neither_torch_nor_li
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False False"
     assert "--epochs must be >= 1, got 0" in done.stderr and "already holds a run (results.json)" in done.stderr
+
+
+# ---------------------------------------------------------------------------- several seeds, --jobs (issue 18)
+SEEDS = ["--methods", "none", "joint", "--seeds", "0", "1", "--epochs", "1", "--num_tasks", "2", "--accelerator", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """The command with two methods and two seeds: (stdout, results.json, output folder)."""
+    output = tmp_path_factory.mktemp("seeds")
+    status, stdout = run_captured([*SEEDS, "--output", str(output)])
+    assert status == 0
+    return stdout, json.loads((output / "results.json").read_text()), output
+
+
+def _seeded_rows(stdout: str) -> dict[str, list[str]]:
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["method", "avg"])
+    return {line.split()[0]: line.split()[1:] for line in lines[header + 1 : header + 3]}
+
+
+def test_each_seeds_run_is_the_run_of_that_seed_alone(seeded, tmp_path):
+    _, results, _ = seeded
+    for seed in (0, 1):
+        status, _ = run_captured([*TINY, "--methods", "none", "joint", "--seed", str(seed), "--output", str(tmp_path / str(seed))])
+        alone = json.loads((tmp_path / str(seed) / "results.json").read_text())
+        for name in ("none", "joint"):
+            assert results["methods"][name]["seeds"][str(seed)]["accuracy_matrix"] == alone["methods"][name]["accuracy_matrix"]
+    none = results["methods"]["none"]["seeds"]
+    assert none["0"]["accuracy_matrix"] != none["1"]["accuracy_matrix"]  # the seeds differ: the comparison can fail
+
+
+def test_several_seeds_print_mean_and_sample_std_as_results_json_holds_them(seeded):
+    stdout, results, output = seeded
+    lines = stdout.splitlines()
+    assert lines[0].endswith(", 1 epoch per task, seeds 0, 1")
+    assert "mean ± sample standard deviation (ddof=1) over seeds 0, 1; time: mean of one run." in lines
+    rows = _seeded_rows(stdout)
+    for name, method in results["methods"].items():
+        values = {metric: [run[metric] for run in method["seeds"].values()] for metric in METRICS}
+        for metric, cells in zip(METRICS, (rows[name][0:3], rows[name][3:6], rows[name][6:9])):
+            if name == "joint" and metric != "average_accuracy":
+                assert method["mean"][metric] is None and method["std"][metric] is None
+                assert values[metric] == [None, None]
+                continue
+            assert method["mean"][metric] == pytest.approx(statistics.fmean(values[metric]), abs=1e-12)
+            assert method["std"][metric] == pytest.approx(statistics.stdev(values[metric]), abs=1e-12)
+            assert cells[1] == "±" and float(cells[0]) == pytest.approx(method["mean"][metric], abs=5e-4)
+            assert float(cells[2]) == pytest.approx(method["std"][metric], abs=5e-4)
+        times = [run["wall_time_s"] for run in method["seeds"].values()]
+        assert method["wall_time_s"] == pytest.approx(statistics.fmean(times))
+        for seed, run in method["seeds"].items():  # one TensorBoard folder per method and seed
+            assert Path(run["tensorboard"]) == output / "tensorboard" / name / f"seed_{seed}"
+            assert len(list(Path(run["tensorboard"]).glob("events.out.tfevents.*"))) == 1
+    assert rows["joint"][3:] == ["—", "—", rows["joint"][-1]]
+
+
+def test_a_seeded_runs_config_replays_its_seeds(seeded, tmp_path):
+    config = seeded[2] / "config.yaml"
+    text = config.read_text()
+    assert "seeds:\n- 0\n- 1\n" in text and "\nseed:" not in text
+    from neurenix.cli.parser import build_parser, check_settings
+
+    settings = build_parser().parse_args(["compare", "--config", str(config)]).compare
+    check_settings(settings)
+    assert settings.seeds == [0, 1] and settings.seed is None
+
+
+def test_jobs_runs_in_processes_with_the_results_of_one_process(seeded, tmp_path):
+    # Two methods x two seeds in joblib's loky processes: every matrix equal bit for bit.
+    try:
+        status, stdout = run_captured([*SEEDS, "--jobs", "2", "--output", str(tmp_path / "out")])
+    finally:  # joblib keeps its worker processes for the next call: none may outlive this test
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
+    assert status == 0
+    parallel = json.loads((tmp_path / "out" / "results.json").read_text())
+    one = seeded[1]
+    for name in ("none", "joint"):
+        for seed in ("0", "1"):
+            assert parallel["methods"][name]["seeds"][seed]["accuracy_matrix"] == one["methods"][name]["seeds"][seed]["accuracy_matrix"]
+            assert parallel["methods"][name]["seeds"][seed]["curves"] == one["methods"][name]["seeds"][seed]["curves"]
+        assert parallel["methods"][name]["mean"] == one["methods"][name]["mean"]
+    assert parallel["settings"]["jobs"] == 2
+
+
+def test_jobs_shows_no_progress_bars_on_a_terminal(tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr("neurenix.cli.compare.run_many", lambda calls, jobs, progress, done: shown.append(progress) or [])
+    monkeypatch.setattr("neurenix.cli.compare.results_table", lambda runs: "")
+    monkeypatch.setattr("neurenix.cli.compare.write_reports", lambda *args: {})
+    for jobs in ("1", "2"):
+        assert run_captured([*TINY, "--jobs", jobs, "--output", str(tmp_path / jobs)], stdout=_Terminal())[0] == 0
+    assert shown == [True, False]
+
+
+def test_jobs_with_a_run_on_several_devices_is_refused(tmp_path, capsys):
+    argv = [*TINY, "--jobs", "2", "--devices", "2", "--output", str(tmp_path / "out")]  # strategy auto: DDP on 2 devices
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == ("neurenix: error: --jobs 2 runs the methods in processes of its own, which a run on 2 devices "
+                   "(--strategy auto) cannot run in: use --jobs 1\n")
+    assert not (tmp_path / "out").exists()
