@@ -122,7 +122,8 @@ def _compare_parser() -> ArgumentParser:
                        help="seed of the class order, permutations, initialization and shuffling (0 when neither "
                             "--seed nor --seeds is given)")
     train.add_argument("--seeds", type=int, nargs="+", default=None,
-                       help="several seeds: each method runs once per seed, the table gives mean ± std (not with --seed)")
+                       help="several seeds: each method runs once per seed, the table gives mean ± std (not with "
+                            "--seed; a flag of either replaces the other from a --config file)")
     train.add_argument("--keep_optimizer_state", action=ActionYesNo, default=False,
                        help="carry Adam's state (moments, step counts) from each task to the next; by default each "
                             "task starts a fresh optimizer, as Lightning does at every fit")
@@ -371,5 +372,19 @@ def parse(parser: ArgumentParser, argv: Sequence[str]) -> Namespace:
     except ArgumentError as error:
         raise UsageError(one_line(str(error))) from None
     settings = config[config.command]  # a Namespace; the method groups are nested Namespaces
+    _flagged_seeds_win(settings, argv)
     check_settings(settings)
     return settings
+
+
+def _flagged_seeds_win(settings: Namespace, argv: Sequence[str]) -> None:
+    """A --seed (--seeds) flag replaces the --seeds (--seed) a --config file gave.
+
+    A run's config.yaml holds its seed: ``--config run/config.yaml --seeds 0 1 2`` runs those
+    seeds. Both flags on the command line, or both keys from the files, stay refused.
+    """
+    flags = {arg.split("=", 1)[0] for arg in argv}
+    if "--seed" in flags and "--seeds" not in flags:
+        settings.seeds = None
+    elif "--seeds" in flags and "--seed" not in flags:
+        settings.seed = None

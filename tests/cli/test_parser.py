@@ -10,7 +10,7 @@ import pytest
 from jsonargparse import Namespace
 
 from neurenix.cli import main
-from neurenix.cli.parser import build_parser, check_settings
+from neurenix.cli.parser import build_parser, check_settings, parse
 from neurenix.cli.settings import BASELINES, METHOD_SETTINGS, METHODS, UsageError, seeds_of
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "compare.yaml"
@@ -166,11 +166,20 @@ def test_issue_18_options_are_checked_before_any_run(flags, says, tmp_path, caps
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_the_both_seeds_refusal_holds_across_a_config_file_and_flags(tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text("seeds: [0, 1]\n")
-    with pytest.raises(UsageError, match="--seed 2 and --seeds 0 1 both given"):
-        settings_of("--config", str(config), "--seed", "2")
+def test_a_seed_flag_replaces_the_other_from_a_config_file_and_one_file_may_not_give_both(tmp_path):
+    seeds, seed, both = (tmp_path / f"{name}.yaml" for name in ("seeds", "seed", "both"))
+    seeds.write_text("seeds: [0, 1]\n")
+    seed.write_text("seed: 4\n")  # as a one-seed run's config.yaml holds it
+    both.write_text("seed: 4\nseeds: [0, 1]\n")
+    parser = build_parser()
+    one = parse(parser, ["compare", "--config", str(seeds), "--seed", "2"])
+    assert (one.seed, one.seeds) == (2, None)
+    several = parse(parser, ["compare", "--config", str(seed), "--seeds", "1", "2"])
+    assert (several.seed, several.seeds) == (None, [1, 2])
+    with pytest.raises(UsageError, match=re.escape("--seed 4 and --seeds 0 1 both given")):
+        parse(parser, ["compare", "--config", str(both)])
+    with pytest.raises(UsageError, match=re.escape("--seed 3 and --seeds 1 both given")):
+        parse(parser, ["compare", "--config", str(seed), "--seed", "3", "--seeds", "1"])
 
 
 def test_the_new_options_parse_to_what_the_runs_take():
