@@ -35,9 +35,9 @@ from neurenix.cli.parser import PROG, build_parser, one_line, parse
 from neurenix.cli.settings import CompareError, UsageError
 
 __all__ = [
-    "HSU2018", "PROTOCOLS", "REPRODUCE_FILES", "Protocol", "Reported", "ScenarioResult", "Setting", "check_reproduce",
-    "compare_flags", "draw_reproduction", "mapping_table", "parse_reproduce", "reproduce_command", "reproduce_parser",
-    "result_tables", "run_flags", "run_reproduce",
+    "HSU2018", "PROTOCOLS", "REPRODUCE_FILES", "Protocol", "Reported", "Reproduction", "ScenarioResult", "Setting",
+    "check_reproduce", "compare_flags", "draw_reproduction", "mapping_table", "parse_reproduce", "reproduce_command",
+    "reproduce_parser", "result_tables", "run_flags", "run_reproduce",
 ]
 
 SCENARIOS = ("task", "domain", "class")
@@ -511,8 +511,10 @@ def run_reproduce(settings: Namespace) -> Reproduction:
     return reproduction
 
 
-def compare_flags(settings: Namespace, protocol: Protocol, method: str, scenario: str, seed: int, epochs: int) -> dict[str, Any]:
-    """Every ``neurenix compare`` option of one run (flag without dashes -> value); the compare parser builds its settings."""
+def compare_flags(
+    settings: Namespace, protocol: Protocol, method: str, scenario: str, seed: int, epochs: int
+) -> dict[str, Any]:
+    """Every ``neurenix compare`` option of one run (flag without dashes -> value), for the compare parser."""
     return {
         "benchmark": "split", "dataset": settings.dataset, "data_root": settings.root, "download": settings.download,
         "scenario": scenario,
@@ -631,7 +633,8 @@ def result_tables(reproduction: Reproduction, markdown: bool = False) -> str:
 
 def _text(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
-    lines = [title] + ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines = [title]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
     return "\n".join(lines)
 
 

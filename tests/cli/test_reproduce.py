@@ -19,16 +19,20 @@ from PIL import Image
 from neurenix.cli.reproduce import (
     HSU2018,
     SCENARIOS,
+    Reproduction,
+    ScenarioResult,
     compare_flags,
     mapping_table,
     parse_reproduce,
     reproduce_command,
+    result_tables,
 )
 from neurenix.cli.parser import build_parser, parse
 from tests.data.test_mnist import write_dataset
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reproducing.md"
 TINY = ["--seeds", "0", "1", "--epochs", "1"]
+OURS, PAPER = (31, 119, 180), (255, 127, 14)  # the figure's colours: ours, the paper's
 
 # The authors' --reg_coef per scenario (task, domain, class), from scripts/split_MNIST_incremental_*.sh,
 # and the factor to ours: EWC and L2 carry a ½ in ours and none in theirs; SI carries none in either;
@@ -168,7 +172,7 @@ def test_results_hold_every_seed_and_their_mean_and_population_std(reproduction)
     assert list(results["scenarios"]) == ["task", "class"]
     for scenario in ("task", "class"):
         assert list(results["scenarios"][scenario]) == ["none", "joint", "ewc", "replay"]
-        for method, entry in results["scenarios"][scenario].items():
+        for entry in results["scenarios"][scenario].values():
             per_seed = entry["average_accuracy"]
             assert list(per_seed) == ["0", "1"]
             for seed, value in per_seed.items():  # the final average accuracy: the last row's mean, in %
@@ -209,17 +213,26 @@ def test_the_paper_numbers_beside_ours(reproduction) -> None:
     assert results["scenarios"]["class"]["replay"]["paper"] == {"mean": 90.78, "std": 0.85, "source": "rows"}
     assert results["scenarios"]["task"]["none"]["paper"] is None
     assert "std as the authors' iBatchLearn.py prints it (numpy's, ddof=0)" in stdout
+    assert "GEM with SGD" not in stdout  # GEM's note is said when GEM ran
+
+
+def test_gems_note_when_gem_ran() -> None:
+    gem = ScenarioResult("gem", "GEM", {}, {}, {0: 90.0, 1: 94.0}, {}, HSU2018.reported["gem"]["domain"])
+    table = result_tables(Reproduction(HSU2018, "mnist", "MNIST", [0, 1], 4, {"domain": [gem]}))
+    assert table.splitlines()[2].split() == ["gem", "GEM", "92.00", "±", "2.00", "96.16", "±", "0.35"]
+    assert table.endswith("gem: the authors train GEM with SGD at lr 0.01; the command trains every method with Adam at 1e-3.")
 
 
 def test_the_files(reproduction) -> None:
-    stdout, results, output = reproduction
+    stdout, _, output = reproduction
     table = (output / "table.md").read_text()
     assert "| replay | Naive rehearsal | " in table and "| 90.78 ± 0.85 |" in table
     with Image.open(output / "reproduce.png") as figure:
-        assert figure.width > 600 and figure.height > 300
+        colours = {colour for _, colour in figure.convert("RGB").getcolors(figure.width * figure.height)}
+    assert OURS in colours and PAPER in colours  # our bars, and the paper's beside them
     assert (output / "runs" / "class" / "seed_1" / "tensorboard" / "ewc").is_dir()
     for label in ("results", "table", "figure"):
-        assert re.search(rf"^{label}\s+{re.escape(str(output))}", stdout, re.M)
+        assert re.search(rf"^{label}\s+{re.escape(str(output))}", stdout, re.MULTILINE)
 
 
 def test_a_dataset_that_is_not_mnist_has_no_paper_column(tmp_path: Path) -> None:
@@ -232,6 +245,9 @@ def test_a_dataset_that_is_not_mnist_has_no_paper_column(tmp_path: Path) -> None
     assert note in stdout and "paper (%)" not in stdout
     assert printed_rows(stdout.replace("Fashion-MNIST", "MNIST"), "incremental class")["replay"][0] == "Naive rehearsal"
     assert "99.40" not in stdout and "90.78" not in stdout
+    with Image.open(tmp_path / "out" / "reproduce.png") as figure:
+        colours = {colour for _, colour in figure.convert("RGB").getcolors(figure.width * figure.height)}
+    assert OURS in colours and PAPER not in colours  # our bars alone
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["compared_with_paper"] is False and results["note"] == note
     assert results["scenarios"]["class"]["replay"]["paper"] is None
