@@ -427,8 +427,17 @@ def _fail(message: str, *, status: int) -> int:
 # ---------------------------------------------------------------------------- the runs
 @dataclass
 class ScenarioResult:
-    """One method in one scenario: its options, its method's hyper-parameters (as the run built them),
-    every seed's final average accuracy (%) and accuracy matrix, their mean and std, the paper's number."""
+    """One method in one scenario: what it ran with, what each seed gave, and the paper's number.
+
+    Attributes:
+        method: our method (or baseline).
+        row: the paper's row.
+        flags: the compare options of its runs (the seed aside).
+        hyperparameters: its method's hyper-parameters, as the first seed's run built them.
+        per_seed: seed -> final average accuracy, in %.
+        matrices: seed -> accuracy matrix ``[after task i][on task j]`` (``None`` for NaN).
+        paper: the paper's number, ``None`` where none was found.
+    """
 
     method: str
     row: str
