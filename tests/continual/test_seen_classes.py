@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from neurenix.continual import EWC, KnowledgeDistillation
+from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation
 from neurenix.continual.seen_classes import SeenClassMask, mark_seen_classes
 from neurenix.data import TaskDataset
 from tests.helpers import loader, saved_and_loaded
@@ -157,6 +157,27 @@ def test_the_distillation_teacher_keeps_the_mask_of_its_task_end_while_the_stude
     restored = KnowledgeDistillation(model, temperature=2.0, alpha=0.5)
     restored.load_state_dict(saved_and_loaded(kd.state_dict()))
     assert restored.teacher[3].seen_classes == [0, 1]
+
+
+def test_replay_s_loss_on_new_and_remembered_samples_is_over_the_seen_classes():
+    model = masked_mlp([0, 1, 2])
+    replay = ExperienceReplay(model, memory_size=16, replay_ratio=1.0, seed=0)
+    replay.add_to_memory(*labelled(16, [0, 1]).tensors, task_id=0)
+    x, y = labelled(8, [2], seed=3).tensors
+    seen_losses = []
+
+    def loss_fn(outputs, targets):
+        # The same loss over the seen classes' logits of a copy of the model's head, sliced.
+        inputs = recorded.pop()
+        sliced = F.cross_entropy(reference(inputs)[:, [0, 1, 2]], targets)
+        seen_losses.append(sliced.detach())
+        return F.cross_entropy(outputs, targets)
+
+    reference, recorded = copy.deepcopy(model)[:3], []
+    model[0].register_forward_hook(lambda module, args, output: recorded.append(args[0].detach()))
+    loss = replay.train_step(torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, x, y, task_id=1)
+    assert len(seen_losses) == 1 and loss.item() < 100  # 16 samples, none of them at an unseen class
+    torch.testing.assert_close(loss, seen_losses[0], rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ datasets
