@@ -178,7 +178,7 @@ class MLPClassifier(ContinualLossMixin, L.LightningModule):
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.head = nn.Linear(hidden, classes * heads)
         if mask_unseen_classes and heads > 1:
-            raise ValueError("mask_unseen_classes needs one head (class-incremental), got heads=" + str(heads))
+            raise ValueError(f"mask_unseen_classes needs one head (class-incremental), got heads={heads}")
         self.mask = SeenClassMask(classes) if mask_unseen_classes else None
         self.classes, self.heads, self.lr = classes, heads, lr
 
@@ -443,7 +443,10 @@ def _refuse_multiprocessing(trainer: "L.Trainer", strategy: str) -> None:
 
 
 class _MarkSeenClasses(Callback):
-    """Marks the classes of each task's training data on the model's :class:`SeenClassMask` when its fit starts."""
+    """Marks the classes of each task's training data on the model's :class:`SeenClassMask` when its fit starts.
+
+    (Marking twice is harmless: once TaskSequenceDataModule marks them itself, this can go.)
+    """
 
     @override
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
