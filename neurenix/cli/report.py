@@ -296,13 +296,16 @@ def draw_forgetting_curves(runs: Sequence[MethodRun], num_tasks: int, title: str
     columns = min(len(summaries), 3)
     rows = math.ceil(len(summaries) / columns)
     heading = "Forgetting curves: " + title
-    width = max(columns * _PANEL_W + 20, math.ceil(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(heading, font=font(15))) + 24)
-    image = Image.new("RGB", (width, rows * _PANEL_H + _HEADER + 10), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((12, 8), heading, fill="black", font=font(15))
     caption = "test accuracy of every task (thin before the task is trained) against the training step"
     if any(len(summary.runs) > 1 for summary in summaries):
         caption = "mean test accuracy over the seeds (bars: \u00b1 1 sample std) of every task (thin before it is trained)"
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    # wide enough for the panels, the title, and the legend beside the caption
+    legend = 12 + 80 * num_tasks
+    width = max(columns * _PANEL_W + 20, measure(heading, font=font(15)) + 24, legend + measure(caption, font=font(12)) + 24)
+    image = Image.new("RGB", (math.ceil(width), rows * _PANEL_H + _HEADER + 10), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((12, 8), heading, fill="black", font=font(15))
     draw.text((image.width - 12 - draw.textlength(caption, font=font(12)), 36), caption, fill="#555555", font=font(12))
     x = 12
     for task in range(num_tasks):  # the legend: one colour per task
@@ -368,7 +371,7 @@ def _panel(draw: ImageDraw.ImageDraw, summary: Summary, num_tasks: int, origin: 
         draw.text((left + 8, y - 7), f"{tick:.2f}", fill="#555555", font=small)
     joint = summary.runs[0].training == "joint"  # one fit on every task: no boundaries, every task trained from 0
     starts = [0.0] * num_tasks if joint else [0, *ends[:-1]]
-    labels = [(f"tasks 0-{num_tasks - 1} together", 0.0, last)] if joint else [
+    labels = [(f"one fit on tasks 0-{num_tasks - 1}", 0.0, last)] if joint else [
         (task_label(task), start, end) for task, (start, end) in enumerate(zip(starts, ends))
     ]
     for label, start, end in labels:

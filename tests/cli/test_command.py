@@ -273,6 +273,7 @@ def test_each_seeds_run_is_the_run_of_that_seed_alone(seeded, tmp_path):
     _, results, _ = seeded
     for seed in (0, 1):
         status, _ = run_captured([*TINY, "--methods", "none", "joint", "--seed", str(seed), "--output", str(tmp_path / str(seed))])
+        assert status == 0
         alone = json.loads((tmp_path / str(seed) / "results.json").read_text())
         for name in ("none", "joint"):
             assert results["methods"][name]["seeds"][str(seed)]["accuracy_matrix"] == alone["methods"][name]["accuracy_matrix"]
@@ -319,7 +320,7 @@ def test_a_seeded_runs_config_replays_its_seeds(seeded, tmp_path):
 def test_jobs_runs_in_processes_with_the_results_of_one_process(seeded, tmp_path):
     # Two methods x two seeds in joblib's loky processes: every matrix equal bit for bit.
     try:
-        status, stdout = run_captured([*SEEDS, "--jobs", "2", "--output", str(tmp_path / "out")])
+        status, _ = run_captured([*SEEDS, "--jobs", "2", "--output", str(tmp_path / "out")])
     finally:  # joblib keeps its worker processes for the next call: none may outlive this test
         from joblib.externals.loky import get_reusable_executor
 

@@ -200,4 +200,4 @@ def test_the_plot_of_several_seeds_draws_mean_curves_with_error_bars(drawn_texts
 
 def test_a_joint_panel_is_labelled_as_one_fit_on_every_task(drawn_texts):
     draw_forgetting_curves([joint_run(0)], 3, "title")
-    assert "tasks 0-2 together" in drawn_texts and "task 1" not in drawn_texts[4:]
+    assert "one fit on tasks 0-2" in drawn_texts and "task 1" not in drawn_texts[4:]
