@@ -121,10 +121,9 @@ def test_one_sample_slices_and_negative_indices():
 def test_a_loader_serves_every_sample_once_with_its_own_task_id():
     tasks = three_tasks()
     union = ConcatTaskDataset(tasks)
-    generator = torch.Generator().manual_seed(0)
-    batches = list(DataLoader(union, batch_size=4, shuffle=True, generator=generator, collate_fn=collate_batch))
-    order = torch.cat([torch.as_tensor(list(b)) for b in DataLoader(range(15), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))])
-    expected = per_sample_reference(tasks, order.tolist())
+    order = torch.randperm(15, generator=torch.Generator().manual_seed(0)).tolist()  # a shuffled epoch
+    batches = list(DataLoader(union, batch_size=4, sampler=order, collate_fn=collate_batch))
+    expected = per_sample_reference(tasks, order)
     for got, want in zip([torch.cat(column) for column in zip(*batches)], expected):
         assert torch.equal(got, want)
 
