@@ -175,7 +175,9 @@ def test_the_documented_signature_is_ours(name):
     # Annotations name the same types: neurenix.nn.Module is torch.nn.Module, neurenix.Device is torch.device.
     scope = {"neurenix": neurenix, "Optional": Optional, "float": float, "int": int}
     for argument in documented.args:
-        assert eval(ast.unparse(argument.annotation), scope) == dict(ours)[argument.arg], argument.arg
+        expected, actual = eval(ast.unparse(argument.annotation), scope), dict(ours)[argument.arg]
+        # A widened type (distillation's alpha also takes a schedule) keeps the document's calls valid.
+        assert expected == actual or expected in typing.get_args(actual), argument.arg
 
 
 # ---------------------------------------------------------------------------- the method examples

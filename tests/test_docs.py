@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+import typing
 from typing import Optional, Union, get_type_hints
 
 import pytest
@@ -140,7 +141,7 @@ TABLE_HEADER = "| parameter | type | default | | meaning |"
 def _signature_scope() -> dict:
     """The names the page's signatures, defaults and types are written with."""
     classes = (EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence, GridSearch)
-    return {"neurenix": neurenix, "default_optimizer": default_optimizer, "Optional": Optional, "Union": Union, **BEYOND_API,
+    return {"neurenix": neurenix, "default_optimizer": default_optimizer, "Optional": Optional, "Union": Union, "Callable": typing.Callable, **BEYOND_API,
             **{cls.__name__: cls for cls in classes}, **{t.__name__: t for t in (bool, int, float, str)}}  # fmt: skip
 
 

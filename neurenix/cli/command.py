@@ -29,6 +29,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         main(["--methods", "none", "ewc", "--epochs", "2", "--output", "runs"])
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "reproduce":  # its own parser and checks (neurenix.cli.reproduce)
+        from neurenix.cli.reproduce import reproduce_command
+
+        return reproduce_command(argv[1:])
     if not argv or argv[0] not in SUBCOMMANDS:
         argv.insert(0, SUBCOMMANDS[0])
     parser = build_parser()

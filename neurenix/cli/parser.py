@@ -76,6 +76,9 @@ permutation per task.
 "neurenix [options]" is "neurenix compare [options]". Settings are read in order:
 defaults, --config files, then flags (a later one wins). Lists: --methods ewc replay,
 or "methods: [ewc, replay]" in YAML. Exit status: 0 done, 2 bad option, 1 run failed.
+
+"neurenix reproduce hsu2018" runs the protocol of a published table (Hsu et al. 2018, Table 2)
+and prints our numbers beside the paper's ("neurenix reproduce --help").
 """
 
 

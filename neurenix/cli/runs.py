@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -56,7 +56,7 @@ from neurenix.continual import (
     RWalk,
     SynapticIntelligence,
 )
-from neurenix.continual.seen_classes import SeenClassMask, mark_seen_classes
+from neurenix.continual.seen_classes import SeenClassMask
 from neurenix.data import (
     DownloadError,
     IDXFormatError,
@@ -442,17 +442,6 @@ def _refuse_multiprocessing(trainer: "L.Trainer", strategy: str) -> None:
         )
 
 
-class _MarkSeenClasses(Callback):
-    """Marks the classes of each task's training data on the model's :class:`SeenClassMask` when its fit starts.
-
-    (Marking twice is harmless: once TaskSequenceDataModule marks them itself, this can go.)
-    """
-
-    @override
-    def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        mark_seen_classes(pl_module, trainer.train_dataloader.dataset)
-
-
 def _log_folder(name: str, settings: Any) -> tuple[Path, str]:
     """The TensorBoard logger's (root, version): ``<method>``, or ``<method>/seed_<s>`` with several seeds."""
     if len(seeds_of(settings)) > 1:
@@ -488,9 +477,8 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress:
     root, version = _log_folder(name, settings)
     tensorboard = TensorBoardLogger(output / TENSORBOARD / root, name="", version=version, default_hp_metric=False)
     bars = [SequenceProgressBar(name, settings.epochs)] if progress else []
-    marks = [_MarkSeenClasses()] if settings.mask_unseen_classes else []
     trainer = make_trainer(
-        settings, callbacks=[*marks, *methods, curves, *bars], logger=[tensorboard, recorder], enable_progress_bar=progress
+        settings, callbacks=[*methods, curves, *bars], logger=[tensorboard, recorder], enable_progress_bar=progress
     )
     training = name if name in BASELINES else "sequential"
     datamodule = TaskSequenceDataModule.from_benchmark(

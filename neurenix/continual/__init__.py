@@ -35,6 +35,7 @@ from neurenix.continual.mixin import ContinualLossMixin
 from neurenix.continual.rehearsal import RehearsalMethod
 from neurenix.continual.replay import ExperienceReplay
 from neurenix.continual.rwalk import RWalk
+from neurenix.continual.seen_classes import SeenClassMask, mark_seen_classes
 from neurenix.continual.synaptic_intelligence import SynapticIntelligence
 
 __all__ = [
@@ -64,6 +65,8 @@ __all__ = [
     "ReservoirMemory",
     "RWalk",
     "select_exemplars",
+    "SeenClassMask",
+    "mark_seen_classes",
     "SynapticIntelligence",
     "TaskBalancedMemory",
 ]

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from neurenix.continual._checks import check_int
 from neurenix.continual.callback import continual_methods
+from neurenix.continual.seen_classes import mark_seen_classes
 from neurenix.data.tasks import ConcatTaskDataset, TaskDataLoader, TaskDataset, TensorBatchSampler, collate_batch
 
 __all__ = ["TRAINING_REGIMES", "TaskSequenceDataModule"]
@@ -51,6 +52,11 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     ``"cumulative"`` and ``"joint"``. Test loaders stay one per task, whatever the regime, and
     :meth:`task_train_dataloader` stays a task's own data. The regime travels in checkpoints: a
     checkpoint of one regime is refused by a data module of another.
+
+    A model that ends in a :class:`~neurenix.continual.SeenClassMask` (class-incremental training
+    over the classes seen so far) gets each task's classes marked as seen when its fit builds the
+    training loader: the classes of the data the regime trains on (task ``t``'s, tasks ``0..t``'s
+    or all).
 
     Attributes:
         current_task: the task that ``train_dataloader`` serves (an ``int``, from 0).
@@ -178,6 +184,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         dataset a neurenix method on the fit's trainer serves in its place (``training_dataset``:
         GDumb's fit of a task trains on its memory)."""
         dataset = self._regime_dataset(self.train_tasks)
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            # The classes the fit trains on are marked as seen on the model's SeenClassMask (if it
+            # has one) before a method may serve other data: GDumb's memory holds no new class.
+            mark_seen_classes(self.trainer.lightning_module, dataset)
         for method in continual_methods(self.trainer):
             served = method.training_dataset(self.current_task, dataset)
             if served is not None:

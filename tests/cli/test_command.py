@@ -353,3 +353,15 @@ def test_jobs_with_a_run_on_several_devices_is_refused(tmp_path, capsys):
     assert err == ("neurenix: error: --jobs 2 runs the methods in processes of its own, which a run on 2 devices "
                    "(--strategy auto) cannot run in: use --jobs 1\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_neurenix_reproduce_reaches_the_reproduce_command(tmp_path, capsys):
+    assert main(["reproduce", "--help"]) == 0
+    assert "usage: neurenix reproduce PROTOCOL" in capsys.readouterr().out
+    assert main(["reproduce", "smith2099", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neurenix: error: ") and "smith2099" in err and "hsu2018" in err
+    assert not (tmp_path / "out").exists()
+    # compare's help says where reproduce is
+    assert main(["--help"]) == 0
+    assert '"neurenix reproduce hsu2018"' in capsys.readouterr().out

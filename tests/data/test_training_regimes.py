@@ -230,3 +230,46 @@ def test_an_unknown_regime_is_refused(training):
     message = f"training must be one of 'sequential', 'cumulative', 'joint', got {training!r}"
     with pytest.raises(ValueError, match=re.escape(message)):
         TaskSequenceDataModule(numbered_tasks(), numbered_tasks(100), training=training)
+
+
+# ---------------------------------------------------------------------------- seen classes
+class RecordSeen(Callback):
+    """The mask's seen classes at each fit's first batch and at its end."""
+
+    def __init__(self, mask) -> None:
+        self.mask, self.at_start, self.at_end = mask, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0 and trainer.current_epoch == trainer.datamodule.task_start["epoch"]:
+            self.at_start.append(self.mask.seen_classes)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.at_end.append(self.mask.seen_classes)
+
+
+def class_tasks() -> list[TaskDataset]:
+    """Three tasks of two classes each (0-1, 2-3, 4-5), as a class-incremental split labels them."""
+    generator = torch.Generator().manual_seed(0)
+    return [TaskDataset(torch.randn(8, 4, generator=generator), torch.tensor([2 * t, 2 * t + 1] * 4), t) for t in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [
+        ("sequential", [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]),
+        ("cumulative", [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]),
+        ("joint", [[0, 1, 2, 3, 4, 5]]),
+    ],
+)
+def test_each_fit_marks_the_classes_it_trains_on_seen_before_its_first_step(training, expected):
+    from neurenix.continual import SeenClassMask
+
+    torch.manual_seed(0)
+    mask = SeenClassMask(6)
+    model = lit_classifier(nn.Sequential(nn.Linear(4, 6), mask))
+    datamodule = TaskSequenceDataModule(class_tasks(), class_tasks(), batch_size=4, training=training)
+    record = RecordSeen(mask)
+    fit_sequence(quiet_trainer(callbacks=[record]), model, datamodule, epochs_per_task=1)
+    assert record.at_start == expected  # marked before the fit's first step
+    assert record.at_end == expected
+    assert mask.seen_classes == [0, 1, 2, 3, 4, 5]

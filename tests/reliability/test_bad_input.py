@@ -38,10 +38,13 @@ from neurenix.continual import (
     KnowledgeDistillation,
     L2Regularization,
     RWalk,
+    SeenClassMask,
     SynapticIntelligence,
+    mark_seen_classes,
 )
 from neurenix.data import (
     MNIST,
+    ConcatTaskDataset,
     Digits,
     IDXFormatError,
     PermutePixels,
@@ -543,6 +546,7 @@ IC = "`ICaRL(model, ...)`"
 GD = "`GDumb(model, ...)`"
 GDT = "`GDumb.train_on_memory(optimizer_factory, loss_fn, epochs, batch_size)`"
 ERX = "`ExperienceReplay(model, ...)` with exemplars"
+MASK = "`SeenClassMask(num_classes)`"
 MA = "`MAS(model, ...)`"
 RW = "`RWalk(model, ...)`"
 NEW = "`DarkExperienceReplay`, `ERACE`, `AGEM`, `GEM`"
@@ -657,6 +661,25 @@ ROWS: list[Row] = [
     row("`KnowledgeDistillation(model, ...)`", "`temperature=0`", ValueError, "temperature must be > 0.0, got 0.0", lambda _: KnowledgeDistillation(mlp(), temperature=0)),
     row("`KnowledgeDistillation(model, ...)`", "`alpha=1.5`", ValueError, "alpha must be <= 1.0, got 1.5", lambda _: KnowledgeDistillation(mlp(), alpha=1.5)),
     row("`KnowledgeDistillation(model, ...)`", "`units=\"some\"`", ValueError, "units must be one of 'all', 'seen'; got 'some'", lambda _: KnowledgeDistillation(mlp(), units="some")),
+    row("`KnowledgeDistillation(model, ...)`", "`alpha=\"sometimes\"`", ValueError,
+        "alpha must be a number in [0, 1], one of '1-1/t' or a callable of the task index; got 'sometimes'",
+        lambda _: KnowledgeDistillation(mlp(), alpha="sometimes")),
+    row("`ExperienceReplay(model, ...)`", "`offer=\"twice\"`", ValueError, "offer must be one of 'every_epoch', 'once'; got 'twice'",
+        lambda _: ExperienceReplay(mlp(), offer="twice")),
+    row(ERX, "`offer=\"once\"` with `selection=\"random\"`", ValueError,
+        "offer='once' says which training batches enter a memory filled from the stream; with selection='random' exemplars are "
+        "chosen from each task's data at its end: leave offer at 'every_epoch'",
+        lambda _: ExperienceReplay(mlp(), offer="once", selection="random")),
+    row(MASK, "`num_classes=0`", ValueError, "num_classes must be >= 1, got 0", lambda _: SeenClassMask(0)),
+    row(MASK, "`num_classes=10.0`", TypeError, "num_classes must be an int, got float: 10.0", lambda _: SeenClassMask(10.0)),
+    row("`SeenClassMask.mark_seen(classes)`", "a class out of range (10 of 10)", ValueError,
+        "mark_seen got class 10, outside [0, 10) for SeenClassMask(10)", lambda _: SeenClassMask(10).mark_seen(10)),
+    row("`SeenClassMask.mark_seen(classes)`", "float labels", TypeError,
+        "mark_seen needs integer class labels, got a tensor of dtype torch.float32", lambda _: SeenClassMask(10).mark_seen(torch.tensor([1.0]))),
+    row("`mark_seen_classes(model, dataset)`", "a dataset without `classes` or `targets`", TypeError,
+        "mark_seen_classes reads a dataset's classes from its integer `classes` or its `targets`; TensorDataset has neither: "
+        "call mask.mark_seen(classes) on the model's SeenClassMask instead",
+        lambda _: mark_seen_classes(nn.Sequential(nn.Linear(4, 3), SeenClassMask(3)), TensorDataset(torch.zeros(2, 4)))),
     # the API document's calls
     row("`register_task(task_id, dataloader)`", "`task_id=\"1\"`", TypeError, "task_id must be an int, got str: '1'", *each_method(lambda cls: cls(mlp()).register_task("1"))),
     row("`register_task(task_id, dataloader)`", "a task id reused out of order (0 after 1)", ValueError,
@@ -845,6 +868,11 @@ ROWS: list[Row] = [
         lambda _: TaskSequenceDataModule(tasks(2), tasks(1))),
     row(DM, "`batch_size=0`", ValueError, "batch_size must be >= 1, got 0", lambda _: TaskSequenceDataModule(tasks(1), tasks(1), batch_size=0)),
     row(DM, "`batch_size=3.0`", TypeError, "batch_size must be an int, got float: 3.0", lambda _: TaskSequenceDataModule(tasks(1), tasks(1), batch_size=3.0)),
+    row(DM, "`training=\"offline\"`", ValueError, "training must be one of 'sequential', 'cumulative', 'joint', got 'offline'",
+        lambda _: TaskSequenceDataModule(tasks(1), tasks(1), training="offline")),
+    row("`ConcatTaskDataset(tasks)`", "an empty list", ValueError, "tasks must hold at least one TaskDataset, got []", lambda _: ConcatTaskDataset([])),
+    row(FS, "`keep_optimizer_state=\"yes\"`", TypeError, "keep_optimizer_state must be a bool, got str: 'yes'",
+        lambda _: fit_sequence(quiet_trainer(), lit_classifier(mlp()), sequence(), epochs_per_task=1, keep_optimizer_state="yes")),
     row("`TaskSequenceDataModule.set_task(task)`", "task 5 of 2", ValueError, "task must be in 0..1 (2 tasks), got 5", lambda _: sequence().set_task(5)),
     row("`TaskSequenceDataModule.from_benchmark(benchmark)`", "not a benchmark", TypeError, "benchmark must have .train and .test task lists, got int",
         lambda _: TaskSequenceDataModule.from_benchmark(3)),
