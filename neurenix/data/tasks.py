@@ -364,7 +364,34 @@ class Compose:
 
 
 # ---------------------------------------------------------------------------- dataset
-class TaskDataset(Dataset):
+class _BatchedByIndex(Dataset):
+    """A dataset whose items and batches are all built by :meth:`_batch` from one index tensor.
+
+    ``dataset[i]`` is one sample; ``dataset[indices]`` (a list, a 1-D integer tensor or a slice)
+    and ``__getitems__(indices)`` a whole batch, equal to the per-sample items stacked.
+    """
+
+    def __getitem__(self, index: Index) -> Batch:
+        if isinstance(index, slice):
+            return self._batch(self._slice_index(index))
+        if _is_scalar_index(index):
+            batch = self._batch(torch.tensor([int(index)]))
+            return tuple(item[0] for item in batch)  # type: ignore[return-value]
+        return self._batch(_index_tensor(index))
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
+        """The batch of ``indices`` (``DataLoader`` calls this instead of one item per index)."""
+        return SampleBatch(self._batch(_index_tensor(indices)))
+
+    def _slice_index(self, index: slice) -> Union[Tensor, slice]:
+        """What :meth:`_batch` gets for a slice: the positions it covers."""
+        return torch.arange(len(self))[index]
+
+    def _batch(self, index: Any) -> Batch:
+        raise NotImplementedError
+
+
+class TaskDataset(_BatchedByIndex):
     """A map-style dataset of one task over in-memory tensors; batches by one tensor index.
 
     ``dataset[i]`` is one sample; ``dataset[indices]`` (a list, a 1-D integer tensor or a slice)
@@ -417,17 +444,8 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def __getitem__(self, index: Index) -> Batch:
-        if isinstance(index, slice):
-            return self._batch(index)
-        if _is_scalar_index(index):
-            batch = self._batch(torch.tensor([int(index)]))
-            return tuple(item[0] for item in batch)  # type: ignore[return-value]
-        return self._batch(_index_tensor(index))
-
-    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
-        """The batch of ``indices`` (``DataLoader`` calls this instead of one item per index)."""
-        return SampleBatch(self._batch(_index_tensor(indices)))
+    def _slice_index(self, index: slice) -> slice:
+        return index  # a slice of the stored tensors is a view: no index tensor to build
 
     def _batch(self, index: Union[Tensor, slice]) -> Batch:
         x = self.inputs[index]
@@ -451,7 +469,7 @@ class TaskDataset(Dataset):
         )
 
 
-class ConcatTaskDataset(Dataset):
+class ConcatTaskDataset(_BatchedByIndex):
     """The union of several :class:`TaskDataset` tasks, batched by one tensor index.
 
     Sample ``i`` of the union is sample ``i - offset`` of the task it falls in (the tasks one
@@ -491,18 +509,6 @@ class ConcatTaskDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self._ends[-1])
-
-    def __getitem__(self, index: Index) -> Batch:
-        if isinstance(index, slice):
-            return self._batch(torch.arange(len(self))[index])
-        if _is_scalar_index(index):
-            batch = self._batch(torch.tensor([int(index)]))
-            return tuple(item[0] for item in batch)  # type: ignore[return-value]
-        return self._batch(_index_tensor(index))
-
-    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
-        """The batch of ``indices`` (``DataLoader`` calls this instead of one item per index)."""
-        return SampleBatch(self._batch(_index_tensor(indices)))
 
     def _batch(self, index: Tensor) -> Batch:
         index = self._in_range(index)
