@@ -1,0 +1,481 @@
+"""Our methods against the same methods in Avalanche, on the same protocol, in one run.
+
+The protocol: split Fashion-MNIST (any MNIST-like IDX data with ``--data mnist --root DIR``),
+class-incremental, 5 tasks of 2 classes, ``--epochs`` (1) per task, an MLP 784-400-400-10, batch
+128, Adam (lr 1e-3, a fresh optimizer state per task on every side). The same sequence runs
+through
+
+- **loop**: a plain PyTorch loop over the tasks' tensors, no method (the limit);
+- **lightning**: plain Lightning, one ``Trainer.fit`` per task on a stock ``DataLoader`` over a
+  ``TensorDataset``, no method (what Lightning itself costs);
+- **ours/M**: our Lightning path: ``TaskSequenceDataModule`` + ``fit_sequence`` + method M's
+  callback (``ours/naive``: no callback);
+- **avalanche/M**: ``avalanche-lib`` 0.6.0's ``Naive`` strategy with method M's plugin, in a worker
+  process of its own virtual environment (``--peer-python``), fed the same tensors and the same
+  initial weights through a file.
+
+Each method's hyper-parameters are ours, mapped onto Avalanche's so that both compute the same
+objective where the definitions allow (``MAPPINGS``: what is mapped, and what still differs).
+
+A round runs every variant once, in reversed order every other round (A B C, C B A, ...), as
+``continual_overhead.py`` does; round ``r`` uses seed ``seed + r`` for the initial weights and the
+shuffling, on every side, so the accuracies are those of ``rounds`` seeds. Times are of the whole
+sequence (method, trainer or strategy built, every task trained and consolidated), not of the data
+loading or the final evaluation; the tables give medians over the rounds and their ratios to the
+plain loop of the same run. Accuracy: the mean over tasks of the test accuracy after the last task,
+over the whole head (no task id), computed by the same function on both sides.
+
+    python benchmarks/versus_peers.py --peer-python /tmp/peers-venv/bin/python [--rounds 4]
+        [--epochs 1] [--threads 2] [--data fashion_mnist|mnist|digits] [--root DIR]
+        [--methods naive,ewc,si,lwf,replay] [--quick] [--json PATH]
+
+Without ``--peer-python`` only our side runs. ``--quick`` is a smoke mode (scikit-learn's digits,
+a 16-16 MLP, one round: seconds; the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, run from anywhere
+import continual_overhead as overhead  # noqa: E402
+from versus_peers_avalanche import PLUGINS, build_mlp, task_accuracies  # noqa: E402
+
+from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, SynapticIntelligence  # noqa: E402
+from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark  # noqa: E402
+
+WORKER = Path(__file__).resolve().parent / "versus_peers_avalanche.py"
+NUM_TASKS = 5
+#: Our hyper-parameters: the documented defaults (distillation over the seen classes, the
+#: class-incremental choice; replay with exemplars drawn at random at each task's end, see MAPPINGS).
+EWC_IMPORTANCE, FISHER_SAMPLES = 1000.0, 1000
+SI_IMPORTANCE, SI_XI = 1.0, 0.1
+TEMPERATURE, DISTILLATION_ALPHA = 2.0, 0.5
+MEMORY_SIZE, REPLAY_RATIO = 1000, 0.5
+METHODS = tuple(PLUGINS)  # naive, ewc, si, lwf, replay
+#: Methods whose LightningModule needs ContinualLossMixin (they change the batch or the loss).
+NEEDS_MIXIN = ("lwf", "replay")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a run depends on (it goes into the JSON as is)."""
+
+    data: str
+    root: Optional[str]
+    hidden: tuple[int, ...]
+    batch_size: int
+    epochs: int
+    rounds: int
+    threads: int
+    methods: tuple[str, ...]
+    learning_rate: float = overhead.LEARNING_RATE
+    seed: int = 0  # the class order; round r also uses seed + r for weights and shuffling
+
+
+DEFAULT = Setup("fashion_mnist", overhead.FASHION_MNIST, (400, 400), 128, epochs=1, rounds=4, threads=2, methods=METHODS)
+QUICK = dict(data="digits", root=None, hidden=(16, 16), rounds=1)
+
+
+# ---------------------------------------------------------------------------- the mapping
+@dataclass(frozen=True)
+class Mapping:
+    """How one of our methods is expressed in Avalanche, and what still differs by definition."""
+
+    ours: str
+    avalanche: str
+    mapped: str
+    differs: str
+
+
+def peer_settings(method: str) -> dict[str, Any]:
+    """The Avalanche plugin's arguments that give our method's objective (see ``MAPPINGS``)."""
+    if method == "naive":
+        return {}
+    if method == "ewc":  # theirs: λ·Σ F(θ-θ*)², ours: importance/2·Σ F(θ-θ*)²
+        return {"ewc_lambda": EWC_IMPORTANCE / 2, "mode": "separate"}
+    if method == "si":  # theirs: λ/2·Σ Ω(θ-θ*)², ours: importance·Σ Ω(θ-θ*)²; eps is ξ
+        return {"si_lambda": 2 * SI_IMPORTANCE, "eps": SI_XI}
+    if method == "lwf":  # theirs: CE + α'·KL, ours: (1-α)·CE + α·T²·KL = (1-α)·(CE + α·T²/(1-α)·KL)
+        return {"alpha": DISTILLATION_ALPHA * TEMPERATURE**2 / (1 - DISTILLATION_ALPHA), "temperature": TEMPERATURE}
+    if method == "replay":  # a batch of B new samples gets round(ratio·B) from memory on both sides
+        return {"mem_size": MEMORY_SIZE, "batch_size_mem": round(REPLAY_RATIO * DEFAULT.batch_size),
+                "storage": "ClassBalancedBuffer"}
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+MAPPINGS = {
+    "naive": Mapping("no callback", "Naive", "nothing to map", "nothing"),
+    "ewc": Mapping(
+        f"EWC(importance={EWC_IMPORTANCE:g}, fisher_sample_size={FISHER_SAMPLES})",
+        f"EWCPlugin(ewc_lambda={EWC_IMPORTANCE / 2:g}, mode='separate')",
+        "ewc_lambda = importance/2 (their penalty has no ½); one penalty per earlier task on both sides",
+        "their 'Fisher' is the squared mini-batch-mean gradient averaged over the task's batches (all "
+        "its samples), ours the mean squared per-sample gradient of 1,000 samples: for uncorrelated "
+        "samples theirs is about 1/batch-size of ours, so their penalty is that much weaker"),
+    "si": Mapping(
+        f"SynapticIntelligence(importance={SI_IMPORTANCE:g}, xi={SI_XI:g})",
+        f"SynapticIntelligencePlugin(si_lambda={2 * SI_IMPORTANCE:g}, eps={SI_XI:g})",
+        "si_lambda = 2·importance (their penalty is λ/2·ΣΩ(θ-θ*)²), eps = ξ (the damping)",
+        "their Ω is clipped at 0.001 per parameter and not passed through a ReLU (a parameter that went "
+        "uphill gets a negative Ω); their path integral uses the gradient with the penalty's part, ours "
+        "the task loss's alone; they copy parameters and gradients to the CPU every step"),
+    "lwf": Mapping(
+        f"KnowledgeDistillation(temperature={TEMPERATURE:g}, alpha={DISTILLATION_ALPHA:g}, units='seen')",
+        f"LwFPlugin(alpha={peer_settings('lwf')['alpha']:g}, temperature={TEMPERATURE:g})",
+        "alpha' = α·T²/(1-α): their loss CE + α'·KL is ours divided by (1-α), which Adam's update "
+        "does not see (up to its ε); both distil the units of the classes seen before, KL with batchmean",
+        "their teacher is a copy left in train mode (no dropout or batch norm here: the same outputs)"),
+    "replay": Mapping(
+        f"ExperienceReplay(memory_size={MEMORY_SIZE}, replay_ratio={REPLAY_RATIO:g}, selection='random')",
+        f"ReplayPlugin(mem_size={MEMORY_SIZE}, batch_size_mem=64, storage_policy=ClassBalancedBuffer({MEMORY_SIZE}))",
+        "memory split evenly over the classes seen, filled at random from each task's data at its end; "
+        "64 remembered samples joined to each batch of 128 (ours: round(0.5·B))",
+        "they draw memory batches as shuffled passes over the memory (and 64 also in a task's last, "
+        "smaller batch), we draw round(0.5·B) distinct samples at random each step; our default "
+        "replay (a reservoir filled during training) is not what they have, so it is not compared"),
+}
+
+
+def make_method(method: str, net: nn.Module, seed: int) -> list[Any]:
+    """Our callback for ``method`` with the hyper-parameters above (none for ``naive``)."""
+    if method == "naive":
+        return []
+    if method == "ewc":
+        return [EWC(net, importance=EWC_IMPORTANCE, fisher_sample_size=FISHER_SAMPLES, seed=seed)]
+    if method == "si":
+        return [SynapticIntelligence(net, importance=SI_IMPORTANCE, xi=SI_XI)]
+    if method == "lwf":
+        return [KnowledgeDistillation(net, temperature=TEMPERATURE, alpha=DISTILLATION_ALPHA, units="seen")]
+    if method == "replay":
+        return [ExperienceReplay(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=seed, selection="random")]
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Data:
+    benchmark: Any  # the TaskSequence our Lightning path trains on
+    train: list[tuple[Tensor, Tensor]]  # every task's samples as the model receives them
+    test: list[tuple[Tensor, Tensor]]
+    inputs: int
+    classes: int
+
+
+def load_data(setup: Setup) -> Data:
+    benchmark = split_benchmark(setup.data, NUM_TASKS, root=setup.root, scenario="class", seed=setup.seed)
+    train = [task[:] for task in benchmark.train]
+    test = [task[:] for task in benchmark.test]
+    return Data(benchmark, train, test, benchmark.input_shape[0], benchmark.num_classes)
+
+
+def expected_steps(setup: Setup, data: Data) -> int:
+    """Optimizer steps of a whole sequence: every batch of every epoch of every task."""
+    return setup.epochs * sum(-(-len(y) // setup.batch_size) for _, y in data.train)
+
+
+def initial_net(setup: Setup, data: Data, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return build_mlp(data.inputs, setup.hidden, data.classes)
+
+
+# ---------------------------------------------------------------------------- our variants
+def trainer(setup: Setup, **kwargs: Any) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", **overhead.TRAINER_OPTIONS, **kwargs)
+
+
+def run_loop(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
+    """The plain PyTorch loop: shuffled index batches of the in-memory tensors, a new Adam per task."""
+    generator = torch.Generator().manual_seed(seed)
+    steps = 0
+    for x, y in data.train:
+        optimizer = torch.optim.Adam(net.parameters(), lr=setup.learning_rate)
+        for _ in range(setup.epochs):
+            for index in torch.randperm(len(y), generator=generator).split(setup.batch_size):
+                optimizer.zero_grad()
+                F.cross_entropy(net(x[index]), y[index]).backward()
+                optimizer.step()
+                steps += 1
+    return steps
+
+
+def run_plain_lightning(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
+    """Plain Lightning: one fit per task on a stock DataLoader over a TensorDataset."""
+    module = overhead.Classifier(net)
+    generator = torch.Generator().manual_seed(seed)
+    steps = 0
+    for x, y in data.train:
+        loader = DataLoader(TensorDataset(x, y), batch_size=setup.batch_size, shuffle=True, generator=generator)
+        task_trainer = trainer(setup, max_epochs=setup.epochs)
+        task_trainer.fit(module, train_dataloaders=loader)
+        steps += task_trainer.global_step
+    return steps
+
+
+def run_ours(method: str) -> Callable[[Setup, Data, nn.Module, int], int]:
+    """Our Lightning path with ``method``'s callback."""
+
+    def run(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
+        module = overhead.ContinualClassifier(net) if method in NEEDS_MIXIN else overhead.Classifier(net)
+        datamodule = TaskSequenceDataModule.from_benchmark(data.benchmark, batch_size=setup.batch_size, seed=seed)
+        sequence_trainer = trainer(setup, callbacks=make_method(method, net, seed))
+        fit_sequence(sequence_trainer, module, datamodule, epochs_per_task=setup.epochs)
+        return sequence_trainer.global_step
+
+    return run
+
+
+class Outcome(dict):
+    """What one variant's rounds gave: ``times`` (``Timing``s) and ``accuracies`` (per task, per round)."""
+
+
+def our_variant(setup: Setup, data: Data, runner: Callable[[Setup, Data, nn.Module, int], int],
+                outcome: Outcome) -> Callable[[], overhead.Timing]:
+    """A run of ``runner`` for ``overhead.interleaved``: round ``r`` (its ``r``-th call) uses seed ``seed + r``."""
+
+    def run() -> overhead.Timing:
+        seed = setup.seed + len(outcome["accuracies"])
+        net = initial_net(setup, data, seed)
+        start = overhead.clock()
+        steps = runner(setup, data, net, seed)
+        seconds = overhead.since(start)
+        if steps != expected_steps(setup, data):
+            raise RuntimeError(f"a sequence made {steps} steps, not {expected_steps(setup, data)}")
+        outcome["accuracies"].append(task_accuracies(net, data.test))
+        return seconds
+
+    return run
+
+
+# ---------------------------------------------------------------------------- the peer
+class PeerWorker:
+    """``versus_peers_avalanche.py`` under ``python``, kept running for the whole benchmark."""
+
+    def __init__(self, python: str, data_path: Path, threads: int, log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [python, str(WORKER), "--data", str(data_path), "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )
+        self.versions = self._reply(f"the Avalanche worker under {python} did not start")
+
+    def run(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        reply = self._reply(f"the Avalanche worker stopped during {request}")
+        if "error" in reply:
+            raise RuntimeError(f"the Avalanche worker failed on {request}: {reply['error']}")
+        return reply
+
+    def _reply(self, failure: str) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.close()
+            raise RuntimeError(f"{failure}; its last output:\n{_tail(self.log_path)}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin and not self.process.stdin.closed:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self._log.close()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def write_peer_data(path: Path, setup: Setup, data: Data) -> None:
+    """The tensors, the settings and each round's initial weights, for the worker to load."""
+    weights = {setup.seed + r: initial_net(setup, data, setup.seed + r).state_dict() for r in range(setup.rounds)}
+    torch.save({"train": data.train, "test": data.test, "inputs": data.inputs, "classes": data.classes,
+                "setup": {"hidden": list(setup.hidden), "batch_size": setup.batch_size, "epochs": setup.epochs,
+                          "learning_rate": setup.learning_rate},
+                "initial_weights": weights}, path)
+
+
+def peer_variant(setup: Setup, data: Data, worker: PeerWorker, method: str, outcome: Outcome) -> Callable[[], overhead.Timing]:
+    def run() -> overhead.Timing:
+        seed = setup.seed + len(outcome["accuracies"])
+        reply = worker.run({"method": method, "plugin": peer_settings(method), "seed": seed})
+        if reply["iterations"] < expected_steps(setup, data):
+            raise RuntimeError(f"avalanche/{method} made {reply['iterations']} steps, fewer than {expected_steps(setup, data)}")
+        outcome["accuracies"].append(reply["accuracies"])
+        return overhead.Timing(reply["wall_s"], reply["cpu_s"])
+
+    return run
+
+
+# ---------------------------------------------------------------------------- measuring and reporting
+def variants(setup: Setup, data: Data, worker: Optional[PeerWorker]) -> tuple[dict[str, Callable[[], overhead.Timing]], dict[str, Outcome]]:
+    """Every variant's run, in the order of a round, and where each keeps its outcomes."""
+    runners: dict[str, Callable[[Setup, Data, nn.Module, int], int]] = {"loop": run_loop, "lightning": run_plain_lightning}
+    runners.update({f"ours/{method}": run_ours(method) for method in setup.methods})
+    outcomes = {name: Outcome(accuracies=[]) for name in runners}
+    runs = {name: our_variant(setup, data, runner, outcomes[name]) for name, runner in runners.items()}
+    if worker is not None:
+        for method in setup.methods:  # interleaved with ours: ours/ewc, avalanche/ewc, ...
+            outcomes[f"avalanche/{method}"] = Outcome(accuracies=[])
+        order = ["loop", "lightning"] + [f"{side}/{m}" for m in setup.methods for side in ("ours", "avalanche")]
+        runs.update({f"avalanche/{m}": peer_variant(setup, data, worker, m, outcomes[f"avalanche/{m}"]) for m in setup.methods})
+        runs = {name: runs[name] for name in order}
+    return runs, outcomes
+
+
+def summarize(times: dict[str, list[overhead.Timing]], outcomes: dict[str, Outcome]) -> dict[str, Any]:
+    """Per variant: the rounds' times, medians, ratios to the loop, and the accuracies."""
+    result = {}
+    for name, measured in times.items():
+        entry = overhead.summary(measured, times["loop"])
+        averages = [statistics.fmean(round_) for round_ in outcomes[name]["accuracies"]]
+        entry.update(task_accuracies=outcomes[name]["accuracies"], average_accuracies=averages,
+                     average_accuracy=statistics.median(averages))
+        result[name] = entry
+    return result
+
+
+def table(report: dict[str, Any]) -> str:
+    """The markdown table: per method, ours against Avalanche, each against the plain loop."""
+    m = report["measurements"]
+    peer = any(name.startswith("avalanche/") for name in m)
+    lines = [
+        "| variant | ours s (x loop) | Avalanche s (x loop) | ours / Avalanche | accuracy ours | accuracy Avalanche |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def cell(name: str) -> str:
+        return f"{m[name]['median_s']:.2f} ({m[name]['ratio']:.2f}x)" if name in m else "-"
+
+    def accuracy(name: str) -> str:
+        if name not in m:
+            return "-"
+        averages = m[name]["average_accuracies"]
+        spread = f" ({min(averages):.3f}-{max(averages):.3f})" if len(averages) > 1 else ""
+        return f"{m[name]['average_accuracy']:.3f}{spread}"
+
+    for name, label in (("loop", "plain PyTorch loop"), ("lightning", "plain Lightning, stock DataLoader")):
+        lines.append(f"| {label} | {cell(name)} | - | - | {accuracy(name)} | - |")
+    for method in report["setup"]["methods"]:
+        ours, theirs = f"ours/{method}", f"avalanche/{method}"
+        versus = f"{m[ours]['median_s'] / m[theirs]['median_s']:.2f}" if peer else "-"
+        lines.append(f"| {method} | {cell(ours)} | {cell(theirs)} | {versus} | {accuracy(ours)} | {accuracy(theirs)} |")
+    return "\n".join(lines)
+
+
+def mapping_table(methods: Sequence[str]) -> str:
+    lines = ["| method | ours | Avalanche 0.6.0 | mapped | differs by definition |", "| --- | --- | --- | --- | --- |"]
+    for method in methods:
+        entry = MAPPINGS[method]
+        lines.append(f"| {method} | `{entry.ours}` | `{entry.avalanche}` | {entry.mapped} | {entry.differs} |")
+    return "\n".join(lines)
+
+
+def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str], Optional[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-python", help="a Python with avalanche-lib 0.6.0 (its own virtual environment); without it only our side runs")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds, one seed each (default {DEFAULT.rounds})")
+    parser.add_argument("--epochs", type=int, help=f"epochs per task (default {DEFAULT.epochs})")
+    parser.add_argument("--threads", type=int, help=f"torch CPU threads, on both sides (default {DEFAULT.threads})")
+    parser.add_argument("--data", choices=("fashion_mnist", "mnist", "digits"), help="the source (default fashion_mnist)")
+    parser.add_argument("--root", help=f"the folder of the IDX files (default {overhead.FASHION_MNIST})")
+    parser.add_argument("--methods", help=f"comma-separated, of {','.join(METHODS)} (default all)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: digits, a 16-16 MLP, one round (seconds)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = parser.parse_args(argv)
+
+    setup = replace(DEFAULT, **QUICK) if args.quick else DEFAULT
+    overrides = {"rounds": args.rounds, "epochs": args.epochs, "threads": args.threads, "data": args.data, "root": args.root}
+    setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
+    if setup.data == "digits":
+        setup = replace(setup, root=None)
+    for name in ("rounds", "epochs", "threads"):
+        if getattr(setup, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(setup, name)}")
+    if args.methods is not None:
+        methods = tuple(name.strip() for name in args.methods.split(",") if name.strip())
+        unknown = [name for name in methods if name not in METHODS]
+        if unknown or not methods:
+            parser.error(f"--methods must list some of {','.join(METHODS)}, got {args.methods!r}")
+        setup = replace(setup, methods=methods)
+    if args.peer_python is not None and not os.access(args.peer_python, os.X_OK):
+        parser.error(f"--peer-python must be an executable Python, got {args.peer_python!r}")
+    return setup, args.peer_python, args.json
+
+
+@contextlib.contextmanager
+def peer_worker(python: Optional[str], setup: Setup, data: Data) -> Iterator[Optional[PeerWorker]]:
+    if python is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="versus-peers-") as folder:
+        path = Path(folder) / "data.pt"
+        write_peer_data(path, setup, data)
+        worker = PeerWorker(python, path, setup.threads, Path(folder) / "worker.log")
+        try:
+            yield worker
+        finally:
+            worker.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    setup, peer_python, json_path = parse_setup(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(setup.threads)
+    try:
+        with overhead.quiet_lightning():
+            data = load_data(setup)
+            with peer_worker(peer_python, setup, data) as worker:
+                load_start = overhead._load_average()
+                started = time.perf_counter()
+                runs, outcomes = variants(setup, data, worker)
+                times = overhead.interleaved(runs, setup.rounds)
+                elapsed = time.perf_counter() - started
+                load_end = overhead._load_average()
+                peer = worker.versions if worker is not None else None
+    finally:
+        torch.set_num_threads(threads)
+    report = {
+        "benchmark": "versus_peers",
+        "setup": asdict(setup),
+        "steps_per_sequence": expected_steps(setup, data),
+        "machine": {**overhead.machine(), "load_average_start": load_start, "load_average_end": load_end},
+        "peer": peer,
+        "command": " ".join(["python", "benchmarks/versus_peers.py", *(sys.argv[1:] if argv is None else argv)]),
+        "wall_time_s": elapsed,
+        "mapping": {method: {**asdict(MAPPINGS[method]), "settings": peer_settings(method)} for method in setup.methods},
+        "measurements": summarize(times, outcomes),
+    }
+    report["table"] = table(report)
+    print(f"\n{setup.data}, {NUM_TASKS} tasks class-incremental, {setup.epochs} epoch(s) per task, MLP "
+          f"{data.inputs}-{'-'.join(map(str, setup.hidden))}-{data.classes}, batch {setup.batch_size}, "
+          f"{setup.threads} threads, medians of {setup.rounds} interleaved rounds (seeds {setup.seed}..{setup.seed + setup.rounds - 1}); "
+          f"load average {load_start} -> {load_end}; whole run {elapsed:.0f} s\n")
+    print(report["table"])
+    if json_path:
+        with open(json_path, "w") as file:
+            json.dump(report, file, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
