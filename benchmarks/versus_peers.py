@@ -69,7 +69,12 @@ EWC_IMPORTANCE, FISHER_SAMPLES = 1000.0, 1000
 SI_IMPORTANCE, SI_XI = 1.0, 0.1
 TEMPERATURE, DISTILLATION_ALPHA = 2.0, 0.5
 MEMORY_SIZE, REPLAY_RATIO = 1000, 0.5
-METHODS = tuple(PLUGINS)  # naive, ewc, si, lwf, replay
+#: The methods both sides have (naive: none, on both sides).
+METHODS = ("naive", "ewc", "si", "lwf", "replay")
+#: Avalanche-only runs that test an explanation of a gap: ``ewc_batch`` multiplies EWC's
+#: ``ewc_lambda`` by the batch size, the factor by which its Fisher estimate is smaller than ours
+#: (MAPPINGS). Each runs when the method it checks is measured.
+PEER_CHECKS = {"ewc_batch": "ewc"}
 #: Methods whose LightningModule needs ContinualLossMixin (they change the batch or the loss).
 NEEDS_MIXIN = ("lwf", "replay")
 
@@ -111,6 +116,8 @@ def peer_settings(method: str) -> dict[str, Any]:
         return {}
     if method == "ewc":  # theirs: λ·Σ F(θ-θ*)², ours: importance/2·Σ F(θ-θ*)²
         return {"ewc_lambda": EWC_IMPORTANCE / 2, "mode": "separate"}
+    if method == "ewc_batch":  # their estimate ≈ ours / batch size: the same penalty in expectation
+        return {"ewc_lambda": EWC_IMPORTANCE / 2 * DEFAULT.batch_size, "mode": "separate"}
     if method == "si":  # theirs: λ/2·Σ Ω(θ-θ*)², ours: importance·Σ Ω(θ-θ*)²; eps is ξ
         return {"si_lambda": 2 * SI_IMPORTANCE, "eps": SI_XI}
     if method == "lwf":  # theirs: CE + α'·KL, ours: (1-α)·CE + α·T²·KL = (1-α)·(CE + α·T²/(1-α)·KL)
@@ -118,7 +125,7 @@ def peer_settings(method: str) -> dict[str, Any]:
     if method == "replay":  # a batch of B new samples gets round(ratio·B) from memory on both sides
         return {"mem_size": MEMORY_SIZE, "batch_size_mem": round(REPLAY_RATIO * DEFAULT.batch_size),
                 "storage": "ClassBalancedBuffer"}
-    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    raise ValueError(f"method must be one of {', '.join((*METHODS, *PEER_CHECKS))}, got {method!r}")
 
 
 MAPPINGS = {
@@ -130,6 +137,11 @@ MAPPINGS = {
         "their 'Fisher' is the squared mini-batch-mean gradient averaged over the task's batches (all "
         "its samples), ours the mean squared per-sample gradient of 1,000 samples: for uncorrelated "
         "samples theirs is about 1/batch-size of ours, so their penalty is that much weaker"),
+    "ewc_batch": Mapping(
+        "(a check, not a method: Avalanche only)",
+        f"EWCPlugin(ewc_lambda={EWC_IMPORTANCE / 2 * DEFAULT.batch_size:g}, mode='separate')",
+        f"ewc_lambda = importance/2 · {DEFAULT.batch_size}: their Fisher estimate scaled back to ours, in expectation",
+        "tests the explanation of the EWC gap: with it, their accuracy should come near ours"),
     "si": Mapping(
         f"SynapticIntelligence(importance={SI_IMPORTANCE:g}, xi={SI_XI:g})",
         f"SynapticIntelligencePlugin(si_lambda={2 * SI_IMPORTANCE:g}, eps={SI_XI:g})",
@@ -334,10 +346,14 @@ def variants(setup: Setup, data: Data, worker: Optional[PeerWorker]) -> tuple[di
     outcomes = {name: Outcome(accuracies=[]) for name in runners}
     runs = {name: our_variant(setup, data, runner, outcomes[name]) for name, runner in runners.items()}
     if worker is not None:
-        for method in setup.methods:  # interleaved with ours: ours/ewc, avalanche/ewc, ...
+        peer_methods = [*setup.methods, *(check for check, method in PEER_CHECKS.items() if method in setup.methods)]
+        for method in peer_methods:
             outcomes[f"avalanche/{method}"] = Outcome(accuracies=[])
         order = ["loop", "lightning"] + [f"{side}/{m}" for m in setup.methods for side in ("ours", "avalanche")]
-        runs.update({f"avalanche/{m}": peer_variant(setup, data, worker, m, outcomes[f"avalanche/{m}"]) for m in setup.methods})
+        for check, method in PEER_CHECKS.items():  # right after the method it checks
+            if method in setup.methods:
+                order.insert(order.index(f"avalanche/{method}") + 1, f"avalanche/{check}")
+        runs.update({f"avalanche/{m}": peer_variant(setup, data, worker, m, outcomes[f"avalanche/{m}"]) for m in peer_methods})
         runs = {name: runs[name] for name in order}
     return runs, outcomes
 
@@ -379,6 +395,9 @@ def table(report: dict[str, Any]) -> str:
         ours, theirs = f"ours/{method}", f"avalanche/{method}"
         versus = f"{m[ours]['median_s'] / m[theirs]['median_s']:.2f}" if peer else "-"
         lines.append(f"| {method} | {cell(ours)} | {cell(theirs)} | {versus} | {accuracy(ours)} | {accuracy(theirs)} |")
+        for check in (check for check, checked in PEER_CHECKS.items() if checked == method and f"avalanche/{check}" in m):
+            label = f"{method}, their λ × {report['setup']['batch_size']} (check)"
+            lines.append(f"| {label} | - | {cell('avalanche/' + check)} | - | - | {accuracy('avalanche/' + check)} |")
     return "\n".join(lines)
 
 
@@ -388,6 +407,17 @@ def mapping_table(methods: Sequence[str]) -> str:
         entry = MAPPINGS[method]
         lines.append(f"| {method} | `{entry.ours}` | `{entry.avalanche}` | {entry.mapped} | {entry.differs} |")
     return "\n".join(lines)
+
+
+def _reported(name: str, run: Callable[[], overhead.Timing], started: float) -> Callable[[], overhead.Timing]:
+    """``run``, which says on stderr how long it took (a long run shows where it is)."""
+
+    def reported() -> overhead.Timing:
+        seconds = run()
+        overhead._progress(f"{name}: {seconds.wall:.2f} s", started)
+        return seconds
+
+    return reported
 
 
 def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str], Optional[str]]:
@@ -448,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 load_start = overhead._load_average()
                 started = time.perf_counter()
                 runs, outcomes = variants(setup, data, worker)
-                times = overhead.interleaved(runs, setup.rounds)
+                times = overhead.interleaved({name: _reported(name, run, started) for name, run in runs.items()}, setup.rounds)
                 elapsed = time.perf_counter() - started
                 load_end = overhead._load_average()
                 peer = worker.versions if worker is not None else None
@@ -462,15 +492,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "peer": peer,
         "command": " ".join(["python", "benchmarks/versus_peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_time_s": elapsed,
-        "mapping": {method: {**asdict(MAPPINGS[method]), "settings": peer_settings(method)} for method in setup.methods},
+        "mapping": {method: {**asdict(MAPPINGS[method]), "settings": peer_settings(method)}
+                    for method in (*setup.methods, *(c for c, m in PEER_CHECKS.items() if m in setup.methods))},
         "measurements": summarize(times, outcomes),
     }
     report["table"] = table(report)
+    report["mapping_table"] = mapping_table(list(report["mapping"]))
     print(f"\n{setup.data}, {NUM_TASKS} tasks class-incremental, {setup.epochs} epoch(s) per task, MLP "
           f"{data.inputs}-{'-'.join(map(str, setup.hidden))}-{data.classes}, batch {setup.batch_size}, "
           f"{setup.threads} threads, medians of {setup.rounds} interleaved rounds (seeds {setup.seed}..{setup.seed + setup.rounds - 1}); "
           f"load average {load_start} -> {load_end}; whole run {elapsed:.0f} s\n")
     print(report["table"])
+    print(f"\n{report['mapping_table']}")
     if json_path:
         with open(json_path, "w") as file:
             json.dump(report, file, indent=2)

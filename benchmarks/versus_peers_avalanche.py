@@ -29,6 +29,7 @@ from torch import Tensor, nn
 PLUGINS = {
     "naive": None,
     "ewc": "EWCPlugin",
+    "ewc_batch": "EWCPlugin",  # a check of what the EWC gap comes from (versus_peers.PEER_CHECKS)
     "si": "SynapticIntelligencePlugin",
     "lwf": "LwFPlugin",
     "replay": "ReplayPlugin",
