@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -169,3 +170,143 @@ def test_per_sample_fisher_is_the_mean_squared_per_sample_gradient(script):
         torch.nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]).backward()
         expected += net[0].weight.grad.square() / 3
     torch.testing.assert_close(fisher["0.weight"], expected)
+
+
+# ---------------------------------------------------------------------------- benchmarks/versus_peers.py
+# Our side of the peer comparison in its smoke mode, the hyper-parameter mapping and the worker's
+# shared helpers; the Avalanche side needs its own virtual environment (VERSUS_PEERS_PYTHON names
+# its Python to run that part too).
+PEERS_SCRIPT = SCRIPT.parent / "versus_peers.py"
+PEER_PYTHON = os.environ.get("VERSUS_PEERS_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def peers() -> ModuleType:
+    return load_script(PEERS_SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def peers_run(peers, tmp_path_factory) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = tmp_path_factory.mktemp("peers") / "versus.json"
+    returned = peers.main(["--quick", "--threads", "1", "--rounds", "2", "--methods", "naive,ewc,lwf", "--json", str(path)])
+    return returned, json.loads(path.read_text())
+
+
+def test_versus_peers_measures_each_variant_once_per_round_against_the_loop(peers_run):
+    returned, written = peers_run
+    assert written == json.loads(json.dumps(returned))
+    m = written["measurements"]
+    assert list(m) == ["loop", "lightning", "ours/naive", "ours/ewc", "ours/lwf"]  # no peer: our side only
+    assert m["loop"]["ratio"] == 1.0
+    for name, entry in m.items():
+        assert len(entry["times_s"]) == 2 and all(t > 0 for t in entry["times_s"]), name
+        assert entry["ratio"] == pytest.approx(entry["median_s"] / m["loop"]["median_s"]), name
+        # Round r is seed r: one accuracy per task per round, each a fraction of a test set.
+        assert [len(round_) for round_ in entry["task_accuracies"]] == [5, 5], name
+        assert all(0.0 <= a <= 1.0 for round_ in entry["task_accuracies"] for a in round_), name
+        assert entry["average_accuracies"] == pytest.approx([sum(r) / 5 for r in entry["task_accuracies"]]), name
+    assert written["steps_per_sequence"] == 15  # digits: 5 tasks of 2 or 3 batches of 128
+
+
+def test_versus_peers_without_a_method_gives_the_same_model_on_every_path(peers_run):
+    # The loop and our path with no callback start from the same weights and draw their batches
+    # from the same seeded permutations, so they end with the same accuracies.
+    _, report = peers_run
+    m = report["measurements"]
+    assert m["ours/naive"]["task_accuracies"] == m["loop"]["task_accuracies"]
+
+
+def test_versus_peers_table_has_a_row_per_method_and_the_mapping(peers_run):
+    _, report = peers_run
+    rows = report["table"].splitlines()
+    assert rows[0].startswith("| variant | ours s (x loop) | Avalanche s (x loop) | ours / Avalanche")
+    assert [row.split("|")[1].strip() for row in rows[2:]] == [
+        "plain PyTorch loop", "plain Lightning, stock DataLoader", "naive", "ewc", "lwf"]
+    ewc = rows[5].split("|")
+    assert ewc[2].strip() == f"{report['measurements']['ours/ewc']['median_s']:.2f} ({report['measurements']['ours/ewc']['ratio']:.2f}x)"
+    assert ewc[3].strip() == "-"  # no Avalanche in this environment
+    assert set(report["mapping"]) == {"naive", "ewc", "lwf", "ewc_batch"}
+    assert report["mapping"]["ewc"]["settings"] == {"ewc_lambda": 500.0, "mode": "separate"}
+
+
+def test_versus_peers_maps_each_penalty_onto_avalanches_definition(peers):
+    # EWC: their λ·ΣF(θ-θ*)² is our importance/2·ΣF(θ-θ*)²; SI: their λ/2·ΣΩ(θ-θ*)² is our
+    # importance·ΣΩ(θ-θ*)², with ξ as their eps.
+    assert peers.peer_settings("ewc")["ewc_lambda"] == peers.EWC_IMPORTANCE / 2
+    assert peers.peer_settings("ewc_batch")["ewc_lambda"] == peers.EWC_IMPORTANCE / 2 * 128
+    assert peers.peer_settings("si")["si_lambda"] / 2 == peers.SI_IMPORTANCE
+    assert peers.peer_settings("si")["eps"] == peers.SI_XI
+    replay = peers.peer_settings("replay")
+    assert replay["mem_size"] == peers.MEMORY_SIZE and replay["batch_size_mem"] == round(peers.REPLAY_RATIO * 128)
+    with pytest.raises(ValueError, match="method must be one of .* got 'gem'"):
+        peers.peer_settings("gem")
+
+
+def test_versus_peers_lwf_mapping_gives_our_loss_up_to_the_factor_one_minus_alpha(peers):
+    from neurenix.continual.functional import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(4, 6, (8,))
+    seen = torch.zeros(10, dtype=torch.bool)
+    seen[:4] = True  # the classes of the tasks before
+    alpha, temperature = peers.DISTILLATION_ALPHA, peers.TEMPERATURE
+    ce = torch.nn.functional.cross_entropy(student, y)
+    ours = (1 - alpha) * ce + alpha * distillation_loss(student, teacher, temperature, units=seen)
+    # Avalanche's LwF: CE + alpha' · KL(softmax(teacher/T) ‖ softmax(student/T)) over the seen units, batchmean.
+    log_p = torch.log_softmax(student[:, :4] / temperature, dim=1)
+    q = torch.softmax(teacher[:, :4] / temperature, dim=1)
+    theirs = ce + peers.peer_settings("lwf")["alpha"] * torch.nn.functional.kl_div(log_p, q, reduction="batchmean")
+    torch.testing.assert_close(ours, (1 - alpha) * theirs)
+
+
+def test_versus_peers_worker_model_loads_the_benchmark_models_weights(peers, script):
+    setup = script.replace(script.PRESETS["mlp"], hidden=(6, 5))
+    reference = script.build_net(setup, 4, 3)
+    net = peers.build_mlp(4, (6, 5), 3)
+    net.load_state_dict(reference.state_dict())  # same names and shapes: the worker loads our weights
+    x = torch.randn(7, 4)
+    torch.testing.assert_close(net(x), reference(x))
+
+
+def test_versus_peers_accuracy_is_per_task_over_the_whole_head(peers):
+    net = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(3, 2))  # predicts class 0 when x[0] is largest, 1 when x[1] is
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    tests = [(x[:2], torch.tensor([0, 1])), (x[2:], torch.tensor([0, 2]))]
+    net.train()
+    assert peers.task_accuracies(net, tests, batch_size=1) == [1.0, 0.5]
+    assert net.training  # the mode it had
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "ewc,gem"], "--methods must list some of naive,ewc,si,lwf,replay, got 'ewc,gem'"),
+        (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+        (["--peer-python", "/nonexistent/python"], "--peer-python must be an executable Python, got '/nonexistent/python'"),
+    ],
+)
+def test_versus_peers_refuses_bad_options_naming_them(peers, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        peers.parse_setup(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("avalanche") is not None, reason="this Python has Avalanche")
+def test_versus_peers_says_why_a_python_without_avalanche_cannot_be_the_peer(peers, tmp_path):
+    setup = peers.replace(peers.DEFAULT, **peers.QUICK)
+    data = peers.load_data(setup)
+    path = tmp_path / "data.pt"
+    peers.write_peer_data(path, setup, data)
+    with pytest.raises(RuntimeError, match=r"did not start(.|\n)*No module named 'avalanche'"):
+        peers.PeerWorker(sys.executable, path, 1, tmp_path / "worker.log")
+
+
+@pytest.mark.skipif(PEER_PYTHON is None, reason="VERSUS_PEERS_PYTHON names no Python with avalanche-lib 0.6.0")
+def test_versus_peers_runs_the_avalanche_side(peers):
+    report = peers.main(["--quick", "--threads", "1", "--methods", "naive,ewc", "--peer-python", PEER_PYTHON])
+    m = report["measurements"]
+    assert {"avalanche/naive", "avalanche/ewc", "avalanche/ewc_batch"} <= set(m)
+    assert report["peer"]["avalanche"] == "0.6.0"
+    assert all(len(m[name]["task_accuracies"][0]) == 5 for name in m)
