@@ -27,7 +27,7 @@ over the whole head (no task id), computed by the same function on both sides.
 
     python benchmarks/versus_peers.py --peer-python /tmp/peers-venv/bin/python [--rounds 4]
         [--epochs 1] [--threads 2] [--data fashion_mnist|mnist|digits] [--root DIR]
-        [--methods naive,ewc,si,lwf,replay] [--quick] [--json PATH]
+        [--methods naive,ewc,si,lwf,replay,mas,rwalk] [--quick] [--json PATH]
 
 Without ``--peer-python`` only our side runs. ``--quick`` is a smoke mode (scikit-learn's digits,
 a 16-16 MLP, one round: seconds; the numbers mean nothing).
@@ -58,7 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts,
 import continual_overhead as overhead  # noqa: E402
 from versus_peers_avalanche import PLUGINS, build_mlp, task_accuracies  # noqa: E402
 
-from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, SynapticIntelligence  # noqa: E402
+from neurenix.continual import (  # noqa: E402
+    EWC,
+    MAS,
+    ExperienceReplay,
+    KnowledgeDistillation,
+    RWalk,
+    SynapticIntelligence,
+)
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "versus_peers_avalanche.py"
@@ -69,8 +76,10 @@ EWC_IMPORTANCE, FISHER_SAMPLES = 1000.0, 1000
 SI_IMPORTANCE, SI_XI = 1.0, 0.1
 TEMPERATURE, DISTILLATION_ALPHA = 2.0, 0.5
 MEMORY_SIZE, REPLAY_RATIO = 1000, 0.5
+MAS_IMPORTANCE, MAS_SAMPLES = 1.0, 1000
+RWALK_IMPORTANCE, RWALK_ALPHA, RWALK_INTERVAL = 1.0, 0.9, 10
 #: The methods both sides have (naive: none, on both sides).
-METHODS = ("naive", "ewc", "si", "lwf", "replay")
+METHODS = ("naive", "ewc", "si", "lwf", "replay", "mas", "rwalk")
 #: Avalanche-only runs that test an explanation of a gap: ``ewc_batch`` multiplies EWC's
 #: ``ewc_lambda`` by the batch size, the factor by which its Fisher estimate is smaller than ours
 #: (MAPPINGS). Each runs when the method it checks is measured.
@@ -125,6 +134,10 @@ def peer_settings(method: str) -> dict[str, Any]:
     if method == "replay":  # a batch of B new samples gets round(ratio·B) from memory on both sides
         return {"mem_size": MEMORY_SIZE, "batch_size_mem": round(REPLAY_RATIO * DEFAULT.batch_size),
                 "storage": "ClassBalancedBuffer"}
+    if method == "mas":  # no ½ on either side
+        return {"lambda_reg": MAS_IMPORTANCE, "alpha": 0.5}
+    if method == "rwalk":  # no ½ on either side; EWC++'s moving average and the score interval as ours
+        return {"ewc_lambda": RWALK_IMPORTANCE, "ewc_alpha": RWALK_ALPHA, "delta_t": RWALK_INTERVAL}
     raise ValueError(f"method must be one of {', '.join((*METHODS, *PEER_CHECKS))}, got {method!r}")
 
 
@@ -163,6 +176,21 @@ MAPPINGS = {
         "they draw memory batches as shuffled passes over the memory (and 64 also in a task's last, "
         "smaller batch), we draw round(0.5·B) distinct samples at random each step; our default "
         "replay (a reservoir filled during training) is not what they have, so it is not compared"),
+    "mas": Mapping(
+        f"MAS(importance={MAS_IMPORTANCE:g}, sample_size={MAS_SAMPLES})",
+        f"MASPlugin(lambda_reg={MAS_IMPORTANCE:g}, alpha=0.5)",
+        "lambda_reg = importance (neither has a ½)",
+        "their Ω is |gradient| of the mini-batch mean of ‖f(x)‖², averaged over the task's batches "
+        "(opposite per-sample gradients cancel), ours the mean of each sample's |gradient| over 1,000 "
+        "samples; they average the tasks' Ω (Ω ← 0.5·Ω + 0.5·Ω_t, their alpha; any alpha is a "
+        "weighted mean), we add them up (the paper and the authors' code)"),
+    "rwalk": Mapping(
+        f"RWalk(importance={RWALK_IMPORTANCE:g}, alpha={RWALK_ALPHA:g}, interval={RWALK_INTERVAL})",
+        f"RWalkPlugin(ewc_lambda={RWALK_IMPORTANCE:g}, ewc_alpha={RWALK_ALPHA:g}, delta_t={RWALK_INTERVAL})",
+        "ewc_lambda = importance (neither has a ½), ewc_alpha = alpha, delta_t = interval",
+        "their score's ε is float32's machine epsilon (fixed, 1.2e-7), ours epsilon=1e-3; they apply "
+        "the ReLU once to the averaged scores, we per interval; they get the unregularized gradient "
+        "from an extra forward and backward pass each step, we read it before the penalty is added"),
 }
 
 
@@ -178,6 +206,10 @@ def make_method(method: str, net: nn.Module, seed: int) -> list[Any]:
         return [KnowledgeDistillation(net, temperature=TEMPERATURE, alpha=DISTILLATION_ALPHA, units="seen")]
     if method == "replay":
         return [ExperienceReplay(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=seed, selection="random")]
+    if method == "mas":
+        return [MAS(net, importance=MAS_IMPORTANCE, sample_size=MAS_SAMPLES, seed=seed)]
+    if method == "rwalk":
+        return [RWalk(net, importance=RWALK_IMPORTANCE, alpha=RWALK_ALPHA, interval=RWALK_INTERVAL)]
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 

@@ -33,6 +33,8 @@ PLUGINS = {
     "si": "SynapticIntelligencePlugin",
     "lwf": "LwFPlugin",
     "replay": "ReplayPlugin",
+    "mas": "MASPlugin",
+    "rwalk": "RWalkPlugin",
 }
 
 

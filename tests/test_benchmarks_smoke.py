@@ -236,6 +236,10 @@ def test_versus_peers_maps_each_penalty_onto_avalanches_definition(peers):
     assert peers.peer_settings("ewc_batch")["ewc_lambda"] == peers.EWC_IMPORTANCE / 2 * 128
     assert peers.peer_settings("si")["si_lambda"] / 2 == peers.SI_IMPORTANCE
     assert peers.peer_settings("si")["eps"] == peers.SI_XI
+    # MAS and RWalk: no ½ on either side; RWalk's moving average and interval are ours.
+    assert peers.peer_settings("mas")["lambda_reg"] == peers.MAS_IMPORTANCE
+    assert peers.peer_settings("rwalk") == {"ewc_lambda": peers.RWALK_IMPORTANCE, "ewc_alpha": peers.RWALK_ALPHA,
+                                            "delta_t": peers.RWALK_INTERVAL}
     replay = peers.peer_settings("replay")
     assert replay["mem_size"] == peers.MEMORY_SIZE and replay["batch_size_mem"] == round(peers.REPLAY_RATIO * 128)
     with pytest.raises(ValueError, match="method must be one of .* got 'gem'"):
@@ -282,7 +286,7 @@ def test_versus_peers_accuracy_is_per_task_over_the_whole_head(peers):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--methods", "ewc,gem"], "--methods must list some of naive,ewc,si,lwf,replay, got 'ewc,gem'"),
+        (["--methods", "ewc,gem"], "--methods must list some of naive,ewc,si,lwf,replay,mas,rwalk, got 'ewc,gem'"),
         (["--rounds", "0"], "--rounds must be >= 1, got 0"),
         (["--peer-python", "/nonexistent/python"], "--peer-python must be an executable Python, got '/nonexistent/python'"),
     ],
