@@ -441,6 +441,15 @@ def mapping_table(methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> Optional[str]:
+    """The repository's commit, where git can tell it (a run belongs to the code it ran)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _reported(name: str, run: Callable[[], overhead.Timing], started: float) -> Callable[[], overhead.Timing]:
     """``run``, which says on stderr how long it took (a long run shows where it is)."""
 
@@ -522,6 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "steps_per_sequence": expected_steps(setup, data),
         "machine": {**overhead.machine(), "load_average_start": load_start, "load_average_end": load_end},
         "peer": peer,
+        "commit": _commit(),
         "command": " ".join(["python", "benchmarks/versus_peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_time_s": elapsed,
         "mapping": {method: {**asdict(MAPPINGS[method]), "settings": peer_settings(method)}
