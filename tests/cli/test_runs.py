@@ -13,6 +13,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from neurenix.cli import main, runs
 from neurenix.cli.parser import build_parser
@@ -270,7 +271,7 @@ def test_a_method_with_a_classifier_of_its_own_is_measured_by_it(name, tmp_path,
 BUILDERS = dict(runs._BUILDERS)
 
 
-class _Seen(runs.Callback):
+class _Seen(Callback):
     """Records, at each task's fit start, the size of its training data and the classes its mask has marked."""
 
     def __init__(self) -> None:
