@@ -180,8 +180,9 @@ MAPPINGS = {
         f"MAS(importance={MAS_IMPORTANCE:g}, sample_size={MAS_SAMPLES})",
         f"MASPlugin(lambda_reg={MAS_IMPORTANCE:g}, alpha=0.5)",
         "lambda_reg = importance (neither has a ½)",
-        "their Ω is |gradient| of the mini-batch mean of ‖f(x)‖², averaged over the task's batches "
-        "(opposite per-sample gradients cancel), ours the mean of each sample's |gradient| over 1,000 "
+        # No vertical bars in this text: it goes into a markdown table.
+        "their Ω is the absolute gradient of the mini-batch mean of ‖f(x)‖², averaged over the task's batches "
+        "(opposite per-sample gradients cancel), ours the mean of each sample's absolute gradient over 1,000 "
         "samples; they average the tasks' Ω (Ω ← 0.5·Ω + 0.5·Ω_t, their alpha; any alpha is a "
         "weighted mean), we add them up (the paper and the authors' code)"),
     "rwalk": Mapping(
@@ -434,6 +435,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def mapping_table(methods: Sequence[str]) -> str:
+    """The markdown table of what each method is on both sides (``MAPPINGS``)."""
     lines = ["| method | ours | Avalanche 0.6.0 | mapped | differs by definition |", "| --- | --- | --- | --- | --- |"]
     for method in methods:
         entry = MAPPINGS[method]

@@ -227,6 +227,16 @@ def test_versus_peers_table_has_a_row_per_method_and_the_mapping(peers_run):
     assert ewc[3].strip() == "-"  # no Avalanche in this environment
     assert set(report["mapping"]) == {"naive", "ewc", "lwf", "ewc_batch"}
     assert report["mapping"]["ewc"]["settings"] == {"ewc_lambda": 500.0, "mode": "separate"}
+    # One row per mapped method, each with its five cells (a stray "|" in a text would add one).
+    mapping_rows = report["mapping_table"].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in mapping_rows] == ["naive", "ewc", "lwf", "ewc_batch"]
+    assert all(row.count("|") == 6 for row in mapping_rows)
+
+
+def test_versus_peers_mapping_texts_fit_in_a_markdown_table(peers):
+    rows = peers.mapping_table(peers.METHODS + tuple(peers.PEER_CHECKS)).splitlines()[2:]
+    assert len(rows) == len(peers.METHODS) + len(peers.PEER_CHECKS)
+    assert all(row.count("|") == 6 for row in rows)
 
 
 def test_versus_peers_maps_each_penalty_onto_avalanches_definition(peers):
