@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, run from anywhere
 import continual_overhead as overhead  # noqa: E402
-from versus_peers_avalanche import PLUGINS, build_mlp, task_accuracies  # noqa: E402
+from versus_peers_avalanche import build_mlp, plain_loop, task_accuracies  # noqa: E402
 
 from neurenix.continual import (  # noqa: E402
     EWC,
@@ -121,7 +121,7 @@ class Mapping:
 
 def peer_settings(method: str) -> dict[str, Any]:
     """The Avalanche plugin's arguments that give our method's objective (see ``MAPPINGS``)."""
-    if method == "naive":
+    if method in ("naive", "loop"):  # loop: our plain loop in their environment
         return {}
     if method == "ewc":  # theirs: λ·Σ F(θ-θ*)², ours: importance/2·Σ F(θ-θ*)²
         return {"ewc_lambda": EWC_IMPORTANCE / 2, "mode": "separate"}
@@ -248,17 +248,7 @@ def trainer(setup: Setup, **kwargs: Any) -> L.Trainer:
 
 def run_loop(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
     """The plain PyTorch loop: shuffled index batches of the in-memory tensors, a new Adam per task."""
-    generator = torch.Generator().manual_seed(seed)
-    steps = 0
-    for x, y in data.train:
-        optimizer = torch.optim.Adam(net.parameters(), lr=setup.learning_rate)
-        for _ in range(setup.epochs):
-            for index in torch.randperm(len(y), generator=generator).split(setup.batch_size):
-                optimizer.zero_grad()
-                F.cross_entropy(net(x[index]), y[index]).backward()
-                optimizer.step()
-                steps += 1
-    return steps
+    return plain_loop(net, data.train, setup.batch_size, setup.epochs, setup.learning_rate, seed)
 
 
 def run_plain_lightning(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
@@ -363,7 +353,7 @@ def peer_variant(setup: Setup, data: Data, worker: PeerWorker, method: str, outc
     def run() -> overhead.Timing:
         seed = setup.seed + len(outcome["accuracies"])
         reply = worker.run({"method": method, "plugin": peer_settings(method), "seed": seed})
-        if reply["iterations"] < expected_steps(setup, data):
+        if reply["iterations"] < expected_steps(setup, data):  # their replay's last batches may add some
             raise RuntimeError(f"avalanche/{method} made {reply['iterations']} steps, fewer than {expected_steps(setup, data)}")
         outcome["accuracies"].append(reply["accuracies"])
         return overhead.Timing(reply["wall_s"], reply["cpu_s"])
@@ -382,7 +372,10 @@ def variants(setup: Setup, data: Data, worker: Optional[PeerWorker]) -> tuple[di
         peer_methods = [*setup.methods, *(check for check, method in PEER_CHECKS.items() if method in setup.methods)]
         for method in peer_methods:
             outcomes[f"avalanche/{method}"] = Outcome(accuracies=[])
-        order = ["loop", "lightning"] + [f"{side}/{m}" for m in setup.methods for side in ("ours", "avalanche")]
+        # avalanche/loop: the same loop in Avalanche's environment (its torch), beside ours.
+        peer_methods.insert(0, "loop")
+        outcomes["avalanche/loop"] = Outcome(accuracies=[])
+        order = ["loop", "avalanche/loop", "lightning"] + [f"{side}/{m}" for m in setup.methods for side in ("ours", "avalanche")]
         for check, method in PEER_CHECKS.items():  # right after the method it checks
             if method in setup.methods:
                 order.insert(order.index(f"avalanche/{method}") + 1, f"avalanche/{check}")
@@ -422,8 +415,10 @@ def table(report: dict[str, Any]) -> str:
         spread = f" ({min(averages):.3f}-{max(averages):.3f})" if len(averages) > 1 else ""
         return f"{m[name]['average_accuracy']:.3f}{spread}"
 
-    for name, label in (("loop", "plain PyTorch loop"), ("lightning", "plain Lightning, stock DataLoader")):
-        lines.append(f"| {label} | {cell(name)} | - | - | {accuracy(name)} | - |")
+    loop_versus = f"{m['loop']['median_s'] / m['avalanche/loop']['median_s']:.2f}" if peer else "-"
+    lines.append(f"| plain PyTorch loop | {cell('loop')} | {cell('avalanche/loop')} | {loop_versus} | "
+                 f"{accuracy('loop')} | {accuracy('avalanche/loop')} |")
+    lines.append(f"| plain Lightning, stock DataLoader | {cell('lightning')} | - | - | {accuracy('lightning')} | - |")
     for method in report["setup"]["methods"]:
         ours, theirs = f"ours/{method}", f"avalanche/{method}"
         versus = f"{m[ours]['median_s'] / m[theirs]['median_s']:.2f}" if peer else "-"

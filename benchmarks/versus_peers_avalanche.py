@@ -61,6 +61,26 @@ def task_accuracies(net: nn.Module, tests: Sequence[tuple[Tensor, Tensor]], batc
     return accuracies
 
 
+def plain_loop(net: nn.Module, train: Sequence[tuple[Tensor, Tensor]], batch_size: int, epochs: int,
+               learning_rate: float, seed: int) -> int:
+    """The plain PyTorch loop over the tasks' tensors, a new Adam per task; returns its steps.
+
+    Both sides run this same code, so the loop in Avalanche's environment tells what its torch
+    alone changes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    steps = 0
+    for x, y in train:
+        optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
+        for _ in range(epochs):
+            for index in torch.randperm(len(y), generator=generator).split(batch_size):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(net(x[index]), y[index]).backward()
+                optimizer.step()
+                steps += 1
+    return steps
+
+
 def _plugin(name: str, settings: dict[str, Any]) -> Any:
     """The Avalanche plugin of ``name`` built from our mapped ``settings`` (``storage`` names a buffer)."""
     from avalanche.training import plugins, storage_policy
@@ -73,14 +93,19 @@ def _plugin(name: str, settings: dict[str, Any]) -> Any:
 
 
 def run_sequence(request: dict[str, Any], data: dict[str, Any], scenario: Any) -> dict[str, Any]:
-    """One whole sequence of one method: strategy built, every experience trained; timed."""
+    """One whole sequence of one method (``loop``: the plain loop, no Avalanche); timed."""
+    setup, seed = data["setup"], int(request["seed"])
+    net = build_mlp(data["inputs"], setup["hidden"], data["classes"])
+    net.load_state_dict(data["initial_weights"][seed])
+    if request["method"] == "loop":
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        steps = plain_loop(net, data["train"], setup["batch_size"], setup["epochs"], setup["learning_rate"], seed)
+        wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+        return {"wall_s": wall, "cpu_s": cpu, "accuracies": task_accuracies(net, data["test"]), "iterations": steps}
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import Naive
 
-    setup, seed = data["setup"], int(request["seed"])
-    net = build_mlp(data["inputs"], setup["hidden"], data["classes"])
-    net.load_state_dict(data["initial_weights"][seed])
     RNGManager.set_random_seeds(seed)  # the loaders' shuffling and the buffers' sampling
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     plugins = [] if PLUGINS[request["method"]] is None else [_plugin(request["method"], request["plugin"])]

@@ -321,6 +321,6 @@ def test_versus_peers_says_why_a_python_without_avalanche_cannot_be_the_peer(pee
 def test_versus_peers_runs_the_avalanche_side(peers):
     report = peers.main(["--quick", "--threads", "1", "--methods", "naive,ewc", "--peer-python", PEER_PYTHON])
     m = report["measurements"]
-    assert {"avalanche/naive", "avalanche/ewc", "avalanche/ewc_batch"} <= set(m)
+    assert {"avalanche/loop", "avalanche/naive", "avalanche/ewc", "avalanche/ewc_batch"} <= set(m)
     assert report["peer"]["avalanche"] == "0.6.0"
     assert all(len(m[name]["task_accuracies"][0]) == 5 for name in m)
