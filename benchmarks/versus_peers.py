@@ -50,7 +50,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -277,23 +276,22 @@ def run_ours(method: str) -> Callable[[Setup, Data, nn.Module, int], int]:
     return run
 
 
-class Outcome(dict):
-    """What one variant's rounds gave: ``times`` (``Timing``s) and ``accuracies`` (per task, per round)."""
-
-
 def our_variant(setup: Setup, data: Data, runner: Callable[[Setup, Data, nn.Module, int], int],
-                outcome: Outcome) -> Callable[[], overhead.Timing]:
-    """A run of ``runner`` for ``overhead.interleaved``: round ``r`` (its ``r``-th call) uses seed ``seed + r``."""
+                accuracies: list) -> Callable[[], overhead.Timing]:
+    """A run of ``runner`` for ``overhead.interleaved``; round ``r`` (its ``r``-th call) uses seed ``seed + r``.
+
+    Each call appends the run's per-task accuracies to ``accuracies``.
+    """
 
     def run() -> overhead.Timing:
-        seed = setup.seed + len(outcome["accuracies"])
+        seed = setup.seed + len(accuracies)
         net = initial_net(setup, data, seed)
         start = overhead.clock()
         steps = runner(setup, data, net, seed)
         seconds = overhead.since(start)
         if steps != expected_steps(setup, data):
             raise RuntimeError(f"a sequence made {steps} steps, not {expected_steps(setup, data)}")
-        outcome["accuracies"].append(task_accuracies(net, data.test))
+        accuracies.append(task_accuracies(net, data.test))
         return seconds
 
     return run
@@ -349,48 +347,56 @@ def write_peer_data(path: Path, setup: Setup, data: Data) -> None:
                 "initial_weights": weights}, path)
 
 
-def peer_variant(setup: Setup, data: Data, worker: PeerWorker, method: str, outcome: Outcome) -> Callable[[], overhead.Timing]:
+def peer_variant(setup: Setup, data: Data, worker: PeerWorker, method: str, accuracies: list) -> Callable[[], overhead.Timing]:
+    """A run of ``method`` in the worker, seeded as :func:`our_variant` seeds ours."""
+
     def run() -> overhead.Timing:
-        seed = setup.seed + len(outcome["accuracies"])
+        seed = setup.seed + len(accuracies)
         reply = worker.run({"method": method, "plugin": peer_settings(method), "seed": seed})
         if reply["iterations"] < expected_steps(setup, data):  # their replay's last batches may add some
             raise RuntimeError(f"avalanche/{method} made {reply['iterations']} steps, fewer than {expected_steps(setup, data)}")
-        outcome["accuracies"].append(reply["accuracies"])
+        accuracies.append(reply["accuracies"])
         return overhead.Timing(reply["wall_s"], reply["cpu_s"])
 
     return run
 
 
 # ---------------------------------------------------------------------------- measuring and reporting
-def variants(setup: Setup, data: Data, worker: Optional[PeerWorker]) -> tuple[dict[str, Callable[[], overhead.Timing]], dict[str, Outcome]]:
-    """Every variant's run, in the order of a round, and where each keeps its outcomes."""
+def peer_methods(setup: Setup) -> list[str]:
+    """What the worker runs: our plain loop in its environment, each method, the checks of those measured."""
+    return ["loop", *setup.methods, *(check for check, method in PEER_CHECKS.items() if method in setup.methods)]
+
+
+def round_order(setup: Setup) -> list[str]:
+    """A round's variants: the baselines, then each method ours and Avalanche's side by side."""
+    order = ["loop", "avalanche/loop", "lightning"]
+    for method in setup.methods:
+        order += [f"ours/{method}", f"avalanche/{method}"]
+        order += [f"avalanche/{check}" for check, checked in PEER_CHECKS.items() if checked == method]
+    return order
+
+
+def variants(setup: Setup, data: Data, worker: Optional[PeerWorker]) -> tuple[dict[str, Callable[[], overhead.Timing]], dict[str, list]]:
+    """Every variant's run, in the order of a round, and the list where each keeps its rounds' accuracies."""
     runners: dict[str, Callable[[Setup, Data, nn.Module, int], int]] = {"loop": run_loop, "lightning": run_plain_lightning}
     runners.update({f"ours/{method}": run_ours(method) for method in setup.methods})
-    outcomes = {name: Outcome(accuracies=[]) for name in runners}
-    runs = {name: our_variant(setup, data, runner, outcomes[name]) for name, runner in runners.items()}
-    if worker is not None:
-        peer_methods = [*setup.methods, *(check for check, method in PEER_CHECKS.items() if method in setup.methods)]
-        for method in peer_methods:
-            outcomes[f"avalanche/{method}"] = Outcome(accuracies=[])
-        # avalanche/loop: the same loop in Avalanche's environment (its torch), beside ours.
-        peer_methods.insert(0, "loop")
-        outcomes["avalanche/loop"] = Outcome(accuracies=[])
-        order = ["loop", "avalanche/loop", "lightning"] + [f"{side}/{m}" for m in setup.methods for side in ("ours", "avalanche")]
-        for check, method in PEER_CHECKS.items():  # right after the method it checks
-            if method in setup.methods:
-                order.insert(order.index(f"avalanche/{method}") + 1, f"avalanche/{check}")
-        runs.update({f"avalanche/{m}": peer_variant(setup, data, worker, m, outcomes[f"avalanche/{m}"]) for m in peer_methods})
-        runs = {name: runs[name] for name in order}
-    return runs, outcomes
+    accuracies: dict[str, list] = {name: [] for name in runners}
+    runs = {name: our_variant(setup, data, runner, accuracies[name]) for name, runner in runners.items()}
+    if worker is None:
+        return runs, accuracies
+    for method in peer_methods(setup):
+        accuracies[f"avalanche/{method}"] = []
+        runs[f"avalanche/{method}"] = peer_variant(setup, data, worker, method, accuracies[f"avalanche/{method}"])
+    return {name: runs[name] for name in round_order(setup)}, accuracies
 
 
-def summarize(times: dict[str, list[overhead.Timing]], outcomes: dict[str, Outcome]) -> dict[str, Any]:
+def summarize(times: dict[str, list[overhead.Timing]], accuracies: dict[str, list]) -> dict[str, Any]:
     """Per variant: the rounds' times, medians, ratios to the loop, and the accuracies."""
     result = {}
     for name, measured in times.items():
         entry = overhead.summary(measured, times["loop"])
-        averages = [statistics.fmean(round_) for round_ in outcomes[name]["accuracies"]]
-        entry.update(task_accuracies=outcomes[name]["accuracies"], average_accuracies=averages,
+        averages = [statistics.fmean(round_) for round_ in accuracies[name]]
+        entry.update(task_accuracies=accuracies[name], average_accuracies=averages,
                      average_accuracy=statistics.median(averages))
         result[name] = entry
     return result
@@ -515,7 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             with peer_worker(peer_python, setup, data) as worker:
                 load_start = overhead._load_average()
                 started = time.perf_counter()
-                runs, outcomes = variants(setup, data, worker)
+                runs, accuracies = variants(setup, data, worker)
                 times = overhead.interleaved({name: _reported(name, run, started) for name, run in runs.items()}, setup.rounds)
                 elapsed = time.perf_counter() - started
                 load_end = overhead._load_average()
@@ -533,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "wall_time_s": elapsed,
         "mapping": {method: {**asdict(MAPPINGS[method]), "settings": peer_settings(method)}
                     for method in (*setup.methods, *(c for c, m in PEER_CHECKS.items() if m in setup.methods))},
-        "measurements": summarize(times, outcomes),
+        "measurements": summarize(times, accuracies),
     }
     report["table"] = table(report)
     report["mapping_table"] = mapping_table(list(report["mapping"]))

@@ -55,8 +55,8 @@ def task_accuracies(net: nn.Module, tests: Sequence[tuple[Tensor, Tensor]], batc
     net.eval()
     accuracies = []
     for x, y in tests:
-        correct = sum(int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(y), batch_size))
-        accuracies.append(correct / len(y))
+        batches = zip(x.split(batch_size), y.split(batch_size))
+        accuracies.append(sum(int((net(inputs).argmax(1) == labels).sum()) for inputs, labels in batches) / len(y))
     net.train(was_training)
     return accuracies
 

@@ -239,6 +239,17 @@ def test_versus_peers_mapping_texts_fit_in_a_markdown_table(peers):
     assert all(row.count("|") == 6 for row in rows)
 
 
+def test_versus_peers_runs_ours_and_avalanches_of_each_method_side_by_side(peers):
+    setup = peers.replace(peers.DEFAULT, methods=("naive", "ewc"))
+    assert peers.round_order(setup) == [
+        "loop", "avalanche/loop", "lightning",
+        "ours/naive", "avalanche/naive", "ours/ewc", "avalanche/ewc", "avalanche/ewc_batch",
+    ]
+    assert peers.peer_methods(setup) == ["loop", "naive", "ewc", "ewc_batch"]
+    # The EWC check runs only where EWC itself does.
+    assert peers.peer_methods(peers.replace(setup, methods=("si",))) == ["loop", "si"]
+
+
 def test_versus_peers_maps_each_penalty_onto_avalanches_definition(peers):
     # EWC: their λ·ΣF(θ-θ*)² is our importance/2·ΣF(θ-θ*)²; SI: their λ/2·ΣΩ(θ-θ*)² is our
     # importance·ΣΩ(θ-θ*)², with ξ as their eps.
