@@ -12,7 +12,10 @@ through
   callback (``ours/naive``: no callback);
 - **avalanche/M**: ``avalanche-lib`` 0.6.0's ``Naive`` strategy with method M's plugin, in a worker
   process of its own virtual environment (``--peer-python``), fed the same tensors and the same
-  initial weights through a file.
+  initial weights through a file; **avalanche/loop** is the plain loop (the same function) in that
+  environment, whose torch differs from ours;
+- **avalanche/ewc_batch**: a check, Avalanche's EWC with its λ scaled by the batch size
+  (``PEER_CHECKS``: what the EWC gap comes from).
 
 Each method's hyper-parameters are ours, mapped onto Avalanche's so that both compute the same
 objective where the definitions allow (``MAPPINGS``: what is mapped, and what still differs).
