@@ -551,11 +551,11 @@ def _run_settings(flags: dict[tuple[str, str], dict[str, Any]], seeds: list[int]
 
 def _benchmarks(settings: Namespace, scenarios: list[str]) -> tuple[dict[str, Any], Any]:
     """The protocol's task sequence per scenario (classes 0..9 in order, two a task) and the data read."""
-    from neurenix.cli.runs import _read_source
+    from neurenix.cli.runs import read_source
     from neurenix.data import split_benchmark
 
     try:
-        source, data = _read_source(Namespace(dataset=settings.dataset, data_root=settings.root, download=settings.download))
+        source, data = read_source(Namespace(dataset=settings.dataset, data_root=settings.root, download=settings.download))
     except CompareError as error:  # the compare command's words, with this command's option
         raise CompareError(_our_option(str(error))) from None
     data.warnings = [_our_option(warning) for warning in data.warnings]

@@ -70,7 +70,7 @@ from neurenix.metrics import ForgettingCurves
 
 __all__ = [
     "CurveRecorder", "DataSource", "MLPClassifier", "MethodRun", "SequenceProgressBar", "cpu_threads", "load_benchmark",
-    "make_trainer", "method_callbacks", "quiet_lightning", "run_many", "run_method", "run_seed", "task_label",
+    "make_trainer", "method_callbacks", "quiet_lightning", "read_source", "run_many", "run_method", "run_seed", "task_label",
 ]
 
 
@@ -343,7 +343,7 @@ def load_benchmark(settings: Any) -> tuple[TaskSequence, DataSource]:
         CompareError: the data is missing, unreadable, or not the dataset asked for.
         UsageError: the settings do not fit the data (the benchmark's own checks).
     """
-    source, data = _read_source(settings)
+    source, data = read_source(settings)
     options = dict(num_tasks=settings.num_tasks, seed=run_seed(settings), scenario=settings.scenario)
     try:
         if settings.benchmark == "split":
@@ -353,7 +353,7 @@ def load_benchmark(settings: Any) -> tuple[TaskSequence, DataSource]:
         raise UsageError(str(error)) from None
 
 
-def _read_source(settings: Any) -> tuple[Any, DataSource]:
+def read_source(settings: Any) -> tuple[Any, DataSource]:
     """The (train, test) datasets of ``--dataset`` (``"digits"``: its name), each error as :class:`CompareError`."""
     if settings.dataset == "digits":
         return "digits", DataSource("digits")
