@@ -36,6 +36,7 @@ __all__ = [
     "running_statistics_kept",
     "takes_task_ids",
     "trainable_parameters",
+    "uncompiled",
     "widened_mask",
 ]
 
@@ -110,8 +111,19 @@ def widened_mask(mask: Optional[Tensor], width: int, device: Optional[torch.devi
 _TAKES_TASK_IDS: "weakref.WeakKeyDictionary[nn.Module, tuple[Callable[..., Any], bool]]" = weakref.WeakKeyDictionary()
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module that ``torch.compile`` wrapped (``model`` itself when it is not compiled).
+
+    A compiled module's own ``forward`` takes ``(*args, **kwargs)``: the signature that says
+    whether a model takes task ids is its original module's.
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
 def takes_task_ids(model: nn.Module) -> bool:
     """Whether ``model``'s forward takes a second positional argument (a multi-head model's task ids)."""
+    model = uncompiled(model)
     forward = model.forward
     function = getattr(forward, "__func__", None)
     if function is None or forward.__self__ is not model:  # a callable set on the instance: not cached
@@ -139,7 +151,7 @@ def _forward_takes_task_ids(forward: Callable[..., Any]) -> bool:
 def requires_task_ids(model: nn.Module) -> bool:
     """Whether ``model``'s forward cannot run without task ids: a second positional parameter with no default."""
     try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
+        parameters = list(inspect.signature(uncompiled(model).forward).parameters.values())
     except (TypeError, ValueError):
         return False
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
