@@ -197,6 +197,17 @@ def test_a_cumulative_run_resumed_in_its_last_task_equals_the_uninterrupted_run(
         assert_equal(run(tmp_path, ckpt_path=str(tmp_path / f"step={step}.ckpt"), training="cumulative"), uninterrupted, f"from step {step}")
 
 
+def test_a_joint_run_resumed_inside_its_one_fit_equals_the_uninterrupted_run(tmp_path):
+    """One fit on the 60 samples of the three tasks: 10 batches an epoch, 2 epochs, 20 steps; step 5
+    is inside the first epoch, step 15 inside the second."""
+    uninterrupted = run(tmp_path, training="joint")
+    assert uninterrupted["step"] == 20
+    for step in (5, 15):
+        checkpoint = torch.load(tmp_path / f"step={step}.ckpt", weights_only=True)
+        assert checkpoint["TaskSequenceDataModule"]["current_task"] == 2  # joint trains as the last task
+        assert_equal(run(tmp_path, ckpt_path=str(tmp_path / f"step={step}.ckpt"), training="joint"), uninterrupted, f"from step {step}")
+
+
 def test_a_checkpoint_of_another_regime_is_refused_before_anything_changes(tmp_path):
     run(tmp_path, training="cumulative")
     datamodule = TaskSequenceDataModule(numbered_tasks(), numbered_tasks(100))
@@ -273,3 +284,52 @@ def test_each_fit_marks_the_classes_it_trains_on_seen_before_its_first_step(trai
     assert record.at_start == expected  # marked before the fit's first step
     assert record.at_end == expected
     assert mask.seen_classes == [0, 1, 2, 3, 4, 5]
+
+
+def masked_distillation_run(directory, ckpt_path=None) -> dict:
+    """Three class-incremental tasks (classes 0-1, 2-3, 4-5) through a SeenClassMask, with
+    distillation (its teacher a copy of the model, mask included); checkpoints every 3 steps."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from neurenix.continual import KnowledgeDistillation, SeenClassMask
+
+    torch.manual_seed(100 if ckpt_path else 0)  # a resumed run starts from other weights
+    mask = SeenClassMask(6)
+    model = lit_classifier(nn.Sequential(nn.Linear(4, 6), mask))
+    distillation = KnowledgeDistillation(model.net, alpha="1-1/t")
+    checkpoints = [] if ckpt_path else [ModelCheckpoint(dirpath=directory, filename="{step}", every_n_train_steps=3, save_top_k=-1)]
+    teachers = TeacherMasks(distillation)
+    trainer = quiet_trainer(callbacks=[distillation, teachers, *checkpoints], enable_checkpointing=not ckpt_path)
+    datamodule = TaskSequenceDataModule(class_tasks(), class_tasks(), batch_size=4)
+    fit_sequence(trainer, model, datamodule, epochs_per_task=2, ckpt_path=ckpt_path)
+    return {"params": [p.detach().clone() for p in model.parameters()], "seen": mask.seen.clone(),
+            "teacher_seen": teachers.seen, "step": trainer.global_step}
+
+
+class TeacherMasks(Callback):
+    """The seen classes of the distillation teacher's mask during each fit, read at its last batch
+    (the fit's end makes the task's own teacher)."""
+
+    def __init__(self, distillation) -> None:
+        self.distillation, self.seen = distillation, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        teacher = self.distillation.teacher
+        self.last = None if teacher is None else teacher.state_dict()["1.seen"].nonzero().flatten().tolist()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seen.append(self.last)
+
+
+def test_a_masked_run_resumed_mid_task_keeps_its_seen_classes_and_its_teachers(tmp_path):
+    """Steps 1-4 are task 0 (2 batches x 2 epochs), 5-8 task 1, 9-12 task 2: step 6 is inside task 1
+    (classes 0-3 marked, the teacher's 0-1), step 9 inside task 2."""
+    uninterrupted = masked_distillation_run(tmp_path)
+    assert uninterrupted["step"] == 12
+    assert uninterrupted["seen"].tolist() == [True] * 6
+    assert uninterrupted["teacher_seen"] == [None, [0, 1], [0, 1, 2, 3]]  # each teacher knows its own classes
+    for step in (6, 9):
+        resumed = masked_distillation_run(tmp_path, ckpt_path=str(tmp_path / f"step={step}.ckpt"))
+        resumed_tasks = len(resumed["teacher_seen"])  # the resumed run's fits: from its checkpoint's task on
+        assert resumed["teacher_seen"] == uninterrupted["teacher_seen"][-resumed_tasks:], f"from step {step}"
+        assert_equal({k: resumed[k] for k in ("params", "seen", "step")}, {k: uninterrupted[k] for k in ("params", "seen", "step")}, f"from step {step}")
