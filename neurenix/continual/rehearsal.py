@@ -426,12 +426,21 @@ def with_replayed(
 def _task_of_every_batch(trainer: "pl.Trainer") -> Optional[int]:
     """The task id in every training batch of this fit, where the data says so without reading a
     batch: the fit's training loader serves a :class:`~neurenix.data.TaskDataset` (one task id for
-    all its samples, as a :class:`~neurenix.data.TaskSequenceDataModule` serves each task); else
-    ``None``."""
-    from neurenix.data import TaskDataset  # neurenix.data imports neurenix.continual
+    all its samples, as a :class:`~neurenix.data.TaskSequenceDataModule` serves each task), or a
+    :class:`~neurenix.data.ConcatTaskDataset` whose members all have one task id; else ``None``.
+
+    With more than one id, each batch's ids stay a tensor: a reservoir stores them as they are
+    (no read), while a task-balanced memory (A-GEM's, GEM's) groups samples by task on the host,
+    which reads the batch's ids once per insert.
+    """
+    from neurenix.data import ConcatTaskDataset, TaskDataset  # neurenix.data imports neurenix.continual
 
     dataset = getattr(trainer.train_dataloader, "dataset", None)
-    return dataset.task_id if isinstance(dataset, TaskDataset) and dataset.with_task_ids else None
+    if isinstance(dataset, TaskDataset) and dataset.with_task_ids:
+        return dataset.task_id
+    if isinstance(dataset, ConcatTaskDataset) and dataset.with_task_ids and len(set(dataset.task_ids)) == 1:
+        return dataset.task_ids[0]
+    return None
 
 
 def warn_at_caller(message: str) -> None:

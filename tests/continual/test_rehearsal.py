@@ -341,6 +341,30 @@ def test_batches_of_other_datasets_give_the_memory_their_own_task_ids(monkeypatc
     assert method.memory.group_sizes() == {0: 12, 1: 12}
 
 
+@pytest.mark.parametrize("member_tasks, as_int", [((1, 1), True), ((0, 1), False)], ids=["one-task", "two-tasks"])
+def test_a_concatenation_of_one_task_s_datasets_gives_the_memory_that_task_as_an_int(monkeypatch, member_tasks, as_int):
+    from neurenix.data import ConcatTaskDataset, TaskDataset
+
+    generator = torch.Generator().manual_seed(0)
+    members = [
+        TaskDataset(x, y, task_id=task, with_task_ids=True)
+        for task, x, y in ((task, torch.rand(12, 64, generator=generator), torch.randint(0, 5, (12,), generator=generator)) for task in member_tasks)
+    ]
+    model = lit_multi_head(TwoHeads())
+    method = AGEM(model.model, memory_size=40, seed=0)
+    given = []
+    original = TaskBalancedMemory.add
+    monkeypatch.setattr(TaskBalancedMemory, "add", lambda self, x, y, t, **e: given.append(t) or original(self, x, y, t, **e))
+    trainer = quiet_trainer(callbacks=[method], max_epochs=1)
+    trainer.fit(model, torch.utils.data.DataLoader(ConcatTaskDataset(members), batch_size=8))
+    assert len(given) == 3
+    if as_int:  # no read of the batch's task ids: every sample is of task 1
+        assert given == [1, 1, 1] and method.memory.group_sizes() == {1: 24}
+    else:  # ids of two tasks: read per batch, each sample grouped by its own
+        assert all(isinstance(ids, torch.Tensor) for ids in given)
+        assert method.memory.group_sizes() == {0: 12, 1: 12}
+
+
 def test_a_fit_that_fails_leaves_no_task_id_for_later_batches():
     benchmark = split_benchmark("digits", num_tasks=2, scenario="task", seed=0)
     datamodule = TaskSequenceDataModule.from_benchmark(benchmark, batch_size=64)
