@@ -7,12 +7,17 @@ recorded with the line that made them (``.item()``, ``.tolist()``, ``bool()``/``
 ``float()``/``__index__`` of a tensor, ``.cpu()``/``.numpy()``, ``torch.nonzero``/``argwhere``,
 ``torch.unique``, ``masked_select``, one-argument ``torch.where``, and indexing with a boolean
 tensor, whose result's size depends on the values).
+
+Each read keeps the files of its call stack, so that a test can keep the reads that a package's
+code made, directly or through the functions it called (:meth:`HostReads.made_in`): under a
+Lightning Trainer, Lightning's own reads are not the library's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -22,18 +27,36 @@ _TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__inde
 _TORCH_FUNCTIONS = ("nonzero", "argwhere", "unique", "masked_select", "unique_consecutive")
 
 
+class HostRead(str):
+    """One read, ``"what at dir/file:line"`` (the innermost line outside torch's tensor wrappers),
+    with the files of every frame of its call stack (:attr:`stack_files`)."""
+
+    stack_files: tuple[str, ...]
+
+
 class HostReads(list):
-    """The recorded reads, each ``"what at file:line"``."""
+    """The recorded reads (:class:`HostRead`), in order."""
 
     def __str__(self) -> str:
         return "\n".join(self)
 
+    def made_in(self, root: str) -> "HostReads":
+        """The reads whose call stack passes through a file under the folder ``root`` (a package's
+        code made them, directly or through what it called)."""
+        root = str(Path(root).resolve())
+        return HostReads(read for read in self if any(file.startswith(root) for file in read.stack_files))
 
-def _caller() -> str:
-    for frame in reversed(traceback.extract_stack()[:-2]):
+
+def _read(what: str) -> HostRead:
+    stack = traceback.extract_stack()[:-2]  # without this function and the recording wrapper
+    where = "?"
+    for frame in reversed(stack):
         if not frame.filename.endswith(("host_reads.py", "torch/_tensor.py", "torch/functional.py")):
-            return f"{'/'.join(frame.filename.rsplit('/', 2)[-2:])}:{frame.lineno}"
-    return "?"
+            where = f"{'/'.join(frame.filename.rsplit('/', 2)[-2:])}:{frame.lineno}"
+            break
+    read = HostRead(f"{what} at {where}")
+    read.stack_files = tuple(str(Path(frame.filename).resolve()) for frame in stack)
+    return read
 
 
 def _is_bool_index(index: Any) -> bool:
@@ -52,7 +75,7 @@ def host_reads() -> Iterator[HostReads]:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if depth[0] == 0 and condition(*args, **kwargs):
-                reads.append(f"{name} at {_caller()}")
+                reads.append(_read(name))
             depth[0] += 1
             try:
                 return original(*args, **kwargs)

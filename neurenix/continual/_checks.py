@@ -113,3 +113,20 @@ def check_finite_samples(name: str, batch: torch.Tensor) -> None:
         f"{name} must hold finite values, got NaN or infinity in {bad.numel()} of {batch.shape[0]} "
         f"samples (the first: sample {int(bad[0])})"
     )
+
+
+def reads_cost_nothing(tensor: torch.Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host is free: a CPU tensor. On an accelerator a
+    read makes the host wait for every queued kernel (a synchronization), so checks that would
+    read are kept on the device instead (:func:`any_non_finite`)."""
+    return tensor.device.type == "cpu"
+
+
+def any_non_finite(*batches: torch.Tensor) -> torch.Tensor:
+    """Whether any of the floating-point ``batches`` holds NaN or an infinity: a 0-d bool tensor on
+    the first batch's device, computed there without reading anything on the host."""
+    flag = torch.zeros((), dtype=torch.bool, device=batches[0].device)
+    for batch in batches:
+        if batch.is_floating_point() or batch.is_complex():
+            flag = flag | ~torch.isfinite(batch).all().to(flag.device)
+    return flag

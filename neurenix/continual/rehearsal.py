@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from neurenix.continual import _checks
 from neurenix.continual._checks import (
+    any_non_finite,
     check_batch,
     check_choice,
     check_finite_samples,
@@ -121,6 +123,9 @@ class RehearsalMethod(ContinualCallback):
         self._task_first_epoch: Optional[int] = None
         #: Whether the running epoch's training batches are offered to the memory.
         self._offering = True
+        #: ``add_to_memory`` calls on an accelerator whose samples held NaN or infinities, counted
+        #: on the device and raised at the next point that synchronizes anyway.
+        self._non_finite = NonFiniteOffers()
 
     def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
         check_batch(inputs, targets)
@@ -144,14 +149,26 @@ class RehearsalMethod(ContinualCallback):
         the other, in either order (a warning): the Neurenix continual-learning API's replay loop
         calls both.
 
+        Samples holding NaN or infinite values (in ``inputs``, or in floating-point ``targets``)
+        would be kept and replayed until replaced. On the CPU, where reading values costs nothing,
+        such a batch is refused at once, before anything is stored. On an accelerator the check
+        runs on the device without making the host wait (no synchronization per call): the batch
+        is stored, the call is counted on the device, and the ``ValueError`` comes at the next
+        point that synchronizes anyway: the task's end (its consolidation), :meth:`state_dict`
+        (so no checkpoint ever holds such a memory: the last one written is clean), and under a
+        Trainer the end of the fit and each checkpoint. It names the first such call (its number
+        among this task's ``add_to_memory`` calls), its task and how many calls there were; the
+        memory then holds those samples: resume from the last checkpoint (docs/reliability.md).
+        Training batches that a Trainer offers to the memory are not scanned, as no training
+        step is.
+
         Raises:
             TypeError / ValueError: not tensors, different sample counts, a non-int task id,
                 targets that are not class labels where the method needs them, or shapes/dtypes
                 that differ from the samples the memory already holds.
-            ValueError: ``inputs`` (or floating-point ``targets``) hold NaN or infinite values,
-                which the memory would keep and replay until they are replaced. (Training
-                batches that a Trainer offers to the memory are not scanned, as no training
-                step is: docs/reliability.md.)
+            ValueError: on the CPU, ``inputs`` (or floating-point ``targets``) hold NaN or
+                infinite values (nothing is stored then); on an accelerator, at the next
+                synchronizing point after such a call (see above).
         """
         check_batch(inputs, targets)
         task_id = check_task_id(task_id)
@@ -166,10 +183,15 @@ class RehearsalMethod(ContinualCallback):
             self._last_stored = None  # a later offer of the same tensor is a new one
             return
         self.check_targets(targets)
-        check_finite_samples("inputs", inputs)
-        check_finite_samples("targets", targets)
+        deferred = not _checks.reads_cost_nothing(inputs)
+        if not deferred:
+            check_finite_samples("inputs", inputs)
+            check_finite_samples("targets", targets)
         self.memory.check_batch(inputs, targets)
         self.prepare_for_device()
+        call = self._non_finite.count_call(task_id)
+        if deferred:
+            self._non_finite.note(any_non_finite(inputs, targets), call, task_id)
         task_ids = torch.full((inputs.shape[0],), task_id, dtype=torch.long, device=self.memory.device)
         self._remember(inputs.detach(), targets.detach(), task_id, **self._extras_of(inputs, task_ids))
         self._last_stored = ("add_to_memory", weakref.ref(inputs))
@@ -224,6 +246,7 @@ class RehearsalMethod(ContinualCallback):
             self.memory.add(inputs, targets, task_ids, **extras)
 
     def _consolidate(self, task_id: int, data: Any) -> None:
+        self.raise_non_finite_offers()  # before the task ends: its state stays as it was
         super()._consolidate(task_id, data)
         if self.selection is not None:
             self._select_exemplars(task_id, data)
@@ -268,6 +291,12 @@ class RehearsalMethod(ContinualCallback):
     def _begin_task(self, task_id: int) -> None:
         super()._begin_task(task_id)
         self._task_first_epoch = None
+
+    def raise_non_finite_offers(self) -> None:
+        """Raise the ``ValueError`` that :meth:`add_to_memory` deferred on an accelerator, if any
+        of its calls gave NaN or infinite values (this reads the device: once, where the caller
+        synchronizes anyway)."""
+        self._non_finite.raise_if_any(type(self).__name__)
 
     def _remember_batch(self, batch: Any) -> None:
         """Offer a Lightning training batch's samples to the memory (with ``offer="once"``, in
@@ -314,6 +343,7 @@ class RehearsalMethod(ContinualCallback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.raise_non_finite_offers()
         self._fit_batches_task = None
         self._offering = True
         super().on_train_end(trainer, pl_module)
@@ -330,10 +360,18 @@ class RehearsalMethod(ContinualCallback):
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The state (:meth:`ContinualMethod.state_dict`), the memory's included.
+
+        Raises:
+            ValueError: an :meth:`add_to_memory` call on an accelerator gave NaN or infinite
+                values: no state holding such a memory is returned.
+        """
+        self.raise_non_finite_offers()
         return {**super().state_dict(), "memory": self.memory.state_dict(), "task_first_epoch": self._task_first_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._non_finite = NonFiniteOffers()  # the loaded memory is what a clean state_dict held
         self._task_first_epoch = state_dict.get("task_first_epoch")  # older checkpoints: the resumed fit's
         self.memory.device = self.device
         per_rank = state_dict.get("memory_per_rank")
@@ -347,12 +385,62 @@ class RehearsalMethod(ContinualCallback):
 
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        self.raise_non_finite_offers()  # Lightning asked state_dict already; a subclass may not
         # Under DDP every rank keeps its own memory of its own shard of the stream, and only
         # rank 0 writes the checkpoint: gather all of them into it, so that nothing is lost.
         if rank_and_world_size()[1] == 1:
             return
         states = all_gather_objects(_on_cpu(self.memory.state_dict()))
         checkpoint["callbacks"][self.state_key]["memory_per_rank"] = states
+
+
+class NonFiniteOffers:
+    """The ``add_to_memory`` calls on an accelerator whose samples held NaN or infinities,
+    counted on the device (no synchronization per call) and raised where the host reads anyway.
+
+    The host counts each task's calls; the device keeps how many calls were bad and the first
+    bad one's number and task.
+    """
+
+    def __init__(self) -> None:
+        #: Calls so far per task id (on the host: the call numbers the message names).
+        self.calls: dict[int, int] = {}
+        #: ``[bad calls, the first bad call's number, its task]`` on the device (``None``: none noted).
+        self._record: Optional[Tensor] = None
+
+    def count_call(self, task_id: int) -> int:
+        """The number (from 1) of this ``add_to_memory`` call among task ``task_id``'s."""
+        self.calls[task_id] = self.calls.get(task_id, 0) + 1
+        return self.calls[task_id]
+
+    def note(self, bad: Tensor, call: int, task_id: int) -> None:
+        """Fold call ``call`` of task ``task_id``, bad where the 0-d bool ``bad`` says, into the record."""
+        record = self._record
+        if record is None:  # filled on the device: not even a copy from the host
+            record = torch.full((3,), -1, dtype=torch.long, device=bad.device)
+            record[0] = 0
+        elif record.device != bad.device:  # samples from another device (rare): the record follows
+            record = record.to(bad.device)
+        first = bad & (record[0] == 0)
+        self._record = torch.stack([
+            record[0] + bad.to(torch.long),
+            torch.where(first, call, record[1]),
+            torch.where(first, task_id, record[2]),
+        ])
+
+    def raise_if_any(self, owner: str) -> None:
+        """Raise ``ValueError`` if a noted call was bad (reads the record: one synchronization)."""
+        if self._record is None:
+            return
+        bad, call, task_id = self._record.tolist()
+        if bad:
+            raise ValueError(
+                f"{owner}.add_to_memory got NaN or infinite values in {bad} call{'s' if bad > 1 else ''} on "
+                f"{self._record.device.type}, the first being call {call} of task {task_id} (checked on the device "
+                "without waiting for it, and raised here, at the next point that synchronizes): the memory holds "
+                "those samples and would replay them. Find where the values come from, and resume from the last "
+                "checkpoint (no checkpoint is written with them)"
+            )
 
 
 class AppendsReplayedSamples:

@@ -33,3 +33,24 @@ def test_non_finite_samples_are_counted_and_the_first_named(values, bad, first):
         batch[sample, 1] = value
     with pytest.raises(ValueError, match=rf"inputs must hold finite values, got NaN or infinity in {bad} of 5 samples \(the first: sample {first}\)"):
         check_finite_samples("inputs", batch)
+
+
+@pytest.mark.parametrize(
+    "batches, expected",
+    [
+        ((torch.ones(3, 2), torch.tensor([0, 1, 2])), False),
+        ((torch.tensor([[1.0, float("nan")]]), torch.tensor([0])), True),
+        ((torch.ones(2, 2), torch.tensor([0.5, float("-inf")])), True),  # float targets are looked at too
+        ((torch.full((2,), torch.finfo(torch.float32).max),), False),  # finite values whose sum overflows
+        ((torch.tensor([1 + 1j, complex(float("inf"), 0)]),), True),
+    ],
+)
+def test_any_non_finite_is_a_flag_on_the_device_that_reads_nothing(batches, expected):
+    from neurenix.continual._checks import any_non_finite
+    from tests.host_reads import host_reads
+
+    with host_reads() as reads:
+        flag = any_non_finite(*batches)
+    assert not reads, str(reads)
+    assert flag.shape == () and flag.dtype == torch.bool and flag.device == batches[0].device
+    assert bool(flag) is expected

@@ -25,7 +25,7 @@ from neurenix.continual.distributed import mean_across_ranks_
 from neurenix.continual.memory import ReservoirMemory, TaskBalancedMemory
 from neurenix.continual.rehearsal import RehearsalMethod, redistributed_memory
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
-from tests.helpers import lit_classifier, lit_multi_head, make_mlp, quiet_trainer
+from tests.helpers import lit_classifier, lit_multi_head, make_mlp, quiet_trainer, saved_and_loaded
 from tests.host_reads import host_reads
 
 CPU = torch.device("cpu")
@@ -401,3 +401,82 @@ def test_the_offer_option_is_the_base_s_for_every_rehearsal_method(offer, offers
     assert method.memory.num_seen == 12 * offers and len(method.memory) == 12 * offers
     with pytest.raises(ValueError, match="offer must be one of 'every_epoch', 'once'; got 'always'"):
         RemembersEachBatch(module.net, "always")
+
+
+# ---------------------------------------------------------------------------------------------- non-finite samples
+@pytest.fixture
+def on_an_accelerator(monkeypatch):
+    """add_to_memory takes its accelerator path (reads cost a synchronization there) on the CPU."""
+    from neurenix.continual import _checks
+
+    monkeypatch.setattr(_checks, "reads_cost_nothing", lambda tensor: False)
+
+
+def _with_nan(x: torch.Tensor, sample: int) -> torch.Tensor:
+    x = x.clone()
+    x[sample, 0] = float("nan")
+    return x
+
+
+def test_on_the_cpu_a_non_finite_sample_is_refused_at_once_and_nothing_is_stored():
+    method = ExperienceReplay(make_mlp(), memory_size=20, seed=0)
+    x, y = next(_step_batches(0))
+    with pytest.raises(ValueError, match=r"inputs must hold finite values, got NaN or infinity in 1 of 8 samples \(the first: sample 2\)"):
+        method.add_to_memory(_with_nan(x, 2), y, 0)
+    assert len(method.memory) == 0 and method.memory.num_seen == 0
+
+
+def test_on_an_accelerator_non_finite_samples_are_flagged_without_a_read_and_raised_where_the_host_syncs(on_an_accelerator):
+    model = make_mlp()
+    method = ExperienceReplay(model, memory_size=40, seed=0)
+    batches = list(_step_batches(0, steps=5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches[:2]:
+        method.train_step(optimizer, nn.functional.cross_entropy, x, y, 0)
+        method.add_to_memory(x, y, 0)
+    clean = saved_and_loaded(method.state_dict())
+    with host_reads() as reads:  # no check reads the device: the bad samples are stored, flagged
+        method.add_to_memory(_with_nan(batches[2][0], 5), *batches[2][1:], 0)
+        method.add_to_memory(*batches[3], 0)
+        method.add_to_memory(batches[4][0].index_fill(0, torch.tensor([7]), float("inf")), batches[4][1], 0)
+    assert not reads, str(reads)
+    assert len(method.memory) == 40 and not torch.isfinite(method.memory.state_dict()["inputs"]).all()
+
+    message = (r"ExperienceReplay.add_to_memory got NaN or infinite values in 2 calls on cpu, the first being call 3 "
+               r"of task 0 \(checked on the device .*\): the memory holds those samples and would replay them\. .*"
+               r"resume from the last checkpoint")
+    with pytest.raises(ValueError, match=message):
+        method.state_dict()  # no state holding them is returned
+    with pytest.raises(ValueError, match=message):
+        method.register_task(1)  # the task's end: it is not consolidated
+    assert method.active_task == 0 and method.finished_tasks == []
+
+    method.load_state_dict(clean)  # resumed from the last clean state: the flag goes with the memory
+    assert torch.equal(method.state_dict()["memory"]["inputs"], clean["memory"]["inputs"])
+    method.register_task(1)
+    assert method.finished_tasks == [0]
+
+
+def test_under_a_trainer_no_checkpoint_holds_a_memory_with_non_finite_samples(on_an_accelerator, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = lit_classifier(make_mlp())
+    method = ExperienceReplay(module.net, memory_size=40, seed=0)
+    plain_step = module.training_step
+
+    def step_offering_extra_samples(batch, batch_idx):
+        x = batch[0] + 1  # samples it does not train on
+        method.add_to_memory(_with_nan(x, 0) if batch_idx == 2 else x, batch[1], 0)
+        return plain_step(batch, batch_idx)
+
+    module.training_step = step_offering_extra_samples
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = quiet_trainer(callbacks=[method, checkpoints], max_epochs=1, enable_checkpointing=True)
+    x = torch.randn(32, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="ExperienceReplay.add_to_memory got NaN or infinite values in 1 call on cpu, the first being call 3 of task 0"):
+        trainer.fit(module, DataLoader(TensorDataset(x, torch.arange(32) % 3), batch_size=8))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step=1.ckpt", "step=2.ckpt"]  # written before the NaN
+    last = torch.load(tmp_path / "step=2.ckpt", weights_only=True)
+    memory = last["callbacks"][method.state_key]["memory"]
+    assert memory["inputs"].shape[0] == 32 and torch.isfinite(memory["inputs"]).all()
