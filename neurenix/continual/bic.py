@@ -136,6 +136,9 @@ class BiC(DistilledExemplars):
         self.shift: Optional[Tensor] = None
         #: ``(task_id, α, β)`` of every correction fitted, in order.
         self.corrections: list[tuple[int, float, float]] = []
+        #: The memory's layout (samples offered, held, its rank storage) and the replayed slots
+        #: found in it: exemplars change only when a task's are chosen or a state is loaded.
+        self._training_slots: Optional[tuple[tuple[int, int, Optional[Tensor]], Tensor]] = None
 
     @override
     def _default_features(self, model: nn.Module, selection: str) -> Optional[nn.Module]:
@@ -154,8 +157,17 @@ class BiC(DistilledExemplars):
         return held_out_ranks(ranks, self.held_out)
 
     def training_slots(self) -> Tensor:
-        """The slots of the exemplars that are replayed (all but the held-out ones)."""
-        return torch.nonzero(~self._held_out_mask()).flatten()
+        """The slots of the exemplars that are replayed (all but the held-out ones).
+
+        Searched once per set of exemplars (a read from the device) and kept while the memory
+        holds the same ones: every step replays from them without a synchronization.
+        """
+        memory = self.memory
+        layout = (memory.num_seen, len(memory), memory._fields.get(memory.rank_field))  # type: ignore[attr-defined]
+        kept = self._training_slots
+        if kept is None or kept[0][:2] != layout[:2] or kept[0][2] is not layout[2]:
+            kept = self._training_slots = (layout, torch.nonzero(~self._held_out_mask()).flatten())
+        return kept[1]
 
     def held_out_slots(self) -> Tensor:
         """The slots of the held-out exemplars (the bias fit's validation set)."""
@@ -207,6 +219,7 @@ class BiC(DistilledExemplars):
     def _before_snapshot(self, task_id: int) -> None:
         if self.memory_size > 0 and self._old_classes is not None:  # the same on every rank
             self._fit_correction(task_id)
+        self.training_slots()  # found now, at the task's end: the next task's steps read nothing
 
     def _fit_correction(self, task_id: int) -> None:
         """Stage 2: ``(α, β)`` of the classes new in this task, fitted on every rank's held-out logits."""

@@ -176,30 +176,32 @@ class GDumb(RehearsalMethod):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.reset_model()
-        losses = torch.zeros(epochs, dtype=torch.float64)
+        # Summed on the memory's device and read once at the end: no step waits for the host.
+        losses = torch.zeros(epochs, dtype=torch.float64, device=self.memory.device)
         with _training_mode(self.model):
             for epoch in range(epochs):
                 losses[epoch] = self._epoch_on_memory(optimizer, loss_fn, batch_size, generator)
         self.memory_trainings += 1
-        return losses
+        return losses.cpu()
 
     def _epoch_on_memory(
         self, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Tensor, Tensor], Tensor], batch_size: int, generator: Optional[torch.Generator]
-    ) -> float:
-        """One pass over the memory; the mean of the batches' losses, weighted by batch size."""
+    ) -> Tensor:
+        """One pass over the memory; the mean of the batches' losses, weighted by batch size (a
+        float64 scalar on the memory's device: the steps read nothing)."""
         size = len(self.memory)
         if generator is None:
             order = self.memory.draw(size)
         else:
             order = torch.randperm(size, generator=generator).to(self.memory.device)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.memory.device)
         for slots in order.split(batch_size):
             inputs, targets, task_ids = self.memory.take(slots)
             optimizer.zero_grad()
             loss = loss_fn(self.model(*model_arguments(self.model, inputs, task_ids)), targets)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * slots.shape[0]
+            total += loss.detach().to(total.device, torch.float64) * slots.shape[0]
         return total / size
 
     # ---------------------------------------------------------------------------- Lightning side
