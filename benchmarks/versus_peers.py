@@ -10,10 +10,11 @@ through
   ``TensorDataset``, no method (what Lightning itself costs);
 - **ours/M**: our Lightning path: ``TaskSequenceDataModule`` + ``fit_sequence`` + method M's
   callback (``ours/naive``: no callback);
-- **avalanche/M**: ``avalanche-lib`` 0.6.0's ``Naive`` strategy with method M's plugin, in a worker
-  process of its own virtual environment (``--peer-python``), fed the same tensors and the same
-  initial weights through a file; **avalanche/loop** is the plain loop (the same function) in that
-  environment, whose torch differs from ours;
+- **avalanche/M**: ``avalanche-lib`` 0.6.0's ``Naive`` strategy with method M's plugin (or M's own
+  strategy where Avalanche has one: ``DER``, ``ER_ACE``, ``ICaRL``), in a worker process of its own
+  virtual environment (``--peer-python``), fed the same tensors and the same initial weights through
+  a file; **avalanche/loop** is the plain loop (the same function) in that environment, whose torch
+  differs from ours;
 - **avalanche/ewc_batch**: a check, Avalanche's EWC with its λ scaled by the batch size
   (``PEER_CHECKS``: what the EWC gap comes from).
 
@@ -26,11 +27,13 @@ shuffling, on every side, so the accuracies are those of ``rounds`` seeds. Times
 sequence (method, trainer or strategy built, every task trained and consolidated), not of the data
 loading or the final evaluation; the tables give medians over the rounds and their ratios to the
 plain loop of the same run. Accuracy: the mean over tasks of the test accuracy after the last task,
-over the whole head (no task id), computed by the same function on both sides.
+over the whole head (no task id), computed by the same function on both sides, of each method's own
+prediction (iCaRL's nearest mean of exemplars, BiC's corrected logits, GDumb's retrained network).
 
     python benchmarks/versus_peers.py --peer-python /tmp/peers-venv/bin/python [--rounds 4]
         [--epochs 1] [--threads 2] [--data fashion_mnist|mnist|digits] [--root DIR]
-        [--methods naive,ewc,si,lwf,replay,mas,rwalk] [--quick] [--json PATH]
+        [--methods naive,ewc,si,lwf,replay,mas,rwalk,gem,agem,der,derpp,er_ace,icarl,bic,gdumb]
+        [--quick] [--json PATH]
 
 Without ``--peer-python`` only our side runs. ``--quick`` is a smoke mode (scikit-learn's digits,
 a 16-16 MLP, one round: seconds; the numbers mean nothing).
@@ -61,9 +64,16 @@ import continual_overhead as overhead  # noqa: E402
 from versus_peers_avalanche import build_mlp, plain_loop, task_accuracies  # noqa: E402
 
 from neurenix.continual import (  # noqa: E402
+    AGEM,
+    ERACE,
     EWC,
+    GEM,
     MAS,
+    BiC,
+    DarkExperienceReplay,
     ExperienceReplay,
+    GDumb,
+    ICaRL,
     KnowledgeDistillation,
     RWalk,
     SynapticIntelligence,
@@ -71,6 +81,10 @@ from neurenix.continual import (  # noqa: E402
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "versus_peers_avalanche.py"
+#: Scores of a batch of inputs, ``(N, classes)``: how a method predicts (its arg max).
+Predictor = Callable[[Tensor], Tensor]
+#: What a run returns: its optimizer steps, and its predictor where not the network's outputs.
+Outcome = tuple[int, Optional[Predictor]]
 NUM_TASKS = 5
 #: Our hyper-parameters: the documented defaults (distillation over the seen classes, the
 #: class-incremental choice; replay with exemplars drawn at random at each task's end, see MAPPINGS).
@@ -80,14 +94,24 @@ TEMPERATURE, DISTILLATION_ALPHA = 2.0, 0.5
 MEMORY_SIZE, REPLAY_RATIO = 1000, 0.5
 MAS_IMPORTANCE, MAS_SAMPLES = 1.0, 1000
 RWALK_IMPORTANCE, RWALK_ALPHA, RWALK_INTERVAL = 1.0, 0.9, 10
+#: The memory-based methods share replay's memory size and, where a ratio is theirs to set, its
+#: ratio; DER's weights and A-GEM's and GEM's settings are continual_overhead.py's.
+DER_ALPHA, DERPP_BETA = 0.2, 1.0
+AGEM_REFERENCE_SIZE, GEM_MARGIN = 256, 0.5
+#: BiC: Avalanche keeps its held-out (validation) set beside a memory of ``mem_size``, 10% of
+#: ``mem_size`` in size; ours holds both in ``memory_size``: 1,100 of which 1/11 (100) held out.
+BIC_HELD_OUT_SHARE = 0.1
+BIC_MEMORY = MEMORY_SIZE + round(BIC_HELD_OUT_SHARE * MEMORY_SIZE)
+BIC_HELD_OUT = round(BIC_HELD_OUT_SHARE * MEMORY_SIZE) / BIC_MEMORY
 #: The methods both sides have (naive: none, on both sides).
-METHODS = ("naive", "ewc", "si", "lwf", "replay", "mas", "rwalk")
+METHODS = ("naive", "ewc", "si", "lwf", "replay", "mas", "rwalk",
+           "gem", "agem", "der", "derpp", "er_ace", "icarl", "bic", "gdumb")
 #: Avalanche-only runs that test an explanation of a gap: ``ewc_batch`` multiplies EWC's
 #: ``ewc_lambda`` by the batch size, the factor by which its Fisher estimate is smaller than ours
 #: (MAPPINGS). Each runs when the method it checks is measured.
 PEER_CHECKS = {"ewc_batch": "ewc"}
 #: Methods whose LightningModule needs ContinualLossMixin (they change the batch or the loss).
-NEEDS_MIXIN = ("lwf", "replay")
+NEEDS_MIXIN = ("lwf", "replay", "der", "derpp", "er_ace", "icarl", "bic")
 
 
 @dataclass(frozen=True)
@@ -121,6 +145,17 @@ class Mapping:
     differs: str
 
 
+def replay_count(batch_size: int = DEFAULT.batch_size) -> int:
+    """Remembered samples joined to each batch of ``batch_size`` new ones: ``round(REPLAY_RATIO · B)``."""
+    return round(REPLAY_RATIO * batch_size)
+
+
+def icarl_replay_ratio(task_size: float) -> float:
+    """Our iCaRL's ``replay_ratio`` for tasks of ``task_size`` samples: ``M / D``, exemplars per new
+    sample when the exemplars are shuffled into the task's data (the paper, and Avalanche)."""
+    return MEMORY_SIZE / task_size
+
+
 def peer_settings(method: str) -> dict[str, Any]:
     """The Avalanche plugin's arguments that give our method's objective (see ``MAPPINGS``)."""
     if method in ("naive", "loop"):  # loop: our plain loop in their environment
@@ -140,6 +175,22 @@ def peer_settings(method: str) -> dict[str, Any]:
         return {"lambda_reg": MAS_IMPORTANCE, "alpha": 0.5}
     if method == "rwalk":  # no ½ on either side; EWC++'s moving average and the score interval as ours
         return {"ewc_lambda": RWALK_IMPORTANCE, "ewc_alpha": RWALK_ALPHA, "delta_t": RWALK_INTERVAL}
+    if method == "gem":  # their memory is per task: ours split over the tasks, as in the last task
+        return {"patterns_per_experience": MEMORY_SIZE // NUM_TASKS, "memory_strength": GEM_MARGIN}
+    if method == "agem":
+        return {"patterns_per_experience": MEMORY_SIZE // NUM_TASKS, "sample_size": AGEM_REFERENCE_SIZE}
+    if method in ("der", "derpp"):  # DER strategy; beta = 0 is DER, as ours
+        return {"mem_size": MEMORY_SIZE, "batch_size_mem": replay_count(), "alpha": DER_ALPHA,
+                "beta": DERPP_BETA if method == "derpp" else 0.0}
+    if method == "er_ace":  # ER_ACE strategy
+        return {"mem_size": MEMORY_SIZE, "batch_size_mem": replay_count()}
+    if method == "icarl":  # ICaRL strategy: exemplars join the task's data (ours: replay_ratio = M/D)
+        return {"memory_size": MEMORY_SIZE}
+    if method == "bic":  # their held-out set (10% of mem_size) is beside the memory, ours in it
+        return {"mem_size": MEMORY_SIZE, "batch_size_mem": replay_count(), "val_percentage": BIC_HELD_OUT_SHARE,
+                "T": int(TEMPERATURE)}
+    if method == "gdumb":
+        return {"mem_size": MEMORY_SIZE}
     raise ValueError(f"method must be one of {', '.join((*METHODS, *PEER_CHECKS))}, got {method!r}")
 
 
@@ -194,11 +245,93 @@ MAPPINGS = {
         "their score's ε is float32's machine epsilon (fixed, 1.2e-7), ours epsilon=1e-3; they apply "
         "the ReLU once to the averaged scores, we per interval; they get the unregularized gradient "
         "from an extra forward and backward pass each step, we read it before the penalty is added"),
+    "gem": Mapping(
+        f"GEM(memory_size={MEMORY_SIZE}, margin={GEM_MARGIN:g})",
+        f"GEMPlugin(patterns_per_experience={MEMORY_SIZE // NUM_TASKS}, memory_strength={GEM_MARGIN:g})",
+        f"memory_strength = margin (the lower bound on the dual variables); {MEMORY_SIZE // NUM_TASKS} = "
+        f"{MEMORY_SIZE}/{NUM_TASKS} samples per task, what our memory holds of each earlier task in the last "
+        "task; one constraint per earlier task, the gradient of the mean cross-entropy on all its memory",
+        f"their memory keeps {MEMORY_SIZE // NUM_TASKS} samples of each task (the first of a shuffled pass, at "
+        f"its end), ours {MEMORY_SIZE} split over the tasks seen (a reservoir of each task's stream during it): "
+        "earlier in the sequence we hold more of each earlier task (up to 1,000 in the second), so our "
+        "constraints are estimated on more samples and cost more; their quadratic program adds 0.001 to "
+        "the diagonal of GGᵀ (quadprog), ours is solved exactly (an active set in float64)"),
+    "agem": Mapping(
+        f"AGEM(memory_size={MEMORY_SIZE}, reference_size={AGEM_REFERENCE_SIZE})",
+        f"AGEMPlugin(patterns_per_experience={MEMORY_SIZE // NUM_TASKS}, sample_size={AGEM_REFERENCE_SIZE})",
+        f"sample_size = reference_size (the samples of each reference gradient); {MEMORY_SIZE // NUM_TASKS} "
+        "samples per task as for GEM; the same projection, g − (g·g_ref / g_ref·g_ref) g_ref when g·g_ref < 0",
+        "their reference batch takes sample_size // k samples of each of the k finished tasks (passes over "
+        "each task's memory), ours 256 drawn at random from all of them (equal shares: the same in "
+        "expectation); their memory per task is fixed and chosen at the task's end, ours shared as for GEM"),
+    "der": Mapping(
+        f"DarkExperienceReplay(memory_size={MEMORY_SIZE}, alpha={DER_ALPHA:g}, beta=0, replay_ratio={REPLAY_RATIO:g}, "
+        "selection='random')",
+        f"DER(mem_size={MEMORY_SIZE}, batch_size_mem={replay_count()}, alpha={DER_ALPHA:g}, beta=0)",
+        f"alpha = alpha (both F.mse_loss over samples and units), beta = 0; {replay_count()} remembered samples "
+        f"per batch of {DEFAULT.batch_size}; memory split evenly over the classes seen, drawn at random from each "
+        "task's data at its end, each sample's logits those of the network at that moment",
+        "their DER is a strategy of its own (a class-balanced memory filled at a task's end, the authors' "
+        "is a reservoir during training: so is our default, not compared); they draw memory batches as "
+        "shuffled passes, we draw distinct samples at random each step; one forward of the joined batch "
+        "against our forward per part (the same outputs: no batch norm here)"),
+    "derpp": Mapping(
+        f"DarkExperienceReplay(memory_size={MEMORY_SIZE}, alpha={DER_ALPHA:g}, beta={DERPP_BETA:g}, "
+        f"replay_ratio={REPLAY_RATIO:g}, selection='random')",
+        f"DER(mem_size={MEMORY_SIZE}, batch_size_mem={replay_count()}, alpha={DER_ALPHA:g}, beta={DERPP_BETA:g})",
+        "as DER, and beta = beta (the cross-entropy on remembered labels)",
+        "as DER; and their two memory terms share one batch of remembered samples, ours draw one each "
+        "(the authors' code draws two)"),
+    "er_ace": Mapping(
+        f"ERACE(memory_size={MEMORY_SIZE}, replay_ratio={REPLAY_RATIO:g})",
+        f"ER_ACE(mem_size={MEMORY_SIZE}, batch_size_mem={replay_count()})",
+        f"{replay_count()} replayed samples per batch of {DEFAULT.batch_size}; the incoming batch's cross-entropy over "
+        "the classes present in it, plus the replayed batch's; our memory a reservoir of the stream, which "
+        "at each task's end is what theirs is during the task (a class-balanced sample of every class seen)",
+        "their loss is half of ours (the mean of the two terms; Adam does not see the factor, up to its ε); "
+        "they score the replayed batch over every output unit (classes not met yet included), we over the "
+        "classes seen; their memory takes the whole task's data at its start (its classes then hold their "
+        "share at once), ours fills during the task; their first task trains with a plain cross-entropy "
+        "and no replay, ours with the masked term and replay from the reservoir"),
+    "icarl": Mapping(
+        f"ICaRL(memory_size={MEMORY_SIZE}, replay_ratio=M/D, selection='herding')",
+        f"ICaRL(memory_size={MEMORY_SIZE}, fixed_memory=True, feature_extractor=mlp[:-1], classifier=mlp[-1])",
+        "the same network split at its head (features: the last hidden layer's output); the same loss "
+        "(the mean binary cross-entropy, the teacher's sigmoid as the old classes' targets), herding on "
+        "normalized features, classes split the memory evenly; replay_ratio = M/D (1,000 of a task's "
+        "12,000 samples: 11 exemplars per batch of 128) is the exemplars' share of their batches; both "
+        "measured by the nearest mean of exemplars",
+        "they shuffle the exemplars into the task's data (about 118 new and 10 remembered samples per "
+        "batch, 102 steps a task), we append ours to each batch of 128 new samples (94 steps); their "
+        "herding stops after 1,000 iterations per class (a class may keep fewer), and keeps ceil(M/classes) "
+        "per class where ours keeps floor or ceil to sum to M"),
+    "bic": Mapping(
+        f"BiC(memory_size={BIC_MEMORY}, held_out=1/11, replay_ratio={REPLAY_RATIO:g}, selection='random', "
+        f"temperature={TEMPERATURE:g})",
+        f"BiCPlugin(mem_size={MEMORY_SIZE}, batch_size_mem={replay_count()}, val_percentage={BIC_HELD_OUT_SHARE:g}, "
+        f"T={TEMPERATURE:g})",
+        f"{MEMORY_SIZE} exemplars replayed and {round(BIC_HELD_OUT_SHARE * MEMORY_SIZE)} held out for the bias fit on "
+        f"both sides (theirs beside mem_size, ours inside memory_size); {replay_count()} exemplars per batch of "
+        f"{DEFAULT.batch_size}; λ = old classes / classes seen; both measured by their corrected logits",
+        "their distillation's soft targets are a softmax over the batch (dim=0), not over the classes, "
+        "at a temperature fixed at 2; their cross-entropy runs over every output unit, ours over the classes "
+        "learned; their held-out samples are taken out of the task's training data, ours chosen from it at "
+        "its end; they fit (α, β) by 200 epochs of SGD with 0.1·β²/2, we by Newton's method with "
+        "0.001/2·((α−1)²+β²); they correct only the last task's classes (the teacher's and at prediction), "
+        "we keep every task's correction"),
+    "gdumb": Mapping(
+        f"GDumb(memory_size={MEMORY_SIZE})",
+        f"GDumbPlugin(mem_size={MEMORY_SIZE})",
+        "a class-balanced memory of the stream; at each task the initial weights, then the task's epochs "
+        "on the memory alone with a fresh Adam",
+        "nothing in the method: each class keeps a uniform random sample of its stream on both sides "
+        "(their reservoir per class, ours)"),
 }
 
 
-def make_method(method: str, net: nn.Module, seed: int) -> list[Any]:
-    """Our callback for ``method`` with the hyper-parameters above (none for ``naive``)."""
+def make_method(method: str, net: nn.Module, seed: int, task_size: float = 12_000) -> list[Any]:
+    """Our callback for ``method`` with the hyper-parameters above (none for ``naive``); ``task_size``,
+    the tasks' mean number of training samples, sets iCaRL's ratio (:func:`icarl_replay_ratio`)."""
     if method == "naive":
         return []
     if method == "ewc":
@@ -213,6 +346,23 @@ def make_method(method: str, net: nn.Module, seed: int) -> list[Any]:
         return [MAS(net, importance=MAS_IMPORTANCE, sample_size=MAS_SAMPLES, seed=seed)]
     if method == "rwalk":
         return [RWalk(net, importance=RWALK_IMPORTANCE, alpha=RWALK_ALPHA, interval=RWALK_INTERVAL)]
+    if method == "gem":
+        return [GEM(net, memory_size=MEMORY_SIZE, margin=GEM_MARGIN, seed=seed)]
+    if method == "agem":
+        return [AGEM(net, memory_size=MEMORY_SIZE, reference_size=AGEM_REFERENCE_SIZE, seed=seed)]
+    if method in ("der", "derpp"):
+        beta = DERPP_BETA if method == "derpp" else 0.0
+        return [DarkExperienceReplay(net, memory_size=MEMORY_SIZE, alpha=DER_ALPHA, beta=beta, replay_ratio=REPLAY_RATIO,
+                                     seed=seed, selection="random")]
+    if method == "er_ace":
+        return [ERACE(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=seed)]
+    if method == "icarl":  # features: the last hidden layer's output (the head's input), herding
+        return [ICaRL(net, memory_size=MEMORY_SIZE, replay_ratio=icarl_replay_ratio(task_size), seed=seed)]
+    if method == "bic":
+        return [BiC(net, memory_size=BIC_MEMORY, replay_ratio=REPLAY_RATIO, seed=seed, selection="random",
+                    held_out=BIC_HELD_OUT, temperature=TEMPERATURE)]
+    if method == "gdumb":
+        return [GDumb(net, memory_size=MEMORY_SIZE, seed=seed)]
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
@@ -233,9 +383,35 @@ def load_data(setup: Setup) -> Data:
     return Data(benchmark, train, test, benchmark.input_shape[0], benchmark.num_classes)
 
 
-def expected_steps(setup: Setup, data: Data) -> int:
-    """Optimizer steps of a whole sequence: every batch of every epoch of every task."""
+def expected_steps(setup: Setup, data: Data, method: str = "naive") -> int:
+    """Optimizer steps of a whole sequence: every batch of every epoch of every task (GDumb: of its
+    memory, which it trains on instead of the task's data)."""
+    if method == "gdumb":
+        return setup.epochs * sum(-(-size // setup.batch_size) for size in class_balanced_sizes(data.train, MEMORY_SIZE))
     return setup.epochs * sum(-(-len(y) // setup.batch_size) for _, y in data.train)
+
+
+def peer_minimum_steps(setup: Setup, data: Data, method: str) -> int:
+    """The fewest steps Avalanche's sequence of ``method`` may make: as ours, except BiC's, which
+    takes its held-out set (up to 10% of ``mem_size`` per task) out of each task's training data."""
+    if method == "bic":
+        held_out = round(BIC_HELD_OUT_SHARE * MEMORY_SIZE)
+        return setup.epochs * sum(-(-max(len(y) - held_out, 0) // setup.batch_size) for _, y in data.train)
+    return expected_steps(setup, data, method)
+
+
+def class_balanced_sizes(tasks: Sequence[tuple[Tensor, Tensor]], capacity: int) -> list[int]:
+    """How many samples a class-balanced memory of ``capacity`` holds after each task: each class seen
+    keeps up to ``floor(M/G)`` or ``ceil`` (the first ``M mod G`` classes in order of arrival, taken
+    here as ascending within a task) of its samples."""
+    counts: dict[int, int] = {}
+    sizes = []
+    for _, y in tasks:
+        for label, count in zip(*(v.tolist() for v in torch.unique(y, return_counts=True))):
+            counts[label] = counts.get(label, 0) + count
+        share, remainder = divmod(capacity, len(counts))
+        sizes.append(sum(min(count, share + int(k < remainder)) for k, count in enumerate(counts.values())))
+    return sizes
 
 
 def initial_net(setup: Setup, data: Data, seed: int) -> nn.Sequential:
@@ -248,12 +424,12 @@ def trainer(setup: Setup, **kwargs: Any) -> L.Trainer:
     return L.Trainer(accelerator="cpu", **overhead.TRAINER_OPTIONS, **kwargs)
 
 
-def run_loop(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
+def run_loop(setup: Setup, data: Data, net: nn.Module, seed: int) -> Outcome:
     """The plain PyTorch loop: shuffled index batches of the in-memory tensors, a new Adam per task."""
-    return plain_loop(net, data.train, setup.batch_size, setup.epochs, setup.learning_rate, seed)
+    return plain_loop(net, data.train, setup.batch_size, setup.epochs, setup.learning_rate, seed), None
 
 
-def run_plain_lightning(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
+def run_plain_lightning(setup: Setup, data: Data, net: nn.Module, seed: int) -> Outcome:
     """Plain Lightning: one fit per task on a stock DataLoader over a TensorDataset."""
     module = overhead.Classifier(net)
     generator = torch.Generator().manual_seed(seed)
@@ -263,38 +439,47 @@ def run_plain_lightning(setup: Setup, data: Data, net: nn.Module, seed: int) -> 
         task_trainer = trainer(setup, max_epochs=setup.epochs)
         task_trainer.fit(module, train_dataloaders=loader)
         steps += task_trainer.global_step
-    return steps
+    return steps, None
 
 
-def run_ours(method: str) -> Callable[[Setup, Data, nn.Module, int], int]:
+def run_ours(method: str) -> Callable[[Setup, Data, nn.Module, int], Outcome]:
     """Our Lightning path with ``method``'s callback."""
 
-    def run(setup: Setup, data: Data, net: nn.Module, seed: int) -> int:
+    def run(setup: Setup, data: Data, net: nn.Module, seed: int) -> Outcome:
         module = overhead.ContinualClassifier(net) if method in NEEDS_MIXIN else overhead.Classifier(net)
         datamodule = TaskSequenceDataModule.from_benchmark(data.benchmark, batch_size=setup.batch_size, seed=seed)
-        sequence_trainer = trainer(setup, callbacks=make_method(method, net, seed))
+        callbacks = make_method(method, net, seed, statistics.fmean(len(y) for _, y in data.train))
+        sequence_trainer = trainer(setup, callbacks=callbacks)
         fit_sequence(sequence_trainer, module, datamodule, epochs_per_task=setup.epochs)
-        return sequence_trainer.global_step
+        return sequence_trainer.global_step, predictor_of(callbacks)
 
     return run
 
 
-def our_variant(setup: Setup, data: Data, runner: Callable[[Setup, Data, nn.Module, int], int],
-                accuracies: list) -> Callable[[], overhead.Timing]:
+def predictor_of(callbacks: Sequence[Any]) -> Optional[Predictor]:
+    """How the method predicts, where not by the network's outputs: iCaRL's nearest mean of exemplars,
+    BiC's corrected logits (their ``classifier``); ``None``: the network's outputs."""
+    classifiers = [callback.classifier for callback in callbacks if hasattr(callback, "classifier")]
+    return classifiers[0] if classifiers else None
+
+
+def our_variant(setup: Setup, data: Data, runner: Callable[[Setup, Data, nn.Module, int], Outcome],
+                accuracies: list, method: str = "naive") -> Callable[[], overhead.Timing]:
     """A run of ``runner`` for ``overhead.interleaved``; round ``r`` (its ``r``-th call) uses seed ``seed + r``.
 
-    Each call appends the run's per-task accuracies to ``accuracies``.
+    Each call appends the run's per-task accuracies to ``accuracies``; a run must make the steps
+    ``method`` makes (:func:`expected_steps`).
     """
 
     def run() -> overhead.Timing:
         seed = setup.seed + len(accuracies)
         net = initial_net(setup, data, seed)
         start = overhead.clock()
-        steps = runner(setup, data, net, seed)
+        steps, predictor = runner(setup, data, net, seed)
         seconds = overhead.since(start)
-        if steps != expected_steps(setup, data):
-            raise RuntimeError(f"a sequence made {steps} steps, not {expected_steps(setup, data)}")
-        accuracies.append(task_accuracies(net, data.test))
+        if steps != expected_steps(setup, data, method):
+            raise RuntimeError(f"a sequence of {method} made {steps} steps, not {expected_steps(setup, data, method)}")
+        accuracies.append(task_accuracies(net, data.test, predictor=predictor))
         return seconds
 
     return run
@@ -356,8 +541,9 @@ def peer_variant(setup: Setup, data: Data, worker: PeerWorker, method: str, accu
     def run() -> overhead.Timing:
         seed = setup.seed + len(accuracies)
         reply = worker.run({"method": method, "plugin": peer_settings(method), "seed": seed})
-        if reply["iterations"] < expected_steps(setup, data):  # their replay's last batches may add some
-            raise RuntimeError(f"avalanche/{method} made {reply['iterations']} steps, fewer than {expected_steps(setup, data)}")
+        fewest = peer_minimum_steps(setup, data, method)  # their replay's last batches, iCaRL's exemplars add some
+        if reply["iterations"] < fewest:
+            raise RuntimeError(f"avalanche/{method} made {reply['iterations']} steps, fewer than {fewest}")
         accuracies.append(reply["accuracies"])
         return overhead.Timing(reply["wall_s"], reply["cpu_s"])
 
@@ -381,10 +567,11 @@ def round_order(setup: Setup) -> list[str]:
 
 def variants(setup: Setup, data: Data, worker: Optional[PeerWorker]) -> tuple[dict[str, Callable[[], overhead.Timing]], dict[str, list]]:
     """Every variant's run, in the order of a round, and the list where each keeps its rounds' accuracies."""
-    runners: dict[str, Callable[[Setup, Data, nn.Module, int], int]] = {"loop": run_loop, "lightning": run_plain_lightning}
+    runners: dict[str, Callable[[Setup, Data, nn.Module, int], Outcome]] = {"loop": run_loop, "lightning": run_plain_lightning}
     runners.update({f"ours/{method}": run_ours(method) for method in setup.methods})
     accuracies: dict[str, list] = {name: [] for name in runners}
-    runs = {name: our_variant(setup, data, runner, accuracies[name]) for name, runner in runners.items()}
+    runs = {name: our_variant(setup, data, runner, accuracies[name], name.removeprefix("ours/"))
+            for name, runner in runners.items()}
     if worker is None:
         return runs, accuracies
     for method in peer_methods(setup):
