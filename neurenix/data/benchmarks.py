@@ -32,7 +32,7 @@ Inputs are stored as the source stores them (``uint8`` images stay ``uint8``) an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from neurenix.continual._checks import check_int
-from neurenix.data.tasks import AddChannel, Compose, Flatten, PermutePixels, TaskDataset, ToFloat
+from neurenix.data.tasks import AddChannel, Compose, Flatten, PermutePixels, TaskDataset, ToFloat, _checked_device
 
 __all__ = ["SCENARIOS", "SOURCES", "TaskSequence", "permuted_benchmark", "split_benchmark"]
 
@@ -88,6 +88,33 @@ class TaskSequence:
 
     def __len__(self) -> int:
         return self.num_tasks
+
+    def to(self, device: Union[str, int, torch.device]) -> "TaskSequence":
+        """A copy of the sequence whose tasks (and permutations) are on ``device``.
+
+        Every task is moved as :meth:`TaskDataset.to <neurenix.data.TaskDataset.to>` moves it; the
+        tasks sharing one transform (a split benchmark's) share its moved copy, so a union of
+        them (:class:`~neurenix.data.ConcatTaskDataset`) is still transformed as one batch. For
+        loops of your own; under a Trainer, ``TaskSequenceDataModule(..., keep_on_device=True)``
+        moves the tasks itself.
+
+        Raises:
+            TypeError / ValueError: ``device`` is not a device.
+
+        Example::
+
+            benchmark = split_benchmark("mnist", root="data").to("cuda")
+            x, y = benchmark.train[0][torch.arange(128, device="cuda")]   # built on the GPU
+        """
+        device = _checked_device(device)
+        memo: dict[int, Any] = {}  # one moved copy of each transform, whichever tasks share it
+        return replace(
+            self,
+            train=[task._moved(device, memo) for task in self.train],
+            test=[task._moved(device, memo) for task in self.test],
+            permutations=None if self.permutations is None else [p.to(device) for p in self.permutations],
+            metadata=dict(self.metadata),
+        )
 
 
 @dataclass

@@ -20,7 +20,14 @@ from typing_extensions import override
 from neurenix.continual._checks import check_int
 from neurenix.continual.callback import continual_methods
 from neurenix.continual.seen_classes import mark_seen_classes
-from neurenix.data.tasks import ConcatTaskDataset, TaskDataLoader, TaskDataset, TensorBatchSampler, collate_batch
+from neurenix.data.tasks import (
+    ConcatTaskDataset,
+    TaskDataLoader,
+    TaskDataset,
+    TensorBatchSampler,
+    _BatchedByIndex,
+    collate_batch,
+)
 
 __all__ = ["TRAINING_REGIMES", "TaskSequenceDataModule"]
 
@@ -53,6 +60,21 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     :meth:`task_train_dataloader` stays a task's own data. The regime travels in checkpoints: a
     checkpoint of one regime is refused by a data module of another.
 
+    **Data on the device.** With ``keep_on_device=True`` the tasks' tensors (training,
+    validation and test, every member of a union) are moved to the Trainer's root device when it
+    sets the data module up (``setup``; under DDP each process to its own device, each holding
+    every task), and every loader builds its batches there by indexing: no host-to-device copy
+    and no host read per step. The order of an epoch is drawn as without the option (the same
+    generator, on the CPU), copied to the device once per epoch and sliced, so the batches are
+    the same, bit for bit; under DDP each process gets its ``DistributedSampler`` share as
+    usual. The tasks given are left where they are (:attr:`train_tasks` and the others then hold
+    the moved copies), and checkpoints hold no device tensor. Without a Trainer the tasks stay
+    where they are and the loaders build batches where each task's tensors are (tasks moved with
+    :meth:`TaskDataset.to <neurenix.data.TaskDataset.to>`). It needs every task to be a
+    :class:`~neurenix.data.TaskDataset` (or :class:`~neurenix.data.ConcatTaskDataset`), batches
+    built in this process (``num_workers=0``) and ``pin_memory=False``. See
+    ``docs/device-data.md``.
+
     A model that ends in a :class:`~neurenix.continual.SeenClassMask` (class-incremental training
     over the classes seen so far) gets each task's classes marked as seen when its fit builds the
     training loader: the classes of the data the regime trains on (task ``t``'s, tasks ``0..t``'s
@@ -83,11 +105,15 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             ``PL_GLOBAL_SEED``.)
         pin_memory: ``DataLoader``'s ``pin_memory``.
         training: ``"sequential"``, ``"cumulative"`` or ``"joint"`` (see above).
+        keep_on_device: keep every task's tensors on the training device and build batches
+            there (see above).
 
     Raises:
-        TypeError: an argument has the wrong type.
-        ValueError: no tasks, task lists of different lengths, an empty task, a bad count, or a
-            ``training`` that is not one of :data:`TRAINING_REGIMES`.
+        TypeError: an argument has the wrong type; with ``keep_on_device=True``, a task that is
+            not a ``TaskDataset`` or ``ConcatTaskDataset``.
+        ValueError: no tasks, task lists of different lengths, an empty task, a bad count, a
+            ``training`` that is not one of :data:`TRAINING_REGIMES`, or ``keep_on_device=True``
+            with ``num_workers > 0`` or ``pin_memory=True``.
 
     Example::
 
@@ -114,10 +140,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         training: str = "sequential",
+        keep_on_device: bool = False,
     ) -> None:
         super().__init__()
         if training not in TRAINING_REGIMES:
             raise ValueError(f"training must be one of {', '.join(map(repr, TRAINING_REGIMES))}, got {training!r}")
+        if not isinstance(keep_on_device, bool):
+            raise TypeError(f"keep_on_device must be a bool, got {type(keep_on_device).__name__}: {keep_on_device!r:.80}")
         self.training = training
         self.train_tasks = _checked_tasks("train_tasks", train_tasks)
         self.test_tasks = _checked_tasks("test_tasks", test_tasks, len(self.train_tasks))
@@ -126,6 +155,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.eval_batch_size = self.batch_size if eval_batch_size is None else check_int("eval_batch_size", eval_batch_size, minimum=1)
         self.num_workers = check_int("num_workers", num_workers, minimum=0)
         self.shuffle, self.pin_memory = bool(shuffle), bool(pin_memory)
+        if keep_on_device:
+            self._check_movable()
+        self.keep_on_device = keep_on_device
+        self._tasks_device: Optional[torch.device] = None  # where setup moved the tasks (keep_on_device)
         self.seed = check_int("seed", seed, minimum=0)
         # One generator for the whole sequence: its state is checkpointed with the current task.
         self._shuffle_generator = torch.Generator().manual_seed(self.seed)
@@ -161,6 +194,46 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     @property
     def num_tasks(self) -> int:
         return len(self.train_tasks)
+
+    def _check_movable(self) -> None:
+        """What ``keep_on_device=True`` needs, checked before any state is set."""
+        if self.num_workers > 0:
+            raise ValueError(
+                f"keep_on_device=True builds every batch on the device, in this process, but num_workers={self.num_workers} "
+                "would build them in worker processes on the host: use num_workers=0 with keep_on_device=True"
+            )
+        if self.pin_memory:
+            raise ValueError(
+                "keep_on_device=True builds every batch on the device, but pin_memory=True pins batches in host memory "
+                "for a copy to the device: use pin_memory=False with keep_on_device=True"
+            )
+        for name, tasks in (("train_tasks", self.train_tasks), ("test_tasks", self.test_tasks), ("val_tasks", self.val_tasks)):
+            for index, task in enumerate(tasks or []):
+                if not isinstance(task, (TaskDataset, ConcatTaskDataset)):
+                    raise TypeError(
+                        f"keep_on_device=True needs every task to be a TaskDataset (or ConcatTaskDataset), tensors it can "
+                        f"move to the device, got {name}[{index}]: {type(task).__name__}; build it as "
+                        "TaskDataset(inputs, targets, task_id), or use keep_on_device=False"
+                    )
+
+    @override
+    def setup(self, stage: str) -> None:
+        """With ``keep_on_device=True``, every task's tensors to the Trainer's root device (once per device)."""
+        if self.keep_on_device and self.trainer is not None:
+            self._move_tasks(self.trainer.strategy.root_device)
+
+    def _move_tasks(self, device: torch.device) -> None:
+        """Every task (training, validation, test) replaced by its copy on ``device``; tasks sharing a
+        transform (a split benchmark's) share its moved copy, so a union of them stays one batch."""
+        if self._tasks_device == device:
+            return
+        memo: dict[int, Any] = {}  # see transform_to
+
+        def moved(tasks: Optional[list]) -> Optional[list]:
+            return None if tasks is None else [task._moved(device, memo) for task in tasks]
+
+        self.train_tasks, self.test_tasks, self.val_tasks = moved(self.train_tasks), moved(self.test_tasks), moved(self.val_tasks)
+        self._tasks_device = device
 
     def set_task(self, task: int) -> None:
         """Make ``task`` the current task (the one ``train_dataloader`` serves).
@@ -233,15 +306,19 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         # Every loader is a TaskDataLoader: Lightning saves and restores where a training epoch
         # stands through its `state_dict`, so a checkpoint written mid-epoch resumes exactly.
-        if not isinstance(dataset, TaskDataset):  # PyTorch's per-sample batching and collation
+        if not isinstance(dataset, _BatchedByIndex):  # PyTorch's per-sample batching and collation
             return TaskDataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **options)
-        # A TaskDataset builds a whole batch from one index tensor (`__getitems__`), and
-        # TensorBatchSampler hands it one; the sampler inside stays a standard one, so Lightning
-        # still swaps in its DistributedSampler under DDP. Worker processes get plain index lists:
-        # a tensor sent to a worker travels through shared memory, which costs more than the list.
+        # A TaskDataset (or a union of them) builds a whole batch from one index tensor
+        # (`__getitems__`), and TensorBatchSampler hands it one; the sampler inside stays a standard
+        # one, so Lightning still swaps in its DistributedSampler under DDP (keeping `device`, an
+        # argument it saves with the others). Worker processes get plain index lists: a tensor sent
+        # to a worker travels through shared memory, which costs more than the list.
         sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        batch_sampler_cls = TensorBatchSampler if self.num_workers == 0 else BatchSampler
-        batches = batch_sampler_cls(sampler, batch_size=batch_size, drop_last=False)
+        if self.num_workers > 0:
+            batches = BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+        else:
+            device = dataset.device if self.keep_on_device else None  # type: ignore[attr-defined]
+            batches = TensorBatchSampler(sampler, batch_size=batch_size, drop_last=False, device=device)
         return TaskDataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, **options)
 
     # ---------------------------------------------------------------------------- checkpoints

@@ -15,6 +15,7 @@ classes so that datasets pickle into ``DataLoader`` worker processes.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import itertools
 import warnings
 from numbers import Integral
@@ -36,9 +37,11 @@ __all__ = [
     "TensorBatchSampler",
     "ToFloat",
     "collate_batch",
+    "transform_to",
 ]
 
 Index = Union[int, slice, Sequence[int], Tensor]
+Device = Union[str, int, torch.device]
 Batch = Union[tuple[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -82,13 +85,37 @@ class TensorBatchSampler(BatchSampler):
     injects through this class's ``(sampler, batch_size, drop_last)`` signature) is batched
     exactly as ``BatchSampler`` does. With ``DataLoader`` worker processes prefer
     ``BatchSampler``: a tensor sent to a worker travels through shared memory, a list does not.
+
+    **On a device.** With ``device`` (where the dataset's tensors are: see
+    :meth:`TaskDataset.to`), the epoch's order, drawn on the CPU as above (any other sampler's
+    indices gathered into one tensor), is copied to ``device`` once per epoch and every batch of
+    indices is a slice of it: a batch built from device-resident data then needs no
+    host-to-device copy. The indices, and so the batches, are those of ``device=None``.
+
+    Args:
+        sampler: the sampler whose indices are batched (a finite one, with ``device``).
+        batch_size: indices per batch.
+        drop_last: whether a last, short batch is dropped.
+        device: where the batches of indices are made, or ``None`` (the CPU; lists for samplers
+            other than ``RandomSampler``/``SequentialSampler``).
+
+    Raises:
+        TypeError / ValueError: ``device`` is not a device (Lightning's own checks for the rest).
     """
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool, *, device: Optional[Device] = None) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.device = None if device is None else _checked_device(device)
 
     def __iter__(self) -> Iterator[Union[list[int], Tensor]]:
         order = self._order()
-        if order is None:
+        if order is None and self.device is None:
             yield from super().__iter__()
             return
+        if order is None:  # another sampler (a DistributedSampler): its indices of this epoch, as they come
+            order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        if self.device is not None:
+            order = order.to(self.device)  # once per epoch; every batch below is a slice of it
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             yield order[start : start + self.batch_size]
@@ -105,6 +132,21 @@ class TensorBatchSampler(BatchSampler):
                 generator = torch.Generator().manual_seed(seed)
             return torch.randperm(len(sampler.data_source), generator=generator)
         return None
+
+
+def _checked_device(device: object, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, or an error naming ``name`` and the value.
+
+    Raises:
+        TypeError: ``device`` is not a ``torch.device``, a string or an int.
+        ValueError: it does not name a device (``"gpu"``, ``"cuda:x"``, a negative index).
+    """
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a torch.device, a device string such as 'cuda:0', or an index, got {type(device).__name__}: {device!r:.80}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{name} must name a device such as 'cpu' or 'cuda:0', got {device!r} ({error})") from None
 
 
 class TaskDataLoader(DataLoader):
@@ -302,6 +344,10 @@ class ToFloat:
             return x * self.scale  # a new tensor: the stored data is never scaled in place
         return x.to(self.dtype).mul_(self.scale)  # `to` made a copy, so scaling it in place is safe
 
+    def to(self, device: Device) -> "ToFloat":
+        """This transform (it holds no tensor): see :meth:`TaskDataset.to`."""
+        return self
+
     def __repr__(self) -> str:
         return f"ToFloat(scale={self.scale!r}, dtype={self.dtype})"
 
@@ -312,6 +358,10 @@ class Flatten:
     def __call__(self, x: Tensor) -> Tensor:
         return x.flatten(1)
 
+    def to(self, device: Device) -> "Flatten":
+        """This transform (it holds no tensor): see :meth:`TaskDataset.to`."""
+        return self
+
     def __repr__(self) -> str:
         return "Flatten()"
 
@@ -321,6 +371,10 @@ class AddChannel:
 
     def __call__(self, x: Tensor) -> Tensor:
         return x.unsqueeze(1)
+
+    def to(self, device: Device) -> "AddChannel":
+        """This transform (it holds no tensor): see :meth:`TaskDataset.to`."""
+        return self
 
     def __repr__(self) -> str:
         return "AddChannel()"
@@ -342,7 +396,19 @@ class PermutePixels:
         self.permutation = permutation.long()
 
     def __call__(self, x: Tensor) -> Tensor:
-        return x.flatten(1)[:, self.permutation.to(x.device)].reshape(x.shape)
+        permutation = self.permutation
+        if permutation.device != x.device:  # a copy per batch: move the transform with the data (`to`)
+            permutation = permutation.to(x.device)
+        return x.flatten(1)[:, permutation].reshape(x.shape)
+
+    def to(self, device: Device) -> "PermutePixels":
+        """A copy whose permutation is on ``device`` (this transform if it is there already)."""
+        device = _checked_device(device)
+        if self.permutation.device == device:
+            return self
+        moved = copy.copy(self)
+        moved.permutation = self.permutation.to(device)
+        return moved
 
     def __repr__(self) -> str:
         return f"PermutePixels(<{len(self.permutation)} features>)"
@@ -359,8 +425,41 @@ class Compose:
             x = transform(x)
         return x
 
+    def to(self, device: Device) -> "Compose":
+        """A copy whose transforms are on ``device`` (this one if none of them moves): see :meth:`TaskDataset.to`."""
+        moved = [transform_to(transform, _checked_device(device)) for transform in self.transforms]
+        if all(new is old for new, old in zip(moved, self.transforms)):
+            return self
+        return Compose(*moved)
+
     def __repr__(self) -> str:
         return f"Compose({', '.join(map(repr, self.transforms))})"
+
+
+def transform_to(transform: Optional[Callable[[Tensor], Tensor]], device: Device, memo: Optional[dict[int, Any]] = None) -> Any:
+    """``transform`` with its tensors on ``device``: what :meth:`TaskDataset.to` does to a task's transform.
+
+    A transform with a ``to(device)`` method that returns the moved transform (this module's
+    transforms) is moved by it; a ``torch.nn.Module`` is copied, then moved (its own ``to`` moves
+    it in place, which would change the transform of the task it was taken from); any other
+    callable (a function, a lambda) is kept as it is: it holds no tensor that this can see.
+    ``memo`` maps the ``id`` of each transform moved to its moved copy, so that tasks sharing one
+    transform (a split benchmark's) share one moved copy too.
+    """
+    if transform is None:
+        return None
+    memo = {} if memo is None else memo
+    if id(transform) in memo:
+        return memo[id(transform)]
+    device = _checked_device(device)
+    if isinstance(transform, torch.nn.Module):
+        moved = copy.deepcopy(transform).to(device)
+    elif callable(getattr(transform, "to", None)):
+        moved = transform.to(device)
+    else:
+        moved = transform
+    memo[id(transform)] = moved
+    return moved
 
 
 # ---------------------------------------------------------------------------- dataset
@@ -461,6 +560,43 @@ class TaskDataset(_BatchedByIndex):
         """The labels present in the task, sorted."""
         return torch.unique(self.targets).tolist()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the task's tensors are, and so where its batches are built."""
+        return self.inputs.device
+
+    def to(self, device: Device) -> "TaskDataset":
+        """A copy of the task whose tensors, and transform, are on ``device``.
+
+        The inputs and targets are copied to ``device`` (shared, not copied, where they are there
+        already) and so is the transform's state (:class:`PermutePixels`' permutation; see
+        :func:`transform_to` for transforms of other kinds). Its batches are then built on
+        ``device`` by indexing, with no host-to-device copy, from an index tensor on ``device``
+        (:class:`TensorBatchSampler` with ``device=``, or an order of your own moved there once).
+        This task is left as it is.
+
+        Args:
+            device: a ``torch.device``, a device string (``"cuda:0"``) or an index.
+
+        Raises:
+            TypeError / ValueError: ``device`` is not a device.
+
+        Example::
+
+            task = benchmark.train[0].to("cuda")
+            order = torch.randperm(len(task)).to("cuda")         # one copy an epoch
+            for indices in order.split(128):
+                x, y = task[indices]                              # built on the GPU
+        """
+        return self._moved(_checked_device(device), {})
+
+    def _moved(self, device: torch.device, memo: dict[int, Any]) -> "TaskDataset":
+        """:meth:`to`, with the transforms already moved in ``memo`` (see :func:`transform_to`)."""
+        moved = copy.copy(self)
+        moved.inputs, moved.targets = self.inputs.to(device), self.targets.to(device)
+        moved.transform = transform_to(self.transform, device, memo)
+        return moved
+
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.inputs.shape[1:])) or "scalar"
         return (
@@ -475,11 +611,20 @@ class ConcatTaskDataset(_BatchedByIndex):
     Sample ``i`` of the union is sample ``i - offset`` of the task it falls in (the tasks one
     after the other, in the order given), and keeps that task's own ``task_id`` and
     ``transform``: permuted-MNIST tasks, each with its own :class:`PermutePixels`, stay each
-    under its own permutation, and a multi-head model reads each sample's own task id. A batch of
-    indices is built with one index per task it touches (each task's part by its own transform)
-    and put back in the order asked for: equal to the per-sample items stacked. It is what
+    under its own permutation, and a multi-head model reads each sample's own task id. A batch is
+    equal to the per-sample items stacked, in the order asked for. It is what
     :class:`~neurenix.data.TaskSequenceDataModule` serves for ``training="cumulative"`` and
     ``"joint"``.
+
+    A batch is built without reading the indices on the host (on an accelerator such a read
+    waits for every queued kernel): each member's rows are gathered for the whole batch and
+    selected by the member each index falls in, so the work grows with the number of members
+    (a few small gathers), not with a synchronization. Members sharing one transform object, with
+    stored inputs of one shape and dtype (a split benchmark's tasks), are transformed as one
+    batch; members with transforms of their own are each transformed once per batch.
+    ``__getitems__`` (what a ``DataLoader`` calls, with indices its sampler made) does not check
+    the indices' range, which would read them: an index out of range fails as tensor indexing
+    does. ``dataset[indices]`` checks them and names the first one out of range.
 
     Attributes:
         tasks: the member tasks, in order.
@@ -487,12 +632,13 @@ class ConcatTaskDataset(_BatchedByIndex):
 
     Args:
         tasks: the tasks to join (a non-empty list of :class:`TaskDataset`), whose items must
-            agree: all with task ids or all without, and the same transformed input shape and
-            dtype.
+            agree: all with task ids or all without, the same transformed input shape and
+            dtype, and the tensors on one device.
 
     Raises:
         TypeError: ``tasks`` is not a list of ``TaskDataset``.
-        ValueError: ``tasks`` is empty, or its members disagree (task ids, transformed inputs).
+        ValueError: ``tasks`` is empty, or its members disagree (task ids, transformed inputs,
+            devices).
 
     Example::
 
@@ -503,17 +649,60 @@ class ConcatTaskDataset(_BatchedByIndex):
     def __init__(self, tasks: Sequence[TaskDataset]) -> None:
         self.tasks = _checked_members(tasks)
         self.with_task_ids = self.tasks[0].with_task_ids
-        sizes = torch.tensor([len(task) for task in self.tasks])
-        self._ends = sizes.cumsum(0)  # one past task k's last index in the union
-        self._starts = self._ends - sizes
+        self._sizes = [len(task) for task in self.tasks]
+        self._starts = list(itertools.accumulate(self._sizes, initial=0))[:-1]
+        self._size = sum(self._sizes)
+        # Members batched together: one transform object, stored inputs of one shape and dtype.
+        self._groups = _shared_transform_groups(self.tasks)
+        device = self.device
+        self._ends = torch.tensor(self._sizes, device=device).cumsum(0)  # one past task k's last index in the union
+        self._task_ids = torch.tensor([task.task_id for task in self.tasks], device=device)
+        group_of = [0] * len(self.tasks)
+        for number, group in enumerate(self._groups):
+            for k in group:
+                group_of[k] = number
+        self._group_of = torch.tensor(group_of, device=device)
+        self._starts_tensor = torch.tensor(self._starts, device=device)
 
     def __len__(self) -> int:
-        return int(self._ends[-1])
+        return self._size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the members' tensors are, and so where batches are built."""
+        return self.tasks[0].device
+
+    def to(self, device: Device) -> "ConcatTaskDataset":
+        """The union of the members moved to ``device`` (see :meth:`TaskDataset.to`); members sharing
+        a transform share its moved copy.
+
+        Raises:
+            TypeError / ValueError: ``device`` is not a device.
+        """
+        return self._moved(_checked_device(device), {})
+
+    def _moved(self, device: torch.device, memo: dict[int, Any]) -> "ConcatTaskDataset":
+        return ConcatTaskDataset([task._moved(device, memo) for task in self.tasks])
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
+        """The batch of ``indices``, as a ``DataLoader`` asks for it: not range-checked (see the class docstring)."""
+        return SampleBatch(self._gather(_index_tensor(indices)))
 
     def _batch(self, index: Tensor) -> Batch:
-        index = self._in_range(index)
+        return self._gather(self._in_range(index))
+
+    def _gather(self, index: Tensor) -> Batch:
+        """The batch of ``index`` (each entry in ``-len .. len-1``)."""
+        if _reads_are_free(index.device):
+            return self._gather_by_members(torch.where(index < 0, index + len(self), index))
+        return self._gather_without_reads(index)
+
+    def _gather_by_members(self, index: Tensor) -> Batch:
+        """The batch of ``index`` (entries in ``0 .. len-1``) from one gather per member it touches: the
+        counts per member are read on the host, which on the CPU costs nothing, and each sample is
+        gathered and transformed once."""
         member = torch.searchsorted(self._ends, index, right=True)
-        local = index - self._starts[member]
+        local = index - self._starts_tensor[member]
         counts = torch.bincount(member, minlength=len(self.tasks)).tolist()
         present = [k for k, count in enumerate(counts) if count]
         if len(present) <= 1:  # one task's batch (or an empty one, of the members' shapes): no reordering
@@ -521,7 +710,10 @@ class ConcatTaskDataset(_BatchedByIndex):
         # Where each member's samples go in the batch; a stable sort keeps the order asked for within each.
         positions = torch.argsort(member, stable=True).split(counts)
         out: Optional[list[Tensor]] = None
-        for run in _shared_transform_runs(self.tasks, present):
+        for group in self._groups:
+            run = [k for k in group if counts[k]]
+            if not run:
+                continue
             where = torch.cat([positions[k] for k in run])
             part = self._run_batch(run, [local[positions[k]] for k in run], where, len(index))
             if len(where) == len(index) and len(run) > 1:  # one run: `part` is the batch, in order
@@ -540,7 +732,7 @@ class ConcatTaskDataset(_BatchedByIndex):
         tasks = [self.tasks[k] for k in run]
         x = torch.cat([task.inputs[part] for task, part in zip(tasks, parts)])
         y = torch.cat([task.targets[part] for task, part in zip(tasks, parts)])
-        ids = torch.tensor([task.task_id for task in tasks]).repeat_interleave(torch.tensor([len(part) for part in parts]))
+        ids = self._task_ids[torch.tensor(run)].repeat_interleave(torch.tensor([len(part) for part in parts]))
         if len(where) == size:  # the stored samples in the batch's order, then one transform
             order = torch.empty_like(where)
             order[where] = torch.arange(size)
@@ -549,13 +741,59 @@ class ConcatTaskDataset(_BatchedByIndex):
         x = x if transform is None else transform(x)
         return (x, y, ids) if self.with_task_ids else (x, y)
 
+    def _gather_without_reads(self, index: Tensor) -> Batch:
+        """The batch of ``index``, read nowhere on the host (see the class docstring)."""
+        size = len(self)
+        index = torch.where(index < 0, index + size, index)
+        # Still negative: out of range. Made `size`, it falls past the last member, and the lookup of
+        # its task id below fails as tensor indexing does (no read here to find out first).
+        index = index.masked_fill(index < 0, size)
+        member = torch.searchsorted(self._ends, index, right=True)
+        task_ids = self._task_ids[member]
+        x: Optional[Tensor] = None
+        y: Optional[Tensor] = None
+        single = len(self._groups) == 1
+        for number, group in enumerate(self._groups):
+            part_x, part_y = self._group_batch(group, index, member)
+            if single:
+                x, y = part_x, part_y
+                break
+            chosen = self._group_of[member] == number
+            x = part_x if x is None else torch.where(_rows(chosen, part_x), part_x, x)
+            y = part_y if y is None else torch.where(chosen, part_y, y)
+        return (x, y, task_ids) if self.with_task_ids else (x, y)  # type: ignore[return-value]
+
+    def _group_batch(self, group: list[int], index: Tensor, member: Tensor) -> tuple[Tensor, Tensor]:
+        """The inputs and targets of the whole batch as the members ``group`` give them: right in the
+        rows of those members' samples (the other rows hold a sample of some member of the group)."""
+        tasks = [self.tasks[k] for k in group]
+        if not _plain_batching(tasks[0]):  # a TaskDataset subclass of its own batching: its own batch
+            x, y = tasks[0]._batch(self._local(group[0], index))[:2]
+            return x, y
+        x: Optional[Tensor] = None
+        y: Optional[Tensor] = None
+        for k, task in zip(group, tasks):
+            local = self._local(k, index)
+            stored, targets = task.inputs[local], task.targets[local]
+            if x is None:
+                x, y = stored, targets
+            else:
+                mine = member == k
+                x, y = torch.where(_rows(mine, stored), stored, x), torch.where(mine, targets, y)
+        transform = tasks[0].transform
+        return (x if transform is None else transform(x)), y  # type: ignore[return-value]
+
+    def _local(self, k: int, index: Tensor) -> Tensor:
+        """Each index as a position in member ``k``: right for its samples, in range for the others."""
+        return (index - self._starts[k]).clamp_(0, self._sizes[k] - 1)
+
     def _in_range(self, index: Tensor) -> Tensor:
-        """``index`` with negative entries counted from the end; out of range is an ``IndexError``."""
+        """``index`` itself, or an ``IndexError`` naming its first entry out of range (read on the host)."""
         size = len(self)
         if index.numel() and (int(index.min()) < -size or int(index.max()) >= size):
             bad = index[(index < -size) | (index >= size)][0]
             raise IndexError(f"index {int(bad)} is out of range for a ConcatTaskDataset of {size} samples")
-        return torch.where(index < 0, index + size, index)
+        return index
 
     @property
     def targets(self) -> Tensor:
@@ -576,28 +814,43 @@ class ConcatTaskDataset(_BatchedByIndex):
         return f"ConcatTaskDataset(task_ids={self.task_ids}, samples={len(self)}, with_task_ids={self.with_task_ids})"
 
 
-def _shared_transform_runs(tasks: list[TaskDataset], present: list[int]) -> list[list[int]]:
-    """``present`` cut into runs of members that can be transformed as one batch: consecutive,
-    plain :class:`TaskDataset` batching, the same transform object, stored inputs of one shape and
-    dtype (the tasks of a split benchmark share their transform: a batch of them is one transform)."""
-    runs: list[list[int]] = []
-    for k in present:
-        task = tasks[k]
-        if runs and _batches_with(tasks[runs[-1][-1]], task):
-            runs[-1].append(k)
+def _reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor of ``device`` on the host costs nothing (no queue to wait for): on the
+    CPU a union's batch is built from the members its indices touch, counted on the host; elsewhere
+    without reading them. (Tests patch this to build batches on the CPU as on an accelerator.)"""
+    return device.type == "cpu"
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-sample ``mask`` shaped to select whole rows of ``like`` in ``torch.where``."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _plain_batching(task: TaskDataset) -> bool:
+    return type(task)._batch is TaskDataset._batch
+
+
+def _shared_transform_groups(tasks: list[TaskDataset]) -> list[list[int]]:
+    """The members' positions grouped by what can be transformed as one batch: plain
+    :class:`TaskDataset` batching, the same transform object, stored inputs of one shape and dtype
+    (the tasks of a split benchmark share their transform: a batch of them is one transform)."""
+    groups: list[list[int]] = []
+    for k, task in enumerate(tasks):
+        group = next((g for g in groups if _batches_with(tasks[g[0]], task)), None)
+        if group is None:
+            groups.append([k])
         else:
-            runs.append([k])
-    return runs
+            group.append(k)
+    return groups
 
 
 def _batches_with(a: TaskDataset, b: TaskDataset) -> bool:
-    plain = type(a)._batch is TaskDataset._batch and type(b)._batch is TaskDataset._batch
     return (
-        plain
+        _plain_batching(a)
+        and _plain_batching(b)
         and a.transform is b.transform
         and a.inputs.shape[1:] == b.inputs.shape[1:]
         and a.inputs.dtype == b.inputs.dtype
-        and a.inputs.device == b.inputs.device
     )
 
 
@@ -617,6 +870,14 @@ def _checked_members(tasks: object) -> list[TaskDataset]:
             f"tasks must all carry task ids or all not, got with_task_ids={flags}: a batch mixing them would "
             "have task ids for some samples only"
         )
+    devices = [task.device for task in tasks]
+    for k, task in enumerate(tasks):
+        if task.device != devices[0] or task.targets.device != devices[0]:
+            raise ValueError(
+                f"tasks[{k}] (task_id={task.task_id}) holds tensors on {task.inputs.device} and {task.targets.device}, but "
+                f"tasks[0] (task_id={first.task_id}) on {devices[0]}: the tasks of one batch must be on one device "
+                "(move them with TaskDataset.to)"
+            )
     x0 = first[0:1][0]  # one transformed sample: what a batch of the union must agree on
     for k, task in enumerate(tasks[1:], start=1):
         x = task[0:1][0]
