@@ -29,6 +29,7 @@ from neurenix.continual._checks import check_batch, check_device, check_model, c
 
 __all__ = [
     "ContinualMethod",
+    "eagerly",
     "evaluation_mode",
     "global_generator_kept",
     "model_arguments",
@@ -38,12 +39,17 @@ __all__ = [
     "trainable_parameters",
     "uncompiled",
     "widened_mask",
+    "without_compiled_forwards",
 ]
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters that training can change (``requires_grad``), by name."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    """The parameters that training can change (``requires_grad``), by name.
+
+    Named as in the module itself, compiled or not (``torch.compile``'s wrapper would prefix every
+    name with ``_orig_mod.``): a method's state saved with a compiled model loads into an eager one.
+    """
+    return {name: p for name, p in uncompiled(model).named_parameters() if p.requires_grad}
 
 
 @contextlib.contextmanager
@@ -119,6 +125,36 @@ def uncompiled(model: nn.Module) -> nn.Module:
     """
     original = getattr(model, "_orig_mod", None)
     return original if isinstance(original, nn.Module) else model
+
+
+@contextlib.contextmanager
+def eagerly() -> Iterator[None]:
+    """Run every ``torch.compile``'d module and function called inside without compiling them.
+
+    For the paths that stay eager by design (docs/compile.md): a task's Fisher or importance, the
+    teacher's forwards, exemplar features. It covers a model compiled by ``torch.compile(model)``,
+    a submodule compiled inside an eager model, and a LightningModule whose ``forward`` Lightning
+    compiled in place; no compilation starts and none is invalidated.
+    """
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def without_compiled_forwards(copy: nn.Module) -> nn.Module:
+    """``copy`` (a deep copy of a module) back on its class's step methods where Lightning compiled them in place.
+
+    ``Trainer.fit(torch.compile(module))`` sets ``module.forward`` (and ``training_step``, ...) on
+    the instance to compiled functions of the *original* module's bound methods (of the already
+    compiled ones, from a sequence's second fit on): a deep copy keeps calling the original, so a
+    teacher copied from it would answer with the student's weights. The copy drops them.
+    """
+    context = getattr(copy, "_compiler_ctx", None)
+    if isinstance(context, dict):
+        for key in context:
+            if key.startswith("original_"):
+                copy.__dict__.pop(key[len("original_"):], None)
+        copy._compiler_ctx = None
+    return copy
 
 
 def takes_task_ids(model: nn.Module) -> bool:

@@ -16,6 +16,11 @@ Each ``Trainer.fit`` is one task:
 
 Replay and distillation change the batch and the loss, which only the LightningModule can do:
 they need :class:`neurenix.continual.ContinualLossMixin` on the module.
+
+A method may be given a compiled LightningModule (``torch.compile(module)``): it keeps the
+LightningModule itself, which is what ``Trainer.fit`` trains (Lightning unwraps the compiled
+module and compiles its ``forward`` and ``training_step`` in place), so the hooks' ``pl_module``,
+the method's model and the module whose forwards it captures are one object.
 """
 
 from __future__ import annotations
@@ -29,10 +34,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from neurenix.continual.base import ContinualMethod, inputs_as_given
+from neurenix.continual.base import ContinualMethod, inputs_as_given, uncompiled
 from neurenix.continual.distributed import StaysInItsProcess, spawn_refusal
 
-__all__ = ["ContinualCallback", "continual_methods", "split_batch", "join_batch"]
+__all__ = ["ContinualCallback", "continual_methods", "fitted_module", "split_batch", "join_batch"]
+
+
+def fitted_module(model: Any) -> Any:
+    """The module a ``Trainer`` fits for ``model``: a compiled LightningModule's own module, else ``model``.
+
+    ``Trainer.fit(torch.compile(module))`` trains ``module`` (its ``forward`` and ``training_step``
+    compiled in place); the wrapper ``torch.compile`` returned is never called. A compiled plain
+    ``nn.Module`` inside a LightningModule is called as it is, and stays.
+    """
+    module = uncompiled(model)
+    return module if module is not model and isinstance(module, pl.LightningModule) else model
 
 
 def continual_methods(trainer: Optional["pl.Trainer"]) -> list["ContinualCallback"]:
@@ -78,7 +94,7 @@ class ContinualCallback(StaysInItsProcess, ContinualMethod, Callback):
     needs_loss_mixin = False
 
     def __init__(self, model: Any, device: Any = None) -> None:
-        super().__init__(model, device)
+        super().__init__(fitted_module(model), device)
         self._last_gradient_round: Optional[tuple[int, int]] = None
         self._training_ran = False
         self._first_batch_checked = False

@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from neurenix.continual.callback import fitted_module
+
 __all__ = ["CapturesTrainingForwards", "ForwardCapture", "hidden_forwards", "no_forward_message"]
 
 #: How many :func:`hidden_forwards` blocks are open: while any is, no capture records or transforms.
@@ -45,7 +47,8 @@ class ForwardCapture:
     """
 
     def __init__(self, model: nn.Module, transform: Optional[OutputTransform] = None) -> None:
-        self.model = model
+        # A compiled LightningModule is fitted, and so called, as the module it wraps.
+        self.model = fitted_module(model)
         self.transform = transform
         self.arguments: Optional[tuple[Tensor, ...]] = None
         self.output: Optional[Tensor] = None

@@ -12,7 +12,15 @@ from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_model, check_real
-from neurenix.continual.base import global_generator_kept, running_statistics_kept, takes_task_ids, widened_mask
+from neurenix.continual.base import (
+    eagerly,
+    global_generator_kept,
+    running_statistics_kept,
+    takes_task_ids,
+    uncompiled,
+    widened_mask,
+    without_compiled_forwards,
+)
 from neurenix.continual.callback import ContinualCallback, split_batch
 from neurenix.continual.capture import CapturesTrainingForwards, ForwardCapture, hidden_forwards
 
@@ -152,7 +160,7 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
             return torch.zeros((), device=outputs.device, dtype=outputs.dtype)
         if len(arguments) == 2 and takes_task_ids(self.model):
             return self._learned_heads_loss(arguments[0])
-        with torch.no_grad():
+        with torch.no_grad(), eagerly():
             teacher_outputs = self.teacher(*(a.to(self.device) for a in arguments))
         units = None
         if self.units == "seen":
@@ -166,7 +174,7 @@ class KnowledgeDistillation(CapturesTrainingForwards, ContinualCallback):
         heads = self._learned_heads(inputs.device)
         task_ids = heads.repeat_interleave(inputs.shape[0])
         repeated = inputs.repeat(len(heads), *([1] * (inputs.dim() - 1)))
-        with torch.no_grad():
+        with torch.no_grad(), eagerly():
             teacher_outputs = self.teacher(repeated.to(self.device), task_ids.to(self.device))
         with hidden_forwards(), running_statistics_kept(self.model):
             student_outputs = self.model(repeated, task_ids)
@@ -281,9 +289,15 @@ def frozen_copy(model: nn.Module, capture: ForwardCapture, device: torch.device)
     Copied with ``capture`` paused: the capture's hook on ``model`` must not follow it into the
     copy, or the teacher's forwards would pass for the student's. Shared by every method that
     distils from a snapshot (KnowledgeDistillation, ICaRL, BiC), so that they freeze alike.
+
+    The teacher is eager by design, whether ``model`` was compiled by ``torch.compile(model)``,
+    in place by Lightning, or holds compiled submodules (its forwards run under
+    :func:`~neurenix.continual.base.eagerly`): a compiled teacher would compile again at every
+    task's end (a new module each time). Its state is named as the module's own, loadable with or
+    without compilation.
     """
     with capture.paused():
-        teacher = copy.deepcopy(model)
+        teacher = without_compiled_forwards(copy.deepcopy(uncompiled(model)))
     teacher = teacher.to(device)
     teacher.eval()
     teacher.requires_grad_(False)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_choice, check_int, check_model, check_real, check_task_id
-from neurenix.continual.base import default_seed, trainable_parameters
+from neurenix.continual.base import default_seed, trainable_parameters, uncompiled
 from neurenix.continual.quadratic import QuadraticPenaltyMethod, snapshot
 from neurenix.continual.sample_gradients import PerSampleGradients, readable_task_batch, task_gradient_mean
 
@@ -218,7 +218,7 @@ class EWC(QuadraticPenaltyMethod):
     # ---------------------------------------------------------------------------- consolidation
     def _consolidate(self, task_id: int, data: Any) -> None:
         anchor = snapshot(trainable_parameters(self.model), self.device)
-        buffers = snapshot(dict(self.model.named_buffers()), self.device)
+        buffers = snapshot(dict(uncompiled(self.model).named_buffers()), self.device)
         if data is None:
             warnings.warn(
                 f"EWC consolidated task {task_id} without data: its penalty is zero until "
@@ -281,7 +281,7 @@ class EWC(QuadraticPenaltyMethod):
     ) -> Tensor:
         """The labels of the true Fisher (drawn from the model) or of the "predicted" one (its most likely label)."""
         with torch.no_grad():
-            logits = torch.func.functional_call(self.model, (at, others), inputs)
+            logits = torch.func.functional_call(uncompiled(self.model), (at, others), inputs)
         # Non-finite logits (NaN inputs or parameters) cannot be sampled from; zeros can, and such
         # a Fisher is refused after the sum (its inputs are counted, its values are checked).
         logits = torch.where(torch.isfinite(logits), logits, torch.zeros_like(logits))

@@ -3,6 +3,13 @@
 EWC, L2 and SI work on any LightningModule (their penalties enter the gradient in closed form
 from a callback hook). Replay adds samples to the training batch and distillation mixes a term
 into the loss; only the module's ``training_step`` sees both, so the mixin wraps it.
+
+Under ``torch.compile`` (``Trainer.fit(torch.compile(module))``), Lightning compiles the module's
+``forward`` and ``training_step`` in place, the wrapper included. The methods' part of the step
+(replay's draw from memory, the teacher's and the memory's forwards, the loss terms) runs eagerly
+by design: it reads and changes Python state (memory sizes, counters, generators) that a compiled
+frame would guard on and recompile for as it changes, step after step. The step you wrote, with
+its forward, stays compiled.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from neurenix.continual.callback import continual_methods
@@ -77,13 +85,9 @@ def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
         # the outermost call applies the methods.
         if self.__dict__.get(_INSIDE_STEP):
             return step(self, batch, *args, **kwargs)
-        methods = continual_methods(getattr(self, "_trainer", None))
+        methods, batch = _methods_and_batch(self, batch)
         if not methods:
             return step(self, batch, *args, **kwargs)
-        for method in methods:
-            batch = method.extend_lightning_batch(batch)
-        for method in methods:
-            method.before_training_forward()
         manual = not self.automatic_optimization
         if manual:  # back-propagated inside the step: the terms go to its first manual_backward
             self.__dict__[_TERMS_FOR_BACKWARD] = (methods, batch)
@@ -101,6 +105,21 @@ def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
     return training_step
 
 
+@torch.compiler.disable
+def _methods_and_batch(module: Any, batch: Any) -> tuple[list, Any]:
+    """The trainer's neurenix methods and the batch they extend (each then told the forward comes).
+
+    Eager under ``torch.compile``, as :func:`_apply_terms` (see the module's docstring).
+    """
+    methods = continual_methods(getattr(module, "_trainer", None))
+    for method in methods:
+        batch = method.extend_lightning_batch(batch)
+    for method in methods:
+        method.before_training_forward()
+    return methods, batch
+
+
+@torch.compiler.disable
 def _apply_terms(methods: list, loss: Tensor, batch: Any) -> Tensor:
     for method in methods:
         loss = method.transform_lightning_loss(loss, batch)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from neurenix.continual import functional as CF
+from neurenix.continual.base import uncompiled
 from neurenix.continual.quadratic import accumulation_dtype, snapshot
 
 __all__ = ["PathIntegral"]
@@ -129,7 +130,7 @@ class PathIntegral:
     def load_state_dict(self, saved: dict[str, Any], model: torch.nn.Module, device: torch.device, has_pending: bool) -> None:
         """Restore :meth:`state_dict`'s output for ``model``'s parameters (missing keys: empty)."""
         state = {key: {n: t.to(device) for n, t in saved.get(key, {}).items()} for key in TRACKED}
-        params = dict(model.named_parameters())
+        params = dict(uncompiled(model).named_parameters())
         self.names = list(state["task_start"])
         self.params = [params[name] for name in self.names]
         self.set_state(state)

@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
+from neurenix.continual.base import uncompiled
 from neurenix.continual.callback import ContinualCallback
 
 __all__ = ["QuadraticPenaltyMethod"]
@@ -72,7 +73,7 @@ class QuadraticPenaltyMethod(ContinualCallback):
         self._bind_parameters()
 
     def _bind_parameters(self) -> None:
-        params = dict(self.model.named_parameters())
+        params = dict(uncompiled(self.model).named_parameters())
         missing = [name for name in self._anchor if name not in params]
         if missing:
             raise ValueError(

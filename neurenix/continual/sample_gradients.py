@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from neurenix.continual import functional as CF
-from neurenix.continual.base import evaluation_mode, global_generator_kept, model_arguments, requires_task_ids
+from neurenix.continual.base import eagerly, evaluation_mode, global_generator_kept, model_arguments, requires_task_ids, uncompiled
 from neurenix.continual.callback import split_batch
 from neurenix.continual.distributed import broadcast_, rank_and_world_size, sum_across_ranks_
 from neurenix.continual.quadratic import accumulation_dtype
@@ -41,10 +41,11 @@ class PerSampleGradients:
     In closed form while the network turns out to be all ``nn.Linear``
     (:func:`~neurenix.continual.functional.linear_squared_gradient_sum`'s identity), else with
     ``vmap`` over per-sample gradients in chunks of at most :data:`CHUNK_ELEMENTS` floats.
+    A compiled model is evaluated eagerly, through the module it wraps (see :func:`task_gradient_mean`).
     """
 
     def __init__(self, model: torch.nn.Module, at: dict[str, Tensor], power: int) -> None:
-        self.model, self.at, self.power = model, at, power
+        self.model, self.at, self.power = uncompiled(model), at, power
         self.closed_form = True  # until the network turns out not to be all nn.Linear
 
     def sums(self, others: dict[str, Tensor], inputs: tuple[Tensor, ...], targets: Tensor, objective: Objective) -> dict[str, Tensor]:
@@ -97,14 +98,19 @@ def task_gradient_mean(
         ValueError: no samples, or inputs that are not finite (``statistic`` names what for).
         FloatingPointError: a statistic that is not finite.
     """
-    owner, model, device = type(method).__name__, method.model, method.device
+    # Eager by design, through the module itself (never a torch.compile wrapper, whose parameter
+    # names differ from trainable_parameters'): the statistic runs once per task, through torch.func
+    # (functional_call, vmap of grad) or the closed form for nn.Linear networks; compiled, each
+    # task's chunk sizes and transforms would cost compilations (tens of seconds with inductor)
+    # for a pass that takes milliseconds eagerly.
+    owner, model, device = type(method).__name__, uncompiled(method.model), method.device
     others = {n: p.detach() for n, p in model.named_parameters() if n not in at}
     others.update(dict(model.named_buffers()) if buffers is None else buffers)
     sums = {name: torch.zeros_like(a, dtype=accumulation_dtype(a.dtype)) for name, a in at.items()}
     samples = 0
     not_finite = torch.zeros(1, dtype=torch.float64, device=device)
     generator.set_state(broadcast_(generator.get_state()))  # every rank draws one subset...
-    with evaluation_mode(model), global_generator_kept():
+    with evaluation_mode(model), global_generator_kept(), eagerly():
         for inputs, targets in task_samples(data, count, generator, model):  # ...its share of it
             inputs, targets = method._convert_inputs(tuple(a.to(device) for a in inputs)), targets.to(device)
             not_finite += _samples_not_finite(inputs)

@@ -440,38 +440,6 @@ def test_task_ids_go_to_models_whose_forward_takes_them():
     assert model_arguments(MultiHead(), x, t) == (x, t) and model_arguments(MultiHead(), x, None) == (x,)
 
 
-def test_a_compiled_model_is_asked_about_task_ids_through_the_module_it_wraps():
-    from neurenix.continual.base import requires_task_ids, takes_task_ids
-
-    class MultiHead(torch.nn.Module):
-        def forward(self, x, task_ids):
-            return x
-
-    # torch.compile's wrapper forwards (*args, **kwargs): read as it is, every compiled model would
-    # be called with task ids, and a one-input model fails on its first step.
-    single, multi = torch.compile(torch.nn.Linear(3, 3)), torch.compile(MultiHead())
-    assert not takes_task_ids(single) and not requires_task_ids(single)
-    assert takes_task_ids(multi) and requires_task_ids(multi)
-
-
-@pytest.mark.parametrize("cls", [EWC, SynapticIntelligence, KnowledgeDistillation, ExperienceReplay])
-def test_train_step_on_a_compiled_model_equals_the_eager_one(cls):
-    # aot_eager traces the forward and backward as inductor does, without compiling C++ (seconds).
-    def trained(compiled: bool) -> torch.Tensor:
-        net = make_mlp(classes=3)
-        model = torch.compile(net, backend="aot_eager") if compiled else net
-        method = cls(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        for task in range(2):
-            for inputs, targets in loader(make_task(seed=task + 1)):
-                method.train_step(optimizer, F.cross_entropy, inputs, targets, task_id=task)
-                if cls is ExperienceReplay:
-                    method.add_to_memory(inputs, targets, task_id=task)
-        return torch.cat([p.detach().flatten() for p in net.parameters()])
-
-    torch.testing.assert_close(trained(compiled=True), trained(compiled=False), rtol=0, atol=1e-6)
-
-
 def test_takes_task_ids_is_asked_again_when_the_forward_changes():
     from neurenix.continual.base import takes_task_ids
 
