@@ -287,7 +287,8 @@ MAPPINGS = {
         f"ER_ACE(mem_size={MEMORY_SIZE}, batch_size_mem={replay_count()})",
         f"{replay_count()} replayed samples per batch of {DEFAULT.batch_size}; the incoming batch's cross-entropy over "
         "the classes present in it, plus the replayed batch's; our memory a reservoir of the stream, which "
-        "at each task's end is what theirs is during the task (a class-balanced sample of every class seen)",
+        "at each task's end is, in expectation, what theirs is during the task (a class-balanced sample of "
+        "every class seen: the classes are of equal size)",
         "their loss is half of ours (the mean of the two terms; Adam does not see the factor, up to its ε); "
         "they score the replayed batch over every output unit (classes not met yet included), we over the "
         "classes seen; their memory takes the whole task's data at its start (its classes then hold their "
