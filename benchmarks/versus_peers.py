@@ -303,7 +303,8 @@ MAPPINGS = {
         "12,000 samples: 11 exemplars per batch of 128) is the exemplars' share of their batches; both "
         "measured by the nearest mean of exemplars",
         "they shuffle the exemplars into the task's data (about 118 new and 10 remembered samples per "
-        "batch, 102 steps a task), we append ours to each batch of 128 new samples (94 steps); their "
+        "batch, 102 steps a task after the first), we append ours to each batch of 128 new samples (94 "
+        "steps); their "
         "herding stops after 1,000 iterations per class (a class may keep fewer), and keeps ceil(M/classes) "
         "per class where ours keeps floor or ceil to sum to M"),
     "bic": Mapping(

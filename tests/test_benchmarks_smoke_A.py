@@ -7,6 +7,7 @@ To be merged into tests/test_benchmarks_smoke.py (which loads the script the sam
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
 from typing import Any
@@ -141,6 +142,13 @@ def test_versus_peers_er_ace_loss_is_twice_avalanches_when_every_unit_is_seen(pe
     seen = torch.ones(5, dtype=torch.bool)
     ours = F.cross_entropy(mask_absent_classes(incoming, y_in), y_in) + F.cross_entropy(CF.masked_logits(buffer, seen), y_buffer)
     torch.testing.assert_close(ours, 2 * theirs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("quadprog") is not None, reason="this Python has quadprog")
+def test_versus_peers_worker_says_gem_needs_quadprog_and_how_to_install_it(peers):
+    worker = load_script(peers.WORKER)
+    with pytest.raises(RuntimeError, match=r"GEMPlugin needs the quadprog package, missing under .*-m pip install quadprog"):
+        worker._plugin("gem", peers.peer_settings("gem"))
 
 
 @pytest.mark.skipif(PEER_PYTHON is None, reason="VERSUS_PEERS_PYTHON names no Python with avalanche-lib 0.6.0")
