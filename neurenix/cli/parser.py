@@ -139,6 +139,10 @@ def _compare_parser() -> ArgumentParser:
     hardware.add_argument("--strategy", type=str, default="auto",
                           help="auto, ddp, ... (ddp runs every method on every device; strategies that start their "
                                "processes from this one, such as ddp_spawn and ddp_fork, are refused: use ddp)")
+    hardware.add_argument("--keep_on_device", action=ActionYesNo, default=False,
+                          help="keep every task's data on the training device (each DDP process on its own) and "
+                               "build the batches there: no host-to-device copy per step; the data of all tasks must "
+                               "fit in the device's memory (docs/device-data.md)")
     hardware.add_argument("--jobs", type=int, default=1,
                           help="runs (method x seed) at once, each in a process of its own (joblib's loky), with the "
                                "results of --jobs 1; not with a DDP strategy")

@@ -115,7 +115,8 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     options = ["--config", "--print_config", "--benchmark", "--dataset", "--data_root", "--download", "--scenario",
                "--num_tasks", "--methods", "--epochs", "--batch_size", "--lr", "--hidden", "--seed", "--seeds",
-               "--keep_optimizer_state", "--mask_unseen_classes", "--accelerator", "--devices", "--strategy", "--jobs",
+               "--keep_optimizer_state", "--mask_unseen_classes", "--accelerator", "--devices", "--strategy",
+               "--keep_on_device", "--jobs",
                "--threads", "--output", "--overwrite"]
     for name, settings in METHOD_SETTINGS.items():
         options += [f"--{name}.{field.name}" for field in dataclasses.fields(settings)]
@@ -197,3 +198,12 @@ def test_the_baselines_take_no_settings_and_are_in_the_default_methods():
     assert METHODS[:3] == ("none", "joint", "cumulative")
     assert not set(BASELINES) & set(METHOD_SETTINGS)
     assert settings_of().methods[:3] == ["none", "joint", "cumulative"]
+
+
+def test_keep_on_device_parses_to_what_the_data_module_takes(tmp_path):
+    assert settings_of().keep_on_device is False
+    assert settings_of("--keep_on_device").keep_on_device is True
+    assert settings_of("--keep_on_device", "--no_keep_on_device").keep_on_device is False
+    config = tmp_path / "run.yaml"
+    config.write_text("keep_on_device: true\n")  # as a run's config.yaml holds it
+    assert settings_of("--config", str(config)).keep_on_device is True
