@@ -159,7 +159,10 @@ def mixed_tasks() -> list[TaskDataset]:
     permutation of its own, a float one without a transform, one of its own batching."""
     generator = torch.Generator().manual_seed(7)
     shared = Compose(ToFloat(), Flatten())
-    images = lambda n: torch.randint(0, 256, (n, 3, 3), dtype=torch.uint8, generator=generator)  # noqa: E731
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, 3), dtype=torch.uint8, generator=generator)
+
     return [
         TaskDataset(images(4), torch.arange(4), 5, transform=shared, with_task_ids=True),
         permuted(3, 1),
