@@ -616,15 +616,18 @@ class ConcatTaskDataset(_BatchedByIndex):
     :class:`~neurenix.data.TaskSequenceDataModule` serves for ``training="cumulative"`` and
     ``"joint"``.
 
-    A batch is built without reading the indices on the host (on an accelerator such a read
-    waits for every queued kernel): each member's rows are gathered for the whole batch and
-    selected by the member each index falls in, so the work grows with the number of members
-    (a few small gathers), not with a synchronization. Members sharing one transform object, with
-    stored inputs of one shape and dtype (a split benchmark's tasks), are transformed as one
-    batch; members with transforms of their own are each transformed once per batch.
-    ``__getitems__`` (what a ``DataLoader`` calls, with indices its sampler made) does not check
-    the indices' range, which would read them: an index out of range fails as tensor indexing
-    does. ``dataset[indices]`` checks them and names the first one out of range.
+    Members sharing one transform object, with stored inputs of one shape and dtype (a split
+    benchmark's tasks), are transformed as one batch. On the CPU a batch is built from one gather
+    per member it touches, found by counting the indices per member on the host (a read that
+    costs nothing there). Off the CPU (tasks moved with :meth:`to`) it is built without reading
+    the indices on the host, since such a read would wait for every kernel queued on the device:
+    each member's rows are gathered for the whole batch and kept where the index falls in that
+    member, so the work grows with the number of members (a few small gathers, and one transform
+    per group of members sharing one), not with a synchronization. Both give the same batch.
+    An index out of range is refused with an ``IndexError`` that names it, except in
+    ``__getitems__`` (what a ``DataLoader`` calls, with indices its sampler made) off the CPU:
+    the check would read the indices, so an index out of range fails there as tensor indexing
+    does.
 
     Attributes:
         tasks: the member tasks, in order.
@@ -685,20 +688,29 @@ class ConcatTaskDataset(_BatchedByIndex):
         return ConcatTaskDataset([task._moved(device, memo) for task in self.tasks])
 
     def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
-        """The batch of ``indices``, as a ``DataLoader`` asks for it: not range-checked (see the class docstring)."""
-        return SampleBatch(self._gather(_index_tensor(indices)))
+        """The batch of ``indices``, as a ``DataLoader`` asks for it: range-checked on the CPU only (see
+        the class docstring)."""
+        index = _index_tensor(indices)
+        if _reads_are_free(index.device):
+            index = self._in_range(index)
+        return SampleBatch(self._gather(index))
 
     def _batch(self, index: Tensor) -> Batch:
         return self._gather(self._in_range(index))
 
     def _gather(self, index: Tensor) -> Batch:
-        """The batch of ``index`` (each entry in ``-len .. len-1``)."""
+        """The batch of ``index`` (entries in ``-len .. len-1``; others fail as tensor indexing does)."""
+        size = len(self)
+        index = torch.where(index < 0, index + size, index)
+        # Still negative: out of range. Made `size`, it falls past the last member, and the lookup of
+        # its member's start or task id fails as tensor indexing does (no read here to find out first).
+        index = index.masked_fill(index < 0, size)
         if _reads_are_free(index.device):
-            return self._gather_by_members(torch.where(index < 0, index + len(self), index))
+            return self._gather_by_members(index)
         return self._gather_without_reads(index)
 
     def _gather_by_members(self, index: Tensor) -> Batch:
-        """The batch of ``index`` (entries in ``0 .. len-1``) from one gather per member it touches: the
+        """The batch of ``index`` (entries in ``0 .. len``) from one gather per member it touches: the
         counts per member are read on the host, which on the CPU costs nothing, and each sample is
         gathered and transformed once."""
         member = torch.searchsorted(self._ends, index, right=True)
@@ -742,12 +754,7 @@ class ConcatTaskDataset(_BatchedByIndex):
         return (x, y, ids) if self.with_task_ids else (x, y)
 
     def _gather_without_reads(self, index: Tensor) -> Batch:
-        """The batch of ``index``, read nowhere on the host (see the class docstring)."""
-        size = len(self)
-        index = torch.where(index < 0, index + size, index)
-        # Still negative: out of range. Made `size`, it falls past the last member, and the lookup of
-        # its task id below fails as tensor indexing does (no read here to find out first).
-        index = index.masked_fill(index < 0, size)
+        """The batch of ``index`` (entries in ``0 .. len``), read nowhere on the host (see the class docstring)."""
         member = torch.searchsorted(self._ends, index, right=True)
         task_ids = self._task_ids[member]
         x: Optional[Tensor] = None

@@ -190,12 +190,14 @@ def test_a_union_builds_a_batch_without_reading_the_indices_and_equals_the_per_s
             assert equal_batches(got, per_sample_reference(tasks, wrapped))
 
 
-def test_without_reads_an_index_out_of_range_fails_as_tensor_indexing_does():
+def test_an_index_out_of_range_is_named_or_fails_as_tensor_indexing_does_without_reads():
     union = ConcatTaskDataset(three_tasks())
+    for bad in (15, -16, 100, -100):
+        with pytest.raises(IndexError, match=re.escape(f"index {bad} is out of range for a ConcatTaskDataset of 15 samples")):
+            union.__getitems__(torch.tensor([0, bad]))  # on the CPU the check costs nothing
+        with as_on_an_accelerator(), pytest.raises(IndexError, match="out of bounds"):
+            union.__getitems__(torch.tensor([0, bad]))  # no read to check it: never a wrong sample
     with as_on_an_accelerator():
-        for bad in (15, -16):
-            with pytest.raises(IndexError, match="out of bounds"):
-                union.__getitems__(torch.tensor([0, bad]))
         with pytest.raises(IndexError, match=re.escape("index 15 is out of range for a ConcatTaskDataset of 15 samples")):
             union[[0, 15]]  # dataset[...] checks, and names the index
 
