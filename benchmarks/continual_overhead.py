@@ -17,7 +17,13 @@ Fashion-MNIST benchmark in the class-incremental scenario, a fixed number of CPU
    task-free and rehearse their memory from their second step on, so their rows there are
    their full step (A-GEM and GEM only store the batch: no earlier task to project against);
 5. **memory**: the bytes of tensors in each method's ``state_dict()`` after the 5 tasks (and the
-   bytes it holds in all, which adds working copies outside the state dict).
+   bytes it holds in all, which adds working copies outside the state dict);
+6. **compiled** (with ``--compile``): the step of section 1 with the model compiled
+   (``torch.compile``, backend ``--compile-backend``, inductor by default), per method in both
+   doors: ``train_step`` on ``torch.compile(net)`` against the hand-written step on its own
+   compiled model, and ``Trainer.fit(torch.compile(module))`` against plain Lightning fitting a
+   compiled module. Compilation happens in task 0's fit or steps and the first timed steps (the
+   warm-up dropped), not in the medians. What compiles and what stays eager: docs/compile.md.
 
 Every variant gets a model of the same initial weights and the same batches. Rounds run every
 variant once, in turn, in reversed order every other round (A B C, C B A, ...), so that drifts
@@ -33,11 +39,12 @@ into the report: numbers taken on a busy machine are not comparable with quiet o
     python benchmarks/continual_overhead.py [--model mlp|large] [--threads 2] [--repeats N]
         [--accelerator cpu|gpu] [--precision 32-true|bf16-mixed]
         [--steps N] [--sequence-steps N] [--data fashion_mnist|digits] [--root DIR]
+        [--compile [--compile-backend inductor|aot_eager|eager] [--compile-only]]
         [--quick] [--json PATH]
 
 ``--model large`` runs the same measurements on an MLP 784-2048-2048-2048-10 (21 times the
 parameters) to show how the ratios move as the model grows. ``--quick`` is a smoke mode on tiny
-sizes (seconds; the timings mean nothing).
+sizes (seconds; the timings mean nothing). ``--compile-only`` runs section 6 alone.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ from neurenix.continual import (
     RWalk,
     SynapticIntelligence,
 )
+from neurenix.continual.base import uncompiled
 from neurenix.continual.footprint import held_bytes, state_bytes
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
 
@@ -125,6 +133,10 @@ FISHER_SPEEDUP_TARGET = 10.0
 #: "The same values": float32 sums of 1000 squares in another order agree to about 1e-6 relative;
 #: entries far below a tensor's largest are compared against a floor set by that largest one.
 FISHER_RTOL, FISHER_ATOL_SCALE = 1e-4, 1e-6
+#: torch.compile backends --compile offers: inductor (what users run), aot_eager (dynamo and
+#: AOTAutograd's tracing without code generation: compilation's overhead without its gains),
+#: eager (dynamo's tracing alone).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,7 @@ class Setup:
     seed: int = 0
     accelerator: str = "cpu"  # "cpu" or "gpu" (the first CUDA device)
     precision: str = "32-true"  # or "bf16-mixed": Lightning's precision, autocast for the standalone steps
+    compile_backend: Optional[str] = None  # torch.compile's backend for section 6; None: not measured
 
     @property
     def device(self) -> torch.device:
@@ -257,10 +270,12 @@ def make_method(name: str, net: nn.Module, setup: Setup) -> Any:
         return MAS(net, importance=MAS_IMPORTANCE, sample_size=setup.fisher_samples, seed=setup.seed)
     if name == "rwalk":
         return RWalk(net, importance=RWALK_IMPORTANCE)
-    if name == "icarl":  # features: the last hidden layer's output (the head's input)
-        return ICaRL(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
+    # iCaRL's and BiC's features: the last hidden layer's output (the head's input), their default,
+    # named as a module so that a compiled net (an OptimizedModule, not a Sequential) gets it too.
+    if name == "icarl":
+        return ICaRL(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed, feature_extractor=uncompiled(net)[-2])
     if name == "bic":
-        return BiC(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed)
+        return BiC(net, memory_size=MEMORY_SIZE, replay_ratio=REPLAY_RATIO, seed=setup.seed, feature_extractor=uncompiled(net)[-2])
     if name == "gdumb":
         return GDumb(net, memory_size=MEMORY_SIZE, seed=setup.seed)
     raise ValueError(f"unknown method {name!r}")
@@ -509,6 +524,77 @@ def _adam(net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
 
 
+# ---------------------------------------------------------------------------- 6: compiled steps
+def compiled(model: nn.Module, setup: Setup) -> nn.Module:
+    assert setup.compile_backend is not None
+    return torch.compile(model, backend=setup.compile_backend)
+
+
+def compiled_lightning_run(
+    module: L.LightningModule, callbacks: list[Callback], loader: Any, setup: Setup
+) -> Callable[[], Timing]:
+    """:func:`lightning_run` of ``Trainer.fit(torch.compile(module))``.
+
+    Lightning compiles the module's ``forward`` and ``training_step`` in place at each fit, over
+    what an earlier fit compiled: they are put back after every fit so that each repetition runs
+    one compiled layer, from dynamo's cache (the same code, the same guards).
+    """
+    from lightning.pytorch.utilities.compile import to_uncompiled
+
+    fitted = compiled(module, setup)
+
+    def run() -> Timing:
+        timer = StepTimer()
+        try:
+            fit(fitted, [timer, *callbacks], loader, setup)
+        finally:
+            to_uncompiled(module)
+        return median_after_warmup(timer.times, setup.warmup)
+
+    return run
+
+
+def measure_compiled_steps(setup: Setup, data: Data) -> dict[str, Any]:
+    """Section 1's task-1 steps with the model compiled, every variant interleaved.
+
+    Each variant trains task 0 first (compiling its graphs), as in :func:`measure_steps`; the
+    compiled plain step of each door is the reference of that door.
+    """
+    runs: dict[str, Callable[[], Timing]] = {}
+    task0, task1 = data.loaders[0], data.loaders[1]
+    task0_batches = on_device(itertools.islice(task0, setup.steps), setup)
+    for variant in ("plain", *METHODS):
+        net = build_net(setup, data.inputs, data.classes)
+        module = lightning_module(variant, net)
+        callbacks = [] if variant == "plain" else [make_method(variant, net, setup)]
+        compiled_lightning_run(module, callbacks, task0, setup)()  # task 0, consolidated at the fit's end
+        runs[f"lightning/{variant}"] = compiled_lightning_run(module, callbacks, task1, setup)
+
+    hand_net = compiled(build_net(setup, data.inputs, data.classes), setup)
+    hand_step = handwritten_step(hand_net, _adam(hand_net), setup)
+    for x, y in task0_batches:
+        hand_step(x, y)
+    runs["standalone/handwritten"] = standalone_run(hand_step, data.batches, setup)
+    for name in METHODS:
+        net = compiled(build_net(setup, data.inputs, data.classes), setup)
+        optimizer, method = _adam(net), make_method(name, net, setup)
+        method.register_task(0, task0)
+        for x, y in task0_batches:
+            method_step(method, optimizer, 0, setup)(x, y)
+            if leaves_memory_to_caller(method):
+                method.add_to_memory(x, y, 0)
+        method_step(method, optimizer, 1, setup)(*data.batches[0])  # consolidates task 0, untimed
+        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1, setup), data.batches, setup)
+
+    times = interleaved(runs, setup.repeats)
+    plain, hand = times["lightning/plain"], times["standalone/handwritten"]
+    return {
+        "backend": setup.compile_backend,
+        "lightning": {v: summary(times[f"lightning/{v}"], plain) for v in ("plain", *METHODS)},
+        "standalone": {"handwritten": summary(hand, hand), **{m: summary(times[f"standalone/{m}"], hand) for m in METHODS}},
+    }
+
+
 # ---------------------------------------------------------------------------- 2: consolidation
 def per_sample_fisher(net: nn.Module, batches: list, count: int) -> dict[str, Tensor]:
     """The reference: ``mean_n (∂ log p(y_n|x_n) / ∂θ)²``, one backward per sample."""
@@ -690,6 +776,23 @@ def print_report(report: dict[str, Any]) -> None:
                 ratios = [f"{entry[key]:.3f}" if key in entry else "" for key in ("ratio", "cpu_ratio")]
                 print(f"  {name:<24}{entry['median_s'] * scale:>12.3f}{ratios[0]:>8}{entry['cpu_median_s'] * scale:>12.3f}{ratios[1]:>8}")
 
+    if "step_lightning" in m:
+        print_eager_sections(report, table)
+    if "compiled" in m:
+        c = m["compiled"]
+        table(f"6. step time under Lightning with the module compiled ({c['backend']}), task 1", c["lightning"], "ms/step", 1e3,
+              "plain Lightning, compiled")
+        table(f"6. step time with the standalone train_step on the compiled model ({c['backend']}), task 1", c["standalone"],
+              "ms/step", 1e3, "hand-written step, compiled")
+    print(f"\ntargets (wall-clock ratios; load average {report['machine']['load_average_start']} at the start, "
+          f"{report['machine']['load_average_end']} at the end)")
+    for target in report["targets"]:
+        value = target["value"] if isinstance(target["value"], bool) else f"{target['value']:.3f}"
+        print(f"  {'met   ' if target['met'] else 'MISSED'} {target['measure']:<40} {value:>7}  {target['target']}")
+
+
+def print_eager_sections(report: dict[str, Any], table: Callable[..., None]) -> None:
+    m, setup = report["measurements"], report["setup"]
     table(f"1. step time under Lightning, task 1 ({setup['steps']} steps per run)", m["step_lightning"], "ms/step", 1e3, "plain Lightning")
     table("1. step time with the standalone train_step, task 1", m["step_standalone"], "ms/step", 1e3, "hand-written step")
     table("4. standalone train_step in the first task (the wrapper alone; DER and ER-ACE rehearse already)", m["step_standalone_first_task"], "ms/step", 1e3, "hand-written step")
@@ -705,11 +808,6 @@ def print_report(report: dict[str, Any]) -> None:
     for name, entry in m["memory"].items():
         print(f"  {name:<24}{entry['state_dict_bytes'] / 2**20:>15.2f}{entry['state_dict_vs_parameters']:>9.2f}"
               f"{entry['resident_bytes'] / 2**20:>10.2f}{entry['resident_vs_parameters']:>9.2f}")
-    print(f"\ntargets (wall-clock ratios; load average {report['machine']['load_average_start']} at the start, "
-          f"{report['machine']['load_average_end']} at the end)")
-    for target in report["targets"]:
-        value = target["value"] if isinstance(target["value"], bool) else f"{target['value']:.3f}"
-        print(f"  {'met   ' if target['met'] else 'MISSED'} {target['measure']:<40} {value:>7}  {target['target']}")
 
 
 def machine() -> dict[str, Any]:
@@ -763,8 +861,14 @@ def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu", help="where to train: the CPU (default) or the first CUDA device")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
                         help="Lightning's precision; the standalone steps run their forward under the same autocast (default 32-true)")
+    parser.add_argument("--compile", action="store_true", help="also measure the steps with the model compiled (section 6)")
+    parser.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                        help="torch.compile's backend for --compile (default inductor; aot_eager traces as inductor does without generating code)")
+    parser.add_argument("--compile-only", action="store_true", help="with --compile: measure section 6 alone")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
+    if args.compile_only and not args.compile:
+        parser.error("--compile-only needs --compile")
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--accelerator gpu needs a CUDA device, and torch.cuda.is_available() is False")
 
@@ -776,6 +880,8 @@ def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
     setup = replace(setup, **{k: v for k, v in overrides.items() if v is not None})
     if args.sequence_steps is not None:
         setup = replace(setup, sequence_steps=args.sequence_steps)
+    if args.compile:
+        setup = replace(setup, compile_backend=args.compile_backend)
     if setup.data == "digits":
         setup = replace(setup, root=None)
     for name in ("threads", "repeats", "steps"):
@@ -783,11 +889,24 @@ def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
             parser.error(f"--{name} must be >= 1, got {getattr(setup, name)}")
     if setup.sequence_steps is not None and setup.sequence_steps < 1:
         parser.error(f"--sequence-steps must be >= 1, got {setup.sequence_steps}")
-    return setup, args.json
+    return setup, args.json, args.compile_only
+
+
+def measure_eager(setup: Setup, data: Data, started: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sections 1 to 5 (the eager model), their targets evaluated; the Fisher check under ``"fisher_check"``."""
+    _progress("1, 4. step times", started)
+    steps, trained = measure_steps(setup, data)
+    _progress("2. consolidation", started)
+    consolidation, fisher_check = measure_consolidation(setup, data, trained)
+    _progress("3, 5. sequences and state", started)
+    sequence, memory = measure_sequence(setup, data)
+    measurements = {**steps, "consolidation": consolidation, "sequence": sequence, "memory": memory}
+    targets = evaluate_targets(measurements, fisher_check)
+    return {**measurements, "fisher_check": fisher_check}, targets
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    setup, json_path = parse_setup(argv)
+    setup, json_path, compile_only = parse_setup(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(setup.threads)
     load_start = _load_average()
@@ -795,29 +914,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         with quiet_lightning():
             started = time.perf_counter()
             data = load_data(setup)
-            _progress("1, 4. step times", started)
-            steps, trained = measure_steps(setup, data)
-            _progress("2. consolidation", started)
-            consolidation, fisher_check = measure_consolidation(setup, data, trained)
-            _progress("3, 5. sequences and state", started)
-            sequence, memory = measure_sequence(setup, data)
+            measurements, targets = ({}, []) if compile_only else measure_eager(setup, data, started)
+            if setup.compile_backend is not None:
+                _progress(f"6. compiled steps ({setup.compile_backend})", started)
+                measurements["compiled"] = measure_compiled_steps(setup, data)
             elapsed = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
     host = {**machine(), "load_average_start": load_start, "load_average_end": _load_average()}
-    measurements = {**steps, "consolidation": consolidation, "sequence": sequence, "memory": memory}
+    fisher_check = measurements.pop("fisher_check", None)
+    net = build_net(setup, data.inputs, data.classes)
     report = {
         "benchmark": "continual_overhead",
         "setup": asdict(setup),
         "sequence_repeats": setup.sequence_repeats,
-        "model_parameters": sum(p.numel() for p in trained.parameters()),
-        "model_parameter_bytes": parameter_bytes(trained),
+        "model_parameters": sum(p.numel() for p in net.parameters()),
+        "model_parameter_bytes": parameter_bytes(net),
         "machine": host,
         "command": " ".join(["python", "benchmarks/continual_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_time_s": elapsed,
         "measurements": measurements,
         "fisher_check": fisher_check,
-        "targets": evaluate_targets(measurements, fisher_check),
+        "targets": targets,
     }
     print_report(report)
     print(f"\n(whole run {elapsed:.0f} s)")

@@ -27,6 +27,7 @@ __all__ = ["ContinualLossMixin"]
 _INSIDE_STEP = "_neurenix_inside_training_step"
 _WRAPPED = "_neurenix_wraps_training_step"
 _TERMS_FOR_BACKWARD = "_neurenix_terms_for_manual_backward"
+_STEP_METHODS = "_neurenix_methods_of_the_step"
 
 
 class ContinualLossMixin:
@@ -71,11 +72,7 @@ class ContinualLossMixin:
 
     def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """``LightningModule.manual_backward``, the methods' terms added to the step's first loss."""
-        terms = self.__dict__.pop(_TERMS_FOR_BACKWARD, None)
-        if terms is not None:
-            methods, batch = terms
-            loss = _apply_terms(methods, loss, batch)
-        super().manual_backward(loss, *args, **kwargs)  # type: ignore[misc]
+        super().manual_backward(_with_terms_for_backward(self, loss), *args, **kwargs)  # type: ignore[misc]
 
 
 def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -85,41 +82,66 @@ def _with_continual_terms(step: Callable[..., Any]) -> Callable[..., Any]:
         # the outermost call applies the methods.
         if self.__dict__.get(_INSIDE_STEP):
             return step(self, batch, *args, **kwargs)
-        methods, batch = _methods_and_batch(self, batch)
-        if not methods:
+        # Under torch.compile only this function is traced, never the methods themselves: they
+        # stay out of its locals (a compiled frame would guard on their types).
+        active, batch = _begin_step(self, batch)
+        if not active:  # a string, guarded by value (see _begin_step)
             return step(self, batch, *args, **kwargs)
-        manual = not self.automatic_optimization
-        if manual:  # back-propagated inside the step: the terms go to its first manual_backward
-            self.__dict__[_TERMS_FOR_BACKWARD] = (methods, batch)
         self.__dict__[_INSIDE_STEP] = True
         try:
             output = step(self, batch, *args, **kwargs)
         finally:
             self.__dict__[_INSIDE_STEP] = False
             self.__dict__.pop(_TERMS_FOR_BACKWARD, None)
-        if manual:
-            return output
-        return _map_loss(output, lambda loss: _apply_terms(methods, loss, batch))
+        return _end_step(self, output, batch)
 
     setattr(training_step, _WRAPPED, True)
     return training_step
 
 
 @torch.compiler.disable
-def _methods_and_batch(module: Any, batch: Any) -> tuple[list, Any]:
-    """The trainer's neurenix methods and the batch they extend (each then told the forward comes).
+def _begin_step(module: Any, batch: Any) -> tuple[str, Any]:
+    """Which neurenix methods act on this step (``""``: none), and the batch they extend (each
+    then told the forward comes); the methods are kept on ``module`` for :func:`_end_step`.
 
-    Eager under ``torch.compile``, as :func:`_apply_terms` (see the module's docstring).
+    Eager under ``torch.compile``, as :func:`_end_step` (see the module's docstring). The first
+    value names the forward captures installed (distillation's, DER's, ER-ACE's): a compiled
+    frame is specialized on it, so that a step traced without a capture's hook (dynamo does not
+    guard on module hooks) is never reused where a capture must see the forward.
     """
     methods = continual_methods(getattr(module, "_trainer", None))
     for method in methods:
         batch = method.extend_lightning_batch(batch)
     for method in methods:
         method.before_training_forward()
-    return methods, batch
+    module.__dict__[_STEP_METHODS] = methods
+    if methods and not module.automatic_optimization:  # back-propagated inside the step: the terms go to its first manual_backward
+        module.__dict__[_TERMS_FOR_BACKWARD] = (methods, batch)
+    if not methods:
+        return "", batch
+    captures = [method._capture for method in methods if getattr(getattr(method, "_capture", None), "installed", False)]
+    return "methods, captures " + " ".join(str(id(capture)) for capture in captures), batch
 
 
 @torch.compiler.disable
+def _end_step(module: Any, output: Any, batch: Any) -> Any:
+    """The step's output with the methods' terms in its loss (with manual optimization: as it is)."""
+    methods = module.__dict__.pop(_STEP_METHODS)
+    if not module.automatic_optimization:
+        return output
+    return _map_loss(output, lambda loss: _apply_terms(methods, loss, batch))
+
+
+@torch.compiler.disable
+def _with_terms_for_backward(module: Any, loss: Tensor) -> Tensor:
+    """``loss`` with the methods' terms if it is the step's first ``manual_backward`` (eager, as :func:`_end_step`)."""
+    terms = module.__dict__.pop(_TERMS_FOR_BACKWARD, None)
+    if terms is None:
+        return loss
+    methods, batch = terms
+    return _apply_terms(methods, loss, batch)
+
+
 def _apply_terms(methods: list, loss: Tensor, batch: Any) -> Tensor:
     for method in methods:
         loss = method.transform_lightning_loss(loss, batch)

@@ -34,6 +34,7 @@ from neurenix.continual import (
     GEM,
     MAS,
     BiC,
+    ContinualLossMixin,
     DarkExperienceReplay,
     ERACE,
     ExperienceReplay,
@@ -191,20 +192,30 @@ def test_a_compiled_model_is_asked_about_task_ids_through_the_module_it_wraps():
     assert takes_task_ids(multi) and requires_task_ids(multi)
 
 
-def counting_backend(graphs: list):
-    """A backend that runs the traced graph eagerly and keeps it (its nodes carry the user stack)."""
+#: The graphs the "neurenix_counting" backend was given since the last clear.
+GRAPHS: list = []
 
-    def backend(graph_module: torch.fx.GraphModule, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
 
-    return backend
+@torch._dynamo.register_backend(name="neurenix_counting")
+def _counting_backend(graph_module: torch.fx.GraphModule, example_inputs):
+    """Runs the traced graph eagerly and keeps it (its nodes carry the user's stack). Registered by
+    name, it is one backend for every torch.compile call: cached graphs are reused across calls
+    as with "aot_eager" or "inductor" (a backend given as a function is new at each call)."""
+    GRAPHS.append(graph_module)
+    return graph_module.forward
+
+
+def counted_graphs() -> list:
+    """Dynamo's caches emptied and the count restarted (earlier tests compiled the same code)."""
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    return GRAPHS
 
 
 def test_eagerly_runs_a_compiled_model_or_one_compiled_in_place_without_compiling():
-    graphs: list = []
+    graphs = counted_graphs()
     net = make_mlp()
-    compiled = torch.compile(net, backend=counting_backend(graphs))
+    compiled = torch.compile(net, backend="neurenix_counting")
     in_place = make_mlp()
     in_place.forward = compiled.dynamo_ctx(in_place.forward)  # what Lightning does to a LightningModule
     x = torch.randn(3, 6, dtype=torch.float64)
@@ -306,15 +317,51 @@ def test_the_methods_part_of_a_compiled_training_step_runs_eagerly():
     # recompiled as it changes. The graphs hold the user's training_step and nothing of ours.
     from neurenix.data import fit_sequence
 
-    torch._dynamo.reset()  # the training_step's code was compiled by earlier tests: compile it anew here
-    graphs: list = []
+    graphs = counted_graphs()
     net = make_mlp(classes=CLASSES)
+    fitted = torch.compile(lit_classifier(net), backend="neurenix_counting")
     methods = [ExperienceReplay(net, memory_size=16, seed=0), KnowledgeDistillation(net)]
-    trainer = quiet_trainer(callbacks=methods)
-    fitted = torch.compile(lit_classifier(net), backend=counting_backend(graphs))
-    fit_sequence(trainer, fitted, task_sequence(), epochs_per_task=2)
+    fit_sequence(quiet_trainer(callbacks=methods), fitted, task_sequence(), epochs_per_task=2)
     files = {innermost_file(node.meta["stack_trace"]) for graph in graphs for node in graph.graph.nodes if node.meta.get("stack_trace")}
     assert files and all(name.endswith("tests/helpers.py") for name in files), files
     # One graph for the first batch, one once the batch grows with replayed samples (then with
     # dynamic shapes): not one per step, although the memory changes at every step.
     assert len(graphs) == 2
+    # Other methods beside the same capture reuse the graphs: the compiled frames hold no method.
+    others = [methods[1], EWC(net, fisher_sample_size=8, seed=0), L2Regularization(net)]
+    x, y = class_incremental_data(0)
+    as_tuples = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, collate_fn=lambda b: tuple(torch.utils.data.default_collate(b))
+    )
+    quiet_trainer(callbacks=others).fit(fitted, as_tuples)  # task 2 to each
+    assert others[0].finished_tasks == [0, 1, 2] and len(graphs) == 2
+
+
+class SharedClassifier(ContinualLossMixin, L.LightningModule):
+    """One class for several modules: their training_step is one compiled code, one cache."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_step_compiled_without_a_capture_is_not_reused_where_a_capture_must_see_the_forward():
+    # Dynamo does not guard on module hooks: a training_step traced for replay (no hook) would be
+    # reused for distillation's module, whose capture's hook would then never run.
+    graphs = counted_graphs()
+    first, second = make_mlp(classes=CLASSES), make_mlp(classes=CLASSES)
+    data = task_sequence()
+    for net, method in ((first, ExperienceReplay(first, memory_size=16, seed=0)), (second, KnowledgeDistillation(second))):
+        quiet_trainer(callbacks=[method]).fit(torch.compile(SharedClassifier(net), backend="neurenix_counting"), datamodule=data)
+    kd = method
+    assert kd.finished_tasks == [0] and kd.teacher is not None
+    assert len(graphs) == 3  # replay's two (the batch grows), distillation's own
