@@ -21,7 +21,7 @@ reads which classes a batch holds (one host-device synchronization per insert on
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -246,21 +246,145 @@ class BalancedMemory(ReservoirMemory):
     even that when the caller names the batch's one group (a task id given as an int to a
     :class:`TaskBalancedMemory`). A new group's arrival re-balances the shares, which reads the
     device (once per group).
+
+    When the caller knows which groups the coming batches hold (:meth:`announce`: the classes of
+    a fit's training data), an insert reads nothing once every group holds its full share: each
+    group's slots are then fixed (a sample can only replace one of its group's), so the groups'
+    counts move to the device and each sample's reservoir decision is made there. Until then
+    (a new class filling its share) an insert reads as above.
     """
 
     #: The field whose value is a sample's group, and the state dict's names for the groups in
     #: order of arrival and for how many samples of each were offered.
     group_field = "targets"
     state_names = ("groups", "group_seen")
+    #: What the groups are, in messages.
+    group_name = "groups"
 
     def __init__(self, capacity: int, device: torch.device, seed: int) -> None:
         super().__init__(capacity, device, seed)
         #: group keys in order of arrival, how many samples of each were offered, how many are held.
         self.groups: list[int] = []
-        self.group_seen: dict[int, int] = {}
+        self._group_seen: dict[int, int] = {}
         self._held: dict[int, int] = {}
+        #: The groups announced for the coming batches (``None``: any group may come).
+        self.announced: Optional[frozenset[int]] = None
+        #: While announced and every group is full: the inserts' bookkeeping on the device.
+        self._on_device: Optional[_DeviceInserts] = None
         #: key -> the slots holding that group's samples, while the layout they describe stands.
         self._slots_cache: dict[int, Tensor] = {}
+
+    @property
+    def group_seen(self) -> dict[int, int]:
+        """How many samples of each group were offered (read from the device while inserts run there)."""
+        if self._on_device is not None:
+            self._pull_counts()
+        return self._group_seen
+
+    @group_seen.setter
+    def group_seen(self, counts: dict[int, int]) -> None:
+        self._group_seen = counts
+
+    # ---------------------------------------------------------------------------- announced groups
+    def announce(self, keys: Optional[Iterable[int]]) -> None:
+        """Say that the batches offered from now on hold only the groups ``keys`` (``None``: any
+        group, the default), until the next call.
+
+        Groups not seen yet arrive now, in ascending order (the shares re-balance: reads the
+        device once, here rather than in a training step). From the insert after which every
+        group holds its full share, inserts read nothing from the device. A sample of a group
+        that was not announced is then kept nowhere (it cannot be seen without a read), and the
+        next :meth:`announce` or :meth:`state_dict` raises ``ValueError`` once, withdrawing the
+        announcement (what is stored is sound: none of those samples is in it).
+
+        Raises:
+            ValueError: a key that is not an int ``>= 0``; samples of groups that were not
+                announced were offered under the previous announcement.
+        """
+        self._end_announcement()
+        if keys is None:
+            return
+        keys = sorted(set(keys))
+        if any(isinstance(key, bool) or not isinstance(key, int) or key < 0 for key in keys):
+            raise ValueError(f"announce takes the groups' keys as ints >= 0, got {keys!r:.200}")
+        new_groups = [key for key in keys if key not in self._group_seen]
+        if new_groups:
+            self._arrive(new_groups)
+        self.announced = frozenset(keys)
+        self._insert_on_device_if_full()
+
+    def _end_announcement(self) -> None:
+        """Counts back to the host, and the announcement withdrawn (raising if it was broken)."""
+        inserts, self._on_device = self._on_device, None
+        self.announced = None
+        if inserts is None:
+            return
+        self._group_seen.update(inserts.counts())
+        unannounced = int(inserts.unannounced)
+        if unannounced:
+            raise ValueError(
+                f"{type(self).__name__}: {unannounced} sample{'s' if unannounced > 1 else ''} offered while only the "
+                f"{self.group_name} {sorted(inserts.keys)} were announced belonged to other {self.group_name}: they were "
+                f"kept nowhere. Announce all the {self.group_name} that the batches hold (or None)"
+            )
+
+    def _pull_counts(self) -> None:
+        """The device's counts of samples offered per group, onto the host (one read)."""
+        assert self._on_device is not None
+        self._group_seen.update(self._on_device.counts())
+
+    def _insert_on_device_if_full(self) -> None:
+        """Move the inserts to the device when groups are announced and every one is full."""
+        if self.announced is None or self._on_device is not None or self.capacity == 0 or not self.groups:
+            return
+        if any(self._held[key] != self.quota(key) for key in self.groups):
+            return
+        quotas = [self.quota(key) for key in self.groups]
+        slots = torch.full((len(self.groups), max(max(quotas), 1)), self.capacity, dtype=torch.long, device=self.device)
+        for row, (key, quota) in enumerate(zip(self.groups, quotas)):
+            if quota:
+                slots[row, :quota] = self._slots_cache[key]
+        lookup = torch.full((max(self.groups) + 1,), -1, dtype=torch.long, device=self.device)
+        lookup[torch.tensor(self.groups, device=self.device)] = torch.arange(len(self.groups), device=self.device)
+        self._on_device = _DeviceInserts(
+            keys=list(self.groups),
+            lookup=lookup,
+            slots=slots,
+            quotas=torch.tensor(quotas, device=self.device),
+            seen=torch.tensor([self._group_seen[key] for key in self.groups], device=self.device),
+            unannounced=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+
+    def _add_on_device(self, batch: dict[str, Tensor]) -> None:
+        """Store a batch of announced, full groups: every decision on the device, nothing read."""
+        inserts = self._on_device
+        assert inserts is not None
+        keys = batch[self.group_field]
+        inside = (keys >= 0) & (keys < inserts.lookup.shape[0])
+        group = torch.where(inside, inserts.lookup[keys.clamp(0, inserts.lookup.shape[0] - 1)], -1)
+        known = group >= 0
+        group = group.clamp(min=0)
+        members = torch.nn.functional.one_hot(group, len(inserts.keys)) * known.unsqueeze(1)
+        # Each sample's place in its group's stream: the group's count so far, then its rank
+        # among the batch's samples of that group (batch order, as one-by-one insertion).
+        place = inserts.seen[group] + (members.cumsum(0) * members).sum(1) - 1
+        uniform = torch.rand(keys.shape[0], generator=self._generator, device=self.device, dtype=torch.float64)
+        local = torch.floor(uniform * (place + 1).to(torch.float64)).long()  # Algorithm R: uniform in [0, place]
+        kept = known & (local < inserts.quotas[group])
+        slots = torch.where(kept, inserts.slots[group, local.clamp(max=inserts.slots.shape[1] - 1)], self.capacity)
+        slots = _last_per_slot(slots, self.capacity)
+        for name, values in batch.items():
+            self._fields[name][slots] = values
+        inserts.seen.add_(members.sum(0))
+        inserts.unannounced.add_((~known).sum())
+
+    @override
+    def to(self, device: torch.device) -> None:
+        """Move the storage to ``device``; an announcement stands."""
+        announced = self.announced
+        super().to(device)
+        if announced is not None and self.announced is None:
+            self.announce(announced)
 
     # ---------------------------------------------------------------------------- quotas
     def quota(self, key: int) -> int:
@@ -301,19 +425,28 @@ class BalancedMemory(ReservoirMemory):
         enter its own reservoir."""
         self.check_batch(inputs, targets)
         batch = self._batch_fields(inputs, targets, task_ids, extras)
+        if self._on_device is not None:
+            self._add_on_device(batch)
+            self.num_seen += inputs.shape[0]
+            return
         groups = list(self._groups_in(batch, task_ids))
         new_groups = [key for key, _ in groups if key not in self.group_seen]
         if new_groups:
-            self.groups.extend(new_groups)
-            self.group_seen.update(dict.fromkeys(new_groups, 0))
-            self._held.update(dict.fromkeys(new_groups, 0))
-            self._shrink_to_quotas()
+            self._arrive(new_groups)
         for key, positions in groups:
             count = inputs.shape[0] if positions is None else positions.shape[0]
             if self.capacity > 0:
                 self._add_to_group(key, positions, count, batch)
             self.group_seen[key] += count
         self.num_seen += inputs.shape[0]
+        self._insert_on_device_if_full()
+
+    def _arrive(self, new_groups: list[int]) -> None:
+        """Groups never seen arrive (in the order given): every share shrinks to its new quota."""
+        self.groups.extend(new_groups)
+        self.group_seen.update(dict.fromkeys(new_groups, 0))
+        self._held.update(dict.fromkeys(new_groups, 0))
+        self._shrink_to_quotas()
 
     def _groups_in(self, batch: dict[str, Tensor], task_ids: Union[Tensor, int]) -> Iterator[tuple[int, Optional[Tensor]]]:
         """Each group the batch holds (ascending key: ties between new groups go by key) and the
@@ -376,6 +509,15 @@ class BalancedMemory(ReservoirMemory):
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """The stored samples and the groups' counts.
+
+        Raises:
+            ValueError: samples of groups that were not announced were offered (:meth:`announce`).
+        """
+        if self._on_device is not None:
+            announced = self.announced
+            self._end_announcement()  # the counts, read once; raises if the announcement was broken
+            self.announce(announced)
         groups, seen = self.state_names
         return {
             **super().state_dict(),
@@ -386,7 +528,9 @@ class BalancedMemory(ReservoirMemory):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, or a plain reservoir's (pooled DDP memories, older
         checkpoints): then the groups are those stored, in order of first slot, each counted as
-        seen in proportion to its share of the memory, and the shares are re-balanced."""
+        seen in proportion to its share of the memory, and the shares are re-balanced. An
+        announcement is withdrawn (announce again for the batches to come)."""
+        self._on_device, self.announced = None, None
         super().load_state_dict(state)
         groups, seen = (state.get(name) for name in self.state_names)
         keys = self._fields.get(self.group_field)
@@ -417,6 +561,7 @@ class ClassBalancedMemory(BalancedMemory):
 
     group_field = "targets"
     state_names = ("classes", "class_seen")
+    group_name = "classes"
 
     @property
     def classes(self) -> list[int]:
@@ -556,6 +701,37 @@ class TaskBalancedMemory(BalancedMemory):
 
     group_field = "task_ids"
     state_names = ("tasks", "task_seen")
+    group_name = "tasks"
+
+
+class _DeviceInserts(NamedTuple):
+    """The bookkeeping of a balanced memory's inserts on the device (announced, full groups)."""
+
+    #: The groups' keys in order of arrival (row ``g`` of the tensors below is ``keys[g]``).
+    keys: list[int]
+    #: key -> row (``-1``: not announced), for keys ``0 .. max(keys)``.
+    lookup: Tensor
+    #: ``(groups, max quota)``: row ``g`` holds group ``g``'s slots, padded with the spare row.
+    slots: Tensor
+    #: Each group's quota, and how many of its samples were offered (updated by every insert).
+    quotas: Tensor
+    seen: Tensor
+    #: Samples offered whose group was not announced (kept nowhere).
+    unannounced: Tensor
+
+    def counts(self) -> dict[int, int]:
+        """``{key: samples offered}`` (reads the device once)."""
+        return dict(zip(self.keys, self.seen.tolist()))
+
+
+def _last_per_slot(slots: Tensor, spare: int) -> Tensor:
+    """``slots`` with each slot below ``spare`` kept for its last sample only (batch order: the
+    later sample overwrites the earlier one, as one-by-one insertion would), the rest ``spare``."""
+    ordered, order = torch.sort(slots, stable=True)
+    last_of_run = torch.ones_like(ordered, dtype=torch.bool)
+    last_of_run[:-1] = ordered[1:] != ordered[:-1]
+    kept = torch.empty_like(last_of_run).scatter_(0, order, last_of_run)
+    return torch.where(kept, slots, spare)
 
 
 def is_class_labels(targets: Tensor) -> bool:

@@ -12,11 +12,12 @@ With ``selection=`` (``"herding"``, ``"closest"``, ``"random"``) the memory is a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -42,6 +43,7 @@ from neurenix.continual.callback import (
 from neurenix.continual.distributed import all_gather_objects, rank_and_world_size
 from neurenix.continual.exemplars import STRATEGIES, FeatureExtractor, select_exemplars
 from neurenix.continual.memory import (
+    BalancedMemory,
     ExemplarMemory,
     ReplayBatch,
     ReservoirMemory,
@@ -196,6 +198,28 @@ class RehearsalMethod(ContinualCallback):
         self._remember(inputs.detach(), targets.detach(), task_id, **self._extras_of(inputs, task_ids))
         self._last_stored = ("add_to_memory", weakref.ref(inputs))
 
+    def announce_classes(self, classes: Optional[Sequence[int]]) -> None:
+        """Say which classes the batches offered to the memory hold until the task ends (``None``:
+        any), so that a class-balanced memory (``balance="classes"``, GDumb's) stores batches
+        without reading the device once every class holds its share: one host-device
+        synchronization less per step on a GPU. Other memories need no announcement (it is
+        ignored). Under a Trainer the fit's training data announces its classes itself (a
+        :class:`~neurenix.data.TaskDataset` or :class:`~neurenix.data.ConcatTaskDataset`).
+
+        Samples of a class that was not announced are kept nowhere, and the task's end (or the
+        next :meth:`state_dict`) raises ``ValueError``.
+
+        Raises:
+            ValueError: a class that is not an int ``>= 0``.
+        """
+        if classes is not None:
+            classes = list(classes)
+            if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in classes):
+                raise ValueError(f"classes must be class labels (ints >= 0), got {classes!r:.200}")
+        if _announces_classes(self.memory):
+            self.prepare_for_device()
+            self.memory.announce(classes)  # type: ignore[attr-defined]
+
     def get_replay_batch(self, batch_size: int) -> ReplayBatch:
         """``min(batch_size, len(memory))`` distinct remembered samples: ``(inputs, targets, task_ids)``.
 
@@ -247,6 +271,7 @@ class RehearsalMethod(ContinualCallback):
 
     def _consolidate(self, task_id: int, data: Any) -> None:
         self.raise_non_finite_offers()  # before the task ends: its state stays as it was
+        self.announce_classes(None)  # the task's announcement ends with it (raises if broken)
         super()._consolidate(task_id, data)
         if self.selection is not None:
             self._select_exemplars(task_id, data)
@@ -327,6 +352,7 @@ class RehearsalMethod(ContinualCallback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
         self._fit_batches_task = _task_of_every_batch(trainer)
+        self.announce_classes(_classes_of_every_batch(trainer))
         if self._task_first_epoch is None:  # the task's first fit (a resumed one has it from the state)
             self._task_first_epoch = trainer.current_epoch
         # Resumed inside an epoch, Lightning goes on with it without on_train_epoch_start.
@@ -350,6 +376,8 @@ class RehearsalMethod(ContinualCallback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        with contextlib.suppress(ValueError):  # the fit failed already: its error is the one to see
+            self.announce_classes(None)
         self._fit_batches_task = None  # a later train_step's batches are not this fit's
         self._offering = True
         super().on_exception(trainer, pl_module, exception)
@@ -529,6 +557,25 @@ def _task_of_every_batch(trainer: "pl.Trainer") -> Optional[int]:
     if isinstance(dataset, ConcatTaskDataset) and dataset.with_task_ids and len(set(dataset.task_ids)) == 1:
         return dataset.task_ids[0]
     return None
+
+
+def _classes_of_every_batch(trainer: "pl.Trainer") -> Optional[list[int]]:
+    """The classes of the fit's training data, where the data says them (a
+    :class:`~neurenix.data.TaskDataset` or :class:`~neurenix.data.ConcatTaskDataset`: their
+    ``classes``, read once at the fit's start); else ``None``."""
+    from neurenix.data import ConcatTaskDataset, TaskDataset  # neurenix.data imports neurenix.continual
+
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if not isinstance(dataset, (TaskDataset, ConcatTaskDataset)) or not is_class_labels(dataset.targets):
+        return None
+    classes = dataset.classes
+    return classes if all(c >= 0 for c in classes) else None
+
+
+def _announces_classes(memory: ReservoirMemory) -> bool:
+    """Whether ``memory`` is balanced over classes and filled from the stream (its inserts can
+    be told the classes to come)."""
+    return isinstance(memory, BalancedMemory) and memory.group_field == "targets" and not isinstance(memory, ExemplarMemory)
 
 
 def warn_at_caller(message: str) -> None:

@@ -316,3 +316,100 @@ def test_random_ranks_keep_a_uniform_subset_through_shrinking():
         survived[int(kept[0])] += 1
     # Binomial(600, 1/6): mean 100, standard deviation 9.1; 4.4 standard deviations either way.
     assert survived.sum() == 600 and ((survived - 100).abs() < 40).all(), survived
+
+
+# ------------------------------------------------------------------------------------ announced classes
+
+
+def test_announced_classes_are_stored_without_a_read_once_every_class_holds_its_share():
+    memory = ClassBalancedMemory(12, CPU, seed=0)
+    memory.announce([1, 0])
+    assert memory.classes == [0, 1] and memory.class_sizes() == {0: 0, 1: 0}  # arrived, in ascending order
+    offered = {0: 0, 1: 0}
+    reads_per_insert = []
+    for inputs, labels, task_ids in class_incremental_stream(classes=2, per_class=60):
+        with host_reads() as reads:
+            memory.add(inputs, labels, task_ids)
+        reads_per_insert.append(len(reads))
+        for label in labels.tolist():
+            offered[label] += 1
+        assert_bookkeeping_matches_storage(memory)
+        assert memory.class_seen == offered
+    full = reads_per_insert.index(0)
+    assert full > 0 and reads_per_insert[:full] == [1] * full and not any(reads_per_insert[full:]), reads_per_insert
+    assert memory.class_sizes() == {0: 6, 1: 6} and memory.num_seen == 120
+
+
+def test_each_share_stays_a_uniform_reservoir_of_its_class_when_inserts_run_on_the_device():
+    """Classes 0 and 1 announced, 300 items each, interleaved in batches of 30 (a fixed shuffle
+    within each batch, so a class's items are not contiguous); quotas 10. Each class-0 item must
+    end in memory with probability 10/300. 300 seeds, positions in 15 bins of 20: expected 200
+    each; Pearson's statistic, 14 degrees of freedom, 0.999 quantile 36.12."""
+    runs, items, quota, bins = 300, 300, 10, 15
+    mix = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    batches = []
+    for start in range(0, items, 15):
+        ids = torch.cat([torch.arange(start, start + 15), torch.arange(1000 + start, 1015 + start)])[mix]
+        batches.append(id_batch(ids, (ids >= 1000).long()))
+    counts = torch.zeros(items, dtype=torch.long)
+    for seed in range(runs):
+        memory = ClassBalancedMemory(2 * quota, CPU, seed=seed)
+        memory.announce([0, 1])
+        for batch in batches:
+            memory.add(*batch)
+        assert memory._on_device is not None  # the inserts after the first ran on the device
+        ids, labels = stored(memory)
+        kept = torch.tensor([n for n, label in zip(ids, labels) if label == 0])
+        assert kept.numel() == quota and len(set(kept.tolist())) == quota
+        counts[kept] += 1
+    observed = counts.view(bins, -1).sum(1).double()
+    expected = runs * (items // bins) * quota / items
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 36.12, (chi2, observed.tolist())
+
+
+def test_samples_of_a_class_that_was_not_announced_are_kept_nowhere_and_raised_when_the_host_reads():
+    memory = ClassBalancedMemory(4, CPU, seed=0)
+    memory.announce([0, 1])
+    memory.add(*id_batch(torch.arange(8), torch.tensor([0, 1] * 4)))
+    before = stored(memory)
+    memory.add(*id_batch(torch.arange(8, 12), torch.tensor([0, 2, 7, 1])))  # classes 2 and 7 were not announced
+    inputs, labels, _ = memory.take(torch.arange(len(memory)))
+    assert set(labels.tolist()) == {0, 1} and memory.classes == [0, 1] and len(memory) == 4
+    assert not set(inputs[:, 0].long().tolist()) & {9, 10}  # the samples of classes 2 and 7
+    message = (r"ClassBalancedMemory: 2 samples offered while only the classes \[0, 1\] were announced belonged to other "
+               r"classes: they were kept nowhere. Announce all the classes that the batches hold \(or None\)")
+    with pytest.raises(ValueError, match=message):
+        memory.state_dict()
+    # Raised once, and the announcement withdrawn: what is stored is sound (those samples are not in it).
+    assert memory.announced is None and memory._on_device is None
+    assert memory.state_dict()["class_seen"].tolist() == [5, 5] and before[1].count(0) == 2
+
+
+def test_a_state_saved_while_inserts_run_on_the_device_resumes_identically_once_announced_again():
+    batches = list(class_incremental_stream(classes=2, per_class=80, seed=1))
+    whole, first = ClassBalancedMemory(10, CPU, seed=3), ClassBalancedMemory(10, CPU, seed=3)
+    for memory in (whole, first):
+        memory.announce([0, 1])
+    for batch in batches:
+        whole.add(*batch)
+    for batch in batches[:5]:
+        first.add(*batch)
+    assert first._on_device is not None
+    resumed = ClassBalancedMemory(10, CPU, seed=99)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.announced is None  # announcements are the caller's, not the state's
+    resumed.announce([0, 1])
+    for batch in batches[5:]:
+        resumed.add(*batch)
+    for key, value in whole.state_dict().items():
+        expected = resumed.state_dict()[key]
+        assert torch.equal(value, expected) if isinstance(value, torch.Tensor) else value == expected, key
+
+
+@pytest.mark.parametrize("keys", [[0, -1], [0, 1.0], [True]])
+def test_announce_takes_keys_as_ints_at_least_zero(keys):
+    memory = ClassBalancedMemory(4, CPU, seed=0)
+    with pytest.raises(ValueError, match=r"announce takes the groups' keys as ints >= 0, got \["):
+        memory.announce(keys)
+    assert memory.classes == [] and memory.announced is None

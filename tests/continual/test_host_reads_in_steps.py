@@ -157,6 +157,38 @@ def test_the_class_balanced_memory_reads_the_classes_of_each_insert_once(on_an_a
             assert [read.split(" at ")[0] for read in reads] == ["tolist"] and "continual/memory.py" in reads[0], str(reads)
 
 
+class AnnouncesItsClasses(ExperienceReplay):
+    """Class-balanced replay told each task's classes when the task starts, as a user would."""
+
+    def _begin_task(self, task_id: int) -> None:
+        super()._begin_task(task_id)
+        self.announce_classes([0, 1, 2])
+
+
+def test_announced_classes_are_stored_without_a_read_once_each_holds_its_share(on_an_accelerator):
+    recorded = _reads_of_standalone_steps("replay", lambda model: AnnouncesItsClasses(model, memory_size=6, seed=0, balance="classes"))
+    reads = [len(reads) for _, _, reads in recorded]
+    filling = reads.index(0)  # task 0's first inserts read while its classes fill their shares of 2
+    assert filling >= 1 and reads == [1] * filling + [0] * (len(reads) - filling), reads
+
+
+def test_a_task_s_announcement_ends_with_it():
+    model = make_mlp()
+    replay = ExperienceReplay(model, memory_size=3, seed=0, balance="classes")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = next(iter(_task_batches(0)))
+    assert set(y.tolist()) == {0, 1, 2}  # one batch fills every share of 1
+    replay.train_step(optimizer, nn.functional.cross_entropy, x, y, 0)
+    replay.announce_classes([0, 1, 2])
+    replay.add_to_memory(x, y, 0)
+    assert replay.memory.announced == frozenset({0, 1, 2}) and replay.memory._on_device is not None
+    replay.register_task(1)
+    assert replay.memory.announced is None and replay.memory.class_seen == {label: int((y == label).sum()) for label in range(3)}
+    with pytest.raises(ValueError, match=r"classes must be class labels \(ints >= 0\), got \[0, -2\]"):
+        replay.announce_classes([0, -2])
+    ExperienceReplay(model, memory_size=6, seed=0).announce_classes([0, 1])  # a reservoir needs none: ignored
+
+
 def test_gdumb_s_training_on_its_memory_reads_once_at_the_end(on_an_accelerator):
     model = make_mlp()
     gdumb = GDumb(model, memory_size=20, seed=0)
@@ -216,6 +248,14 @@ def _reads_of_lightning_steps(build: Callable[[nn.Module], Any]) -> list[tuple[i
     batches = 2 if isinstance(method, GDumb) else 3
     assert [(task, batch) for task, batch, _ in start.recorded] == [(t, b) for t in range(2) for b in range(batches)]
     return start.recorded
+
+
+def test_class_balanced_replay_under_a_trainer_reads_only_while_the_fit_s_classes_fill_their_shares():
+    recorded = _reads_of_lightning_steps(lambda model: ExperienceReplay(model, memory_size=10, seed=0, balance="classes"))
+    # Each fit announces its task's classes at its start; its first insert fills their shares
+    # (one read), and the steps after it read nothing.
+    for task in range(2):
+        assert [len(reads) for t, _, reads in recorded if t == task] == [1, 0, 0], recorded
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in [*METHODS, "gdumb"]])
