@@ -15,7 +15,9 @@ method gives :meth:`ReservoirMemory.add` (Dark Experience Replay's logits).
 
 Storing a batch reads nothing from the device in :class:`ReservoirMemory`, nor in
 :class:`TaskBalancedMemory` when the batch's task is given as an int; :class:`ClassBalancedMemory`
-reads which classes a batch holds (one host-device synchronization per insert on a GPU).
+reads which classes a batch holds (one host-device synchronization per insert on a GPU), unless
+the classes to come were announced (:meth:`BalancedMemory.announce`) and every class holds its
+full share.
 """
 
 from __future__ import annotations
@@ -364,7 +366,8 @@ class BalancedMemory(ReservoirMemory):
         group = torch.where(inside, inserts.lookup[keys.clamp(0, inserts.lookup.shape[0] - 1)], -1)
         known = group >= 0
         group = group.clamp(min=0)
-        members = torch.nn.functional.one_hot(group, len(inserts.keys)) * known.unsqueeze(1)
+        rows = torch.arange(len(inserts.keys), device=self.device)
+        members = ((group.unsqueeze(1) == rows) & known.unsqueeze(1)).long()  # (N, groups): not one_hot, which reads on the CPU
         # Each sample's place in its group's stream: the group's count so far, then its rank
         # among the batch's samples of that group (batch order, as one-by-one insertion).
         place = inserts.seen[group] + (members.cumsum(0) * members).sum(1) - 1

@@ -28,7 +28,7 @@ from torch import nn
 import neurenix
 from neurenix.continual import GEM, ExperienceReplay, GDumb
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
-from tests.continual.test_host_reads_in_steps import BIC_READS, METHODS, TASK_BALANCED
+from tests.continual.test_host_reads_in_steps import BIC_READS, METHODS, TASK_BALANCED, AnnouncesItsClasses
 from tests.helpers import lit_classifier, quiet_trainer
 
 pytestmark = [
@@ -152,6 +152,20 @@ def test_the_class_balanced_memory_synchronizes_once_per_insert():
     recorded = _syncs_of_standalone_steps(lambda model: ExperienceReplay(model, memory_size=20, seed=0, balance="classes"))
     for task, step, syncs in recorded[1:]:  # after the first insert every class is known
         assert len(syncs) == 1 and any(file.endswith("continual/memory.py") for file in syncs[0].stack_files), (task, step, syncs)
+
+
+def test_announced_classes_are_stored_without_a_sync_once_each_holds_its_share():
+    recorded = _syncs_of_standalone_steps(lambda model: AnnouncesItsClasses(model, memory_size=6, seed=0, balance="classes"))
+    syncs = [len(syncs) for _, _, syncs in recorded]
+    filling = syncs.index(0)  # task 0's first inserts sync while its classes fill their shares
+    assert filling >= 1 and not any(syncs[filling:]), syncs
+
+
+def test_class_balanced_replay_under_a_trainer_syncs_only_while_the_fit_s_classes_fill_their_shares():
+    recorded = _syncs_of_lightning_steps(lambda model: ExperienceReplay(model, memory_size=10, seed=0, balance="classes"))
+    for task in range(2):
+        syncs = [bool(syncs) for t, _, syncs in recorded if t == task]
+        assert syncs[0] and not any(syncs[1:]), recorded  # the fit's classes were announced at its start
 
 
 def test_gdumb_s_training_on_its_memory_synchronizes_once_at_the_end():
