@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from neurenix.continual import functional as CF
 from neurenix.continual._checks import check_real
-from neurenix.continual.base import evaluation_mode, model_arguments, widened_mask
+from neurenix.continual.base import evaluation_mode, model_arguments, uncompiled, widened_mask
 from neurenix.continual.capture import hidden_forwards
 from neurenix.continual.distilled_exemplars import DistilledExemplars
 from neurenix.continual.distributed import all_gather_objects
@@ -142,7 +142,7 @@ class BiC(DistilledExemplars):
 
     @override
     def _default_features(self, model: nn.Module, selection: str) -> Optional[nn.Module]:
-        return None if selection == "random" else _default_features(model, selection)
+        return None if selection == "random" else _default_features(uncompiled(model), selection)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "held_out": self.held_out, "temperature": self.temperature}

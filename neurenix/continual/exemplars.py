@@ -31,10 +31,12 @@ from neurenix.continual._checks import (
 )
 from neurenix.continual.base import (
     _first_parameter,
+    eagerly,
     evaluation_mode,
     global_generator_kept,
     inputs_as_given,
     model_arguments,
+    uncompiled,
 )
 from neurenix.continual.callback import split_batch
 from neurenix.continual.capture import hidden_forwards
@@ -62,6 +64,9 @@ class FeatureExtractor:
     :func:`~neurenix.continual.capture.hidden_forwards` so that no method's capture of the
     training forward mistakes it for the step's; a forward hook reads the submodule's output (its
     last call, where the forward calls it more than once). Gradients and mode are the caller's.
+    A ``torch.compile``'d model is read through the module it wraps (submodule names resolve as
+    in the module itself) and runs eagerly: features are extracted at a task's end, by design
+    outside any compiled graph (docs/compile.md).
 
     Args:
         model: the network.
@@ -74,8 +79,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, model: nn.Module, feature_extractor: Union[nn.Module, str]) -> None:
-        self.model = check_model(model)
-        self.name, self.module = _find_submodule(model, feature_extractor)
+        self.model = uncompiled(check_model(model))
+        self.name, self.module = _find_submodule(self.model, feature_extractor)
 
     def __call__(self, inputs: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
         """Features of ``inputs`` (and ``task_ids`` for a multi-head model), ``(N, D)`` float32.
@@ -86,7 +91,7 @@ class FeatureExtractor:
         outputs: list[Any] = []
         handle = self.module.register_forward_hook(lambda module, args, output: outputs.append(output))
         try:
-            with hidden_forwards():
+            with hidden_forwards(), eagerly():  # a forward compiled in place (Lightning's) too
                 self.model(*model_arguments(self.model, inputs, task_ids))
         finally:
             handle.remove()
@@ -359,7 +364,7 @@ class NearestMeanClassifier:
         refresh: bool = True,
     ) -> None:
         if isinstance(feature_extractor, FeatureExtractor):
-            if feature_extractor.model is not model:
+            if feature_extractor.model is not uncompiled(model):
                 raise ValueError("feature_extractor is a FeatureExtractor of another model than `model`")
             self.extractor = feature_extractor
         else:

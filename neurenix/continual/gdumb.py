@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from typing_extensions import override
 
 from neurenix.continual._checks import check_int, check_model
-from neurenix.continual.base import global_generator_kept, model_arguments
+from neurenix.continual.base import global_generator_kept, model_arguments, uncompiled
 from neurenix.continual.callback import continual_methods, split_batch
 from neurenix.continual.distributed import rank_and_world_size
 from neurenix.continual.memory import ClassBalancedMemory
@@ -92,7 +92,9 @@ class GDumb(RehearsalMethod):
         check_int("memory_size", memory_size, minimum=1)
         super().__init__(model, memory_size, device, seed, ClassBalancedMemory)
         #: Parameters and buffers when GDumb was built, on the CPU: every retraining starts here.
-        self._initial_state = _cpu_copy(model.state_dict())
+        # Named as the module's own (not a compiled wrapper's '_orig_mod.*'), from the module the
+        # method keeps (a compiled LightningModule given: the module Lightning fits).
+        self._initial_state = _cpu_copy(uncompiled(self.model).state_dict())
         self._initial_from_rank_zero = False
         #: The task whose training data last filled the memory under a Trainer (``NO_TASK``: none).
         self.filled_task = NO_TASK
@@ -120,7 +122,7 @@ class GDumb(RehearsalMethod):
         """Put the model's parameters and buffers back to their values when GDumb was built
         (in place: optimizers holding the parameters keep them)."""
         with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
+            for name, tensor in uncompiled(self.model).state_dict().items():
                 tensor.copy_(self._initial_state[name])
 
     def train_on_memory(

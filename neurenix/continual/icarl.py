@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from neurenix.continual import functional as CF
+from neurenix.continual.base import uncompiled
 from neurenix.continual.distilled_exemplars import DistilledExemplars
 from neurenix.continual.exemplars import FeatureExtractor, NearestMeanClassifier
 
@@ -112,7 +113,7 @@ class ICaRL(DistilledExemplars):
 
     @override
     def _default_features(self, model: nn.Module, selection: str) -> nn.Module:
-        return _default_features(model)  # NCM needs features whatever the selection
+        return _default_features(uncompiled(model))  # NCM needs features whatever the selection
 
     # ---------------------------------------------------------------------------- the continual-learning API
     def register_task(self, task_id: int, dataloader: Any = None) -> None:
