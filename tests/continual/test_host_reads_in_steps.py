@@ -68,6 +68,7 @@ METHODS: dict[str, Callable[[nn.Module], Any]] = {
     "rwalk": lambda model: RWalk(model),
     "distillation": lambda model: KnowledgeDistillation(model),
     "replay": lambda model: ExperienceReplay(model, memory_size=20, seed=0),
+    "der": lambda model: DarkExperienceReplay(model, memory_size=20, seed=0, alpha=0.5),
     "der++": lambda model: DarkExperienceReplay(model, memory_size=20, seed=0, alpha=0.5, beta=0.5),
     "er_ace": lambda model: ERACE(model, memory_size=20, seed=0),
     "agem": lambda model: AGEM(model, memory_size=20, seed=0),
