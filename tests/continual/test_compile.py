@@ -67,7 +67,8 @@ METHODS: dict[str, Callable[[nn.Module, nn.Sequential], object]] = {
     "ER-ACE": lambda model, net: ERACE(model, memory_size=16, seed=0),
     "A-GEM": lambda model, net: AGEM(model, memory_size=16, reference_size=8, seed=0),
     "GEM": lambda model, net: GEM(model, memory_size=16, seed=0),
-    # The features by module: by default (the Sequential's second-to-last layer) see the xfail below.
+    # The features named by module, as a method given the LightningModule (no Sequential) needs them;
+    # the default (a Sequential's second-to-last layer) is tested below.
     "iCaRL": lambda model, net: ICaRL(model, memory_size=16, seed=0, feature_extractor=net[1]),
     "BiC": lambda model, net: BiC(model, memory_size=16, seed=0, feature_extractor=net[1]),
     "GDumb": lambda model, net: GDumb(model, memory_size=16, seed=0),
@@ -90,28 +91,28 @@ def parameters_of(net: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in net.parameters()])
 
 
-def assert_close_state(actual, expected, where: str = "state") -> None:
-    """Nested method state equal: the same keys (so each loads into the other), tensors to TOLERANCE."""
+def assert_close_state(actual, expected, where: str = "state", tolerance: dict = TOLERANCE) -> None:
+    """Nested method state equal: the same keys (so each loads into the other), tensors to ``tolerance``."""
     assert type(actual) is type(expected), where
     if isinstance(expected, dict):
         assert list(actual) == list(expected), where
         for key in expected:
-            assert_close_state(actual[key], expected[key], f"{where}[{key!r}]")
+            assert_close_state(actual[key], expected[key], f"{where}[{key!r}]", tolerance)
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), where
         for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_close_state(a, e, f"{where}[{i}]")
+            assert_close_state(a, e, f"{where}[{i}]", tolerance)
     elif isinstance(expected, torch.Tensor):
-        torch.testing.assert_close(actual, expected, **TOLERANCE, msg=where)
+        torch.testing.assert_close(actual, expected, **tolerance, msg=where)
     else:
         assert actual == expected, where
 
 
 # ---------------------------------------------------------------------------- the continual-learning API
-def standalone_run(name: str, compiled: bool):
+def standalone_run(name: str, compiled: bool, backend: str = "aot_eager", device: str = "cpu"):
     """Two tasks of three steps with ``train_step`` (GDumb: its memory, then train_on_memory)."""
-    net = make_mlp(classes=CLASSES)
-    model = aot_eager(net) if compiled else net
+    net = make_mlp(classes=CLASSES).to(device)
+    model = torch.compile(net, backend=backend) if compiled else net
     method = METHODS[name](model, net)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for task in range(2):
@@ -135,40 +136,15 @@ def test_train_step_on_a_compiled_model_equals_the_eager_one(name):
     eager_net, eager = standalone_run(name, compiled=False)
     compiled_net, compiled = standalone_run(name, compiled=True)
     torch.testing.assert_close(parameters_of(compiled_net), parameters_of(eager_net), **TOLERANCE)
-    state = compiled.state_dict()
-    if name == "GDumb":
-        # GDumb keeps its model's initial state_dict, named as the model it was given: see
-        # test_gdumb_state_is_named_as_the_module_itself.
-        state = {key: value for key, value in state.items() if key != "initial_state"}
-        expected = {key: value for key, value in eager.state_dict().items() if key != "initial_state"}
-    else:
-        expected = eager.state_dict()
     # Named as the module's own parameters: a state saved with a compiled model loads into an eager one.
-    assert_close_state(state, expected)
+    assert_close_state(compiled.state_dict(), eager.state_dict())
 
 
 @pytest.mark.parametrize("cls", [ICaRL, BiC])
-@pytest.mark.xfail(
-    strict=True,
-    reason="C's icarl.py/bic.py: _default_features(model) must read uncompiled(model) (a compiled "
-    "Sequential is an OptimizedModule); exemplars.py: FeatureExtractor must keep uncompiled(model) "
-    "(names resolve as in the module) and run its forward under base.eagerly()",
-)
 def test_the_default_features_of_a_compiled_sequential_are_its_second_to_last_layer(cls):
     net = make_mlp(classes=CLASSES)
     method = cls(aot_eager(net), memory_size=16, seed=0)
-    assert method._extractor.module is net[1]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="C's gdumb.py: _initial_state = _cpu_copy(model.state_dict()) names a compiled model's tensors "
-    "'_orig_mod.*' (and fails under a compiled LightningModule, where self.model is the module itself): "
-    "take uncompiled(self.model).state_dict(), and load it into uncompiled(self.model) in reset_model",
-)
-def test_gdumb_state_is_named_as_the_module_itself():
-    net = make_mlp(classes=CLASSES)
-    assert list(GDumb(aot_eager(net), memory_size=4).state_dict()["initial_state"]) == list(net.state_dict())
+    assert method._extractor.module is net[1] and method._extractor.model is net  # extracted eagerly
 
 
 def test_trainable_parameters_of_a_compiled_model_are_named_as_the_modules_own():
@@ -235,7 +211,7 @@ def task_sequence():
     return TaskSequenceDataModule(tasks, tasks, batch_size=8, seed=0)
 
 
-def lightning_run(name: str, compiled: bool, given: str = "net", backend="aot_eager", callbacks=()):
+def lightning_run(name: str, compiled: bool, given: str = "net", backend="aot_eager", callbacks=(), **trainer_options):
     """Two tasks of one epoch (three steps) under fit_sequence; the method on ``module.net``
     (``given="net"``) or on what ``fit_sequence`` is given (``given="module"``)."""
     from neurenix.data import fit_sequence
@@ -244,7 +220,7 @@ def lightning_run(name: str, compiled: bool, given: str = "net", backend="aot_ea
     module = lit_classifier(net)
     fitted = torch.compile(module, backend=backend) if compiled else module
     method = METHODS[name](net if given == "net" else fitted, net)
-    trainer = quiet_trainer(callbacks=[method, *callbacks])
+    trainer = quiet_trainer(callbacks=[method, *callbacks], **trainer_options)
     fit_sequence(trainer, fitted, task_sequence(), epochs_per_task=1)
     return net, module, method
 
@@ -265,14 +241,7 @@ class ModuleSeen(L.Callback):
         self.modules.append(pl_module)
 
 
-GDUMB_GIVEN_THE_MODULE = pytest.param("GDumb", marks=pytest.mark.xfail(
-    strict=True, raises=KeyError,
-    reason="C's gdumb.py: the initial state is read from the compiled wrapper ('_orig_mod.*' names) and loaded "
-    "into the LightningModule the method keeps: read it from self.model after super().__init__",
-))
-
-
-@pytest.mark.parametrize("name", ["EWC", "MAS", "distillation", "DER++", GDUMB_GIVEN_THE_MODULE])
+@pytest.mark.parametrize("name", ["EWC", "MAS", "distillation", "DER++", "GDumb", "iCaRL"])
 def test_a_method_given_the_compiled_lightning_module_works_on_the_module_lightning_fits(name):
     # Lightning fits the module torch.compile wrapped (its forward compiled in place): the method
     # takes that module too, so its hooks' pl_module, its model and its captured forwards agree.
