@@ -128,6 +128,8 @@ class RehearsalMethod(ContinualCallback):
         #: ``add_to_memory`` calls on an accelerator whose samples held NaN or infinities, counted
         #: on the device and raised at the next point that synchronizes anyway.
         self._non_finite = NonFiniteOffers()
+        #: Whether every DDP rank checks the records together (inside a Lightning fit).
+        self._ranks_check_together = False
 
     def train_step(self, optimizer: torch.optim.Optimizer, loss_fn: Any, inputs: Tensor, targets: Tensor, task_id: int) -> Tensor:
         check_batch(inputs, targets)
@@ -320,8 +322,16 @@ class RehearsalMethod(ContinualCallback):
     def raise_non_finite_offers(self) -> None:
         """Raise the ``ValueError`` that :meth:`add_to_memory` deferred on an accelerator, if any
         of its calls gave NaN or infinite values (this reads the device: once, where the caller
-        synchronizes anyway)."""
-        self._non_finite.raise_if_any(type(self).__name__)
+        synchronizes anyway).
+
+        Inside a Lightning fit under DDP every rank reaches these points together (a task's end,
+        each checkpoint's ``state_dict``), so the ranks compare their records and all raise: one
+        rank raising alone would leave the others waiting in the checkpoint's collectives.
+        """
+        summaries = None
+        if self._ranks_check_together and rank_and_world_size()[1] > 1:
+            summaries = all_gather_objects(self._non_finite.summary())
+        self._non_finite.raise_if_any(type(self).__name__, summaries)
 
     def _remember_batch(self, batch: Any) -> None:
         """Offer a Lightning training batch's samples to the memory (with ``offer="once"``, in
@@ -347,6 +357,16 @@ class RehearsalMethod(ContinualCallback):
                 "(ExperienceReplay, DarkExperienceReplay, ERACE, AGEM or GEM); each combines with EWC, L2, "
                 "SynapticIntelligence and KnowledgeDistillation"
             )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._ranks_check_together = True  # every rank runs the fit's hooks and checkpoints
+        super().on_fit_start(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_fit_end(trainer, pl_module)
+        self._ranks_check_together = False
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -376,6 +396,7 @@ class RehearsalMethod(ContinualCallback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._ranks_check_together = False  # no collective after a failure: ranks may not all be here
         with contextlib.suppress(ValueError):  # the fit failed already: its error is the one to see
             self.announce_classes(None)
         self._fit_batches_task = None  # a later train_step's batches are not this fit's
@@ -456,19 +477,31 @@ class NonFiniteOffers:
             torch.where(first, task_id, record[2]),
         ])
 
-    def raise_if_any(self, owner: str) -> None:
-        """Raise ``ValueError`` if a noted call was bad (reads the record: one synchronization)."""
+    def summary(self) -> Optional[tuple[int, int, int, str]]:
+        """``(bad calls, the first's number, its task, device type)``, ``None`` if no call was bad
+        (reads the record: one synchronization)."""
         if self._record is None:
-            return
+            return None
         bad, call, task_id = self._record.tolist()
-        if bad:
-            raise ValueError(
-                f"{owner}.add_to_memory got NaN or infinite values in {bad} call{'s' if bad > 1 else ''} on "
-                f"{self._record.device.type}, the first being call {call} of task {task_id} (checked on the device "
-                "without waiting for it, and raised here, at the next point that synchronizes): the memory holds "
-                "those samples and would replay them. Find where the values come from, and resume from the last "
-                "checkpoint (no checkpoint is written with them)"
-            )
+        return (bad, call, task_id, self._record.device.type) if bad else None
+
+    def raise_if_any(self, owner: str, summaries: Optional[list[Optional[tuple[int, int, int, str]]]] = None) -> None:
+        """Raise ``ValueError`` if a noted call was bad: this process's, or any of ``summaries``
+        (every DDP rank's :meth:`summary`, in rank order: then every rank raises, naming the first
+        rank that got such values, and none is left waiting in a collective)."""
+        summaries = [self.summary()] if summaries is None else summaries
+        bad = [(rank, summary) for rank, summary in enumerate(summaries) if summary is not None]
+        if not bad:
+            return
+        rank, (calls, call, task_id, device) = bad[0]
+        where = f" on rank {rank}" if len(summaries) > 1 else ""
+        raise ValueError(
+            f"{owner}.add_to_memory got NaN or infinite values in {calls} call{'s' if calls > 1 else ''} on "
+            f"{device}{where}, the first being call {call} of task {task_id} (checked on the device without waiting "
+            "for it, and raised here, at the next point that synchronizes): the memory holds those samples and would "
+            "replay them. Find where the values come from, and resume from the last checkpoint (no checkpoint is "
+            "written with them)"
+        )
 
 
 class AppendsReplayedSamples:

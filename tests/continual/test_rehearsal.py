@@ -480,3 +480,27 @@ def test_under_a_trainer_no_checkpoint_holds_a_memory_with_non_finite_samples(on
     last = torch.load(tmp_path / "step=2.ckpt", weights_only=True)
     memory = last["callbacks"][method.state_key]["memory"]
     assert memory["inputs"].shape[0] == 32 and torch.isfinite(memory["inputs"]).all()
+
+
+def test_under_ddp_inside_a_fit_every_rank_raises_for_the_rank_that_got_non_finite_samples(on_an_accelerator, monkeypatch):
+    """Ranks reach a checkpoint's state_dict together: one rank raising alone would leave the
+    others waiting in its collectives. Here this process (rank 0) is clean and rank 1 is not."""
+    from neurenix.continual import rehearsal
+
+    method = ExperienceReplay(make_mlp(), memory_size=20, seed=0)
+    x, y = next(_step_batches(0))
+    method.add_to_memory(x, y, 0)
+    gathered = []
+
+    def all_gather(value):
+        gathered.append(value)
+        return [value, (2, 4, 1, "cuda")]  # rank 1: two bad calls, the first its call 4 of task 1
+
+    monkeypatch.setattr(rehearsal, "rank_and_world_size", lambda: (0, 2))
+    monkeypatch.setattr(rehearsal, "all_gather_objects", all_gather)
+    method.state_dict()  # outside a fit: each process checks its own record
+    assert gathered == []
+    method._ranks_check_together = True  # as on_fit_start sets it
+    with pytest.raises(ValueError, match=r"add_to_memory got NaN or infinite values in 2 calls on cuda on rank 1, the first being call 4 of task 1"):
+        method.state_dict()
+    assert gathered == [None]  # this rank's record: clean
