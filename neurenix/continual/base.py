@@ -135,8 +135,12 @@ def eagerly() -> Iterator[None]:
     teacher's forwards, exemplar features. It covers a model compiled by ``torch.compile(model)``,
     a submodule compiled inside an eager model, and a LightningModule whose ``forward`` Lightning
     compiled in place; no compilation starts and none is invalidated.
+
+    Needs ``torch.compiler.set_stance`` (PyTorch 2.6): with an older PyTorch the block runs as it
+    is (the paths above still call the module itself, not a ``torch.compile`` wrapper).
     """
-    with torch.compiler.set_stance("force_eager"):
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance is not None else contextlib.nullcontext():
         yield
 
 

@@ -110,17 +110,18 @@ def _begin_step(module: Any, batch: Any) -> tuple[str, Any]:
     guard on module hooks) is never reused where a capture must see the forward.
     """
     methods = continual_methods(getattr(module, "_trainer", None))
+    if not methods:
+        return "", batch
     for method in methods:
         batch = method.extend_lightning_batch(batch)
     for method in methods:
         method.before_training_forward()
     module.__dict__[_STEP_METHODS] = methods
-    if methods and not module.automatic_optimization:  # back-propagated inside the step: the terms go to its first manual_backward
+    if not module.automatic_optimization:  # back-propagated inside the step: the terms go to its first manual_backward
         module.__dict__[_TERMS_FOR_BACKWARD] = (methods, batch)
-    if not methods:
-        return "", batch
-    captures = [method._capture for method in methods if getattr(getattr(method, "_capture", None), "installed", False)]
-    return "methods, captures " + " ".join(str(id(capture)) for capture in captures), batch
+    captures = [getattr(method, "_capture", None) for method in methods]
+    installed = [capture for capture in captures if getattr(capture, "installed", False)]
+    return "methods, captures " + " ".join(str(id(capture)) for capture in installed), batch
 
 
 @torch.compiler.disable
