@@ -323,15 +323,17 @@ def test_a_sequence_trained_on_the_device_ends_with_the_weights_of_one_on_the_ho
 @pytest.mark.parametrize("training", ["sequential", "cumulative"])
 def test_a_checkpoint_written_inside_an_epoch_resumes_exactly_on_the_device(tmp_path, training):
     """The loader's state holds the CPU generator and a batch count, no device tensor: the resumed
-    run (from a checkpoint inside task 1's second epoch) equals the uninterrupted one and the
-    uninterrupted run on the host, bit for bit."""
+    run (from a checkpoint inside task 1's second epoch), with the data on the device or on the
+    host, equals the uninterrupted one and the uninterrupted run on the host, bit for bit."""
     on_host = run(tmp_path / "host", training=training)
     with as_on_an_accelerator():
         uninterrupted = run(tmp_path, training=training, keep_on_device=True)
         checkpoint = torch.load(tmp_path / "step=10.ckpt", weights_only=True)
         resumed = run(tmp_path, ckpt_path=str(tmp_path / "step=10.ckpt"), training=training, keep_on_device=True)
+    resumed_on_host = run(tmp_path, ckpt_path=str(tmp_path / "step=10.ckpt"), training=training)  # the option is not state
     assert_equal(uninterrupted, on_host)
     assert_equal(resumed, uninterrupted)
+    assert_equal(resumed_on_host, uninterrupted)
     (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader["batches"] == 2 and loader["sampler"]["generator"].device.type == "cpu"
 
