@@ -40,7 +40,11 @@ class ExperienceReplay(AppendsReplayedSamples, RehearsalMethod):
             be class labels). It guarantees rare classes the share a reservoir would mostly deny
             them (Chrysakis & Moens 2020, "Online Continual Learning from Imbalanced Data"); on
             class-incremental split digits and Fashion-MNIST it did not beat the reservoir's
-            average accuracy (docs/task-free.md).
+            average accuracy (docs/task-free.md). An insert reads which classes the batch holds
+            (one host-device synchronization on a GPU) unless the classes to come are known:
+            under a Trainer a :class:`~neurenix.data.TaskDataset` (or ``ConcatTaskDataset``)
+            announces its classes at the fit's start, standalone :meth:`announce_classes` does,
+            and once every class holds its share inserts read nothing.
         selection: ``None``: samples enter the memory as they stream by (``add_to_memory``, or
             every training batch under a Trainer). ``"herding"``, ``"closest"`` or ``"random"``:
             an exemplar memory (:class:`~neurenix.continual.memory.ExemplarMemory`: the class
