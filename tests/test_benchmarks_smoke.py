@@ -263,8 +263,8 @@ def test_versus_peers_maps_each_penalty_onto_avalanches_definition(peers):
                                             "delta_t": peers.RWALK_INTERVAL}
     replay = peers.peer_settings("replay")
     assert replay["mem_size"] == peers.MEMORY_SIZE and replay["batch_size_mem"] == round(peers.REPLAY_RATIO * 128)
-    with pytest.raises(ValueError, match="method must be one of .* got 'gem'"):
-        peers.peer_settings("gem")
+    with pytest.raises(ValueError, match="method must be one of .* got 'l2'"):
+        peers.peer_settings("l2")
 
 
 def test_versus_peers_lwf_mapping_gives_our_loss_up_to_the_factor_one_minus_alpha(peers):
@@ -307,7 +307,7 @@ def test_versus_peers_accuracy_is_per_task_over_the_whole_head(peers):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--methods", "ewc,gem"], "--methods must list some of naive,ewc,si,lwf,replay,mas,rwalk, got 'ewc,gem'"),
+        (["--methods", "ewc,l2"], "--methods must list some of naive,ewc,si,lwf,replay,mas,rwalk,gem,agem,der,derpp,er_ace,icarl,bic,gdumb, got 'ewc,l2'"),
         (["--rounds", "0"], "--rounds must be >= 1, got 0"),
         (["--peer-python", "/nonexistent/python"], "--peer-python must be an executable Python, got '/nonexistent/python'"),
     ],

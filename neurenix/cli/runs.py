@@ -482,7 +482,8 @@ def run_method(name: str, settings: Any, benchmark: Any, output: Path, progress:
     )
     training = name if name in BASELINES else "sequential"
     datamodule = TaskSequenceDataModule.from_benchmark(
-        benchmark, batch_size=settings.batch_size, eval_batch_size=512, seed=seed, training=training
+        benchmark, batch_size=settings.batch_size, eval_batch_size=512, seed=seed, training=training,
+        keep_on_device=settings.keep_on_device,
     )
     start = time.perf_counter()
     fit_sequence(  # one event file per run

@@ -378,3 +378,10 @@ def test_run_many_refuses_a_bad_jobs_count():
     for jobs in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=re.escape(f"jobs must be an int >= 1, got {jobs!r}")):
             runs.run_many([], jobs)
+
+
+def test_keep_on_device_reaches_the_data_module(tmp_path, monkeypatch):
+    _, _, plain, _, _ = _tiny_run("none", tmp_path / "plain", monkeypatch)
+    assert plain["datamodule"].keep_on_device is False and plain["datamodule"]._tasks_device is None
+    _, _, kept, _, _ = _tiny_run("none", tmp_path / "kept", monkeypatch, "--keep_on_device")
+    assert kept["datamodule"].keep_on_device is True and str(kept["datamodule"]._tasks_device) == "cpu"

@@ -2,7 +2,7 @@
 ER-ACE, iCaRL, BiC, GDumb): our side in its quick mode, the mapping onto Avalanche's definitions,
 and, where VERSUS_PEERS_PYTHON names a Python with avalanche-lib 0.6.0 (and quadprog), theirs.
 
-To be merged into tests/test_benchmarks_smoke.py (which loads the script the same way).
+It loads the script as tests/test_benchmarks_smoke.py does (which holds the smoke tests of the first seven methods).
 """
 
 from __future__ import annotations
