@@ -1202,14 +1202,14 @@ def bic_loss(
             f"old_logits must be (N, C) = {tuple(logits.shape)} with old_classes a boolean ({classes.shape[0]},) mask, got "
             f"{tuple(old_logits.shape)} and {None if old_classes is None else tuple(old_classes.shape)}"
         )
+    # Everything stays on the device (no read of the class counts, no boolean selection, whose
+    # size would be read): the units outside the old classes are masked, so their softmax is 0.
     old = old_classes.to(z.device)
-    num_old, num_all = int(old.sum()), int((classes.to(z.device) | old).sum())
-    if num_old == 0:
-        return classification
-    teacher = F.softmax(old_logits.detach().to(dtype)[:, old] / temperature, dim=1)
-    distillation = -(teacher * F.log_softmax(z[:, old] / temperature, dim=1)).sum(1).mean()
-    share = num_old / num_all  # λ: the old classes' share of those learned
-    return share * distillation + (1 - share) * classification
+    num_old, num_all = old.sum(), (classes.to(z.device) | old).sum()
+    teacher = F.softmax(masked_logits(old_logits.detach().to(dtype), old) / temperature, dim=1)
+    distillation = -(teacher * F.log_softmax(masked_logits(z, old) / temperature, dim=1)).sum(1).mean()
+    share = num_old.to(dtype) / num_all.clamp(min=1).to(dtype)  # λ: the old classes' share of those learned
+    return torch.where(num_old > 0, share * distillation + (1 - share) * classification, classification)
 
 
 def bias_corrected(logits: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

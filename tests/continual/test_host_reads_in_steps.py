@@ -77,18 +77,6 @@ METHODS: dict[str, Callable[[nn.Module], Any]] = {
 }
 #: Methods whose memory is balanced over tasks: a task's first step makes the new task's share.
 TASK_BALANCED = ("agem", "gem")
-BIC_READS = (
-    "BiC's loss reads per step in neurenix/continual/functional.py bic_loss (engineer D's file): int(old.sum()) "
-    "and int((classes | old).sum()) for λ, and boolean indexing old_logits[:, old] / z[:, old]; fix: keep λ a "
-    "device tensor and mask the non-old units (masked_fill -inf before the softmaxes, zero their terms with "
-    "torch.where) instead of selecting them"
-)
-
-
-def _marks(name: str) -> list:
-    return [pytest.mark.xfail(strict=True, reason=BIC_READS)] if name == "bic" else []
-
-
 def _task_batches(task: int, steps: int = 4, batch_size: int = 8) -> DataLoader:
     generator = torch.Generator().manual_seed(task)
     x = torch.randn(steps * batch_size, 6, dtype=torch.float64, generator=generator)
@@ -130,20 +118,12 @@ def _unexpected(name: str, recorded: list[tuple[int, int, HostReads]]) -> list[s
     ]
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in METHODS])
+@pytest.mark.parametrize("name", list(METHODS))
 def test_a_standalone_training_step_reads_nothing(name, on_an_accelerator):
     recorded = _reads_of_standalone_steps(name, METHODS[name])
     assert not _unexpected(name, recorded), "\n".join(_unexpected(name, recorded))
     if name in TASK_BALANCED:  # the new task's share: read in its first step, from task 1 on
         assert [bool(reads) for _, step, reads in recorded if step == 0] == [False, True, True]
-
-
-def test_bic_s_own_step_reads_nothing_the_replayed_exemplars_are_kept():
-    """What remains is its loss's (functional.py, owned elsewhere: see BIC_READS)."""
-    recorded = _reads_of_standalone_steps("bic", METHODS["bic"])
-    outside_the_loss = [(task, step, read) for task, step, reads in recorded for read in reads if "functional.py" not in read]
-    assert not outside_the_loss, outside_the_loss
-    assert all(bool(reads) == (task > 0) for task, _, reads in recorded)  # the loss distils from task 1 on
 
 
 def test_on_the_cpu_add_to_memory_checks_its_samples_at_once_which_reads():
@@ -259,7 +239,7 @@ def test_class_balanced_replay_under_a_trainer_reads_only_while_the_fit_s_classe
         assert [len(reads) for t, _, reads in recorded if t == task] == [1, 0, 0], recorded
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in [*METHODS, "gdumb"]])
+@pytest.mark.parametrize("name", [*METHODS, "gdumb"])
 def test_a_training_step_under_a_trainer_reads_nothing(name):
     build = METHODS.get(name, lambda model: GDumb(model, memory_size=20, seed=0))
     recorded = _reads_of_lightning_steps(build)

@@ -28,7 +28,7 @@ from torch import nn
 import neurenix
 from neurenix.continual import GEM, ExperienceReplay, GDumb
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark
-from tests.continual.test_host_reads_in_steps import BIC_READS, METHODS, TASK_BALANCED, AnnouncesItsClasses
+from tests.continual.test_host_reads_in_steps import METHODS, TASK_BALANCED, AnnouncesItsClasses
 from tests.helpers import lit_classifier, quiet_trainer
 
 pytestmark = [
@@ -130,11 +130,7 @@ def _unexpected(name: str, recorded: list[tuple[int, int, list[Sync]]]) -> list[
     ]
 
 
-def _marks(name: str) -> list:
-    return [pytest.mark.xfail(strict=True, reason=BIC_READS)] if name == "bic" else []
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in METHODS])
+@pytest.mark.parametrize("name", list(METHODS))
 def test_a_standalone_training_step_on_cuda_does_not_synchronize(name):
     recorded = _syncs_of_standalone_steps(METHODS[name])
     assert not _unexpected(name, recorded), "\n".join(_unexpected(name, recorded))
@@ -242,7 +238,7 @@ def _syncs_of_lightning_steps(build: Callable[[nn.Module], Any]) -> list[tuple[i
     return start.recorded
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=_marks(name)) for name in [*METHODS, "gdumb"]])
+@pytest.mark.parametrize("name", [*METHODS, "gdumb"])
 def test_a_training_step_under_a_trainer_on_cuda_does_not_synchronize(name):
     build = METHODS.get(name, lambda model: GDumb(model, memory_size=20, seed=0))
     recorded = _syncs_of_lightning_steps(build)
