@@ -59,10 +59,12 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import lightning as L
@@ -818,6 +820,26 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu}
+
+
+def git_commit() -> Optional[str]:
+    """The repository's commit, where git can tell it (a run belongs to the code it ran)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def reported(name: str, run: Callable[[], Timing], started: float) -> Callable[[], Timing]:
+    """``run``, which says on stderr how long it took (a long run shows where it is)."""
+
+    def reported_run() -> Timing:
+        seconds = run()
+        _progress(f"{name}: {seconds.wall:.2f} s", started)
+        return seconds
+
+    return reported_run
 
 
 def _progress(phase: str, started: float) -> None:

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -227,26 +225,6 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> Optional[str]:
-    """The repository's commit, where git can tell it (a run belongs to the code it ran)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _reported(name: str, run: Callable[[], overhead.Timing], started: float) -> Callable[[], overhead.Timing]:
-    """``run``, which says on stderr how long it took (a long run shows where it is)."""
-
-    def reported() -> overhead.Timing:
-        seconds = run()
-        overhead._progress(f"{name}: {seconds.wall:.2f} s", started)
-        return seconds
-
-    return reported
-
-
 def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), help="where the model trains and the data is kept (default cpu)")
@@ -291,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             load_start = overhead._load_average()
             started = time.perf_counter()
             runs = variants(setup, data, finals)
-            times = overhead.interleaved({name: _reported(name, run, started) for name, run in runs.items()}, setup.rounds)
+            times = overhead.interleaved({name: overhead.reported(name, run, started) for name, run in runs.items()}, setup.rounds)
             elapsed = time.perf_counter() - started
             load_end = overhead._load_average()
     finally:
@@ -301,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "setup": asdict(setup),
         "steps_per_sequence": expected_steps(setup, data),
         "machine": {**overhead.machine(), "load_average_start": load_start, "load_average_end": load_end},
-        "commit": _commit(),
+        "commit": overhead.git_commit(),
         "command": " ".join(["python", "benchmarks/device_data.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_time_s": elapsed,
         "measurements": summarize(setup, times, finals),

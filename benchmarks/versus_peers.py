@@ -636,26 +636,6 @@ def mapping_table(methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> Optional[str]:
-    """The repository's commit, where git can tell it (a run belongs to the code it ran)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _reported(name: str, run: Callable[[], overhead.Timing], started: float) -> Callable[[], overhead.Timing]:
-    """``run``, which says on stderr how long it took (a long run shows where it is)."""
-
-    def reported() -> overhead.Timing:
-        seconds = run()
-        overhead._progress(f"{name}: {seconds.wall:.2f} s", started)
-        return seconds
-
-    return reported
-
-
 def parse_setup(argv: Optional[Sequence[str]]) -> tuple[Setup, Optional[str], Optional[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-python", help="a Python with avalanche-lib 0.6.0 (its own virtual environment); without it only our side runs")
@@ -714,7 +694,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                 load_start = overhead._load_average()
                 started = time.perf_counter()
                 runs, accuracies = variants(setup, data, worker)
-                times = overhead.interleaved({name: _reported(name, run, started) for name, run in runs.items()}, setup.rounds)
+                times = overhead.interleaved({name: overhead.reported(name, run, started) for name, run in runs.items()}, setup.rounds)
                 elapsed = time.perf_counter() - started
                 load_end = overhead._load_average()
                 peer = worker.versions if worker is not None else None
@@ -726,7 +706,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "steps_per_sequence": expected_steps(setup, data),
         "machine": {**overhead.machine(), "load_average_start": load_start, "load_average_end": load_end},
         "peer": peer,
-        "commit": _commit(),
+        "commit": overhead.git_commit(),
         "command": " ".join(["python", "benchmarks/versus_peers.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_time_s": elapsed,
         "mapping": {method: {**asdict(MAPPINGS[method]), "settings": peer_settings(method)}
