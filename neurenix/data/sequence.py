@@ -122,10 +122,40 @@ def fit_sequence(
                 datamodule.task_start = {"epoch": trainer.current_epoch, "step": trainer.global_step}
             _limit_fit(trainer, unit, datamodule.task_start[unit] + per_task)
             notes.cover_new_loggers()
-            with _exception_checkpoints_as_plain_callbacks(trainer, active=not resuming), _own_checkpoints_unremarked(task != first):
+            with _exception_checkpoints_as_plain_callbacks(trainer, active=not resuming), _own_checkpoints_unremarked(task != first), \
+                    _compiled_in_place_for_one_fit(model):
                 trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path if resuming else None)
             if trainer.interrupted:  # a fit stopped by an exception it handled: later tasks would build on it
                 return
+
+
+#: The methods Lightning compiles in place when it fits a ``torch.compile``'d LightningModule.
+_COMPILED_IN_PLACE = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+@contextlib.contextmanager
+def _compiled_in_place_for_one_fit(model: Any) -> Iterator[None]:
+    """Undo, after the fit, what ``Trainer.fit`` does to a ``torch.compile``'d LightningModule.
+
+    Lightning sets the module's step methods (``forward``, ``training_step``, ...) to compiled
+    functions of the methods the module has at that moment: from a sequence's second fit on, of
+    the previous fit's compiled ones, one more wrapper per task. Put back on its class's methods
+    after each fit, the module is wrapped once per fit, and dynamo's cache (kept per code object)
+    is reused: nothing compiles again.
+    """
+    try:
+        yield
+    finally:
+        module = getattr(model, "_orig_mod", None)
+        if isinstance(module, pl.LightningModule) and getattr(module, "_compiler_ctx", None) is not None:
+            context = module._compiler_ctx
+            for name in _COMPILED_IN_PLACE:
+                original = context.get(f"original_{name}")
+                if getattr(original, "__self__", None) is module and getattr(original, "__func__", None) is getattr(type(module), name, None):
+                    module.__dict__.pop(name, None)  # the class's own method again
+                elif original is not None:
+                    setattr(module, name, original)  # one set on the instance before the fit
+            module._compiler_ctx = None
 
 
 @contextlib.contextmanager

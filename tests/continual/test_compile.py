@@ -254,11 +254,37 @@ def test_a_method_given_the_compiled_lightning_module_works_on_the_module_lightn
     assert_close_state(compiled.state_dict(), eager.state_dict())
 
 
+class CompiledInPlace(L.Callback):
+    """Records, at each fit's start, whether Lightning compiled the module's forward in place over
+    its class's own method (and not over a previous fit's compiled one)."""
+
+    def __init__(self) -> None:
+        self.over_the_class_method: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        assert "forward" in pl_module.__dict__  # compiled in place for this fit
+        original = pl_module._compiler_ctx["original_forward"]
+        self.over_the_class_method.append(getattr(original, "__func__", None) is type(pl_module).forward)
+
+
+def test_each_fit_of_a_sequence_compiles_the_module_s_own_methods_once_and_leaves_them_as_they_were():
+    # Lightning compiles a compiled module's methods in place at every fit, over what the module
+    # has then: without fit_sequence undoing it, task t's forward was t nested compiled wrappers.
+    from neurenix.data import fit_sequence
+
+    seen, graphs = CompiledInPlace(), counted_graphs()
+    module = lit_classifier(make_mlp(classes=CLASSES))
+    fit_sequence(quiet_trainer(callbacks=[seen]), torch.compile(module, backend="neurenix_counting"), task_sequence(), epochs_per_task=1)
+    assert seen.over_the_class_method == [True, True]
+    assert module._compiler_ctx is None and not set(module.__dict__) & {"forward", "training_step", "validation_step"}
+    assert len(graphs) == 1  # the training step, compiled in the first task and reused in the second
+
+
 def test_a_teacher_copied_from_a_module_compiled_in_place_answers_with_its_own_weights():
     # Lightning sets module.forward to a compiled function of the module's bound forward: a plain
     # deep copy would run the student's weights. (Before: distillation off by 5e-4 after two tasks.)
-    _, module, kd = lightning_run("distillation", compiled=True, given="module")
-    assert "forward" in module.__dict__ and kd.teacher._compiler_ctx is None and "forward" not in kd.teacher.__dict__
+    _, module, kd = lightning_run("distillation", compiled=True, given="module", callbacks=[CompiledInPlace()])
+    assert kd.teacher._compiler_ctx is None and "forward" not in kd.teacher.__dict__
     x = torch.randn(4, 6, dtype=torch.float64)
     before = kd.teacher(x)
     with torch.no_grad():
