@@ -316,11 +316,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def child_main(argv: Sequence[str], log: Path) -> None:
-    """:func:`main` with this process's output (and any traceback) sent to ``log``."""
+    """:func:`main` with this process's output (and any traceback) sent to ``log``; once it has
+    returned, :func:`returned_marker` of ``log`` exists (the process's own word that it ended
+    normally, for when the forkserver loses its exit status)."""
     with open(log, "ab", buffering=0) as file:
         os.dup2(file.fileno(), 1)
         os.dup2(file.fileno(), 2)
     main(argv)
+    returned_marker(log).touch()
+
+
+def returned_marker(log: Path) -> Path:
+    """The file :func:`child_main` writes beside ``log`` when :func:`main` has returned."""
+    return Path(f"{log}.returned")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,21 @@ def cases(aspect: str) -> list:
 
 
 # ---------------------------------------------------------------------------- the runs
+#: What multiprocessing reports when the forkserver could not give a child's exit status (its
+#: status pipe ended without one); a child's own exit code is 0 or 1 here, or minus a signal.
+_STATUS_LOST = 255
+
+
 def _in_child(argv: list[str], log: Path) -> int:
-    """``resume_worker.main(argv)`` in a fresh process forked from the server; its exit code."""
+    """``resume_worker.main(argv)`` in a fresh process forked from the server; its exit code.
+
+    Rarely, on a loaded machine (twice in this project's full test runs so far), the forkserver
+    loses a child's exit status (reported as 255) although the child's work is done: then the
+    child's own marker, written when ``main`` returned, says it ended normally (0). Without the
+    marker 255 stays a failure.
+    """
+    returned = worker.returned_marker(log)
+    returned.unlink(missing_ok=True)
     process = multiprocessing.get_context("forkserver").Process(target=worker.child_main, args=(argv, log))
     process.start()
     process.join(TIMEOUT)
@@ -121,6 +134,8 @@ def _in_child(argv: list[str], log: Path) -> int:
         process.kill()
         process.join()
         raise TimeoutError(f"resume_worker {' '.join(argv)} did not end within {TIMEOUT} s")
+    if process.exitcode == _STATUS_LOST and returned.exists():
+        return 0
     return process.exitcode
 
 
