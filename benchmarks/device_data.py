@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts, run from anywhere
 import continual_overhead as overhead  # noqa: E402
+from versus_peers_avalanche import build_mlp  # noqa: E402
 
 from neurenix.continual import EWC, ExperienceReplay, KnowledgeDistillation, L2Regularization, SynapticIntelligence  # noqa: E402
 from neurenix.data import TaskSequenceDataModule, fit_sequence, split_benchmark  # noqa: E402
@@ -107,12 +108,7 @@ def expected_steps(setup: Setup, data: Data) -> int:
 
 def initial_net(setup: Setup, data: Data, seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = data.inputs
-    for size in setup.hidden:
-        layers += [nn.Linear(width, size), nn.ReLU()]
-        width = size
-    return nn.Sequential(*layers, nn.Linear(width, data.classes)).to(setup.device)
+    return build_mlp(data.inputs, setup.hidden, data.classes).to(setup.device)
 
 
 def make_method(method: str, net: nn.Module, seed: int) -> list[Any]:
