@@ -465,6 +465,49 @@ def method_step(method: Any, optimizer: torch.optim.Optimizer, task_id: int, set
     return step
 
 
+def task1_step_runs(
+    setup: Setup,
+    data: Data,
+    prepared: Callable[[nn.Module], nn.Module],
+    lightning_run_of: Callable[[L.LightningModule, list[Callback], Any, Setup], Callable[[], Timing]],
+) -> tuple[dict[str, Callable[[], Timing]], nn.Module]:
+    """The task-1 step runs of every variant in both doors, each trained on task 0 first, and the
+    hand-written step's model.
+
+    Lightning variants fit task 0 through ``lightning_run_of`` (which consolidates it) and are
+    timed on task 1's batches, one fit per repetition (each fit is a task of its own to the
+    methods, consolidated at its end, outside the timed steps). Standalone variants, on the net
+    as ``prepared`` (eager or compiled), train task 0 with ``train_step``, enter task 1 with an
+    untimed step, and are timed on the same batches.
+    """
+    runs: dict[str, Callable[[], Timing]] = {}
+    task0, task1 = data.loaders[0], data.loaders[1]
+    task0_batches = on_device(itertools.islice(task0, setup.steps), setup)
+    for variant in ("plain", *METHODS):
+        net = build_net(setup, data.inputs, data.classes)
+        module = lightning_module(variant, net)
+        callbacks = [] if variant == "plain" else [make_method(variant, net, setup)]
+        lightning_run_of(module, callbacks, task0, setup)()  # task 0, consolidated at the fit's end
+        runs[f"lightning/{variant}"] = lightning_run_of(module, callbacks, task1, setup)
+
+    hand_net = prepared(build_net(setup, data.inputs, data.classes))
+    hand_step = handwritten_step(hand_net, _adam(hand_net), setup)
+    for x, y in task0_batches:  # trained on task 0 as the methods' nets are: the same weights' regime
+        hand_step(x, y)
+    runs["standalone/handwritten"] = standalone_run(hand_step, data.batches, setup)
+    for name in METHODS:
+        net = prepared(build_net(setup, data.inputs, data.classes))
+        optimizer, method = _adam(net), make_method(name, net, setup)
+        method.register_task(0, task0)  # EWC's Fisher data, as in the continual-learning API's flow
+        for x, y in task0_batches:
+            method_step(method, optimizer, 0, setup)(x, y)
+            if leaves_memory_to_caller(method):
+                method.add_to_memory(x, y, 0)
+        method_step(method, optimizer, 1, setup)(*data.batches[0])  # consolidates task 0, untimed
+        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1, setup), data.batches, setup)
+    return runs, hand_net
+
+
 def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
     """Per-step times of every variant in both doors, all interleaved in one loop.
 
@@ -475,32 +518,7 @@ def measure_steps(setup: Setup, data: Data) -> tuple[dict[str, Any], nn.Module]:
     second set stays in its first task to time the wrapper alone. Returns the hand-written
     step's model, trained, for the consolidation measurements.
     """
-    runs: dict[str, Callable[[], Timing]] = {}
-    task0, task1 = data.loaders[0], data.loaders[1]
-    task0_batches = on_device(itertools.islice(task0, setup.steps), setup)
-
-    for variant in ("plain", *METHODS):
-        net = build_net(setup, data.inputs, data.classes)
-        module = lightning_module(variant, net)
-        callbacks = [] if variant == "plain" else [make_method(variant, net, setup)]
-        fit(module, callbacks, task0, setup)
-        runs[f"lightning/{variant}"] = lightning_run(module, callbacks, task1, setup)
-
-    hand_net = build_net(setup, data.inputs, data.classes)
-    hand_step = handwritten_step(hand_net, _adam(hand_net), setup)
-    for x, y in task0_batches:  # trained on task 0 as the methods' nets are: the same weights' regime
-        hand_step(x, y)
-    runs["standalone/handwritten"] = standalone_run(hand_step, data.batches, setup)
-    for name in METHODS:
-        net = build_net(setup, data.inputs, data.classes)
-        optimizer, method = _adam(net), make_method(name, net, setup)
-        method.register_task(0, task0)  # EWC's Fisher data, as in the continual-learning API's flow
-        for x, y in task0_batches:
-            method_step(method, optimizer, 0, setup)(x, y)
-            if leaves_memory_to_caller(method):
-                method.add_to_memory(x, y, 0)
-        method_step(method, optimizer, 1, setup)(*data.batches[0])  # consolidates task 0, untimed
-        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1, setup), data.batches, setup)
+    runs, hand_net = task1_step_runs(setup, data, lambda net: net, lightning_run)
     for name in METHODS:
         net = build_net(setup, data.inputs, data.classes)
         runs[f"first_task/{name}"] = standalone_run(method_step(make_method(name, net, setup), _adam(net), 0, setup), data.batches, setup)
@@ -562,32 +580,7 @@ def measure_compiled_steps(setup: Setup, data: Data) -> dict[str, Any]:
     Each variant trains task 0 first (compiling its graphs), as in :func:`measure_steps`; the
     compiled plain step of each door is the reference of that door.
     """
-    runs: dict[str, Callable[[], Timing]] = {}
-    task0, task1 = data.loaders[0], data.loaders[1]
-    task0_batches = on_device(itertools.islice(task0, setup.steps), setup)
-    for variant in ("plain", *METHODS):
-        net = build_net(setup, data.inputs, data.classes)
-        module = lightning_module(variant, net)
-        callbacks = [] if variant == "plain" else [make_method(variant, net, setup)]
-        compiled_lightning_run(module, callbacks, task0, setup)()  # task 0, consolidated at the fit's end
-        runs[f"lightning/{variant}"] = compiled_lightning_run(module, callbacks, task1, setup)
-
-    hand_net = compiled(build_net(setup, data.inputs, data.classes), setup)
-    hand_step = handwritten_step(hand_net, _adam(hand_net), setup)
-    for x, y in task0_batches:
-        hand_step(x, y)
-    runs["standalone/handwritten"] = standalone_run(hand_step, data.batches, setup)
-    for name in METHODS:
-        net = compiled(build_net(setup, data.inputs, data.classes), setup)
-        optimizer, method = _adam(net), make_method(name, net, setup)
-        method.register_task(0, task0)
-        for x, y in task0_batches:
-            method_step(method, optimizer, 0, setup)(x, y)
-            if leaves_memory_to_caller(method):
-                method.add_to_memory(x, y, 0)
-        method_step(method, optimizer, 1, setup)(*data.batches[0])  # consolidates task 0, untimed
-        runs[f"standalone/{name}"] = standalone_run(method_step(method, optimizer, 1, setup), data.batches, setup)
-
+    runs, _ = task1_step_runs(setup, data, lambda net: compiled(net, setup), compiled_lightning_run)
     times = interleaved(runs, setup.repeats)
     plain, hand = times["lightning/plain"], times["standalone/handwritten"]
     return {
